@@ -1,0 +1,20 @@
+//! Shared build script of every package that builds binaries, tests or benches linked to
+//! libtorch (each package's Cargo.toml names it with `build = "../build/torch_rpath.rs"`).
+//!
+//! torch-sys tells its direct dependents where libtorch is (`DEP_TCH_LIBTORCH_LIB`). We
+//! bake that directory into the binaries' RUNPATH so they start without LD_LIBRARY_PATH,
+//! and link libtorch_cuda with `--no-as-needed`: nothing references its symbols directly,
+//! so the linker's default `--as-needed` would drop it and CUDA would silently be
+//! unavailable on a GPU machine.
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        return;
+    };
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    if Path::new(&lib).join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what is missing (scripts/setup.sh),
+# regenerates the transformers fixtures when their script changed, then runs every
+# workspace test. Extra arguments go to `cargo test`.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+bash scripts/setup.sh
+
+fixtures=fixtures/generated
+want=$(sha256sum scripts/make_fixtures.py | cut -d' ' -f1)
+if [ "$(cat "$fixtures/.stamp" 2>/dev/null)" != "$want" ]; then
+    echo "test: generating fixtures with transformers ($fixtures)" >&2
+    .venv/bin/python scripts/make_fixtures.py "$fixtures" >/dev/null
+fi
+
+# The suite is CPU-only; tests that need a GPU are named *_gpu and skip themselves.
+cargo test --workspace "$@"
