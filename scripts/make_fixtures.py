@@ -18,6 +18,8 @@ Produces, under the output directory:
                         (log-prob of token t+1 given the prefix), seq{i}.greedy [N] i64 (greedy
                         continuation, N new tokens), seq{i}.logits_bf16 [T, V] f32 (the model run
                         in bf16, logits cast to f32)
+  zoo/<variant>/        more shapes of both families, each with reference.safetensors holding
+                        `ids` [B, T] and transformers' fp32 `logits` [B, T, V] (see ZOO)
   chat_reference.json   prompts rendered by apply_chat_template, their token ids, and decodes
   .stamp                sha256 of this script; scripts/test.sh regenerates when it differs
 """
@@ -233,6 +235,70 @@ def chat_reference(tokenizers_by_name):
     return {"cases": cases, "errors": errors}
 
 
+# Variants of both families that transformers can save: (name, architecture, config,
+# saved dtype, rewrite config.json into the transformers 4 layout, max_shard_size).
+ZOO = [
+    ("llama-mqa-headdim-bias-tied", "llama",
+     dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=1, head_dim=24, attention_bias=True, mlp_bias=True,
+          tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+     torch.float16, False, None),
+    ("qwen2-mha-untied-v4-bf16", "qwen2",
+     dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=3,
+          num_key_value_heads=3, tie_word_embeddings=False, rope_theta=1e6),
+     torch.bfloat16, True, None),
+    ("llama3-rope-v4-odd", "llama",
+     dict(hidden_size=40, intermediate_size=97, num_hidden_layers=1, num_attention_heads=5,
+          num_key_value_heads=5, vocab_size=333, rms_norm_eps=1e-5, rope_theta=500000.0,
+          rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+     torch.float32, True, None),
+    ("qwen2-deep-sharded", "qwen2",
+     dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+          num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=[1, 2]),
+     torch.float32, False, "40KB"),
+]
+
+
+def to_v4_layout(path):
+    """Rewrites a transformers 5 config.json the way transformers 4 wrote it."""
+    with open(path) as f:
+        cfg = json.load(f)
+    rope = cfg.pop("rope_parameters", None) or {}
+    cfg["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    cfg["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
+    cfg.pop("layer_types", None)
+    cfg["transformers_version"] = "4.46.0"
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def zoo(out, vocab):
+    from transformers import AutoModelForCausalLM
+    for k, (name, arch, kwargs, dtype, v4, shard) in enumerate(ZOO):
+        kwargs = dict(kwargs)
+        v = kwargs.pop("vocab_size", vocab)
+        cfg_cls, model_cls = ((Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2"
+                              else (LlamaConfig, LlamaForCausalLM))
+        model = model_cls(cfg_cls(vocab_size=v, max_position_embeddings=128, **kwargs))
+        randomize(model, SEED + 100 + k)
+        if kwargs.get("tie_word_embeddings"):
+            model.tie_weights()
+        d = os.path.join(out, "zoo", name)
+        model.to(dtype).save_pretrained(d, **({"max_shard_size": shard} if shard else {}))
+        if v4:
+            to_v4_layout(os.path.join(d, "config.json"))
+        # The reference is transformers' own load of what was written, in fp32.
+        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        g = torch.Generator().manual_seed(SEED + k)
+        ids = torch.randint(0, v, (2, 9), generator=g)
+        with torch.no_grad():
+            logits = ref(ids).logits.float().contiguous()
+        save_file({"ids": ids, "logits": logits}, os.path.join(d, "reference.safetensors"))
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "fixtures/generated"
     if os.path.exists(out):
@@ -296,6 +362,8 @@ def main():
         json.dump(tcfg, f, indent=2, ensure_ascii=False)
     save_file(reference(llama, [[lcfg.bos_token_id] + s for s in seqs]),
               os.path.join(ldir, "reference.safetensors"))
+
+    zoo(out, vocab)
 
     ref = chat_reference({"qwen2-tiny": qwen_tok, "llama-tiny": llama_tok})
     with open(os.path.join(out, "chat_reference.json"), "w") as f:

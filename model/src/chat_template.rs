@@ -24,59 +24,11 @@ use std::path::{Path, PathBuf};
 
 use minijinja::value::{from_args, Kwargs, Rest, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, Output, State, Value};
-use serde::{Deserialize, Serialize};
 
 use crate::tokenizer::TokenizerError;
 
 /// Name under which the single template lives in its environment.
 const TEMPLATE_NAME: &str = "chat_template";
-
-/// A chat message with plain string content, serialized as `{"role": ..., "content": ...}`.
-///
-/// For structured content (a list of parts), tool calls or extra fields, pass
-/// `serde_json::Value` messages instead; the tokenizer accepts any `Serialize` message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// A message with the given role.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-
-    /// A `system` message.
-    pub fn system(content: impl Into<String>) -> Self {
-        Self::new("system", content)
-    }
-
-    /// A `user` message.
-    pub fn user(content: impl Into<String>) -> Self {
-        Self::new("user", content)
-    }
-
-    /// An `assistant` message.
-    pub fn assistant(content: impl Into<String>) -> Self {
-        Self::new("assistant", content)
-    }
-}
-
-/// The keyword arguments of `apply_chat_template` beyond the messages.
-#[derive(Debug, Clone, Default)]
-pub struct ChatTemplateOptions {
-    /// Append the header that starts the assistant's turn.
-    pub add_generation_prompt: bool,
-    /// Tool JSON schemas: a JSON array of objects, passed to the template as `tools`.
-    pub tools: Option<serde_json::Value>,
-    /// Extra template variables (`enable_thinking`, `date_string`, ...). They override the
-    /// special-token variables of the same name, as in transformers.
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
 
 /// A compiled chat template.
 #[derive(Debug)]
@@ -270,29 +222,12 @@ fn strftime_now(format: String) -> Result<String, Error> {
 /// %I %M %S %p %j %a %A %b %h %B %F %T %D %Z %z %%`, with `%-X` for no padding. Unknown
 /// directives are copied through unchanged, as glibc does.
 pub(crate) fn strftime(format: &str, unix_secs: i64) -> String {
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
+    #[rustfmt::skip]
+    const DAYS: [&str; 7] =
+        ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+    #[rustfmt::skip]
+    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July",
+        "August", "September", "October", "November", "December"];
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
@@ -539,10 +474,13 @@ fn write_json(
             }
             out.push('[');
             for (i, item) in items.iter().enumerate() {
-                write_separator(i == 0, opts, level + 1, out);
+                if i > 0 {
+                    out.push_str(&opts.item_separator);
+                }
+                write_newline_indent(opts, level + 1, out);
                 write_json(item, opts, level + 1, out)?;
             }
-            write_closing_indent(opts, level, out);
+            write_newline_indent(opts, level, out);
             out.push(']');
         }
         ValueKind::Map => {
@@ -560,12 +498,15 @@ fn write_json(
             }
             out.push('{');
             for (i, (key, item)) in entries.iter().enumerate() {
-                write_separator(i == 0, opts, level + 1, out);
+                if i > 0 {
+                    out.push_str(&opts.item_separator);
+                }
+                write_newline_indent(opts, level + 1, out);
                 write_json_str(key, opts.ensure_ascii, out);
                 out.push_str(&opts.key_separator);
                 write_json(item, opts, level + 1, out)?;
             }
-            write_closing_indent(opts, level, out);
+            write_newline_indent(opts, level, out);
             out.push('}');
         }
         _ => return Err(not_serializable(value)),
@@ -573,21 +514,8 @@ fn write_json(
     Ok(())
 }
 
-/// Before an item of a container at `level`: the item separator (unless first), then a
-/// newline and indentation when indenting.
-fn write_separator(first: bool, opts: &JsonOptions, level: usize, out: &mut String) {
-    if !first {
-        out.push_str(&opts.item_separator);
-    }
-    if let Some(indent) = &opts.indent {
-        out.push('\n');
-        for _ in 0..level {
-            out.push_str(indent);
-        }
-    }
-}
-
-fn write_closing_indent(opts: &JsonOptions, level: usize, out: &mut String) {
+/// A newline and `level` indents, when indenting.
+fn write_newline_indent(opts: &JsonOptions, level: usize, out: &mut String) {
     if let Some(indent) = &opts.indent {
         out.push('\n');
         for _ in 0..level {
@@ -691,14 +619,10 @@ pub fn python_float_repr(x: f64) -> String {
 /// How `{{ value }}` prints, following Python's `str()`: `None`, `True`/`False`, Python
 /// float repr, Python list/dict repr; strings as they are; undefined as nothing.
 fn format_value(out: &mut Output, _state: &State, value: &Value) -> Result<(), Error> {
-    if value.is_undefined() {
-        return Ok(());
+    match value.as_str() {
+        Some(s) => out.write_str(s)?,
+        None => out.write_str(&python_str(value))?,
     }
-    if let Some(s) = value.as_str() {
-        out.write_str(s)?;
-        return Ok(());
-    }
-    out.write_str(&python_str(value))?;
     Ok(())
 }
 

@@ -46,7 +46,10 @@ pub fn load_pretrained(
 }
 
 /// The weight files of a checkpoint directory and, when sharded, which tensor is where.
-fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<BTreeMap<String, String>>)> {
+/// Tensor name -> shard file name, from `model.safetensors.index.json`.
+type WeightMap = BTreeMap<String, String>;
+
+fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<WeightMap>)> {
     let index = dir.join(INDEX_FILE);
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;

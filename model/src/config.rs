@@ -176,7 +176,7 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
             return err(format!(
                 "rms_norm_eps ({}) and rope_theta ({}) must be positive",
                 self.rms_norm_eps, self.rope_theta
@@ -373,6 +373,11 @@ impl Reader<'_> {
         }
         Ok(())
     }
+}
+
+/// True for finite numbers above zero (false for NaN).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
 }
 
 fn opt_f64_in(v: &Value, key: &str) -> std::result::Result<Option<f64>, String> {

@@ -26,6 +26,6 @@ pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use logprobs::{token_logprobs, token_logprobs_backward, LogprobOptions, TokenLogprobs};
 pub use sampling::{sample, SamplingParams, SeqRng};
-pub use tokenizer::{Tokenizer, TokenizerError};
+pub use tokenizer::{ChatMessage, ChatTemplateOptions, Tokenizer, TokenizerError};
 pub use transformer::{layer_forward, parse_device, AttentionContext, ForwardInput, Transformer};
 pub use weights::{param_specs, ParamSpec, Weights};

@@ -50,7 +50,7 @@ fn check(hidden: &Tensor, head: &Tensor, targets: &Tensor, opts: &LogprobOptions
             "log-probs need hidden [B, T, H], head [V, H] and targets [B, T]; got {hs:?}, {ws:?}, {ts:?}"
         )));
     }
-    if opts.chunk_size <= 0 || !(opts.temperature > 0.0) {
+    if opts.chunk_size <= 0 || opts.temperature.is_nan() || opts.temperature <= 0.0 {
         return Err(ModelError::Input(format!(
             "chunk_size ({}) and temperature ({}) must be positive",
             opts.chunk_size, opts.temperature

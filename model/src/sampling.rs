@@ -50,7 +50,7 @@ impl SamplingParams {
     /// Checks the ranges; the message names the field and what is allowed.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Input(m));
-        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
             return bad(format!(
                 "temperature must be >= 0, got {}",
                 self.temperature
@@ -97,7 +97,7 @@ impl SeqRng {
 pub fn filter_logits(logits: &Tensor, p: &SamplingParams) -> Tensor {
     let mut x = logits.to_kind(Kind::Float);
     if p.temperature > 0.0 && p.temperature != 1.0 {
-        x = x / p.temperature;
+        x /= p.temperature;
     }
     let v = x.size()[x.dim() - 1];
     if p.top_k > 0 && p.top_k < v {

@@ -12,10 +12,57 @@
 use std::path::{Path, PathBuf};
 
 use minijinja::Value;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
-use crate::chat_template::{ChatTemplate, ChatTemplateOptions};
+use crate::chat_template::ChatTemplate;
+
+/// A chat message with plain string content, serialized as `{"role": ..., "content": ...}`.
+///
+/// For structured content (a list of parts), tool calls or extra fields, pass
+/// `serde_json::Value` messages instead; the tokenizer accepts any `Serialize` message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    /// A `system` message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+
+    /// A `user` message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    /// An `assistant` message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+/// The keyword arguments of `apply_chat_template` beyond the messages.
+#[derive(Debug, Clone, Default)]
+pub struct ChatTemplateOptions {
+    /// Append the header that starts the assistant's turn.
+    pub add_generation_prompt: bool,
+    /// Tool JSON schemas: a JSON array of objects, passed to the template as `tools`.
+    pub tools: Option<serde_json::Value>,
+    /// Extra template variables (`enable_thinking`, `date_string`, ...). They override the
+    /// special-token variables of the same name, as in transformers.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
 
 /// Why loading a tokenizer or rendering a prompt failed; each variant names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -350,8 +397,6 @@ impl Tokenizer {
     /// `apply_chat_template(messages, tools=..., add_generation_prompt=..., tokenize=False,
     /// **extra)`. Messages are anything serializing to a JSON object: [`ChatMessage`]
     /// or a `serde_json::Value` whose `content` may be a string or a list of parts.
-    ///
-    /// [`ChatMessage`]: crate::chat_template::ChatMessage
     pub fn apply_chat_template<M: Serialize>(
         &self,
         messages: &[M],

@@ -338,3 +338,26 @@ fn serde_json_string(seqs: &[Vec<i64>]) -> String {
         .collect();
     format!("[{}]", rows.join(","))
 }
+
+/// More shapes of both families (MQA, explicit head_dim, biases, tied Llama, linear and
+/// llama3 rope in the transformers 4 layout, f16/bf16 files, deep sharded): loaded in
+/// fp32, each matches transformers' fp32 logits of the same file.
+#[test]
+fn zoo_of_shapes_matches_transformers() {
+    let zoo = fixtures().join("zoo");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&zoo).unwrap() {
+        let dir = entry.unwrap().path();
+        let m = Transformer::from_pretrained(&dir, Device::Cpu, Some(Kind::Float))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let r: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(dir.join("reference.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let logits = m.forward(&ForwardInput::new(&r["ids"]), None).unwrap();
+        assert_close(&logits, &r["logits"], FP32_TOL, &dir.display().to_string());
+        n += 1;
+    }
+    assert!(n >= 4, "expected the zoo fixtures, found {n}");
+}

@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use model::chat_template::{python_float_repr, ChatMessage, ChatTemplateOptions};
+use model::chat_template::python_float_repr;
+use model::tokenizer::{ChatMessage, ChatTemplateOptions};
 use model::{Tokenizer, TokenizerError};
 use serde_json::{json, Value};
 

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use model::chat_template::{ChatMessage, ChatTemplateOptions};
+use model::{ChatMessage, ChatTemplateOptions};
 use model::{parse_device, SamplingParams, Tokenizer, Transformer};
 use rollout_worker::{generate, GenerateOptions};
 
