@@ -14,6 +14,12 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // cudarc dlopens libnccl.so, which scripts/setup.sh links beside the wheel's
+    // libnccl.so.2; put that directory on the RUNPATH too.
+    let nccl = Path::new(&lib).join("../../nvidia/nccl/lib");
+    if nccl.exists() {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nccl.display());
+    }
     if Path::new(&lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }

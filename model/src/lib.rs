@@ -27,5 +27,8 @@ pub use kv_cache::KvCache;
 pub use logprobs::{token_logprobs, token_logprobs_backward, LogprobOptions, TokenLogprobs};
 pub use sampling::{sample, SamplingParams, SeqRng};
 pub use tokenizer::{ChatMessage, ChatTemplateOptions, Tokenizer, TokenizerError};
-pub use transformer::{layer_forward, parse_device, AttentionContext, ForwardInput, Transformer};
+pub use transformer::{
+    attention_context, embed, layer_forward, parse_device, rms_norm, AttentionContext,
+    ForwardInput, Rope, Transformer,
+};
 pub use weights::{param_specs, ParamSpec, Weights};

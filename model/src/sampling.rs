@@ -97,7 +97,8 @@ impl SeqRng {
 pub fn filter_logits(logits: &Tensor, p: &SamplingParams) -> Tensor {
     let mut x = logits.to_kind(Kind::Float);
     if p.temperature > 0.0 && p.temperature != 1.0 {
-        x /= p.temperature;
+        // Not `/=`: `to_kind` returns the caller's tensor when it is already fp32.
+        x = &x / p.temperature;
     }
     let v = x.size()[x.dim() - 1];
     if p.top_k > 0 && p.top_k < v {

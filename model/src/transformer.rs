@@ -231,116 +231,23 @@ impl Transformer {
         self.weights.embed_tokens.kind()
     }
 
-    /// Checks ids and mask coming from a request; host sync (reads min/max).
-    fn check_input(&self, input: &ForwardInput, cache: Option<&KvCache>) -> Result<()> {
-        let ids = input.input_ids;
-        let size = ids.size();
-        if size.len() != 2 || size[1] == 0 {
-            return Err(ModelError::Input(format!(
-                "input_ids must be [batch, seq] with seq > 0, got {size:?}"
-            )));
-        }
-        if ids.kind() != Kind::Int64 {
-            return Err(ModelError::Input(format!(
-                "input_ids must be int64, got {:?}",
-                ids.kind()
-            )));
-        }
-        let (lo, hi) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
-        if lo < 0 || hi >= self.config.vocab_size {
-            let bad = if lo < 0 { lo } else { hi };
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary [0, {})",
-                self.config.vocab_size
-            )));
-        }
-        for (name, t) in [
-            ("attention_mask", input.attention_mask),
-            ("position_ids", input.position_ids),
-        ] {
-            if let Some(t) = t {
-                if t.size() != size {
-                    return Err(ModelError::Input(format!(
-                        "{name} has shape {:?}, input_ids {size:?}",
-                        t.size()
-                    )));
-                }
-            }
-        }
-        if let Some(c) = cache {
-            if c.batch_size() != 0 && c.batch_size() != size[0] {
-                return Err(ModelError::Input(format!(
-                    "the KV cache holds {} sequences, the input {}",
-                    c.batch_size(),
-                    size[0]
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// Builds the RoPE tables and the attention mask for `input` given what `cache`
-    /// already holds. One host sync (whether any position is padding).
+    /// already holds; see [`attention_context`].
     pub fn context(
         &self,
         input: &ForwardInput,
         cache: Option<&KvCache>,
     ) -> Result<AttentionContext> {
-        self.check_input(input, cache)?;
-        let ids = input.input_ids;
-        let (b, t) = (ids.size()[0], ids.size()[1]);
-        let device = ids.device();
-        let past = cache.map_or(0, KvCache::seq_len);
-        let new_mask = match input.attention_mask {
-            Some(m) => m.to_device(device).to_kind(Kind::Bool),
-            None => Tensor::ones([b, t], (Kind::Bool, device)),
-        };
-        let key_mask = match cache.and_then(KvCache::mask) {
-            Some(m) => Tensor::cat(&[m, &new_mask], 1),
-            None => new_mask,
-        };
-        let s = past + t;
-        let padded = key_mask.all().int64_value(&[]) == 0;
-        let positions = match input.position_ids {
-            Some(p) => p.to_device(device),
-            None if padded => (key_mask.cumsum(1, Kind::Int64) - 1)
-                .clamp_min(0)
-                .narrow(1, past, t),
-            None => Tensor::arange_start(past, s, (Kind::Int64, device))
-                .unsqueeze(0)
-                .expand([b, t], false),
-        };
-        let (cos, sin) = self.rope.cos_sin(&positions, self.kind());
-        let (mask, is_causal) = if !padded && past == 0 {
-            (None, t > 1)
-        } else if !padded && t == 1 {
-            (None, false)
-        } else {
-            // Query j (absolute position past + j) sees keys 0..=past + j that are real.
-            let q_pos = Tensor::arange_start(past, s, (Kind::Int64, device)).unsqueeze(1);
-            let k_pos = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0);
-            let causal = k_pos.le_tensor(&q_pos);
-            let mask = causal
-                .unsqueeze(0)
-                .unsqueeze(0)
-                .logical_and(&key_mask.view([b, 1, 1, s]));
-            // A padding query sees no key; let it see all of them so SDPA returns finite
-            // values (its output is never used), as transformers' `_unmask_unattended`.
-            let empty = mask.any_dims(&[-1i64][..], true).logical_not();
-            (Some(mask.logical_or(&empty)), false)
-        };
-        Ok(AttentionContext {
-            cos,
-            sin,
-            mask,
-            is_causal,
-            key_mask,
-        })
+        attention_context(&self.config, &self.rope, self.kind(), input, cache)
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// `[B, T]` ids to `[B, T, H]` embeddings.
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.weights.embed_tokens, ids, -1, false, false)
+        embed(&self.weights.embed_tokens, ids)
     }
 
     /// Decoder block `i` with this model's own weights.
@@ -402,6 +309,121 @@ impl Transformer {
     pub fn forward(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<Tensor> {
         Ok(self.logits(&self.hidden_states(input, cache)?))
     }
+}
+
+/// Checks ids and mask coming from a request; host sync (reads min/max).
+fn check_input(cfg: &ModelConfig, input: &ForwardInput, cache: Option<&KvCache>) -> Result<()> {
+    let ids = input.input_ids;
+    let size = ids.size();
+    if size.len() != 2 || size[1] == 0 {
+        return Err(ModelError::Input(format!(
+            "input_ids must be [batch, seq] with seq > 0, got {size:?}"
+        )));
+    }
+    if ids.kind() != Kind::Int64 {
+        return Err(ModelError::Input(format!(
+            "input_ids must be int64, got {:?}",
+            ids.kind()
+        )));
+    }
+    let (lo, hi) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
+    if lo < 0 || hi >= cfg.vocab_size {
+        let bad = if lo < 0 { lo } else { hi };
+        return Err(ModelError::Input(format!(
+            "token id {bad} is outside the vocabulary [0, {})",
+            cfg.vocab_size
+        )));
+    }
+    for (name, t) in [
+        ("attention_mask", input.attention_mask),
+        ("position_ids", input.position_ids),
+    ] {
+        if let Some(t) = t {
+            if t.size() != size {
+                return Err(ModelError::Input(format!(
+                    "{name} has shape {:?}, input_ids {size:?}",
+                    t.size()
+                )));
+            }
+        }
+    }
+    if let Some(c) = cache {
+        if c.batch_size() != 0 && c.batch_size() != size[0] {
+            return Err(ModelError::Input(format!(
+                "the KV cache holds {} sequences, the input {}",
+                c.batch_size(),
+                size[0]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the RoPE tables (`kind`) and the attention mask for `input` given what
+/// `cache` already holds. Validates the input (ids in the vocabulary, shapes). Host
+/// syncs: the ids' min/max and whether any position is padding.
+pub fn attention_context(
+    cfg: &ModelConfig,
+    rope: &Rope,
+    kind: Kind,
+    input: &ForwardInput,
+    cache: Option<&KvCache>,
+) -> Result<AttentionContext> {
+    check_input(cfg, input, cache)?;
+    let ids = input.input_ids;
+    let (b, t) = (ids.size()[0], ids.size()[1]);
+    let device = ids.device();
+    let past = cache.map_or(0, KvCache::seq_len);
+    let new_mask = match input.attention_mask {
+        Some(m) => m.to_device(device).to_kind(Kind::Bool),
+        None => Tensor::ones([b, t], (Kind::Bool, device)),
+    };
+    let key_mask = match cache.and_then(KvCache::mask) {
+        Some(m) => Tensor::cat(&[m, &new_mask], 1),
+        None => new_mask,
+    };
+    let s = past + t;
+    let padded = key_mask.all().int64_value(&[]) == 0;
+    let positions = match input.position_ids {
+        Some(p) => p.to_device(device),
+        None if padded => (key_mask.cumsum(1, Kind::Int64) - 1)
+            .clamp_min(0)
+            .narrow(1, past, t),
+        None => Tensor::arange_start(past, s, (Kind::Int64, device))
+            .unsqueeze(0)
+            .expand([b, t], false),
+    };
+    let (cos, sin) = rope.cos_sin(&positions, kind);
+    let (mask, is_causal) = if !padded && past == 0 {
+        (None, t > 1)
+    } else if !padded && t == 1 {
+        (None, false)
+    } else {
+        // Query j (absolute position past + j) sees keys 0..=past + j that are real.
+        let q_pos = Tensor::arange_start(past, s, (Kind::Int64, device)).unsqueeze(1);
+        let k_pos = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0);
+        let causal = k_pos.le_tensor(&q_pos);
+        let mask = causal
+            .unsqueeze(0)
+            .unsqueeze(0)
+            .logical_and(&key_mask.view([b, 1, 1, s]));
+        // A padding query sees no key; let it see all of them so SDPA returns finite
+        // values (its output is never used), as transformers' `_unmask_unattended`.
+        let empty = mask.any_dims(&[-1i64][..], true).logical_not();
+        (Some(mask.logical_or(&empty)), false)
+    };
+    Ok(AttentionContext {
+        cos,
+        sin,
+        mask,
+        is_causal,
+        key_mask,
+    })
+}
+
+/// `[B, T]` ids to `[B, T, H]` embeddings.
+pub fn embed(weight: &Tensor, ids: &Tensor) -> Tensor {
+    Tensor::embedding(weight, ids, -1, false, false)
 }
 
 /// Picks a device by name: `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA when available).

@@ -78,10 +78,12 @@ pub fn generate(
         .select(1, -1);
     for step in 0..opts.max_new_tokens {
         let logits32 = logits.to_kind(Kind::Float);
+        // Log-probs before sampling, from a tensor `sample` never sees (it may scale its
+        // fp32 input in place).
+        let logp_all = (&logits32 / temperature).log_softmax(-1, Kind::Float);
         let next = sample(&logits32, &params, &mut rngs)?;
         let next_t = Tensor::from_slice(&next).to_device(device);
-        let lp = (logits32 / temperature)
-            .log_softmax(-1, Kind::Float)
+        let lp = logp_all
             .gather(-1, &next_t.unsqueeze(-1), false)
             .squeeze_dim(-1);
         let lp = Vec::<f32>::try_from(lp.to_device(tch::Device::Cpu))?;

@@ -1,11 +1,17 @@
-//! `rollout-worker` command line.
+//! `rollout-worker` command line: `serve` (gRPC + HTTP) and `generate` (offline batch).
+//!
+//! `serve` builds a [`WorkerConfig`] from an optional TOML file, then environment
+//! variables (`ROLLOUT_*`), then flags (each wins over the one before), validates it,
+//! loads the model and runs [`rollout_worker::serve`] until Ctrl-C or SIGTERM.
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use model::{ChatMessage, ChatTemplateOptions};
 use model::{parse_device, SamplingParams, Tokenizer, Transformer};
-use rollout_worker::{generate, GenerateOptions};
+use model::{ChatMessage, ChatTemplateOptions};
+use rollout_worker::{generate, EngineHandle, GenerateOptions, Metrics, WorkerConfig};
 
 #[derive(Parser)]
 #[command(version, about = "Rollout worker of the GRPO trainer")]
@@ -16,8 +22,145 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve generations over gRPC (rollout.v1) and an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Generate completions of prompts with a Hugging Face checkpoint and print them.
     Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML file with WorkerConfig fields (model, device, dtype, [engine], [server]).
+    #[arg(long, env = "ROLLOUT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Checkpoint directory; required here or in the file.
+    #[arg(long, env = "ROLLOUT_MODEL")]
+    model: Option<PathBuf>,
+    #[arg(long, env = "ROLLOUT_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, env = "ROLLOUT_DEVICE")]
+    device: Option<String>,
+    /// float32, bfloat16 or float16.
+    #[arg(long, env = "ROLLOUT_DTYPE")]
+    dtype: Option<String>,
+    #[arg(long, env = "ROLLOUT_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    #[arg(long, env = "ROLLOUT_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    #[arg(long, env = "ROLLOUT_MAX_NUM_SEQS")]
+    max_num_seqs: Option<usize>,
+    #[arg(long, env = "ROLLOUT_KV_CACHE_BYTES")]
+    kv_cache_bytes: Option<u64>,
+    #[arg(long, env = "ROLLOUT_MAX_WAITING_SEQS")]
+    max_waiting_seqs: Option<usize>,
+    #[arg(long, env = "ROLLOUT_MAX_N")]
+    max_n: Option<usize>,
+    #[arg(long, env = "ROLLOUT_MAX_MODEL_LEN")]
+    max_model_len: Option<usize>,
+}
+
+fn worker_config(a: ServeArgs) -> anyhow::Result<WorkerConfig> {
+    let mut c = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<WorkerConfig>(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => {
+            let model = a
+                .model
+                .clone()
+                .context("--model (or ROLLOUT_MODEL, or `model` in --config) is required")?;
+            WorkerConfig::new(model)
+        }
+    };
+    if let Some(v) = a.model {
+        c.model = v;
+    }
+    if a.served_model_name.is_some() {
+        c.served_model_name = a.served_model_name;
+    }
+    if let Some(v) = a.device {
+        c.device = v;
+    }
+    if a.dtype.is_some() {
+        c.dtype = a.dtype;
+    }
+    if let Some(v) = a.grpc_addr {
+        c.server.grpc_addr = v;
+    }
+    if let Some(v) = a.http_addr {
+        c.server.http_addr = v;
+    }
+    let e = &mut c.engine;
+    if let Some(v) = a.max_num_seqs {
+        e.max_num_seqs = v;
+    }
+    if let Some(v) = a.kv_cache_bytes {
+        e.kv_cache_bytes = v;
+    }
+    if let Some(v) = a.max_waiting_seqs {
+        e.max_waiting_seqs = v;
+    }
+    if let Some(v) = a.max_n {
+        e.max_n = v;
+    }
+    if a.max_model_len.is_some() {
+        e.max_model_len = a.max_model_len;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let config = worker_config(a)?;
+    let engine = EngineHandle::load(&config, Arc::new(Metrics::new()))
+        .with_context(|| format!("loading {}", config.model.display()))?;
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let grpc = tokio::net::TcpListener::bind(config.server.grpc_addr)
+            .await
+            .with_context(|| format!("binding gRPC to {}", config.server.grpc_addr))?;
+        let http = tokio::net::TcpListener::bind(config.server.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP to {}", config.server.http_addr))?;
+        let info = engine.info();
+        tracing::info!(
+            model = %info.name, device = %info.device, dtype = %info.dtype,
+            grpc = %grpc.local_addr()?, http = %http.local_addr()?,
+            "rollout worker serving"
+        );
+        println!(
+            "serving {} on grpc://{} and http://{}",
+            info.name,
+            grpc.local_addr()?,
+            http.local_addr()?
+        );
+        rollout_worker::serve(grpc, http, engine, shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 #[derive(clap::Args)]
@@ -124,6 +267,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     match Cli::parse().command {
+        Command::Serve(a) => run_serve(a),
         Command::Generate(a) => run_generate(a),
     }
 }

@@ -108,3 +108,61 @@ fn bad_model_directory_is_a_clear_error() {
     assert!(err.contains("top_p"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn serve_binds_the_given_addresses_and_answers_health() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let m = fixture("qwen2-tiny");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rollout-worker"))
+        .args(["serve", "--model", m.to_str().unwrap(), "--device", "cpu"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // "serving qwen2-tiny on grpc://127.0.0.1:P and http://127.0.0.1:Q"
+    let http = line.trim().rsplit("http://").next().unwrap().to_string();
+    assert!(
+        line.starts_with("serving qwen2-tiny on grpc://127.0.0.1:"),
+        "{line}"
+    );
+    let mut s = std::net::TcpStream::connect(&http).unwrap();
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"weight_version\":0"), "{resp}");
+}
+
+#[test]
+fn serve_rejects_a_bad_config_naming_the_field() {
+    let m = fixture("qwen2-tiny");
+    let (ok, _, err) = run(&[
+        "serve",
+        "--model",
+        m.to_str().unwrap(),
+        "--max-num-seqs",
+        "0",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("engine.max_num_seqs"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("worker.toml");
+    std::fs::write(
+        &file,
+        format!("model = {:?}\n[engine]\nmax_seq = 3\n", m.to_str().unwrap()),
+    )
+    .unwrap();
+    let (ok, _, err) = run(&["serve", "--config", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("max_seq"), "{err}");
+}

@@ -1,0 +1,13 @@
+//! Compiles `rollout/v1/rollout.proto` into OUT_DIR with the protoc binary vendored by
+//! `protoc-bin-vendored`, so no system protoc is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // prost-build reads PROTOC; setting it for this build script only.
+    std::env::set_var("PROTOC", protoc);
+    println!("cargo:rerun-if-changed=rollout/v1/rollout.proto");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["rollout/v1/rollout.proto"], &["."])?;
+    Ok(())
+}

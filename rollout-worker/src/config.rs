@@ -1,0 +1,281 @@
+//! The worker's configuration: which checkpoint to serve, the engine's capacity limits and
+//! the listen addresses.
+//!
+//! Data flow: `main.rs` reads an optional TOML file into [`WorkerConfig`] (unknown keys
+//! are errors), then applies environment variables and command-line flags over it, then
+//! calls [`WorkerConfig::validate`]. The engine turns [`EngineConfig`] into concrete
+//! limits once the model's config is known ([`EngineConfig::resolve`]).
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use model::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything a `rollout-worker serve` process needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).
+    pub model: PathBuf,
+    /// Name reported by /v1/models and GetInfo; the directory's name when absent.
+    #[serde(default)]
+    pub served_model_name: Option<String>,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `float32`, `bfloat16` or `float16`; the checkpoint's dtype when absent.
+    #[serde(default)]
+    pub dtype: Option<String>,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// Capacity of the batching engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Sequences decoded together in one batch (vLLM's `max_num_seqs`).
+    pub max_num_seqs: usize,
+    /// Bytes the KV cache may use, padding included. Must hold at least one sequence
+    /// of `max_model_len` tokens.
+    pub kv_cache_bytes: u64,
+    /// Sequences accepted beyond the running ones before requests are refused with
+    /// RESOURCE_EXHAUSTED (HTTP 429).
+    pub max_waiting_seqs: usize,
+    /// Largest group size `n` of one request (GRPO's `num_generations`).
+    pub max_n: usize,
+    /// Longest prompt + completion; the model's `max_position_embeddings` when absent.
+    pub max_model_len: Option<usize>,
+    /// Most alternatives per token an HTTP request may ask for (`logprobs` / `top_logprobs`).
+    pub max_top_logprobs: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_num_seqs: 64,
+            kv_cache_bytes: 1 << 30,
+            max_waiting_seqs: 4096,
+            max_n: 64,
+            max_model_len: None,
+            max_top_logprobs: 20,
+        }
+    }
+}
+
+/// Listen addresses of the two front ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// gRPC (`rollout.v1.RolloutService`).
+    pub grpc_addr: SocketAddr,
+    /// OpenAI-compatible HTTP API, `/metrics` and `/health`.
+    pub http_addr: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_addr: "0.0.0.0:50051".parse().expect("a valid address"),
+            http_addr: "0.0.0.0:8000".parse().expect("a valid address"),
+        }
+    }
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// A configuration value out of range; the message names the field and what is allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid worker config: {field}: {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn err(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl WorkerConfig {
+    /// A config serving `model` with every other field at its default.
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        WorkerConfig {
+            model: model.into(),
+            served_model_name: None,
+            device: default_device(),
+            dtype: None,
+            engine: EngineConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
+
+    /// Cross-field checks that need no model.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        model::parse_device(&self.device).map_err(|_| {
+            err(
+                "device",
+                format!("{:?}: use cpu, cuda, cuda:N or auto", self.device),
+            )
+        })?;
+        if let Some(d) = &self.dtype {
+            if model::config::parse_dtype(d).is_none() {
+                return Err(err(
+                    "dtype",
+                    format!("{d:?}: use float32, bfloat16 or float16"),
+                ));
+            }
+        }
+        if self.served_model_name.as_deref() == Some("") {
+            return Err(err("served_model_name", "must not be empty"));
+        }
+        self.engine.validate()?;
+        if self.server.grpc_addr == self.server.http_addr && self.server.grpc_addr.port() != 0 {
+            return Err(err(
+                "server.http_addr",
+                format!(
+                    "equals server.grpc_addr ({}); use two ports",
+                    self.server.grpc_addr
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The name served to clients.
+    pub fn model_name(&self) -> String {
+        self.served_model_name.clone().unwrap_or_else(|| {
+            self.model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| self.model.display().to_string())
+        })
+    }
+}
+
+/// Limits of a running engine: [`EngineConfig`] resolved against the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineLimits {
+    pub max_num_seqs: usize,
+    pub max_waiting_seqs: usize,
+    pub max_n: usize,
+    pub max_model_len: usize,
+    pub max_top_logprobs: usize,
+    /// KV-cache budget in token positions (`kv_cache_bytes / bytes_per_token`).
+    pub kv_cache_tokens: usize,
+    /// Bytes one cached position takes: keys and values of every layer.
+    pub kv_bytes_per_token: usize,
+}
+
+impl EngineConfig {
+    /// Checks that need no model.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_num_seqs == 0 {
+            return Err(err("engine.max_num_seqs", "must be >= 1"));
+        }
+        if self.max_n == 0 {
+            return Err(err("engine.max_n", "must be >= 1"));
+        }
+        if self.max_model_len == Some(0) {
+            return Err(err(
+                "engine.max_model_len",
+                "must be >= 2 (a prompt token and one generated)",
+            ));
+        }
+        if self.kv_cache_bytes == 0 {
+            return Err(err("engine.kv_cache_bytes", "must be > 0"));
+        }
+        Ok(())
+    }
+
+    /// The limits for `model` whose weights are `elt_size` bytes per element.
+    pub fn resolve(
+        &self,
+        model: &ModelConfig,
+        elt_size: usize,
+    ) -> Result<EngineLimits, ConfigError> {
+        self.validate()?;
+        let ctx = model.max_position_embeddings.max(0) as usize;
+        let max_model_len = self.max_model_len.unwrap_or(ctx);
+        if max_model_len < 2 || max_model_len > ctx {
+            return Err(err(
+                "engine.max_model_len",
+                format!(
+                    "{max_model_len} must be in [2, {ctx}] (the model's max_position_embeddings)"
+                ),
+            ));
+        }
+        let kv_bytes_per_token = 2
+            * model.num_hidden_layers
+            * (model.num_key_value_heads * model.head_dim).max(1) as usize
+            * elt_size;
+        let kv_cache_tokens = (self.kv_cache_bytes / kv_bytes_per_token as u64) as usize;
+        if kv_cache_tokens < max_model_len {
+            return Err(err(
+                "engine.kv_cache_bytes",
+                format!(
+                    "{} bytes hold {kv_cache_tokens} tokens ({kv_bytes_per_token} bytes each); at least max_model_len = {max_model_len} are needed, i.e. {} bytes",
+                    self.kv_cache_bytes,
+                    max_model_len * kv_bytes_per_token
+                ),
+            ));
+        }
+        Ok(EngineLimits {
+            max_num_seqs: self.max_num_seqs,
+            max_waiting_seqs: self.max_waiting_seqs,
+            max_n: self.max_n,
+            max_model_len,
+            max_top_logprobs: self.max_top_logprobs,
+            kv_cache_tokens,
+            kv_bytes_per_token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_rejected_and_defaults_fill_in() {
+        let c: WorkerConfig =
+            toml::from_str("model = \"/m\"\n[engine]\nmax_num_seqs = 8\n").unwrap();
+        assert_eq!(c.engine.max_num_seqs, 8);
+        assert_eq!(c.engine.max_n, EngineConfig::default().max_n);
+        assert_eq!(c.device, "auto");
+        let e =
+            toml::from_str::<WorkerConfig>("model = \"/m\"\n[engine]\nmax_seqs = 8\n").unwrap_err();
+        assert!(e.to_string().contains("max_seqs"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let mut c = WorkerConfig::new("/m");
+        c.engine.max_num_seqs = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("engine.max_num_seqs"));
+        let mut c = WorkerConfig::new("/m");
+        c.dtype = Some("int8".into());
+        assert!(c.validate().unwrap_err().to_string().contains("dtype"));
+        let mut c = WorkerConfig::new("/m");
+        c.device = "tpu".into();
+        assert!(c.validate().unwrap_err().to_string().contains("device"));
+        let mut c = WorkerConfig::new("/m");
+        c.server.http_addr = c.server.grpc_addr;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("server.http_addr"));
+        assert_eq!(WorkerConfig::new("/a/qwen").model_name(), "qwen");
+    }
+}

@@ -1,0 +1,323 @@
+//! The gRPC front end: `rollout.v1.RolloutService` over tonic.
+//!
+//! Data flow: wire requests are converted to domain types here ([`GenerateRequest`],
+//! [`TensorChunk`]), handed to the [`EngineHandle`], and the engine's [`Event`]s are
+//! converted back to wire messages. Weight chunks are assembled in this task
+//! ([`WeightAssembler`]) while they stream in; only a complete, validated update reaches
+//! the engine. Updates are serialized by a lock so at most one staging copy exists.
+//! Domain errors become [`Status`] in one place, [`status`].
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use model::tokenizer::ChatMessage;
+use model::SamplingParams;
+use proto::v1 as pb;
+use proto::v1::rollout_service_server::{RolloutService, RolloutServiceServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::engine::EngineHandle;
+use crate::error::EngineError;
+use crate::request::{
+    CompletionOutput, Event, FinishReason, GenerateRequest, GroupOutput, PromptInput, PromptSpec,
+};
+use crate::weights::{TensorChunk, WeightAssembler, WireDType};
+
+/// Largest message accepted (weight chunks); senders should stay well below it.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The one mapping from domain errors to gRPC statuses.
+pub fn status(e: EngineError) -> Status {
+    let msg = e.to_string();
+    match e {
+        EngineError::InvalidArgument(_) | EngineError::Weights(_) => Status::invalid_argument(msg),
+        EngineError::Overloaded { .. } => Status::resource_exhausted(msg),
+        EngineError::StaleVersion { .. } => Status::failed_precondition(msg),
+        EngineError::Unavailable(_) => Status::unavailable(msg),
+        EngineError::Internal(_) => Status::internal(msg),
+    }
+}
+
+/// The service implementation.
+#[derive(Debug, Clone)]
+pub struct GrpcService {
+    engine: EngineHandle,
+    update_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl GrpcService {
+    pub fn new(engine: EngineHandle) -> Self {
+        GrpcService {
+            engine,
+            update_lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The tonic server wrapper with the message size limits set.
+    pub fn into_server(self) -> RolloutServiceServer<Self> {
+        RolloutServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    engine: EngineHandle,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(GrpcService::new(engine).into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+fn invalid(m: String) -> EngineError {
+    EngineError::InvalidArgument(m)
+}
+
+/// Wire request to domain request; structural checks only (limits are the engine's).
+fn to_domain(req: pb::GenerateRequest) -> Result<GenerateRequest, EngineError> {
+    let s = req.sampling.unwrap_or_default();
+    let mut prompts = Vec::with_capacity(req.prompts.len());
+    for (i, p) in req.prompts.into_iter().enumerate() {
+        let input = match p.input {
+            Some(pb::prompt::Input::TokenIds(t)) => PromptInput::Tokens(t.ids),
+            Some(pb::prompt::Input::Chat(c)) => PromptInput::Chat(
+                c.messages
+                    .into_iter()
+                    .map(|m| ChatMessage::new(m.role, m.content))
+                    .collect(),
+            ),
+            None => {
+                return Err(invalid(format!(
+                    "prompts[{i}] has neither token_ids nor chat"
+                )))
+            }
+        };
+        prompts.push(PromptSpec { id: p.id, input });
+    }
+    Ok(GenerateRequest {
+        prompts,
+        n: req.n as usize,
+        sampling: SamplingParams {
+            temperature: s.temperature.unwrap_or(1.0),
+            top_k: s.top_k,
+            top_p: s.top_p.unwrap_or(1.0),
+            min_p: s.min_p,
+        },
+        max_new_tokens: s.max_new_tokens as usize,
+        stop_token_ids: s.stop_token_ids,
+        stop: s.stop,
+        ignore_eos: s.ignore_eos,
+        seed: s.seed,
+        top_logprobs: 0,
+        stream_tokens: false,
+        return_text: req.return_text,
+    })
+}
+
+fn completion_to_wire(c: CompletionOutput) -> pb::Completion {
+    pb::Completion {
+        token_ids: c.tokens,
+        logprobs: c.logprobs,
+        finish_reason: match c.finish_reason {
+            FinishReason::Stop => pb::FinishReason::Stop,
+            FinishReason::Length => pb::FinishReason::Length,
+        } as i32,
+        text: c.text.unwrap_or_default(),
+    }
+}
+
+fn group_to_wire(g: GroupOutput) -> pb::GroupResult {
+    pb::GroupResult {
+        prompt_index: g.prompt_index as u32,
+        prompt_id: g.prompt_id,
+        prompt_token_ids: g.prompt_token_ids,
+        completions: g.completions.into_iter().map(completion_to_wire).collect(),
+        weight_version: g.weight_version,
+        timings: Some(pb::Timings {
+            queue_seconds: g.timings.queue.as_secs_f64(),
+            time_to_first_token_seconds: g.timings.time_to_first_token.as_secs_f64(),
+            total_seconds: g.timings.total.as_secs_f64(),
+        }),
+    }
+}
+
+fn chunk_to_domain(c: pb::TensorChunk) -> TensorChunk {
+    let dtype = match pb::Dtype::try_from(c.dtype) {
+        Ok(pb::Dtype::Float32) => Some(WireDType::F32),
+        Ok(pb::Dtype::Bfloat16) => Some(WireDType::BF16),
+        Ok(pb::Dtype::Float16) => Some(WireDType::F16),
+        _ => None,
+    };
+    TensorChunk {
+        name: c.name,
+        dtype,
+        shape: c.shape,
+        offset: c.offset,
+        data: c.data,
+    }
+}
+
+type GroupStream = Pin<Box<dyn Stream<Item = Result<pb::GroupResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RolloutService for GrpcService {
+    type GenerateStream = GroupStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = request.into_inner();
+        let span = tracing::info_span!("rollout", prompts = req.prompts.len(), n = req.n);
+        let _e = span.enter();
+        let req = to_domain(req).map_err(status)?;
+        let expected = req.prompts.len();
+        let sub = self.engine.submit(req).map_err(|e| {
+            tracing::debug!(error = %e, "generate refused");
+            status(e)
+        })?;
+        let stream =
+            futures::stream::unfold((sub.events, 0usize), move |(mut rx, sent)| async move {
+                if sent == expected {
+                    return None;
+                }
+                loop {
+                    match rx.recv().await {
+                        Some(Event::Group(g)) => {
+                            return Some((Ok(group_to_wire(g)), (rx, sent + 1)))
+                        }
+                        Some(Event::Token { .. }) => continue,
+                        // An error ends the request: report it and stop.
+                        Some(Event::Error(e)) => return Some((Err(status(e)), (rx, expected))),
+                        None => {
+                            let s = Status::unavailable(
+                                "the engine stopped before the request finished",
+                            );
+                            return Some((Err(s), (rx, expected)));
+                        }
+                    }
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn update_weights(
+        &self,
+        request: Request<Streaming<pb::WeightUpdateMessage>>,
+    ) -> Result<Response<pb::UpdateWeightsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let _guard = self.update_lock.lock().await;
+        let started = Instant::now();
+        let metrics = self.engine.metrics().clone();
+        let result = async {
+            let mut asm = WeightAssembler::new(self.engine.param_specs());
+            let mut num_tensors = 0u64;
+            while let Some(msg) = stream.next().await {
+                let msg =
+                    msg.map_err(|s| invalid(format!("update stream failed: {}", s.message())))?;
+                match msg.kind {
+                    Some(pb::weight_update_message::Kind::Chunk(c)) => {
+                        if c.offset == 0 {
+                            num_tensors += 1;
+                        }
+                        asm.add_chunk(chunk_to_domain(c))?;
+                    }
+                    Some(pb::weight_update_message::Kind::Commit(c)) => {
+                        let num_bytes = asm.num_bytes();
+                        let staged = asm.finish()?;
+                        let span =
+                            tracing::info_span!("weight_sync", version = c.version, num_bytes);
+                        let outcome = self
+                            .engine
+                            .update_weights(staged, c.version)
+                            .instrument(span)
+                            .await?;
+                        return Ok(pb::UpdateWeightsResponse {
+                            version: outcome.version,
+                            num_tensors,
+                            num_bytes,
+                            apply_seconds: outcome.apply_seconds,
+                        });
+                    }
+                    None => {
+                        return Err(invalid(
+                            "a WeightUpdateMessage with neither chunk nor commit".into(),
+                        ))
+                    }
+                }
+            }
+            Err(invalid(
+                "the update stream ended without a commit; nothing was applied".into(),
+            ))
+        }
+        .await;
+        match result {
+            Ok(r) => {
+                metrics
+                    .weight_update_duration_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                metrics
+                    .weight_updates_total
+                    .with_label_values(&["rejected"])
+                    .inc();
+                tracing::warn!(error = %e, "weight update rejected; the old weights keep serving");
+                Err(status(e))
+            }
+        }
+    }
+
+    async fn get_info(
+        &self,
+        _request: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
+        let i = self.engine.info();
+        let l = self.engine.stats();
+        Ok(Response::new(pb::WorkerInfo {
+            model: i.name.clone(),
+            model_path: i.path.clone(),
+            architecture: i.architecture.clone(),
+            dtype: i.dtype.clone(),
+            device: i.device.clone(),
+            weight_version: l.weight_version,
+            vocab_size: i.vocab_size,
+            max_model_len: i.limits.max_model_len as u32,
+            max_num_seqs: i.limits.max_num_seqs as u32,
+            kv_cache_tokens: i.limits.kv_cache_tokens as u64,
+            max_n: i.limits.max_n as u32,
+            max_waiting_seqs: i.limits.max_waiting_seqs as u32,
+            num_running_seqs: l.num_running as u32,
+            num_waiting_seqs: l.num_waiting as u32,
+            num_parameters: i.num_parameters,
+            eos_token_ids: i.eos_token_ids.clone(),
+        }))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let l = self.engine.stats();
+        Ok(Response::new(pb::HealthResponse {
+            status: if l.alive {
+                pb::health_response::Status::Serving
+            } else {
+                pb::health_response::Status::NotServing
+            } as i32,
+            weight_version: l.weight_version,
+            num_running_seqs: l.num_running as u32,
+            num_waiting_seqs: l.num_waiting as u32,
+        }))
+    }
+}

@@ -1,0 +1,352 @@
+//! Assembly of a weight update from streamed chunks, and its application to the model.
+//!
+//! Data flow: the gRPC `UpdateWeights` handler feeds every [`TensorChunk`] to a
+//! [`WeightAssembler`], which checks it against the architecture's parameter list
+//! (`model::param_specs`: name, shape) and copies its bytes into that tensor's host
+//! buffer. A tensor's chunks arrive in order; a complete tensor becomes a host
+//! [`Tensor`] in the chunks' dtype and its byte buffer is freed. [`WeightAssembler::finish`]
+//! requires every parameter and yields [`StagedWeights`], which the engine thread applies
+//! with [`apply`] between two decode steps (an in-place `copy_`, converting dtype and
+//! device), so the model is never seen half-updated.
+//!
+//! Extra memory is bounded by one copy of the model in the wire dtype on the host: one
+//! buffer per known parameter of exactly its size, nothing for unknown names, and the
+//! whole staging dropped on the first error, leaving the serving weights untouched.
+use std::collections::HashMap;
+
+use model::{ParamSpec, Weights};
+use tch::{Kind, Tensor};
+
+/// Element type of chunk bytes (little-endian).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireDType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl WireDType {
+    pub fn kind(self) -> Kind {
+        match self {
+            WireDType::F32 => Kind::Float,
+            WireDType::BF16 => Kind::BFloat16,
+            WireDType::F16 => Kind::Half,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            WireDType::F32 => 4,
+            WireDType::BF16 | WireDType::F16 => 2,
+        }
+    }
+
+    pub fn from_kind(kind: Kind) -> Option<Self> {
+        match kind {
+            Kind::Float => Some(WireDType::F32),
+            Kind::BFloat16 => Some(WireDType::BF16),
+            Kind::Half => Some(WireDType::F16),
+            _ => None,
+        }
+    }
+}
+
+/// A byte range of one named tensor (the domain form of `rollout.v1.TensorChunk`).
+#[derive(Debug, Clone)]
+pub struct TensorChunk {
+    pub name: String,
+    /// `None` when the sender left it unspecified (an error).
+    pub dtype: Option<WireDType>,
+    pub shape: Vec<i64>,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// Why an update was rejected. Every variant names the tensor at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WeightError {
+    #[error("chunk for unknown tensor {name:?} (not a parameter of this architecture)")]
+    UnknownTensor { name: String },
+    #[error("tensor {name}: shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+    #[error("tensor {name}: malformed chunk: {message}")]
+    Malformed { name: String, message: String },
+    #[error("update incomplete: {count} tensor(s) missing or partial, e.g. {names:?}")]
+    Incomplete { count: usize, names: Vec<String> },
+}
+
+struct Partial {
+    dtype: WireDType,
+    total: usize,
+    bytes: Vec<u8>,
+}
+
+/// Collects the chunks of one update.
+pub struct WeightAssembler {
+    specs: HashMap<String, Vec<i64>>,
+    order: Vec<String>,
+    partial: HashMap<String, Partial>,
+    done: HashMap<String, Tensor>,
+    num_bytes: u64,
+}
+
+/// A complete, validated update, held on the host until the engine applies it.
+#[derive(Debug)]
+pub struct StagedWeights {
+    /// `(name, tensor)` in parameter order, in the wire dtype, on the CPU.
+    pub tensors: Vec<(String, Tensor)>,
+    pub num_bytes: u64,
+}
+
+impl WeightAssembler {
+    /// An assembler for the parameters `specs` (from `model::param_specs`).
+    pub fn new(specs: &[ParamSpec]) -> Self {
+        WeightAssembler {
+            specs: specs
+                .iter()
+                .map(|s| (s.name.clone(), s.shape.clone()))
+                .collect(),
+            order: specs.iter().map(|s| s.name.clone()).collect(),
+            partial: HashMap::new(),
+            done: HashMap::new(),
+            num_bytes: 0,
+        }
+    }
+
+    /// Bytes received so far.
+    pub fn num_bytes(&self) -> u64 {
+        self.num_bytes
+    }
+
+    /// Validates `chunk` and appends its bytes to its tensor.
+    pub fn add_chunk(&mut self, chunk: TensorChunk) -> Result<(), WeightError> {
+        let name = chunk.name;
+        let malformed = |message: String| WeightError::Malformed {
+            name: name.clone(),
+            message,
+        };
+        let Some(expected) = self.specs.get(&name) else {
+            return Err(WeightError::UnknownTensor { name });
+        };
+        if chunk.shape != *expected {
+            return Err(WeightError::ShapeMismatch {
+                expected: expected.clone(),
+                found: chunk.shape,
+                name,
+            });
+        }
+        let Some(dtype) = chunk.dtype else {
+            return Err(malformed("dtype is unspecified".into()));
+        };
+        if self.done.contains_key(&name) {
+            return Err(malformed("chunk after the tensor was complete".into()));
+        }
+        let numel: i64 = expected.iter().product();
+        let total = numel as usize * dtype.size();
+        let p = self.partial.entry(name.clone()).or_insert_with(|| Partial {
+            dtype,
+            total,
+            bytes: Vec::new(),
+        });
+        if p.dtype != dtype {
+            return Err(malformed(format!(
+                "dtype {dtype:?} differs from its earlier chunks' {:?}",
+                p.dtype
+            )));
+        }
+        if chunk.offset != p.bytes.len() as u64 {
+            return Err(malformed(format!(
+                "offset {} but {} bytes were received so far (chunks must arrive in order)",
+                chunk.offset,
+                p.bytes.len()
+            )));
+        }
+        if chunk.data.is_empty() {
+            return Err(malformed("empty data".into()));
+        }
+        let end = p.bytes.len() + chunk.data.len();
+        if end > p.total {
+            return Err(malformed(format!(
+                "bytes up to {end} exceed the tensor's {} ({numel} x {} bytes)",
+                p.total,
+                dtype.size()
+            )));
+        }
+        if p.bytes.capacity() == 0 {
+            p.bytes.reserve_exact(p.total);
+        }
+        p.bytes.extend_from_slice(&chunk.data);
+        self.num_bytes += chunk.data.len() as u64;
+        if end == p.total {
+            let p = self.partial.remove(&name).expect("present above");
+            let t = Tensor::f_from_data_size(&p.bytes, expected, p.dtype.kind())
+                .map_err(|e| malformed(e.to_string()))?;
+            self.done.insert(name, t);
+        }
+        Ok(())
+    }
+
+    /// The complete update; an error lists what is missing.
+    pub fn finish(mut self) -> Result<StagedWeights, WeightError> {
+        let missing: Vec<&String> = self
+            .order
+            .iter()
+            .filter(|n| !self.done.contains_key(*n))
+            .collect();
+        if !missing.is_empty() {
+            return Err(WeightError::Incomplete {
+                count: missing.len(),
+                names: missing.iter().take(4).map(|s| s.to_string()).collect(),
+            });
+        }
+        let tensors = self
+            .order
+            .iter()
+            .map(|n| (n.clone(), self.done.remove(n).expect("checked complete")))
+            .collect();
+        Ok(StagedWeights {
+            tensors,
+            num_bytes: self.num_bytes,
+        })
+    }
+}
+
+/// Copies `staged` into `weights` in place (dtype and device converted by `copy_`).
+/// Names and shapes were validated against the same architecture, so the copies
+/// cannot fail on shapes; a torch error (device out of memory) is returned.
+pub fn apply(weights: &Weights, staged: &StagedWeights) -> Result<(), tch::TchError> {
+    let _guard = tch::no_grad_guard();
+    let mut by_name: HashMap<String, &Tensor> = weights.named().into_iter().collect();
+    for (name, src) in &staged.tensors {
+        let dst = by_name.remove(name).ok_or_else(|| {
+            tch::TchError::Shape(format!("{name} is not a parameter of the serving model"))
+        })?;
+        // A shallow clone shares the parameter's storage: the copy lands in the model.
+        dst.shallow_clone().f_copy_(src)?;
+    }
+    Ok(())
+}
+
+/// Splits `weights` into chunks of at most `chunk_bytes`, as a sender does (used by
+/// tests and the benchmark; the trainer has its own sender).
+pub fn chunks_of(weights: &Weights, dtype: WireDType, chunk_bytes: usize) -> Vec<TensorChunk> {
+    let mut out = vec![];
+    for (name, t) in weights.named() {
+        let host = t
+            .to_device(tch::Device::Cpu)
+            .to_kind(dtype.kind())
+            .contiguous();
+        let mut bytes = vec![0u8; host.numel() * dtype.size()];
+        host.copy_data_u8(&mut bytes, host.numel());
+        for (i, part) in bytes.chunks(chunk_bytes.max(1)).enumerate() {
+            out.push(TensorChunk {
+                name: name.clone(),
+                dtype: Some(dtype),
+                shape: t.size(),
+                offset: (i * chunk_bytes.max(1)) as u64,
+                data: part.to_vec(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs() -> Vec<ParamSpec> {
+        vec![
+            ParamSpec {
+                name: "a".into(),
+                shape: vec![2, 3],
+            },
+            ParamSpec {
+                name: "b".into(),
+                shape: vec![4],
+            },
+        ]
+    }
+
+    fn chunk(name: &str, shape: &[i64], offset: u64, values: &[f32]) -> TensorChunk {
+        TensorChunk {
+            name: name.into(),
+            dtype: Some(WireDType::F32),
+            shape: shape.to_vec(),
+            offset,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    #[test]
+    fn interleaved_chunks_assemble_in_parameter_order() {
+        let mut a = WeightAssembler::new(&specs());
+        a.add_chunk(chunk("b", &[4], 0, &[1.0, 2.0])).unwrap();
+        a.add_chunk(chunk("a", &[2, 3], 0, &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))
+            .unwrap();
+        a.add_chunk(chunk("b", &[4], 8, &[3.0, 4.0])).unwrap();
+        assert_eq!(a.num_bytes(), 40);
+        let s = a.finish().unwrap();
+        assert_eq!(s.tensors[0].0, "a");
+        assert_eq!(s.tensors[0].1.size(), vec![2, 3]);
+        let b = Vec::<f32>::try_from(&s.tensors[1].1).unwrap();
+        assert_eq!(b, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn bad_chunks_are_rejected_with_the_tensor_named() {
+        let mut a = WeightAssembler::new(&specs());
+        let e = a.add_chunk(chunk("c", &[4], 0, &[1.0])).unwrap_err();
+        assert!(matches!(e, WeightError::UnknownTensor { .. }), "{e}");
+        let e = a.add_chunk(chunk("b", &[5], 0, &[1.0])).unwrap_err();
+        assert!(
+            e.to_string().contains("[5]") && e.to_string().contains("[4]"),
+            "{e}"
+        );
+        let e = a.add_chunk(chunk("b", &[4], 4, &[1.0])).unwrap_err();
+        assert!(e.to_string().contains("offset 4"), "{e}");
+        let e = a
+            .add_chunk(chunk("b", &[4], 0, &[1.0, 2.0, 3.0, 4.0, 5.0]))
+            .unwrap_err();
+        assert!(e.to_string().contains("exceed"), "{e}");
+        let mut c = chunk("b", &[4], 0, &[1.0]);
+        c.dtype = None;
+        assert!(a.add_chunk(c).unwrap_err().to_string().contains("dtype"));
+        a.add_chunk(chunk("b", &[4], 0, &[1.0, 2.0, 3.0, 4.0]))
+            .unwrap();
+        let e = a.add_chunk(chunk("b", &[4], 16, &[1.0])).unwrap_err();
+        assert!(e.to_string().contains("complete"), "{e}");
+        let e = a.finish().unwrap_err();
+        assert_eq!(
+            e,
+            WeightError::Incomplete {
+                count: 1,
+                names: vec!["a".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn bf16_chunks_keep_their_dtype() {
+        let mut a = WeightAssembler::new(&specs()[1..]);
+        let t = Tensor::from_slice(&[1.5f32, -2.0, 0.25, 8.0]).to_kind(Kind::BFloat16);
+        let mut bytes = vec![0u8; 8];
+        t.copy_data_u8(&mut bytes, 4);
+        a.add_chunk(TensorChunk {
+            name: "b".into(),
+            dtype: Some(WireDType::BF16),
+            shape: vec![4],
+            offset: 0,
+            data: bytes,
+        })
+        .unwrap();
+        let s = a.finish().unwrap();
+        assert_eq!(s.tensors[0].1.kind(), Kind::BFloat16);
+        let v = Vec::<f32>::try_from(s.tensors[0].1.to_kind(Kind::Float)).unwrap();
+        assert_eq!(v, vec![1.5, -2.0, 0.25, 8.0]);
+    }
+}
