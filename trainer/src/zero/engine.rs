@@ -202,7 +202,7 @@ impl ZeroEngine {
             optim.warmup_ratio,
             total_steps,
         );
-        Ok(ZeroEngine {
+        let engine = ZeroEngine {
             rope: Rope::new(&cfg, device),
             cfg,
             zero,
@@ -215,7 +215,17 @@ impl ZeroEngine {
             step: 0,
             loss_sum: 0.0,
             count: 0,
-        })
+        };
+        let m = engine.memory();
+        tracing::info!(
+            rank,
+            stage = engine.zero.stage.number(),
+            param_bytes = m.param_bytes,
+            grad_bytes = m.grad_bytes,
+            optimizer_bytes = m.optimizer_bytes,
+            "model state held by this rank"
+        );
+        Ok(engine)
     }
 
     pub fn rank(&self) -> usize {
