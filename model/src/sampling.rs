@@ -137,23 +137,45 @@ pub fn sample(logits: &Tensor, params: &[SamplingParams], rngs: &mut [SeqRng]) -
         )));
     }
     let logits = logits.to_kind(Kind::Float);
-    let mut out = Vec::with_capacity(params.len());
-    // Rows sharing greedy settings are batched into one argmax.
-    let greedy = logits.argmax(-1, false);
-    for (i, (p, rng)) in params.iter().zip(rngs.iter_mut()).enumerate() {
+    let device = logits.device();
+    // One argmax for all rows and one transfer; greedy rows draw nothing.
+    let mut out = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
+    // Rows with the same settings (the usual case: one request's group) are filtered
+    // and sampled as one batch; each row still draws from its own stream, in row order.
+    let mut groups: Vec<(SamplingParams, Vec<i64>)> = vec![];
+    for (i, p) in params.iter().enumerate() {
         if p.is_greedy() {
-            out.push(greedy.int64_value(&[i as i64]));
             continue;
         }
-        let probs = filter_logits(&logits.get(i as i64), p).softmax(-1, Kind::Float);
+        match groups.iter_mut().find(|(q, _)| q == p) {
+            Some((_, rows)) => rows.push(i as i64),
+            None => groups.push((*p, vec![i as i64])),
+        }
+    }
+    let mut uniforms = vec![0f64; params.len()];
+    for (i, p) in params.iter().enumerate() {
+        if !p.is_greedy() {
+            uniforms[i] = rngs[i].uniform();
+        }
+    }
+    for (p, rows) in groups {
+        let index = Tensor::from_slice(&rows).to_device(device);
+        let probs = filter_logits(&logits.f_index_select(0, &index)?, &p).softmax(-1, Kind::Float);
         let cdf = probs.cumsum(-1, Kind::Float);
-        let total = cdf.double_value(&[-1]);
-        let u = rng.uniform() * total;
+        let total = cdf.select(1, -1);
+        let u: Vec<f64> = rows.iter().map(|&r| uniforms[r as usize]).collect();
+        let u = (Tensor::from_slice(&u)
+            .to_device(device)
+            .to_kind(Kind::Float)
+            * total)
+            .unsqueeze(1);
         // First index whose cumulative mass exceeds u; zero-probability tokens have
         // cdf equal to their predecessor's and can never be chosen.
-        let idx = Tensor::searchsorted_scalar(&cdf, u, false, true, "right", None::<Tensor>);
-        let idx = idx.int64_value(&[]).min(size[1] - 1);
-        out.push(idx);
+        let idx = u.f_searchsorted(&cdf, false, true, "right", None::<Tensor>)?;
+        let idx = Vec::<i64>::try_from(idx.squeeze_dim(1).to_device(tch::Device::Cpu))?;
+        for (&r, k) in rows.iter().zip(idx) {
+            out[r as usize] = k.min(size[1] - 1);
+        }
     }
     Ok(out)
 }
