@@ -6,13 +6,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-bash scripts/setup.sh
-fixtures=fixtures/generated
-want=$(sha256sum scripts/make_fixtures.py | cut -d' ' -f1)
-if [ "$(cat "$fixtures/.stamp" 2>/dev/null)" != "$want" ]; then
-    .venv/bin/python scripts/make_fixtures.py "$fixtures" >/dev/null
-fi
+bash scripts/prepare.sh
 cargo build --release -p rollout-worker
-./target/release/rollout-worker generate --model "$fixtures/qwen2-tiny" --chat \
+./target/release/rollout-worker generate --model fixtures/generated/qwen2-tiny --chat \
     --prompt "What is 12 + 30?" --prompt "Think step by step: 7 * 6" \
     --n 2 --max-new-tokens 24 --temperature 0.8 --top-p 0.95 --seed 0 "$@"

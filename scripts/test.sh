@@ -6,14 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-bash scripts/setup.sh
-
-fixtures=fixtures/generated
-want=$(sha256sum scripts/make_fixtures.py | cut -d' ' -f1)
-if [ "$(cat "$fixtures/.stamp" 2>/dev/null)" != "$want" ]; then
-    echo "test: generating fixtures with transformers ($fixtures)" >&2
-    .venv/bin/python scripts/make_fixtures.py "$fixtures" >/dev/null
-fi
+bash scripts/prepare.sh
 
 # The suite is CPU-only; tests that need a GPU are named *_gpu and skip themselves.
 cargo test --workspace "$@"
