@@ -1,18 +1,9 @@
 //! The `rollout-worker generate` command driven as a user drives it.
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
-fn fixture(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures/generated")
-        .join(name);
-    assert!(
-        dir.exists(),
-        "{} is missing: run scripts/test.sh",
-        dir.display()
-    );
-    dir
-}
+use common::fixture;
 
 fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_rollout-worker"))

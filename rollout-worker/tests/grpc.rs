@@ -123,12 +123,7 @@ async fn a_batch_of_mixed_lengths_gives_each_request_what_it_gets_alone() {
         .map(|i| {
             let url = w.grpc_url.clone();
             let r = req(i);
-            tokio::spawn(async move {
-                let mut c = pb::rollout_service_client::RolloutServiceClient::connect(url)
-                    .await
-                    .unwrap();
-                generate(&mut c, r).await.unwrap()
-            })
+            spawn_generate(url, r)
         })
         .collect();
     for (i, h) in handles.into_iter().enumerate() {
@@ -390,12 +385,7 @@ async fn many_concurrent_clients_each_get_their_own_results() {
                 2,
                 sampling(0.0, 4 + (i % 5) as u32, None),
             );
-            tokio::spawn(async move {
-                let mut c = pb::rollout_service_client::RolloutServiceClient::connect(url)
-                    .await
-                    .unwrap();
-                generate(&mut c, r).await.unwrap()
-            })
+            spawn_generate(url, r)
         })
         .collect();
     for (i, h) in handles.into_iter().enumerate() {
@@ -480,4 +470,17 @@ async fn chat_prompts_stop_strings_and_stop_tokens() {
         assert!(comp.token_ids.len() <= full.token_ids.len());
     }
     w.stop().await;
+}
+
+/// Runs one Generate call on its own connection, as an independent client would.
+fn spawn_generate(
+    url: String,
+    r: pb::GenerateRequest,
+) -> tokio::task::JoinHandle<Vec<pb::GroupResult>> {
+    tokio::spawn(async move {
+        let mut c = pb::rollout_service_client::RolloutServiceClient::connect(url)
+            .await
+            .unwrap();
+        generate(&mut c, r).await.unwrap()
+    })
 }
