@@ -5,5 +5,6 @@
 //! - [`zero`]: ZeRO-1/2/3 sharded training on a communicator: block-by-block forward and
 //!   backward, AdamW on f32 master shards, sharded checkpoints.
 
+pub mod config;
 pub mod dist;
 pub mod zero;
