@@ -7,4 +7,5 @@
 
 pub mod config;
 pub mod dist;
+pub mod metrics;
 pub mod zero;
