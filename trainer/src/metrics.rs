@@ -49,8 +49,8 @@ impl Metrics {
         labels.insert("rank".to_string(), rank.to_string());
         let registry =
             Registry::new_custom(None, Some(labels)).expect("static registry settings are valid");
-        let steps_total = IntCounter::new("trainer_steps_total", "Optimizer steps done")
-            .expect("static metric");
+        let steps_total =
+            IntCounter::new("trainer_steps_total", "Optimizer steps done").expect("static metric");
         let model_state_bytes = GaugeVec::new(
             Opts::new(
                 "trainer_model_state_bytes",
@@ -120,18 +120,16 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` on `listener` until the runtime stops.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
     use axum::{routing::get, Router};
     let app = Router::new().route(
         "/metrics",
         get(move || {
             let m = metrics.clone();
-            async move {
-                (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    m.render(),
-                )
-            }
+            async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
         }),
     );
     axum::serve(listener, app).await
@@ -170,10 +168,15 @@ mod tests {
         m.record(&log);
         log.insert("reward".into(), 0.75);
         m.record(&log);
-        m.model_state_bytes.with_label_values(&["params"]).set(1024.0);
+        m.model_state_bytes
+            .with_label_values(&["params"])
+            .set(1024.0);
         let text = m.render();
         assert!(text.contains("trainer_reward{rank=\"1\"} 0.75"), "{text}");
-        assert!(text.contains("trainer_clip_ratio_low_mean{rank=\"1\"} 0.5"), "{text}");
+        assert!(
+            text.contains("trainer_clip_ratio_low_mean{rank=\"1\"} 0.5"),
+            "{text}"
+        );
         assert!(
             text.contains("trainer_model_state_bytes{kind=\"params\",rank=\"1\"} 1024"),
             "{text}"

@@ -116,7 +116,7 @@ pub struct ZeroEngine {
     pub(crate) kind: Kind,
     pub(crate) device: Device,
     pub(crate) comm: Box<dyn Communicator>,
-    rope: Rope,
+    pub(crate) rope: Rope,
     pub(crate) units: Vec<UnitState>,
     pub(crate) scheduler: LrScheduler,
     pub(crate) step: u64,
@@ -271,7 +271,7 @@ impl ZeroEngine {
 
     /// Fresh leaf tensors (requiring grad) of unit `u`'s parameters: aliases of the
     /// resident parameters (stages 0-2) or an all-gather of the shards (stage 3).
-    fn gather(&mut self, u: usize) -> Result<Vec<Tensor>> {
+    pub(super) fn gather(&mut self, u: usize) -> Result<Vec<Tensor>> {
         let st = &self.units[u];
         let full = match (&st.params, &st.param_shard) {
             (Some(p), _) => p.shallow_clone(),
@@ -311,7 +311,7 @@ impl ZeroEngine {
         Ok(())
     }
 
-    fn layer(&self, i: usize, leaves: &[Tensor]) -> Result<DecoderLayer> {
+    pub(super) fn layer(&self, i: usize, leaves: &[Tensor]) -> Result<DecoderLayer> {
         let specs = &self.units[i + 1].unit.specs;
         let mut src = Named(
             specs

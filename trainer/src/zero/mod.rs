@@ -12,6 +12,7 @@
 //! [`ShardLayout`]: crate::dist::ShardLayout
 pub mod checkpoint;
 pub mod engine;
+pub mod inference;
 pub mod optimizer;
 pub mod schedule;
 pub mod units;

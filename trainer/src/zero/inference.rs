@@ -1,0 +1,77 @@
+//! Gradient-free uses of the sharded model: a forward pass for log-probs (GRPO's old and
+//! reference log-probs) and a unit-by-unit walk over the full weights (weight sync to the
+//! rollout workers and export), both collective and never holding more than one unit's
+//! gathered parameters beyond what the stage keeps resident.
+use model::{attention_context, embed, layer_forward, rms_norm, ForwardInput};
+use tch::{Kind, Tensor};
+
+use super::engine::{EngineError, MicroBatch, Result, ZeroEngine};
+use super::ZeroStage;
+
+impl ZeroEngine {
+    /// Runs the model on `mb` without autograd and hands the final normalised hidden
+    /// states `[B, T, H]` and the head weight `[V, H]` to `f`. Collective under stage 3
+    /// (each unit is gathered, used and released in turn).
+    pub fn forward_no_grad<T, F>(&mut self, mb: &MicroBatch, f: F) -> Result<T>
+    where
+        F: FnOnce(&Tensor, &Tensor) -> std::result::Result<T, String>,
+    {
+        let _guard = tch::no_grad_guard();
+        let ids = mb.input_ids.to_device(self.device);
+        let mask = mb.attention_mask.as_ref().map(|m| m.to_device(self.device));
+        let pos = mb.position_ids.as_ref().map(|p| p.to_device(self.device));
+        let mut input = ForwardInput::new(&ids);
+        input.attention_mask = mask.as_ref();
+        input.position_ids = pos.as_ref();
+        let ctx = attention_context(&self.cfg, &self.rope, self.kind, &input, None)?;
+        let outer = self.gather(0)?;
+        let head = if self.cfg.tie_word_embeddings {
+            &outer[0]
+        } else {
+            &outer[2]
+        };
+        let mut h = embed(&outer[0], &ids);
+        for i in 0..self.cfg.num_hidden_layers {
+            let leaves = self.gather(i + 1)?;
+            h = layer_forward(&self.cfg, &self.layer(i, &leaves)?, &h, &ctx, None)?;
+        }
+        let hn = rms_norm(&h, &outer[1], self.cfg.rms_norm_eps);
+        f(&hn, head).map_err(EngineError::Loss)
+    }
+
+    /// Collective: calls `f(name, tensor)` for every parameter of the model (Hugging Face
+    /// names, float32 values of the master weights), one unit at a time. Stages 0-2 with
+    /// float32 compute read the resident parameters; otherwise each unit's master shards
+    /// are all-gathered and released after `f` has seen them, so no rank ever holds a
+    /// second full copy of the model. Every rank must call this; `f` may do nothing on
+    /// ranks other than the one that ships the weights. An error from `f` stops further
+    /// calls of `f` but not the collectives, and is returned at the end.
+    pub fn visit_full_weights<F>(&mut self, mut f: F) -> Result<()>
+    where
+        F: FnMut(&str, &Tensor) -> std::result::Result<(), String>,
+    {
+        let mut first_err = None;
+        for u in 0..self.units.len() {
+            let st = &self.units[u];
+            let full = match (&st.params, self.zero.stage) {
+                (_, ZeroStage::Stage0) => st.master.shallow_clone(),
+                (Some(p), _) if self.kind == Kind::Float => p.shallow_clone(),
+                _ => self.comm.all_gather(&st.master, st.unit.len)?,
+            };
+            if first_err.is_some() {
+                continue;
+            }
+            let st = &self.units[u];
+            for (spec, t) in st.unit.specs.iter().zip(st.unit.unflatten(&full)) {
+                if let Err(e) = f(&spec.name, &t) {
+                    first_err = Some(EngineError::Config(format!(
+                        "while visiting {}: {e}",
+                        spec.name
+                    )));
+                    break;
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
