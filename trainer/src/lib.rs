@@ -1,11 +1,14 @@
 //! GRPO trainer library. The binary (`main.rs`) is a thin command-line layer over it.
 //!
+//! - [`data`]: dataset rows (JSONL, Parquet) to tokenized GRPO prompts and SFT examples,
+//!   with a report of unusable rows, and the seeded epoch sampler.
 //! - [`dist`]: collective communication between ranks (rendezvous from torchrun's
 //!   environment, a CPU ring over TCP, NCCL for CUDA tensors).
 //! - [`zero`]: ZeRO-1/2/3 sharded training on a communicator: block-by-block forward and
 //!   backward, AdamW on f32 master shards, sharded checkpoints.
 
 pub mod config;
+pub mod data;
 pub mod dist;
 pub mod metrics;
 pub mod zero;
