@@ -11,4 +11,6 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod metrics;
+pub mod objective;
+pub mod session;
 pub mod zero;

@@ -1,0 +1,297 @@
+//! What both training commands (`sft`, `grpo`) share: the settings named as in
+//! transformers' `TrainingArguments`, and the start-up of a rank (launcher environment,
+//! threads, device, communicator, tokenizer, initial weights, metrics endpoint, resume).
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use model::{ModelConfig, Tokenizer, Weights};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind};
+
+use crate::data::DatasetConfig;
+use crate::dist::{self, Communicator, DistConfig, RendezvousEnv};
+use crate::metrics::Metrics;
+use crate::zero::{checkpoint::latest_checkpoint, LrSchedulerType, OptimConfig, ZeroConfig};
+
+/// Settings shared by `trainer sft` and `trainer grpo` (flattened into their configs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainingArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer files).
+    pub model_name_or_path: PathBuf,
+    /// Checkpoints go to `output_dir/checkpoints/step-N`, the final model (Hugging Face
+    /// format) to `output_dir` itself.
+    pub output_dir: PathBuf,
+    pub dataset: DatasetConfig,
+    /// `cpu` or `cuda` (each rank takes `cuda:LOCAL_RANK`).
+    pub device: String,
+    pub seed: u64,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    /// Clip gradients to this global norm; 0 disables.
+    pub max_grad_norm: f64,
+    pub lr_scheduler_type: LrSchedulerType,
+    pub warmup_ratio: f64,
+    /// Passes over the dataset when `max_steps` is not set.
+    pub num_train_epochs: f64,
+    /// Optimizer steps to run; -1 derives them from `num_train_epochs`.
+    pub max_steps: i64,
+    /// Sequences per rank per micro-batch (GRPO: completions).
+    pub per_device_train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// Log (and update the metrics) every this many steps; the console progress line
+    /// is printed every step regardless.
+    pub logging_steps: u64,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_steps: u64,
+    /// Keep this many checkpoints (oldest pruned); unset keeps all.
+    pub save_total_limit: Option<usize>,
+    /// `latest` (the newest complete checkpoint under output_dir, if any) or a step
+    /// directory.
+    pub resume_from_checkpoint: Option<String>,
+    /// libtorch intra-op threads; unset: OMP_NUM_THREADS, else cores / local ranks.
+    pub num_threads: Option<usize>,
+    /// Serve Prometheus metrics on this port + LOCAL_RANK (0 picks a free port).
+    pub metrics_port: Option<u16>,
+    pub zero: ZeroConfig,
+    pub dist: DistConfig,
+}
+
+impl Default for TrainingArgs {
+    fn default() -> Self {
+        let optim = OptimConfig::default();
+        TrainingArgs {
+            model_name_or_path: PathBuf::new(),
+            output_dir: PathBuf::new(),
+            dataset: DatasetConfig::default(),
+            device: "cpu".into(),
+            seed: 42,
+            learning_rate: optim.learning_rate,
+            weight_decay: optim.weight_decay,
+            adam_beta1: optim.adam_beta1,
+            adam_beta2: optim.adam_beta2,
+            adam_epsilon: optim.adam_epsilon,
+            max_grad_norm: optim.max_grad_norm,
+            lr_scheduler_type: optim.lr_scheduler_type,
+            warmup_ratio: optim.warmup_ratio,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            logging_steps: 10,
+            save_steps: 500,
+            save_total_limit: None,
+            resume_from_checkpoint: None,
+            num_threads: None,
+            metrics_port: None,
+            zero: ZeroConfig::default(),
+            dist: DistConfig::default(),
+        }
+    }
+}
+
+impl TrainingArgs {
+    pub fn optim(&self) -> OptimConfig {
+        OptimConfig {
+            learning_rate: self.learning_rate,
+            weight_decay: self.weight_decay,
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_epsilon: self.adam_epsilon,
+            max_grad_norm: self.max_grad_norm,
+            lr_scheduler_type: self.lr_scheduler_type,
+            warmup_ratio: self.warmup_ratio,
+        }
+    }
+
+    /// Field checks; errors name the field and what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.model_name_or_path.as_os_str().is_empty() {
+            return Err("model_name_or_path is required (a Hugging Face model directory)".into());
+        }
+        if self.output_dir.as_os_str().is_empty() {
+            return Err("output_dir is required".into());
+        }
+        if self.dataset.path.as_os_str().is_empty() {
+            return Err("dataset.path is required (a .jsonl or .parquet file or directory)".into());
+        }
+        self.dataset.validate().map_err(|e| e.to_string())?;
+        self.optim().validate()?;
+        self.zero.validate()?;
+        self.dist.validate().map_err(|e| e.to_string())?;
+        if !matches!(self.device.as_str(), "cpu" | "cuda") {
+            return Err(format!("device must be cpu or cuda, got {:?}", self.device));
+        }
+        if self.per_device_train_batch_size == 0 {
+            return Err("per_device_train_batch_size must be at least 1".into());
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return Err("gradient_accumulation_steps must be at least 1".into());
+        }
+        if self.max_steps == 0 || self.max_steps < -1 {
+            return Err(format!(
+                "max_steps must be -1 (use num_train_epochs) or positive, got {}",
+                self.max_steps
+            ));
+        }
+        if self.max_steps == -1 && !(self.num_train_epochs > 0.0) {
+            return Err(format!(
+                "num_train_epochs must be positive when max_steps is -1, got {}",
+                self.num_train_epochs
+            ));
+        }
+        if self.logging_steps == 0 {
+            return Err("logging_steps must be at least 1".into());
+        }
+        if self.save_total_limit == Some(0) {
+            return Err("save_total_limit must be at least 1 (unset keeps every checkpoint)".into());
+        }
+        if self.num_threads == Some(0) {
+            return Err("num_threads must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Total optimizer steps: `max_steps`, or `ceil(epochs * items / items_per_step)`.
+    pub fn total_steps(&self, items: usize, items_per_step: usize) -> u64 {
+        if self.max_steps > 0 {
+            return self.max_steps as u64;
+        }
+        let per_epoch = items as f64 / items_per_step.max(1) as f64;
+        (self.num_train_epochs * per_epoch).ceil().max(1.0) as u64
+    }
+
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.output_dir.join("checkpoints")
+    }
+
+    /// The checkpoint to resume from, if any.
+    pub fn resume_dir(&self) -> Result<Option<PathBuf>> {
+        match self.resume_from_checkpoint.as_deref() {
+            None => Ok(None),
+            Some("latest") => Ok(latest_checkpoint(&self.checkpoint_root())),
+            Some(dir) => {
+                let p = PathBuf::from(dir);
+                if !p.join("manifest.json").is_file() {
+                    bail!(
+                        "resume_from_checkpoint: {} is not a complete checkpoint (no manifest.json)",
+                        p.display()
+                    );
+                }
+                Ok(Some(p))
+            }
+        }
+    }
+}
+
+/// A started rank: everything a training loop needs before building its engine.
+pub struct Session {
+    pub env: RendezvousEnv,
+    pub device: Device,
+    pub tokenizer: Tokenizer,
+    pub model_cfg: ModelConfig,
+    /// Initial weights in float32 on the host (taken by the engine).
+    pub weights: Option<Weights>,
+    pub comm: Option<Box<dyn Communicator>>,
+    pub rt: tokio::runtime::Runtime,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Session {
+    /// Reads the launcher's environment, sets threads, joins the other ranks, loads the
+    /// tokenizer and the initial weights, and starts the metrics endpoint.
+    pub fn start(args: &TrainingArgs) -> Result<Session> {
+        let env = RendezvousEnv::from_env().context("reading the launcher's environment")?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let omp = std::env::var("OMP_NUM_THREADS").ok();
+        let threads =
+            dist::intra_op_threads(args.num_threads, omp.as_deref(), cores, env.local_world_size);
+        tch::set_num_threads(threads as i32);
+        let device = match args.device.as_str() {
+            "cuda" => {
+                if !tch::Cuda::is_available() {
+                    bail!("device = \"cuda\" but no CUDA device is available to libtorch");
+                }
+                Device::Cuda(env.local_rank)
+            }
+            _ => Device::Cpu,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?;
+        let metrics = Arc::new(Metrics::new(env.rank));
+        if let Some(port) = args.metrics_port {
+            let port = if port == 0 { 0 } else { port + env.local_rank as u16 };
+            let addr = crate::metrics::spawn(&rt, ([0, 0, 0, 0], port).into(), metrics.clone())
+                .with_context(|| format!("binding the metrics endpoint on port {port}"))?;
+            tracing::info!(rank = env.rank, %addr, "metrics endpoint");
+        }
+        let tokenizer = Tokenizer::from_dir(&args.model_name_or_path)
+            .with_context(|| format!("loading the tokenizer of {}", args.model_name_or_path.display()))?;
+        let (model_cfg, weights) =
+            model::load_pretrained(&args.model_name_or_path, Device::Cpu, Some(Kind::Float))
+                .with_context(|| format!("loading {}", args.model_name_or_path.display()))?;
+        let comm = dist::connect(&args.dist, &env, device).with_context(|| {
+            format!("rank {}: joining {} ranks", env.rank, env.world_size)
+        })?;
+        tracing::info!(
+            rank = env.rank,
+            world_size = env.world_size,
+            backend = comm.backend(),
+            threads,
+            device = ?device,
+            "rank started"
+        );
+        Ok(Session {
+            env,
+            device,
+            tokenizer,
+            model_cfg,
+            weights: Some(weights),
+            comm: Some(comm),
+            rt,
+            metrics,
+        })
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.env.rank == 0
+    }
+}
+
+/// Copies the Hugging Face export of checkpoint `step_dir` (its `hf/`) into `dst`:
+/// the final model of a run, loadable by transformers and by the rollout worker.
+pub fn publish_final_model(step_dir: &Path, dst: &Path) -> Result<()> {
+    let hf = step_dir.join("hf");
+    for entry in std::fs::read_dir(&hf).with_context(|| format!("reading {}", hf.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let to = dst.join(entry.file_name());
+            std::fs::copy(entry.path(), &to)
+                .with_context(|| format!("copying {} to {}", entry.path().display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Per-rank model-state bytes to the metrics (the engine also logs them at start).
+pub fn record_memory(metrics: &Metrics, m: crate::zero::MemoryReport) {
+    metrics
+        .model_state_bytes
+        .with_label_values(&["params"])
+        .set(m.param_bytes as f64);
+    metrics
+        .model_state_bytes
+        .with_label_values(&["grads"])
+        .set(m.grad_bytes as f64);
+    metrics
+        .model_state_bytes
+        .with_label_values(&["optimizer"])
+        .set(m.optimizer_bytes as f64);
+}
