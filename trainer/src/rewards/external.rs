@@ -64,8 +64,9 @@ fn header_map(cfg: &ExternalRewardConfig) -> Result<HeaderMap, String> {
     for (name, value) in &cfg.headers {
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|e| format!("headers: '{name}' is not a valid header name: {e}"))?;
-        let value = HeaderValue::from_str(value)
+        let mut value = HeaderValue::from_str(value)
             .map_err(|e| format!("headers.{name}: not a valid header value: {e}"))?;
+        value.set_sensitive(true); // kept out of Debug output
         headers.insert(header, value);
     }
     Ok(headers)

@@ -50,7 +50,7 @@
 
 pub mod answer;
 mod builtin;
-mod external;
+pub mod external;
 mod length;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -193,8 +193,9 @@ impl Default for RewardsConfig {
     }
 }
 
-/// One `[[rewards.external]]` entry: an HTTP reward service.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+/// One `[[rewards.external]]` entry: an HTTP reward service. `Debug` prints header names only,
+/// since values are often credentials.
+#[derive(Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExternalRewardConfig {
     /// The function's name in `reward_funcs`; must not be a built-in name.
@@ -211,6 +212,17 @@ pub struct ExternalRewardConfig {
 
 fn default_timeout_secs() -> f64 {
     60.0
+}
+
+impl std::fmt::Debug for ExternalRewardConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalRewardConfig")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl RewardsConfig {
@@ -394,14 +406,21 @@ mod tests {
             "repetition_n_grams": 4,
             "overlong_buffer_len": 64,
             "external": [{"name": "judge", "url": "http://127.0.0.1:9/score",
-                          "headers": {"Authorization": "Bearer x"}}],
+                          "headers": {"Authorization": "Bearer x"}},
+                         {"name": "grader", "url": "https://grader/", "timeout_secs": 30}],
         }))
         .unwrap();
         assert_eq!(cfg.answer_column, "answer");
         assert_eq!(cfg.soft_punish_cache, Some(64));
         assert_eq!(cfg.repetition_max_penalty, -1.0);
         assert_eq!(cfg.external[0].timeout_secs, 60.0);
+        assert_eq!(cfg.external[1].timeout_secs, 30.0);
         cfg.validate().unwrap();
+        let debug = format!("{cfg:?}");
+        assert!(
+            debug.contains("Authorization") && !debug.contains("Bearer"),
+            "{debug}"
+        );
         let functions = build_reward_functions(&names(&["judge", "accuracy"]), &cfg, 512).unwrap();
         assert_eq!(functions[0].name(), "judge");
 
