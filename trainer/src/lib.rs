@@ -6,6 +6,8 @@
 //!   environment, a CPU ring over TCP, NCCL for CUDA tensors).
 //! - [`zero`]: ZeRO-1/2/3 sharded training on a communicator: block-by-block forward and
 //!   backward, AdamW on f32 master shards, sharded checkpoints.
+//! - [`rewards`]: GRPO reward functions: the Open-R1 built-ins (accuracy, format, length,
+//!   cosine, ...) and external HTTP reward services.
 
 pub mod config;
 pub mod data;
@@ -13,4 +15,5 @@ pub mod dist;
 pub mod metrics;
 pub mod objective;
 pub mod session;
+pub mod rewards;
 pub mod zero;
