@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/demo/make_task.py --out DIR [--seed 0]
 
-The task is two-number addition ("What is 47+38?", operands 0..99). Under DIR:
+The task is two-number addition ("What is 47+38?", two-digit operands, 10..99). Under DIR:
 
   init/           a tiny random-init Qwen2 (float32, tied embeddings) saved with
                   save_pretrained, with a word-level tokenizer (one token per digit, operator,
@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 # last digit), so greedy accuracy starts near zero and sampled accuracy near P_CORRECT.
 P_CORRECT = 0.35
 TEACHER = [(+1, 0.45), (+10, 0.20)]
+MIN_OPERAND = 10
 MAX_OPERAND = 99
 HELDOUT_SIZE = 256
 SFT_COPIES = 4
@@ -118,6 +119,12 @@ def prompt_text(a, b):
     return f"What is {a}+{b}?"
 
 
+def completion_text(a, b, answer):
+    """The assistant's reply: a one-step scratchpad (the units digits' sum, which carries
+    into the tens) and the answer, e.g. "<think>7+8=15</think><answer>85</answer>"."""
+    return f"<think>{a % 10}+{b % 10}={a % 10 + b % 10}</think><answer>{answer}</answer>"
+
+
 def teacher_answer(total, rng):
     """The sloppy teacher's answer for a true sum: right with P_CORRECT, else off by one of
     the TEACHER offsets."""
@@ -159,7 +166,8 @@ def accuracy_reward(completion, solution):
 
 def split_prompts(seed):
     """All operand pairs, shuffled; the first HELDOUT_SIZE are held out."""
-    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    pairs = [(a, b) for a in range(MIN_OPERAND, MAX_OPERAND + 1)
+             for b in range(MIN_OPERAND, MAX_OPERAND + 1)]
     random.Random(seed).shuffle(pairs)
     return pairs[HELDOUT_SIZE:], pairs[:HELDOUT_SIZE]
 
@@ -192,7 +200,7 @@ def main():
     for _ in range(SFT_COPIES):
         for a, b in train:
             sft.append({"prompt": prompt_text(a, b),
-                        "completion": f"<answer>{teacher_answer(a + b, rng)}</answer>"})
+                        "completion": completion_text(a, b, teacher_answer(a + b, rng))})
     rng.shuffle(sft)
     write_jsonl(os.path.join(args.out, "sft.jsonl"), sft)
 

@@ -229,7 +229,7 @@ def main():
     ap.add_argument("--grpo-lr", type=float, default=1e-3)
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--num-generations", type=int, default=8)
-    ap.add_argument("--max-completion-length", type=int, default=8)
+    ap.add_argument("--max-completion-length", type=int, default=16)
     ap.add_argument("--epsilon", type=float, default=0.2)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--eval-samples", type=int, default=8)
