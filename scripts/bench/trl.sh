@@ -2,7 +2,7 @@
 # TRL's GRPOTrainer on the demo task, on CPU without vLLM (scripts/bench/trl_grpo.py):
 #
 #   bash scripts/bench/trl.sh [--task DIR] [--model DIR] [--prompts-per-step 16]
-#        [--num-generations 8] [--max-completion-length 8] [--steps 5] [--threads N] ...
+#        [--num-generations 8] [--max-completion-length 16] [--steps 5] [--threads N] ...
 #
 # Installs TRL (pinned below) once into its own venv, ${XDG_CACHE_HOME:-~/.cache}/grpo-rs/
 # trl-bench, layered on the project's venv so torch 2.11.0 and transformers 5.23.0 are
