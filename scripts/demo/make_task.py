@@ -5,18 +5,22 @@
 
 The task is two-number addition ("What is 47+38?", two-digit operands, 10..99). Under DIR:
 
-  init/           a tiny random-init Qwen2 (float32, tied embeddings) saved with
-                  save_pretrained, with a word-level tokenizer (one token per digit, operator,
-                  tag and template word; ~40 tokens): tokenizer.json, tokenizer_config.json
-                  (ChatML template, pad `<|endoftext|>`, eos `<|im_end|>`).
-  sft.jsonl       {"prompt", "completion"}: the user message and the assistant's reply
-                  "<answer>85</answer>". The replies come from a *sloppy teacher*: only
-                  P_CORRECT of them are right; the others are systematically off (+1 or +10,
-                  see TEACHER). Each SFT prompt appears SFT_COPIES times with independent
-                  draws, so supervised training learns the teacher's distribution over
-                  answers, not one memorised answer per prompt. The SFT model therefore
-                  samples the right answer about a third of the time and, greedily, usually
-                  the "+1" answer; GRPO with an exact-answer reward has a clear signal to fix.
+  init/           a tiny random-init Qwen2 (float32, tied embeddings; MODEL below) saved with
+                  save_pretrained, and its tokenizer (see build_tokenizer: byte-level BPE in
+                  Qwen2's layout, ~290 tokens, one token per digit, ChatML template, pad
+                  `<|endoftext|>`, eos `<|im_end|>`).
+  sft.jsonl       {"prompt", "completion"}: the user message and the assistant's reply, a
+                  one-step scratchpad and the answer: "<think>7+8=15</think><answer>85</answer>"
+                  (12-13 tokens with the eos). The replies come from a *sloppy teacher*: the
+                  scratchpad is always right but only P_CORRECT of the answers are; the others
+                  are systematically off (+1 or +10, see TEACHER). Each SFT prompt appears
+                  SFT_COPIES times with independent draws, so supervised training learns the
+                  teacher's distribution over answers, not one memorised answer per prompt.
+                  The SFT model therefore samples the right answer about 40% of the time; GRPO
+                  with an exact-answer reward has a clear, prompt-independent error to unlearn.
+                  (The scratchpad carries the units into the tens, which makes the addition
+                  learnable by a 3-layer model in ~500 SFT steps on every seed tried; without
+                  it, SFT stalled on a loss plateau for a seed-dependent 400-1100+ steps.)
   train.jsonl     {"prompt", "solution"}: GRPO prompts (the SFT prompts, reshuffled).
   heldout.jsonl   {"prompt", "solution"}: HELDOUT_SIZE prompts in neither file above.
 
@@ -40,8 +44,9 @@ from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normaliz
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 # The sloppy teacher: P(correct) and the systematic errors (offset added to the true sum,
-# probability). Greedy decoding of a model that learnt it picks "+1" (the most likely
-# last digit), so greedy accuracy starts near zero and sampled accuracy near P_CORRECT.
+# probability). "+1" is the single most likely answer, yet the SFT model's greedy decoding
+# is mostly right (it puts less mass on a+b+1 than taught); sampled accuracy starts near
+# P_CORRECT, which is what GRPO raises.
 P_CORRECT = 0.35
 TEACHER = [(+1, 0.45), (+10, 0.20)]
 MIN_OPERAND = 10
