@@ -12,8 +12,10 @@
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod grpo;
 pub mod metrics;
 pub mod objective;
-pub mod session;
 pub mod rewards;
+pub mod session;
+pub mod sft;
 pub mod zero;

@@ -1,5 +1,9 @@
 //! The trainer binary: a thin command-line layer over the `trainer` library.
 //!
+//! `trainer sft --config FILE` and `trainer grpo --config FILE` train; settings come from
+//! the file, then `TRAINER_*` environment variables, then `--set key=value` flags (see
+//! docs/configuration.md). Launch one process per rank with torchrun or scripts/launch.
+//!
 //! `trainer dist-check` joins the job described by the launcher's environment
 //! (torchrun or scripts/launch), runs each collective once on values whose result
 //! is known exactly, and exits non-zero on any mismatch or communication error.
@@ -18,8 +22,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Supervised fine-tuning (NLL on completion tokens) on the ZeRO engine.
+    Sft(TrainArgs),
     /// Rendezvous with the other ranks and verify every collective.
     DistCheck(DistCheckArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Configuration file (.toml, .yaml or .json).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Override one setting, e.g. `--set learning_rate=1e-5 --set zero.stage=3`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -42,9 +58,25 @@ struct DistCheckArgs {
 }
 
 fn main() -> Result<()> {
+    init_tracing();
     match Cli::parse().command {
+        Command::Sft(args) => {
+            let cfg: trainer::sft::SftConfig =
+                trainer::config::load(args.config.as_deref(), &args.sets)?;
+            trainer::sft::run(&cfg)
+        }
         Command::DistCheck(args) => dist_check(&args),
     }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default: warnings, and info from the trainer).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,trainer=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn dist_check(args: &DistCheckArgs) -> Result<()> {

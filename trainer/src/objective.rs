@@ -35,8 +35,8 @@ where
 {
     let t = targets.size()[1];
     let h = hidden.narrow(1, 0, t);
-    let computed = tch::no_grad(|| token_logprobs(&h, head, targets, opts))
-        .map_err(|e| e.to_string())?;
+    let computed =
+        tch::no_grad(|| token_logprobs(&h, head, targets, opts)).map_err(|e| e.to_string())?;
     let leaf = computed.logprobs.detach().set_requires_grad(true);
     let (loss_sum, count) = loss(&LogprobView {
         logprobs: &leaf,

@@ -148,7 +148,9 @@ impl TrainingArgs {
             return Err("logging_steps must be at least 1".into());
         }
         if self.save_total_limit == Some(0) {
-            return Err("save_total_limit must be at least 1 (unset keeps every checkpoint)".into());
+            return Err(
+                "save_total_limit must be at least 1 (unset keeps every checkpoint)".into(),
+            );
         }
         if self.num_threads == Some(0) {
             return Err("num_threads must be at least 1".into());
@@ -208,8 +210,12 @@ impl Session {
         let env = RendezvousEnv::from_env().context("reading the launcher's environment")?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let omp = std::env::var("OMP_NUM_THREADS").ok();
-        let threads =
-            dist::intra_op_threads(args.num_threads, omp.as_deref(), cores, env.local_world_size);
+        let threads = dist::intra_op_threads(
+            args.num_threads,
+            omp.as_deref(),
+            cores,
+            env.local_world_size,
+        );
         tch::set_num_threads(threads as i32);
         let device = match args.device.as_str() {
             "cuda" => {
@@ -227,19 +233,26 @@ impl Session {
             .context("starting the tokio runtime")?;
         let metrics = Arc::new(Metrics::new(env.rank));
         if let Some(port) = args.metrics_port {
-            let port = if port == 0 { 0 } else { port + env.local_rank as u16 };
+            let port = if port == 0 {
+                0
+            } else {
+                port + env.local_rank as u16
+            };
             let addr = crate::metrics::spawn(&rt, ([0, 0, 0, 0], port).into(), metrics.clone())
                 .with_context(|| format!("binding the metrics endpoint on port {port}"))?;
             tracing::info!(rank = env.rank, %addr, "metrics endpoint");
         }
-        let tokenizer = Tokenizer::from_dir(&args.model_name_or_path)
-            .with_context(|| format!("loading the tokenizer of {}", args.model_name_or_path.display()))?;
+        let tokenizer = Tokenizer::from_dir(&args.model_name_or_path).with_context(|| {
+            format!(
+                "loading the tokenizer of {}",
+                args.model_name_or_path.display()
+            )
+        })?;
         let (model_cfg, weights) =
             model::load_pretrained(&args.model_name_or_path, Device::Cpu, Some(Kind::Float))
                 .with_context(|| format!("loading {}", args.model_name_or_path.display()))?;
-        let comm = dist::connect(&args.dist, &env, device).with_context(|| {
-            format!("rank {}: joining {} ranks", env.rank, env.world_size)
-        })?;
+        let comm = dist::connect(&args.dist, &env, device)
+            .with_context(|| format!("rank {}: joining {} ranks", env.rank, env.world_size))?;
         tracing::info!(
             rank = env.rank,
             world_size = env.world_size,
@@ -273,8 +286,9 @@ pub fn publish_final_model(step_dir: &Path, dst: &Path) -> Result<()> {
         let entry = entry?;
         if entry.file_type()?.is_file() {
             let to = dst.join(entry.file_name());
-            std::fs::copy(entry.path(), &to)
-                .with_context(|| format!("copying {} to {}", entry.path().display(), to.display()))?;
+            std::fs::copy(entry.path(), &to).with_context(|| {
+                format!("copying {} to {}", entry.path().display(), to.display())
+            })?;
         }
     }
     Ok(())

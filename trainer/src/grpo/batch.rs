@@ -84,10 +84,8 @@ pub fn pack(samples: &[Sample], pad_id: i64) -> Result<PackedBatch, String> {
         loss_mask: Tensor::from_slice(&loss_mask).view([b, sh]),
         completion_mask: Tensor::from_slice(&completion_mask).view([b, sh]),
         sampler_logprobs: Tensor::from_slice(&sampler).view([b, sh]),
-        advantages: Tensor::from_slice(
-            &samples.iter().map(|s| s.advantage).collect::<Vec<_>>(),
-        )
-        .to_kind(Kind::Float),
+        advantages: Tensor::from_slice(&samples.iter().map(|s| s.advantage).collect::<Vec<_>>())
+            .to_kind(Kind::Float),
     })
 }
 
@@ -149,7 +147,10 @@ mod tests {
         );
         assert_eq!(rows(&b.targets), [[2., 3., 7., 8.], [9., 10., 11., 12.]]);
         // Row 0: prompt 3 -> completion at shifted positions 2, 3.
-        assert_eq!(rows(&b.completion_mask), [[0., 0., 1., 1.], [1., 1., 1., 1.]]);
+        assert_eq!(
+            rows(&b.completion_mask),
+            [[0., 0., 1., 1.], [1., 1., 1., 1.]]
+        );
         assert_eq!(rows(&b.loss_mask), [[0., 0., 1., 1.], [0., 0., 0., 0.]]);
         let s = rows(&b.sampler_logprobs);
         assert!((s[0][2] + 0.7).abs() < 1e-6 && (s[0][3] + 0.8).abs() < 1e-6);

@@ -1,0 +1,3 @@
+//! GRPO: group-relative advantages, the clipped policy loss, and the training loop that
+//! ties rollouts, rewards and the ZeRO engine together.
+pub mod batch;

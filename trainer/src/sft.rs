@@ -1,0 +1,195 @@
+//! `trainer sft`: supervised fine-tuning on the ZeRO engine (R1's cold start and
+//! distillation step), as TRL's SFTTrainer with `completion_only_loss`: the loss is the
+//! NLL of the completion tokens only, averaged over all completion tokens of the step
+//! (every rank and micro-batch), so it does not change with world size or accumulation.
+//!
+//! Each step draws `per_device_train_batch_size * gradient_accumulation_steps *
+//! world_size` examples with the seeded epoch sampler; rank r trains on its contiguous
+//! slice. Checkpoints carry the sampler position, so a resumed run sees the same data.
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use model::LogprobOptions;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::Kind;
+
+use crate::data::{self, Sampler, SamplerState, SftExample};
+use crate::grpo::batch::{pack, split_even, Sample};
+use crate::metrics::StepLog;
+use crate::objective::logprob_objective;
+use crate::session::{publish_final_model, record_memory, Session, TrainingArgs};
+use crate::zero::{MicroBatch, ZeroEngine};
+
+/// The `trainer sft` configuration: the shared training settings plus SFT's own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SftConfig {
+    #[serde(flatten)]
+    pub args: TrainingArgs,
+    /// Longest prompt + completion in tokens; longer rows are unusable (counted).
+    pub max_length: usize,
+    /// Positions per chunk when computing log-probs (peak memory `B * chunk * V`).
+    pub logprob_chunk_size: i64,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig {
+            args: TrainingArgs {
+                learning_rate: 2e-5,
+                ..TrainingArgs::default()
+            },
+            max_length: 1024,
+            logprob_chunk_size: 512,
+        }
+    }
+}
+
+impl SftConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        self.args.validate()?;
+        if self.max_length < 2 {
+            return Err(format!(
+                "max_length must be at least 2, got {}",
+                self.max_length
+            ));
+        }
+        if self.logprob_chunk_size < 1 {
+            return Err("logprob_chunk_size must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Runs SFT on this rank until the last step; rank 0 writes the final model into
+/// `output_dir`.
+pub fn run(cfg: &SftConfig) -> Result<()> {
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    let args = &cfg.args;
+    let mut sess = Session::start(args)?;
+    let (examples, report) = data::load_sft(&args.dataset, &sess.tokenizer, cfg.max_length)
+        .with_context(|| format!("loading {}", args.dataset.path.display()))?;
+    if sess.is_main() {
+        println!("dataset: {}", report.summary());
+    }
+    let world = sess.env.world_size;
+    let per_rank = args.per_device_train_batch_size * args.gradient_accumulation_steps;
+    let per_step = per_rank * world;
+    let total = args.total_steps(examples.len(), per_step);
+    let mut engine = ZeroEngine::new(
+        sess.model_cfg.clone(),
+        &sess.weights.take().expect("weights are taken once"),
+        args.zero.clone(),
+        args.optim(),
+        total,
+        sess.device,
+        sess.comm.take().expect("communicator is taken once"),
+    )?;
+    record_memory(&sess.metrics, engine.memory());
+    let mut sampler = Sampler::new(examples.len(), args.seed);
+    if let Some(dir) = args.resume_dir()? {
+        let state = engine.load_checkpoint(&dir)?;
+        let s: SamplerState = serde_json::from_value(state["sampler"].clone())
+            .with_context(|| format!("{}: trainer state has no valid sampler", dir.display()))?;
+        sampler.restore(&s)?;
+        if sess.is_main() {
+            println!(
+                "resumed from {} at step {}",
+                dir.display(),
+                engine.steps_done()
+            );
+        }
+    }
+    let pad = sess.tokenizer.pad_token_id().unwrap_or(0) as i64;
+    let opts = LogprobOptions {
+        chunk_size: cfg.logprob_chunk_size,
+        temperature: 1.0,
+        with_entropy: false,
+    };
+    let root = args.checkpoint_root();
+    let keep = args.save_total_limit.unwrap_or(usize::MAX);
+    let mut last_saved = None;
+    while engine.steps_done() < total {
+        let t0 = Instant::now();
+        let batch = sampler.next_batch(per_step);
+        let mine = &batch[split_even(per_step, world)[sess.env.rank].clone()];
+        let mut tokens = 0usize;
+        for part in split_even(mine.len(), args.gradient_accumulation_steps) {
+            if part.is_empty() {
+                continue;
+            }
+            let samples: Vec<Sample> = mine[part].iter().map(|&i| sample(&examples[i])).collect();
+            tokens += samples
+                .iter()
+                .map(|s| s.prompt_ids.len() + s.completion_ids.len())
+                .sum::<usize>();
+            let packed = pack(&samples, pad).map_err(anyhow::Error::msg)?;
+            let mb = MicroBatch {
+                input_ids: packed.input_ids.shallow_clone(),
+                attention_mask: None,
+                position_ids: None,
+            };
+            engine.forward_backward(&mb, |hidden, head| {
+                logprob_objective(hidden, head, &packed.targets, &opts, |v| {
+                    let nll = -(v.logprobs * &packed.loss_mask).sum(Kind::Float);
+                    let count = packed.loss_mask.sum(Kind::Float).double_value(&[]) as i64;
+                    Ok((nll, count))
+                })
+            })?;
+        }
+        let stats = engine.step()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let step = stats.step;
+        sess.metrics.steps_total.inc();
+        if sess.is_main() {
+            println!(
+                "sft step {step}/{total} | loss {:.4} | grad_norm {:.3} | lr {:.3e} | {:.0} tok/s | {:.2} s",
+                stats.loss,
+                stats.grad_norm,
+                stats.learning_rate,
+                (tokens * world) as f64 / secs,
+                secs
+            );
+        }
+        if step % args.logging_steps == 0 || step == total {
+            let log: StepLog = [
+                ("loss", stats.loss),
+                ("grad_norm", stats.grad_norm),
+                ("learning_rate", stats.learning_rate),
+                ("num_tokens", stats.num_items as f64),
+                ("epoch", sampler.epoch() as f64),
+                ("time/step", secs),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            sess.metrics.record(&log);
+            tracing::info!(step, loss = stats.loss, grad_norm = stats.grad_norm, "sft");
+        }
+        let state = json!({ "command": "sft", "sampler": sampler.state() });
+        if step == total || (args.save_steps > 0 && step % args.save_steps == 0) {
+            let dir =
+                engine.save_checkpoint(&root, &state, keep, Some(&args.model_name_or_path))?;
+            last_saved = Some(dir);
+        }
+    }
+    if let Some(dir) = last_saved.filter(|_| sess.is_main()) {
+        publish_final_model(&dir, &args.output_dir)?;
+        println!("final model: {}", args.output_dir.display());
+    }
+    Ok(())
+}
+
+/// An SFT example as a packed sample: loss on the completion, nothing else used.
+fn sample(e: &SftExample) -> Sample {
+    let (prompt, completion) = e.input_ids.split_at(e.completion_start);
+    Sample {
+        prompt_ids: prompt.to_vec(),
+        completion_ids: completion.to_vec(),
+        sampler_logprobs: vec![0.0; completion.len()],
+        advantage: 0.0,
+        in_loss: true,
+    }
+}
