@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Supervised fine-tuning (NLL on completion tokens) on the ZeRO engine.
     Sft(TrainArgs),
+    /// GRPO with rollouts from the configured workers.
+    Grpo(TrainArgs),
     /// Rendezvous with the other ranks and verify every collective.
     DistCheck(DistCheckArgs),
 }
@@ -64,6 +66,11 @@ fn main() -> Result<()> {
             let cfg: trainer::sft::SftConfig =
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
             trainer::sft::run(&cfg)
+        }
+        Command::Grpo(args) => {
+            let cfg: trainer::grpo::GrpoConfig =
+                trainer::config::load(args.config.as_deref(), &args.sets)?;
+            trainer::grpo::trainer::run(&cfg)
         }
         Command::DistCheck(args) => dist_check(&args),
     }

@@ -17,6 +17,7 @@ mod reduce;
 pub mod rendezvous;
 pub mod ring;
 pub mod shard;
+pub mod shared;
 pub mod single;
 pub mod store;
 
@@ -31,6 +32,7 @@ pub use nccl::NcclComm;
 pub use rendezvous::{intra_op_threads, Rendezvous, RendezvousEnv};
 pub use ring::RingComm;
 pub use shard::ShardLayout;
+pub use shared::SharedComm;
 pub use single::SingleComm;
 
 /// Which communicator [`connect`] builds.

@@ -1,0 +1,209 @@
+//! Per-step statistics of a GRPO round: each rank accumulates sums over its own groups,
+//! one all-reduce makes them global, and [`RoundStats::finish`] turns them into the
+//! metrics TRL logs (`reward`, `rewards/<f>/mean`, `clip_ratio/low_mean`, ...).
+use tch::Tensor;
+
+use crate::dist::{CommError, Communicator, ReduceOp};
+use crate::metrics::StepLog;
+
+/// Sums over this rank's completions; made global by [`RoundStats::all_reduce`].
+#[derive(Debug, Clone, Default)]
+pub struct RoundStats {
+    /// Per reward function: (sum, sum of squares, scored count, unscored count).
+    pub per_func: Vec<[f64; 4]>,
+    /// Combined reward over included samples: sum, sum of squares, count.
+    pub reward: [f64; 3],
+    pub groups: f64,
+    pub excluded_groups: f64,
+    pub zero_std_groups: f64,
+    pub completions: f64,
+    pub completion_tokens: f64,
+    pub truncated: f64,
+    /// Largest completion (max-reduced, not summed).
+    pub max_completion_tokens: f64,
+    pub loss_tokens: f64,
+    pub kl_sum: f64,
+    pub low_clipped: f64,
+    pub high_clipped: f64,
+    pub region_clipped: f64,
+    pub entropy_sum: f64,
+    pub entropy_tokens: f64,
+    pub train_tokens: f64,
+}
+
+impl RoundStats {
+    pub fn new(num_funcs: usize) -> RoundStats {
+        RoundStats {
+            per_func: vec![[0.0; 4]; num_funcs],
+            ..RoundStats::default()
+        }
+    }
+
+    fn flat(&self) -> Vec<f64> {
+        let mut v: Vec<f64> = self.per_func.iter().flatten().copied().collect();
+        v.extend(self.reward);
+        v.extend([
+            self.groups,
+            self.excluded_groups,
+            self.zero_std_groups,
+            self.completions,
+            self.completion_tokens,
+            self.truncated,
+            self.loss_tokens,
+            self.kl_sum,
+            self.low_clipped,
+            self.high_clipped,
+            self.region_clipped,
+            self.entropy_sum,
+            self.entropy_tokens,
+            self.train_tokens,
+        ]);
+        v
+    }
+
+    fn set_flat(&mut self, v: &[f64]) {
+        let n = self.per_func.len();
+        for (i, f) in self.per_func.iter_mut().enumerate() {
+            f.copy_from_slice(&v[4 * i..4 * i + 4]);
+        }
+        let mut it = v[4 * n..].iter().copied();
+        let mut next = || it.next().expect("layout matches flat()");
+        self.reward = [next(), next(), next()];
+        self.groups = next();
+        self.excluded_groups = next();
+        self.zero_std_groups = next();
+        self.completions = next();
+        self.completion_tokens = next();
+        self.truncated = next();
+        self.loss_tokens = next();
+        self.kl_sum = next();
+        self.low_clipped = next();
+        self.high_clipped = next();
+        self.region_clipped = next();
+        self.entropy_sum = next();
+        self.entropy_tokens = next();
+        self.train_tokens = next();
+    }
+
+    /// Sums every field over the ranks (the maximum for `max_completion_tokens`).
+    /// Collective. Each value travels as an f32 pair (rounded value + remainder), so
+    /// sums keep about 48 bits of precision on backends that reduce f32 only.
+    pub fn all_reduce(&mut self, comm: &mut dyn Communicator) -> Result<(), CommError> {
+        if comm.world_size() == 1 {
+            return Ok(());
+        }
+        let flat = self.flat();
+        let hi: Vec<f32> = flat.iter().map(|&x| x as f32).collect();
+        let lo: Vec<f32> = flat
+            .iter()
+            .zip(&hi)
+            .map(|(&x, &h)| (x - h as f64) as f32)
+            .collect();
+        let mut t = Tensor::from_slice(&[hi, lo].concat());
+        comm.all_reduce(&mut t, ReduceOp::Sum)?;
+        let v: Vec<f32> = Vec::try_from(&t).expect("f32 tensor");
+        let n = flat.len();
+        let summed: Vec<f64> = (0..n).map(|i| v[i] as f64 + v[n + i] as f64).collect();
+        self.set_flat(&summed);
+        let mut m = Tensor::from_slice(&[self.max_completion_tokens as f32]);
+        comm.all_reduce(&mut m, ReduceOp::Max)?;
+        self.max_completion_tokens = m.double_value(&[0]);
+        Ok(())
+    }
+
+    /// The TRL-named metrics of the (global) sums.
+    pub fn finish(&self, func_names: &[String], log: &mut StepLog) {
+        let mean_std = |s: f64, sq: f64, n: f64| {
+            if n < 1.0 {
+                return (0.0, 0.0);
+            }
+            let mean = s / n;
+            // Unbiased, as torch.std.
+            let var = if n > 1.0 {
+                ((sq - n * mean * mean) / (n - 1.0)).max(0.0)
+            } else {
+                0.0
+            };
+            (mean, var.sqrt())
+        };
+        let [s, sq, n] = self.reward;
+        let (mean, std) = mean_std(s, sq, n);
+        log.insert("reward".into(), mean);
+        log.insert("reward_std".into(), std);
+        for (name, [s, sq, n, unscored]) in func_names.iter().zip(&self.per_func) {
+            let (mean, std) = mean_std(*s, *sq, *n);
+            log.insert(format!("rewards/{name}/mean"), mean);
+            log.insert(format!("rewards/{name}/std"), std);
+            log.insert(format!("rewards/{name}/unscored"), *unscored);
+        }
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let included = self.groups - self.excluded_groups;
+        log.insert(
+            "frac_reward_zero_std".into(),
+            ratio(self.zero_std_groups, included),
+        );
+        log.insert("groups/excluded".into(), self.excluded_groups);
+        log.insert(
+            "completions/mean_length".into(),
+            ratio(self.completion_tokens, self.completions),
+        );
+        log.insert(
+            "completions/max_length".into(),
+            self.max_completion_tokens,
+        );
+        log.insert(
+            "completions/clipped_ratio".into(),
+            ratio(self.truncated, self.completions),
+        );
+        log.insert("kl".into(), ratio(self.kl_sum, self.loss_tokens));
+        log.insert(
+            "clip_ratio/low_mean".into(),
+            ratio(self.low_clipped, self.loss_tokens),
+        );
+        log.insert(
+            "clip_ratio/high_mean".into(),
+            ratio(self.high_clipped, self.loss_tokens),
+        );
+        log.insert(
+            "clip_ratio/region_mean".into(),
+            ratio(self.region_clipped, self.loss_tokens),
+        );
+        log.insert(
+            "entropy".into(),
+            ratio(self.entropy_sum, self.entropy_tokens),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_layout_round_trips_and_metrics_follow_the_sums() {
+        let mut s = RoundStats::new(2);
+        s.per_func = vec![[3.0, 5.0, 4.0, 1.0], [1.0, 1.0, 4.0, 0.0]];
+        s.reward = [2.0, 2.0, 4.0];
+        s.groups = 2.0;
+        s.zero_std_groups = 1.0;
+        s.completions = 4.0;
+        s.completion_tokens = 40.0;
+        s.truncated = 1.0;
+        s.loss_tokens = 20.0;
+        s.low_clipped = 2.0;
+        let mut t = RoundStats::new(2);
+        t.set_flat(&s.flat());
+        assert_eq!(t.flat(), s.flat());
+        let mut log = StepLog::new();
+        s.finish(&["accuracy".into(), "format".into()], &mut log);
+        assert_eq!(log["reward"], 0.5);
+        // rewards 1,1,0,0: unbiased std = sqrt(1/3).
+        assert!((log["reward_std"] - (1.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(log["rewards/accuracy/mean"], 0.75);
+        assert_eq!(log["rewards/accuracy/unscored"], 1.0);
+        assert_eq!(log["frac_reward_zero_std"], 0.5);
+        assert_eq!(log["completions/mean_length"], 10.0);
+        assert_eq!(log["completions/clipped_ratio"], 0.25);
+        assert_eq!(log["clip_ratio/low_mean"], 0.1);
+    }
+}
