@@ -4,6 +4,8 @@
 //!   with a report of unusable rows, and the seeded epoch sampler.
 //! - [`dist`]: collective communication between ranks (rendezvous from torchrun's
 //!   environment, a CPU ring over TCP, NCCL for CUDA tensors).
+//! - [`grpo`]: the GRPO math as pure functions: reward combination, group advantages,
+//!   the clipped policy loss with its `(loss_sum, count)` aggregation and statistics.
 //! - [`zero`]: ZeRO-1/2/3 sharded training on a communicator: block-by-block forward and
 //!   backward, AdamW on f32 master shards, sharded checkpoints.
 //! - [`rewards`]: GRPO reward functions: the Open-R1 built-ins (accuracy, format, length,

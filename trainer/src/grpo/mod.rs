@@ -1,9 +1,25 @@
-//! GRPO: group-relative advantages, the clipped policy loss, and the training loop that
-//! ties rollouts, rewards and the ZeRO engine together.
+//! GRPO: the math as pure functions without I/O, and the training loop around it.
+//!
+//! - [`advantages`] (host `f64`) turns rewards into group-relative advantages and
+//!   [`loss`] (tensors) advantages plus per-token log-probs into the clipped policy loss
+//!   and its statistics. Both follow TRL's `GRPOTrainer`; `scripts/grpo_reference.py` is
+//!   an independent PyTorch implementation that the `grpo_golden` test compares against.
+//! - [`batch`] packs completions into micro-batches; [`stats`] sums a round's statistics
+//!   over ranks; [`eval`] scores held-out prompts; [`trainer`] is the loop of one rank
+//!   and [`config`] its settings.
+//!
+//! Data flow of a step: rollouts from the workers → reward functions score each
+//! completion → [`combine_rewards`] → [`group_advantages`] per prompt group →
+//! [`policy_loss`] per micro-batch, whose `(loss_sum, count)` the ZeRO engine reduces
+//! over micro-batches and ranks → optimizer step → weights pushed to the workers.
+pub mod advantages;
 pub mod batch;
 pub mod config;
 pub mod eval;
+pub mod loss;
 pub mod stats;
 pub mod trainer;
 
+pub use advantages::{combine_rewards, group_advantages, Advantages, ScaleRewards};
 pub use config::GrpoConfig;
+pub use loss::{policy_loss, LossStats, LossType, PolicyBatch, PolicyLoss, PolicyLossConfig};

@@ -1,0 +1,334 @@
+//! Rewards to advantages: the weighted sum of reward functions per completion, then the
+//! group-relative normalisation of GRPO.
+//!
+//! Pure `f64` host math (no tensors): rewards come from host-side reward functions and
+//! number `groups * num_generations` per step, so there is nothing to gain from a device.
+//!
+//! The formulas follow TRL's `GRPOTrainer`:
+//!
+//! ```text
+//! reward_i      = Σ_f w_f · r_{f,i}
+//! A_i           = (reward_i − mean_g) / (std + 1e-4)      (g = the group of sample i)
+//! ```
+//!
+//! where `mean_g` is the plain mean of the group and `std` depends on [`ScaleRewards`]:
+//! the group's unbiased standard deviation (Bessel's correction, `n − 1` in the
+//! denominator, as `torch.std`), the unbiased standard deviation of the whole batch, or
+//! no scaling at all (`A_i = reward_i − mean_g`).
+
+use serde::{Deserialize, Serialize};
+
+/// Added to the standard deviation before dividing, so that a group whose completions
+/// all got the same reward yields zero advantages instead of a division by zero (TRL's
+/// constant).
+pub const STD_EPS: f64 = 1e-4;
+
+/// A standard deviation at or below this counts as zero in
+/// [`Advantages::zero_std_groups`] (the absolute tolerance of `torch.isclose`, which TRL
+/// uses for its `frac_reward_zero_std` metric). Rounding in the mean of equal rewards
+/// leaves a std of order 1e-17, not exactly zero.
+pub const ZERO_STD_TOL: f64 = 1e-8;
+
+/// Which standard deviation divides the centred rewards (TRL's `scale_rewards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleRewards {
+    /// Each group's own unbiased std (the GRPO paper).
+    #[default]
+    Group,
+    /// One unbiased std over the whole batch (all groups together), which keeps the
+    /// relative scale of groups with little spread ("Tricks or Traps", Liu et al. 2025).
+    Batch,
+    /// No division: advantages are the centred rewards (Dr. GRPO).
+    None,
+}
+
+/// Per-sample advantages and the per-group statistics they were computed from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Advantages {
+    /// `[groups * num_generations]`: the advantage of each sample, in input order.
+    pub values: Vec<f64>,
+    /// `[groups]`: each group's mean reward.
+    pub group_mean: Vec<f64>,
+    /// `[groups]`: each group's unbiased reward std (0 for a group of one), whatever the
+    /// scaling: it is reported so callers can log the spread within prompts.
+    pub group_std: Vec<f64>,
+    /// Number of groups whose std is at most [`ZERO_STD_TOL`]: all their completions got
+    /// the same reward, so all their advantages are zero and they teach nothing. Counted
+    /// from the group std under every scaling (TRL counts from the batch std when scaling
+    /// by batch, which only tells whether the whole batch is flat).
+    pub zero_std_groups: usize,
+}
+
+/// Mean and unbiased std (`n − 1` denominator) of `x`; the std of fewer than two values
+/// is undefined (`torch.std` gives NaN) and is returned as 0 here, so a lone sample gets
+/// a zero advantage rather than poisoning the step.
+fn mean_std(x: &[f64]) -> (f64, f64) {
+    let n = x.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let mean = x.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, 0.0);
+    }
+    let ss: f64 = x.iter().map(|v| (v - mean) * (v - mean)).sum();
+    (mean, (ss / (n - 1) as f64).sqrt())
+}
+
+/// Group-relative advantages of GRPO.
+///
+/// `rewards` holds `groups * num_generations` values, the completions of one prompt
+/// contiguous (`rewards[g*G .. (g+1)*G]` is group `g`). Each advantage is
+/// `(r − mean_g) / (std + 1e-4)` with `mean_g` the group mean and `std`:
+///
+/// - [`ScaleRewards::Group`]: the unbiased std of the group (`Σ(r − mean_g)² / (G − 1)`),
+/// - [`ScaleRewards::Batch`]: the unbiased std of all rewards around the batch mean,
+/// - [`ScaleRewards::None`]: no division at all (`A = r − mean_g`).
+///
+/// With `num_generations == 1` (or a batch of one sample for `Batch`) the std is
+/// undefined; it is taken as 0, and the advantages are 0 anyway because every sample
+/// equals its group mean. An empty `rewards` gives empty results.
+///
+/// Errors if `num_generations` is 0, `rewards.len()` is not a multiple of it, or a
+/// reward is not finite (the message names the index).
+pub fn group_advantages(
+    rewards: &[f64],
+    num_generations: usize,
+    scale: ScaleRewards,
+) -> Result<Advantages, String> {
+    if num_generations == 0 {
+        return Err("num_generations must be at least 1, got 0".into());
+    }
+    if !rewards.len().is_multiple_of(num_generations) {
+        return Err(format!(
+            "rewards has {} values, not a multiple of num_generations = {num_generations} \
+             (expected groups * num_generations, each group contiguous)",
+            rewards.len()
+        ));
+    }
+    if let Some((i, r)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
+        return Err(format!("reward {i} is not finite: {r}"));
+    }
+    let groups = rewards.len() / num_generations;
+    let mut group_mean = Vec::with_capacity(groups);
+    let mut group_std = Vec::with_capacity(groups);
+    for chunk in rewards.chunks_exact(num_generations) {
+        let (m, s) = mean_std(chunk);
+        group_mean.push(m);
+        group_std.push(s);
+    }
+    let zero_std_groups = group_std.iter().filter(|s| **s <= ZERO_STD_TOL).count();
+    let batch_std = mean_std(rewards).1;
+    let values = rewards
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let g = i / num_generations;
+            let centred = r - group_mean[g];
+            match scale {
+                ScaleRewards::Group => centred / (group_std[g] + STD_EPS),
+                ScaleRewards::Batch => centred / (batch_std + STD_EPS),
+                ScaleRewards::None => centred,
+            }
+        })
+        .collect();
+    Ok(Advantages {
+        values,
+        group_mean,
+        group_std,
+        zero_std_groups,
+    })
+}
+
+/// The total reward of each sample: `Σ_f w_f · r_{f,i}` over the reward functions.
+///
+/// `per_func[f][i]` is function `f`'s reward for sample `i`; `None` means the function
+/// could not score the sample (an unparseable gold answer, say). A sample with `None`
+/// from any function of non-zero weight gets `None` (the caller excludes it rather than
+/// training on a partial score); a function of weight 0 is ignored entirely, `None` or
+/// not. This differs from TRL, whose `nansum` counts a missing reward as 0.
+///
+/// Errors if there is no reward function, `weights` and `per_func` differ in length, the
+/// functions scored different numbers of samples, a weight is not finite, or a function
+/// of non-zero weight returned a non-finite reward (messages name the function and sample).
+pub fn combine_rewards(
+    per_func: &[Vec<Option<f64>>],
+    weights: &[f64],
+) -> Result<Vec<Option<f64>>, String> {
+    if per_func.is_empty() {
+        return Err("no reward functions: per_func is empty".into());
+    }
+    if per_func.len() != weights.len() {
+        return Err(format!(
+            "{} reward functions but {} reward weights",
+            per_func.len(),
+            weights.len()
+        ));
+    }
+    if let Some((f, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+        return Err(format!("reward weight {f} is not finite: {w}"));
+    }
+    let n = per_func[0].len();
+    if let Some((f, v)) = per_func.iter().enumerate().find(|(_, v)| v.len() != n) {
+        return Err(format!(
+            "reward function {f} scored {} samples, function 0 scored {n}",
+            v.len()
+        ));
+    }
+    for (f, v) in per_func
+        .iter()
+        .enumerate()
+        .filter(|(f, _)| weights[*f] != 0.0)
+    {
+        if let Some((i, r)) = v
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| r.filter(|r| !r.is_finite()).map(|r| (i, r)))
+        {
+            return Err(format!(
+                "reward function {f} returned a non-finite reward {r} for sample {i}"
+            ));
+        }
+    }
+    Ok((0..n)
+        .map(|i| {
+            per_func
+                .iter()
+                .zip(weights)
+                .filter(|(_, w)| **w != 0.0)
+                .try_fold(0.0, |acc, (v, w)| v[i].map(|r| acc + w * r))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-12 * (1.0 + b.abs())
+    }
+
+    #[test]
+    fn group_scaling_by_hand() {
+        // Group 0: [1, 2, 3] mean 2, unbiased std 1. Group 1: [0, 0, 6] mean 2, std √12.
+        let a = group_advantages(&[1.0, 2.0, 3.0, 0.0, 0.0, 6.0], 3, ScaleRewards::Group).unwrap();
+        assert_eq!(a.group_mean, vec![2.0, 2.0]);
+        assert!(close(a.group_std[0], 1.0));
+        assert!(close(a.group_std[1], 12f64.sqrt()));
+        let s1 = 12f64.sqrt() + STD_EPS;
+        let want = [
+            -1.0 / 1.0001,
+            0.0,
+            1.0 / 1.0001,
+            -2.0 / s1,
+            -2.0 / s1,
+            4.0 / s1,
+        ];
+        for (got, want) in a.values.iter().zip(want) {
+            assert!(close(*got, want), "{got} vs {want}");
+        }
+        assert_eq!(a.zero_std_groups, 0);
+    }
+
+    #[test]
+    fn batch_and_none_scaling() {
+        let r = [1.0, 2.0, 3.0, 0.0, 0.0, 6.0];
+        // Batch mean 2, Σ(r−2)² = 1+0+1+4+4+16 = 26, unbiased std √(26/5).
+        let b = group_advantages(&r, 3, ScaleRewards::Batch).unwrap();
+        let s = (26.0f64 / 5.0).sqrt() + STD_EPS;
+        assert!(close(b.values[0], -1.0 / s));
+        assert!(close(b.values[5], 4.0 / s));
+        // group_std is still per group.
+        assert!(close(b.group_std[0], 1.0));
+        let n = group_advantages(&r, 3, ScaleRewards::None).unwrap();
+        assert_eq!(n.values, vec![-1.0, 0.0, 1.0, -2.0, -2.0, 4.0]);
+    }
+
+    #[test]
+    fn equal_rewards_give_zero_advantages_and_count_as_zero_std() {
+        // 0.1 * 3 / 3 is not exactly 0.1 in floating point: the tolerance matters.
+        let r = [0.1, 0.1, 0.1, 1.0, 0.0, 1.0, 0.7, 0.7, 0.7];
+        for scale in [ScaleRewards::Group, ScaleRewards::Batch, ScaleRewards::None] {
+            let a = group_advantages(&r, 3, scale).unwrap();
+            assert_eq!(a.zero_std_groups, 2, "{scale:?}");
+            for i in [0, 1, 2, 6, 7, 8] {
+                assert!(a.values[i].abs() < 1e-10, "{scale:?} {i}: {}", a.values[i]);
+            }
+            assert!(a.values[3] > 0.0 && a.values[4] < 0.0);
+        }
+    }
+
+    #[test]
+    fn single_generation_groups_are_zero() {
+        let a = group_advantages(&[3.0, -1.0, 7.0], 1, ScaleRewards::Group).unwrap();
+        assert_eq!(a.values, vec![0.0, 0.0, 0.0]);
+        assert_eq!(a.group_std, vec![0.0, 0.0, 0.0]);
+        assert_eq!(a.zero_std_groups, 3);
+        let b = group_advantages(&[3.0], 1, ScaleRewards::Batch).unwrap();
+        assert_eq!(b.values, vec![0.0]);
+    }
+
+    #[test]
+    fn empty_rewards_give_empty_results() {
+        let a = group_advantages(&[], 4, ScaleRewards::Group).unwrap();
+        assert!(a.values.is_empty() && a.group_mean.is_empty() && a.zero_std_groups == 0);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let e = group_advantages(&[1.0, 2.0, 3.0], 2, ScaleRewards::Group).unwrap_err();
+        assert!(e.contains("not a multiple of num_generations = 2"), "{e}");
+        let e = group_advantages(&[1.0], 0, ScaleRewards::Group).unwrap_err();
+        assert!(e.contains("num_generations"), "{e}");
+        let e = group_advantages(&[1.0, f64::NAN], 2, ScaleRewards::None).unwrap_err();
+        assert!(e.contains("reward 1 is not finite"), "{e}");
+    }
+
+    #[test]
+    fn combine_weighted_sum() {
+        let per_func = vec![vec![Some(1.0), Some(0.0)], vec![Some(0.5), Some(2.0)]];
+        let got = combine_rewards(&per_func, &[1.0, 0.5]).unwrap();
+        assert_eq!(got, vec![Some(1.25), Some(1.0)]);
+    }
+
+    #[test]
+    fn combine_none_excludes_unless_weight_is_zero() {
+        let per_func = vec![
+            vec![Some(1.0), None, Some(1.0)],
+            vec![Some(2.0), Some(2.0), None],
+        ];
+        // Both weighted: a None anywhere excludes the sample.
+        let got = combine_rewards(&per_func, &[1.0, 1.0]).unwrap();
+        assert_eq!(got, vec![Some(3.0), None, None]);
+        // Function 1 has weight 0: its None no longer matters, nor do its values.
+        let got = combine_rewards(&per_func, &[2.0, 0.0]).unwrap();
+        assert_eq!(got, vec![Some(2.0), None, Some(2.0)]);
+        // Negative weights are allowed (penalties).
+        let got = combine_rewards(&per_func, &[0.0, -1.0]).unwrap();
+        assert_eq!(got, vec![Some(-2.0), Some(-2.0), None]);
+    }
+
+    #[test]
+    fn combine_errors() {
+        assert!(combine_rewards(&[], &[])
+            .unwrap_err()
+            .contains("no reward functions"));
+        let per_func = vec![vec![Some(1.0)], vec![Some(1.0), Some(2.0)]];
+        let e = combine_rewards(&per_func, &[1.0, 1.0]).unwrap_err();
+        assert!(e.contains("function 1 scored 2 samples"), "{e}");
+        let e = combine_rewards(&per_func[..1], &[1.0, 1.0]).unwrap_err();
+        assert!(e.contains("1 reward functions but 2 reward weights"), "{e}");
+        let e = combine_rewards(&per_func[..1], &[f64::INFINITY]).unwrap_err();
+        assert!(e.contains("weight 0 is not finite"), "{e}");
+        let e = combine_rewards(&[vec![Some(1.0), Some(f64::NAN)]], &[1.0]).unwrap_err();
+        assert!(e.contains("non-finite reward NaN for sample 1"), "{e}");
+        // ... unless the function has weight 0.
+        let per_func = vec![vec![Some(1.0), Some(2.0)], vec![Some(f64::NAN), None]];
+        assert_eq!(
+            combine_rewards(&per_func, &[1.0, 0.0]).unwrap(),
+            vec![Some(1.0), Some(2.0)]
+        );
+    }
+}
