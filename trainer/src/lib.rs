@@ -6,6 +6,8 @@
 //!   environment, a CPU ring over TCP, NCCL for CUDA tensors).
 //! - [`grpo`]: the GRPO math as pure functions: reward combination, group advantages,
 //!   the clipped policy loss with its `(loss_sum, count)` aggregation and statistics.
+//! - [`rollout`]: the client to the rollout workers: batched, fault-tolerant generation
+//!   over gRPC and versioned weight pushes.
 //! - [`zero`]: ZeRO-1/2/3 sharded training on a communicator: block-by-block forward and
 //!   backward, AdamW on f32 master shards, sharded checkpoints.
 //! - [`rewards`]: GRPO reward functions: the Open-R1 built-ins (accuracy, format, length,
@@ -20,4 +22,5 @@ pub mod objective;
 pub mod rewards;
 pub mod session;
 pub mod sft;
+pub mod rollout;
 pub mod zero;

@@ -1,0 +1,45 @@
+//! The error type of the rollout client. Every failure traced to a worker names its url.
+
+/// Errors of connecting, generating and pushing weights.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// A `RolloutConfig` field is invalid (the message names it).
+    #[error("invalid rollout config: {0}")]
+    Config(String),
+
+    /// A caller-side mistake detected before anything was sent.
+    #[error("invalid rollout input: {0}")]
+    InvalidInput(String),
+
+    /// `connect`: no worker answered `Health` in time. `details` gives each worker's error.
+    #[error("no rollout worker answered Health within {timeout_secs}s: {details}")]
+    NoWorker { timeout_secs: f64, details: String },
+
+    /// `generate`: for `waited_secs` no worker was both healthy and at `min_version`.
+    /// `workers` describes every worker's state and last error.
+    #[error(
+        "no usable rollout worker (healthy, weight version >= {min_version}) for {waited_secs:.1}s; \
+         {received} of {total} groups received; workers: {workers}"
+    )]
+    NoUsableWorker {
+        min_version: u64,
+        waited_secs: f64,
+        received: usize,
+        total: usize,
+        workers: String,
+    },
+
+    /// A worker refused a `Generate` request as invalid (INVALID_ARGUMENT): every worker
+    /// would refuse it, so it is not retried.
+    #[error("worker {worker} rejected the generate request: {message}")]
+    Rejected { worker: String, message: String },
+
+    /// A tensor given to `WeightPush::send` cannot be sent (dtype, duplicate name, copy).
+    #[error("weight push: tensor {name:?}: {message}")]
+    Tensor { name: String, message: String },
+
+    /// A weight push reached no worker, or every worker dropped out of it.
+    /// `failed` lists `url: reason` for each worker.
+    #[error("weight push of version {version} failed on every worker: {failed}")]
+    PushFailed { version: u64, failed: String },
+}

@@ -1,0 +1,228 @@
+//! The trainer's client to the rollout workers (`rollout.v1` over gRPC).
+//!
+//! Data flow: [`RolloutClient::connect`] probes every worker (`Health`) into the
+//! [`pool`] (plain state: health, weight version, calls in flight, backoff).
+//! [`RolloutClient::generate`] cuts the prompt jobs into requests ([`dispatch`], plain
+//! state), sends each to the least-loaded usable worker as a streaming `Generate` call,
+//! and collects the groups as they stream in; a worker whose call fails, whose stream
+//! breaks or stays silent is marked failed and the groups it still owed are re-sent
+//! elsewhere. [`RolloutClient::begin_push`] opens a client-streaming `UpdateWeights` per
+//! worker; [`WeightPush::send`] streams each tensor to all of them in chunks and
+//! [`WeightPush::commit`] commits the new version. [`faults::FaultProxy`] is a TCP proxy
+//! that cuts or stalls connections, for failure tests. docs/rollout-client.md states the
+//! failure semantics.
+
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod faults;
+mod generate;
+pub mod pool;
+pub mod push;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use proto::v1 as pb;
+use proto::v1::rollout_service_client::RolloutServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub use config::{RolloutConfig, WireDtype};
+pub use error::RolloutError;
+pub use pool::WorkerStatus;
+pub use push::{PushReport, WeightPush};
+
+/// Largest message either side sends (the worker's own limit).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// One prompt to complete: `key` is the caller's and comes back on its group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptJob {
+    pub key: u64,
+    /// Token ids, sent as given (no BOS added); each must be < the vocabulary size.
+    pub token_ids: Vec<i64>,
+}
+
+/// The `n` completions of one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutGroup {
+    /// The job's key.
+    pub key: u64,
+    /// The prompt as the worker saw it (equals the job's token ids).
+    pub prompt_ids: Vec<i64>,
+    /// Exactly `n` completions with their policy log-probs.
+    pub completions: Vec<pb::Completion>,
+    /// The weight version that produced every token of the group.
+    pub weight_version: u64,
+    /// Url of the worker that produced it.
+    pub worker: String,
+}
+
+/// A cloneable handle to the workers; clones share the pool (health, in-flight bounds).
+#[derive(Clone)]
+pub struct RolloutClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: RolloutConfig,
+    wire: WireDtype,
+    pool: Mutex<Pool>,
+    /// Bumped whenever a request slot is released or a probe reports, so a waiting
+    /// `generate` re-examines the pool (a watch never loses a change).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+type Pool = pool::Pool<Channel>;
+
+impl Inner {
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        // The pool holds plain counters; a panic elsewhere cannot leave it inconsistent.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn apply_probe(&self, i: usize, result: Result<(Channel, u64), String>) {
+        {
+            let mut pool = self.pool();
+            match result {
+                Ok((channel, version)) => {
+                    tracing::info!(worker = %pool.slots[i].url, version, "rollout worker healthy");
+                    pool.probe_succeeded(i, channel, version);
+                }
+                Err(e) => {
+                    tracing::debug!(worker = %pool.slots[i].url, error = %e, "probe failed");
+                    pool.probe_failed(i, e, Instant::now());
+                }
+            }
+        }
+        self.bump();
+    }
+
+    /// Probes, in background tasks, the failed workers whose backoff has elapsed.
+    fn spawn_due_probes(self: &Arc<Self>) {
+        let due = self.pool().take_due_probes(Instant::now(), false);
+        for (i, url) in due {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let r = probe(url, inner.cfg.connect_timeout()).await;
+                inner.apply_probe(i, r);
+            });
+        }
+    }
+
+    /// Probes now, and waits for, every failed worker (all of them when `force`, else
+    /// those whose backoff has elapsed).
+    async fn probe_now(&self, force: bool) {
+        let due = self.pool().take_due_probes(Instant::now(), force);
+        let timeout = self.cfg.connect_timeout();
+        let results =
+            futures::future::join_all(due.iter().map(|(_, url)| probe(url.clone(), timeout))).await;
+        for ((i, _), r) in due.into_iter().zip(results) {
+            self.apply_probe(i, r);
+        }
+    }
+}
+
+/// A tonic error with its causes ("transport error" alone says nothing).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}
+
+fn status_text(s: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", s.code(), s.message());
+    if let Some(src) = std::error::Error::source(s) {
+        text.push_str(&format!(" ({})", error_chain(src)));
+    }
+    text
+}
+
+fn grpc_client(channel: Channel) -> RolloutServiceClient<Channel> {
+    RolloutServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Connects to `url` afresh and asks `Health`, all within `timeout`. Returns the
+/// connection and the version the worker serves.
+async fn probe(url: String, timeout: Duration) -> Result<(Channel, u64), String> {
+    let attempt = async {
+        let endpoint = Endpoint::from_shared(url)
+            .map_err(|e| error_chain(&e))?
+            .connect_timeout(timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {}", error_chain(&e)))?;
+        let health = grpc_client(channel.clone())
+            .health(pb::HealthRequest {})
+            .await
+            .map_err(|s| format!("Health: {}", status_text(&s)))?
+            .into_inner();
+        if health.status != pb::health_response::Status::Serving as i32 {
+            return Err("Health: the worker is not serving (engine stopped)".to_string());
+        }
+        Ok((channel, health.weight_version))
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no Health answer within {:.1}s",
+                timeout.as_secs_f64()
+            ))
+        })
+}
+
+impl RolloutClient {
+    /// Connects; fails if no worker answers Health within `connect_timeout_secs` (the
+    /// message lists each worker's error). Workers that do not answer are probed again
+    /// later with backoff.
+    pub async fn connect(cfg: RolloutConfig) -> Result<Self, RolloutError> {
+        cfg.validate().map_err(RolloutError::Config)?;
+        let wire = cfg.wire_dtype().map_err(RolloutError::Config)?;
+        let pool = Pool::new(
+            &cfg.workers,
+            cfg.max_requests_per_worker,
+            cfg.retry_backoff(),
+            Instant::now(),
+        );
+        let inner = Arc::new(Inner {
+            cfg,
+            wire,
+            pool: Mutex::new(pool),
+            changes: tokio::sync::watch::Sender::new(0),
+        });
+        inner.probe_now(true).await;
+        let pool = inner.pool();
+        if !(0..pool.slots.len()).any(|i| pool.healthy(i)) {
+            return Err(RolloutError::NoWorker {
+                timeout_secs: inner.cfg.connect_timeout_secs,
+                details: pool.describe(),
+            });
+        }
+        drop(pool);
+        Ok(RolloutClient { inner })
+    }
+
+    /// The settings this client runs with.
+    pub fn config(&self) -> &RolloutConfig {
+        &self.inner.cfg
+    }
+
+    /// What the client knows about each worker, in config order.
+    pub fn status(&self) -> Vec<WorkerStatus> {
+        self.inner.pool().status()
+    }
+}

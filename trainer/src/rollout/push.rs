@@ -1,0 +1,418 @@
+//! Versioned weight pushes: one client-streaming `UpdateWeights` call per worker, fed the
+//! same chunks in lockstep so the push runs at the pace of the slowest worker, with at
+//! most two chunks queued per worker (host memory: one tensor in the wire dtype plus a
+//! few chunks per worker).
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use proto::v1 as pb;
+use tch::{Device, Kind, Tensor};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{grpc_client, status_text, Inner, RolloutClient, RolloutError, WireDtype};
+
+// Chunks carry the tensors' bytes as the host lays them out; the protocol says little-endian.
+#[cfg(target_endian = "big")]
+compile_error!("weight pushes send host-order bytes; the protocol requires little-endian");
+
+/// Chunks queued per worker before `send` waits for it.
+const QUEUED_CHUNKS: usize = 2;
+
+/// Outcome of a committed push.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushReport {
+    pub version: u64,
+    /// Bytes of one copy of the update in the wire dtype (each worker got this many).
+    pub bytes: u64,
+    /// From `begin_push` to the last worker's answer to the commit.
+    pub seconds: f64,
+    /// Workers now serving `version`.
+    pub updated: Vec<String>,
+    /// `(url, reason)` of each worker that did not take it.
+    pub failed: Vec<(String, String)>,
+}
+
+struct PushStream {
+    worker: usize,
+    url: String,
+    tx: mpsc::Sender<pb::WeightUpdateMessage>,
+    call: JoinHandle<Result<pb::UpdateWeightsResponse, tonic::Status>>,
+}
+
+/// A weight push in progress. Dropping it without [`WeightPush::commit`] cancels the
+/// calls; the workers then reject the update and keep their old weights.
+pub struct WeightPush {
+    inner: Arc<Inner>,
+    version: u64,
+    started: Instant,
+    bytes: u64,
+    names: HashSet<String>,
+    streams: Vec<PushStream>,
+    failed: Vec<(String, String)>,
+}
+
+/// Byte ranges of `total` bytes in chunks of `chunk` bytes (the last may be shorter); an
+/// empty tensor still gets one (empty) chunk so the worker sees it.
+pub fn chunk_ranges(total: usize, chunk: usize) -> Vec<Range<usize>> {
+    if total == 0 {
+        return vec![0..0];
+    }
+    let chunk = chunk.max(1);
+    (0..total)
+        .step_by(chunk)
+        .map(|s| s..(s + chunk).min(total))
+        .collect()
+}
+
+/// The little-endian bytes of `t` in `wire` dtype, on the host. Narrowing conversions
+/// run on the tensor's device (less to copy), widening ones on the host.
+fn tensor_bytes(t: &Tensor, wire: WireDtype) -> Result<Vec<u8>, String> {
+    if !t.defined() {
+        return Err("undefined tensor".into());
+    }
+    let kind = t.f_kind().map_err(|e| e.to_string())?;
+    let size = match kind {
+        Kind::Double => 8,
+        Kind::Float => 4,
+        Kind::Half | Kind::BFloat16 => 2,
+        other => return Err(format!("dtype {other:?} is not a floating-point kind")),
+    };
+    let _g = tch::no_grad_guard();
+    let t = t.detach();
+    let host = if wire.size() <= size {
+        t.f_to_kind(wire.kind())
+            .and_then(|x| x.f_to_device(Device::Cpu))
+    } else {
+        t.f_to_device(Device::Cpu)
+            .and_then(|x| x.f_to_kind(wire.kind()))
+    }
+    .and_then(|x| x.f_contiguous())
+    .map_err(|e| format!("conversion to {wire:?} on the host failed: {e}"))?;
+    let numel = host.numel();
+    let mut bytes = vec![0u8; numel * wire.size()];
+    host.f_copy_data_u8(&mut bytes, numel)
+        .map_err(|e| format!("copy to host failed: {e}"))?;
+    Ok(bytes)
+}
+
+/// A rejection by the worker (bad chunk, stale version) leaves it healthy; anything
+/// else (transport, timeout) fails it.
+fn is_rejection(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+    )
+}
+
+impl RolloutClient {
+    /// Starts a versioned weight push to every reachable worker (a client-streaming
+    /// `UpdateWeights` per worker). Failed workers are probed first, ignoring their
+    /// backoff, so a restarted worker gets the new weights. Workers already at
+    /// `version` or later are left out (reported at commit). Errors if no worker can
+    /// take the push.
+    pub async fn begin_push(&self, version: u64) -> Result<WeightPush, RolloutError> {
+        let started = Instant::now();
+        self.inner.probe_now(true).await;
+        let mut push = WeightPush {
+            inner: self.inner.clone(),
+            version,
+            started,
+            bytes: 0,
+            names: HashSet::new(),
+            streams: vec![],
+            failed: vec![],
+        };
+        let targets: Vec<_> = {
+            let pool = self.inner.pool();
+            pool.slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    (
+                        i,
+                        s.url.clone(),
+                        s.conn.clone(),
+                        s.version,
+                        s.last_error.clone(),
+                    )
+                })
+                .collect()
+        };
+        for (worker, url, conn, known, last_error) in targets {
+            let Some(channel) = conn else {
+                let why = last_error.unwrap_or_else(|| "unreachable".into());
+                push.failed.push((url, format!("unreachable: {why}")));
+                continue;
+            };
+            if let Some(v) = known.filter(|&v| v >= version) {
+                push.failed.push((
+                    url,
+                    format!("already serves weight version {v} >= {version}"),
+                ));
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
+            let mut client = grpc_client(channel);
+            let call = tokio::spawn(async move {
+                client
+                    .update_weights(ReceiverStream::new(rx))
+                    .await
+                    .map(|r| r.into_inner())
+            });
+            push.streams.push(PushStream {
+                worker,
+                url,
+                tx,
+                call,
+            });
+        }
+        if push.streams.is_empty() {
+            return Err(push.all_failed());
+        }
+        tracing::info!(version, workers = push.streams.len(), "weight push started");
+        Ok(push)
+    }
+}
+
+impl WeightPush {
+    /// The version being pushed.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Workers still taking part.
+    pub fn workers(&self) -> Vec<String> {
+        self.streams.iter().map(|s| s.url.clone()).collect()
+    }
+
+    fn all_failed(&self) -> RolloutError {
+        RolloutError::PushFailed {
+            version: self.version,
+            failed: self
+                .failed
+                .iter()
+                .map(|(u, e)| format!("{u}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
+
+    /// Drops `s` from the push with `reason`; fails the worker unless it merely refused.
+    fn drop_stream(&mut self, s: PushStream, reason: String, rejection: bool) {
+        s.call.abort();
+        self.drop_worker(s.worker, s.url, reason, rejection);
+    }
+
+    fn drop_worker(&mut self, worker: usize, url: String, reason: String, rejection: bool) {
+        tracing::warn!(worker = %url, version = self.version, error = %reason, "worker dropped from weight push");
+        if !rejection {
+            self.inner
+                .pool()
+                .mark_failed(worker, format!("weight push: {reason}"), Instant::now());
+            self.inner.bump();
+        }
+        self.failed.push((url, reason));
+    }
+
+    /// Why a call whose stream stopped accepting messages ended.
+    async fn ended_call(&self, s: &mut PushStream) -> (String, bool) {
+        match tokio::time::timeout(self.inner.cfg.connect_timeout(), &mut s.call).await {
+            Ok(Ok(Err(status))) => (
+                format!("UpdateWeights: {}", status_text(&status)),
+                is_rejection(&status),
+            ),
+            Ok(Ok(Ok(_))) => ("UpdateWeights answered before the commit".into(), false),
+            Ok(Err(e)) => (format!("UpdateWeights task failed: {e}"), false),
+            Err(_) => (
+                "UpdateWeights stream closed without an answer".into(),
+                false,
+            ),
+        }
+    }
+
+    /// Sends `msg` to every worker still in the push; waits for the slowest. A worker
+    /// that ended its call or accepted nothing for `request_timeout_secs` is dropped.
+    async fn broadcast(&mut self, msg: pb::WeightUpdateMessage) -> Result<(), RolloutError> {
+        let timeout = self.inner.cfg.request_timeout();
+        let sends = self.streams.iter().map(|s| {
+            let m = msg.clone();
+            async move { tokio::time::timeout(timeout, s.tx.send(m)).await }
+        });
+        let results = futures::future::join_all(sends).await;
+        let streams = std::mem::take(&mut self.streams);
+        for (mut s, r) in streams.into_iter().zip(results) {
+            match r {
+                Ok(Ok(())) => self.streams.push(s),
+                Ok(Err(_)) => {
+                    let (why, rejection) = self.ended_call(&mut s).await;
+                    self.drop_stream(s, why, rejection);
+                }
+                Err(_) => {
+                    let why = format!(
+                        "stalled: accepted no data for {:.1}s",
+                        timeout.as_secs_f64()
+                    );
+                    self.drop_stream(s, why, false);
+                }
+            }
+        }
+        if self.streams.is_empty() {
+            return Err(self.all_failed());
+        }
+        Ok(())
+    }
+
+    /// Sends one named Hugging Face tensor (any float kind, any device) to every worker
+    /// in chunks of `weight_chunk_bytes` (whole elements), converted to `weight_dtype`.
+    /// Back-pressure: awaits the slowest worker's stream. A worker that fails is dropped
+    /// from this push (reported at commit); errors if none is left, or if the tensor
+    /// cannot be sent (not a float kind, or a name sent twice).
+    pub async fn send(&mut self, name: &str, tensor: &Tensor) -> Result<(), RolloutError> {
+        let tensor_err = |message: String| RolloutError::Tensor {
+            name: name.to_string(),
+            message,
+        };
+        if self.names.contains(name) {
+            return Err(tensor_err("sent twice in one push".into()));
+        }
+        let wire = self.inner.wire;
+        let bytes = tensor_bytes(tensor, wire).map_err(tensor_err)?;
+        self.names.insert(name.to_string());
+        let shape = tensor.size();
+        let chunk = (self.inner.cfg.weight_chunk_bytes / wire.size()).max(1) * wire.size();
+        for range in chunk_ranges(bytes.len(), chunk) {
+            let msg = pb::WeightUpdateMessage {
+                kind: Some(pb::weight_update_message::Kind::Chunk(pb::TensorChunk {
+                    name: name.to_string(),
+                    dtype: wire.wire() as i32,
+                    shape: shape.clone(),
+                    offset: range.start as u64,
+                    data: bytes[range].to_vec(),
+                })),
+            };
+            self.broadcast(msg).await?;
+        }
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Commits: every worker still in the push applies the new version (waiting for
+    /// sequences it is running to finish on the old weights). Returns each worker's
+    /// outcome; errors only if no worker took the new version.
+    pub async fn commit(mut self) -> Result<PushReport, RolloutError> {
+        let commit = pb::WeightUpdateMessage {
+            kind: Some(pb::weight_update_message::Kind::Commit(pb::Commit {
+                version: self.version,
+            })),
+        };
+        self.broadcast(commit).await?;
+        let timeout = self.inner.cfg.request_timeout();
+        let mut updated = vec![];
+        for s in std::mem::take(&mut self.streams) {
+            let PushStream {
+                worker,
+                url,
+                tx,
+                mut call,
+            } = s;
+            // Ends the request stream; the worker answers once the new weights serve.
+            drop(tx);
+            let outcome = tokio::time::timeout(timeout, &mut call).await;
+            call.abort();
+            match outcome {
+                Ok(Ok(Ok(r))) => {
+                    self.inner.pool().observe_version(worker, r.version);
+                    updated.push(url);
+                }
+                Ok(Ok(Err(status))) => {
+                    let why = format!("UpdateWeights: {}", status_text(&status));
+                    self.drop_worker(worker, url, why, is_rejection(&status));
+                }
+                Ok(Err(e)) => self.drop_worker(
+                    worker,
+                    url,
+                    format!("UpdateWeights task failed: {e}"),
+                    false,
+                ),
+                Err(_) => {
+                    let why = format!(
+                        "no answer to the commit within {:.1}s",
+                        timeout.as_secs_f64()
+                    );
+                    self.drop_worker(worker, url, why, false);
+                }
+            }
+        }
+        self.inner.bump();
+        if updated.is_empty() {
+            return Err(self.all_failed());
+        }
+        let report = PushReport {
+            version: self.version,
+            bytes: self.bytes,
+            seconds: self.started.elapsed().as_secs_f64(),
+            updated,
+            failed: std::mem::take(&mut self.failed),
+        };
+        tracing::info!(
+            version = report.version,
+            bytes = report.bytes,
+            seconds = report.seconds,
+            updated = report.updated.len(),
+            failed = report.failed.len(),
+            "weight push committed"
+        );
+        Ok(report)
+    }
+}
+
+impl Drop for WeightPush {
+    fn drop(&mut self) {
+        for s in &self.streams {
+            s.call.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_ranges_cover_exactly() {
+        assert_eq!(chunk_ranges(10, 4), vec![0..4, 4..8, 8..10]);
+        assert_eq!(chunk_ranges(8, 4), vec![0..4, 4..8]);
+        assert_eq!(chunk_ranges(3, 4), vec![0..3]);
+        assert_eq!(chunk_ranges(0, 4), vec![0..0]);
+    }
+
+    #[test]
+    fn tensor_bytes_converts_and_rejects_non_floats() {
+        let t = Tensor::from_slice(&[1.0f64, -2.5, 3.25]).view([3, 1]);
+        let b = tensor_bytes(&t, WireDtype::Float32).unwrap();
+        let back: Vec<f32> = b
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(back, vec![1.0, -2.5, 3.25]);
+        let b = tensor_bytes(&t.to_kind(Kind::Half), WireDtype::BFloat16).unwrap();
+        let back: Vec<f32> = b
+            .chunks(2)
+            .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
+            .collect();
+        assert_eq!(back, vec![1.0, -2.5, 3.25]);
+        // Non-contiguous input is laid out row-major.
+        let m = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
+            .view([2, 2])
+            .tr();
+        let b = tensor_bytes(&m, WireDtype::Float32).unwrap();
+        assert_eq!(f32::from_le_bytes(b[4..8].try_into().unwrap()), 3.0);
+        let e = tensor_bytes(&Tensor::from_slice(&[1i64]), WireDtype::Float32).unwrap_err();
+        assert!(e.contains("Int64"), "{e}");
+    }
+}
