@@ -187,6 +187,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     ap.add_argument("--seed", type=int, default=0, help="seed for data and initial weights")
+    ap.add_argument("--no-model", action="store_true",
+                    help="write only the datasets (the demo ships its checkpoint)")
     args = ap.parse_args()
 
     if os.path.exists(args.out):
@@ -194,10 +196,12 @@ def main():
     os.makedirs(args.out)
 
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, args.seed)
-    init = os.path.join(args.out, "init")
-    model.save_pretrained(init)
-    tokenizer.save_pretrained(init)
+    model = None
+    if not args.no_model:
+        model = build_model(tokenizer, args.seed)
+        init = os.path.join(args.out, "init")
+        model.save_pretrained(init)
+        tokenizer.save_pretrained(init)
 
     train, heldout = split_prompts(args.seed)
     rng = random.Random(args.seed + 1)
@@ -215,7 +219,7 @@ def main():
     write_jsonl(os.path.join(args.out, "heldout.jsonl"),
                 [{"prompt": prompt_text(a, b), "solution": str(a + b)} for a, b in heldout])
 
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) if model is not None else 0
     print(f"task written to {args.out}: model {params} parameters, vocab {len(tokenizer)}, "
           f"sft {len(sft)} rows, train {len(grpo)} prompts, heldout {len(heldout)} prompts")
 

@@ -20,7 +20,7 @@ pub mod grpo;
 pub mod metrics;
 pub mod objective;
 pub mod rewards;
+pub mod rollout;
 pub mod session;
 pub mod sft;
-pub mod rollout;
 pub mod zero;

@@ -138,7 +138,8 @@ impl TrainingArgs {
                 self.max_steps
             ));
         }
-        if self.max_steps == -1 && !(self.num_train_epochs > 0.0) {
+        if self.max_steps == -1 && (self.num_train_epochs.is_nan() || self.num_train_epochs <= 0.0)
+        {
             return Err(format!(
                 "num_train_epochs must be positive when max_steps is -1, got {}",
                 self.num_train_epochs

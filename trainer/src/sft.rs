@@ -153,7 +153,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
                 secs
             );
         }
-        if step % args.logging_steps == 0 || step == total {
+        if step.is_multiple_of(args.logging_steps) || step == total {
             let log: StepLog = [
                 ("loss", stats.loss),
                 ("grad_norm", stats.grad_norm),
@@ -169,7 +169,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
             tracing::info!(step, loss = stats.loss, grad_norm = stats.grad_norm, "sft");
         }
         let state = json!({ "command": "sft", "sampler": sampler.state() });
-        if step == total || (args.save_steps > 0 && step % args.save_steps == 0) {
+        if step == total || (args.save_steps > 0 && step.is_multiple_of(args.save_steps)) {
             let dir =
                 engine.save_checkpoint(&root, &state, keep, Some(&args.model_name_or_path))?;
             last_saved = Some(dir);

@@ -132,7 +132,7 @@ impl GrpoConfig {
             ));
         }
         let per_rank = self.completions_per_rank();
-        if per_rank % self.num_generations != 0 {
+        if !per_rank.is_multiple_of(self.num_generations) {
             return Err(format!(
                 "per_device_train_batch_size * gradient_accumulation_steps ({per_rank}) must be a \
                  multiple of num_generations ({}) so each rank holds whole groups",
@@ -142,7 +142,7 @@ impl GrpoConfig {
         if self.max_prompt_length == 0 || self.max_completion_length == 0 {
             return Err("max_prompt_length and max_completion_length must be at least 1".into());
         }
-        if !(self.temperature > 0.0) {
+        if self.temperature.is_nan() || self.temperature <= 0.0 {
             return Err(format!(
                 "temperature must be > 0 for GRPO sampling, got {}",
                 self.temperature
@@ -152,26 +152,29 @@ impl GrpoConfig {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if self.top_k < 0 {
-            return Err(format!("top_k must be >= 0 (0 disables), got {}", self.top_k));
+            return Err(format!(
+                "top_k must be >= 0 (0 disables), got {}",
+                self.top_k
+            ));
         }
         if !(0.0..1.0).contains(&self.min_p) {
             return Err(format!("min_p must be in [0, 1), got {}", self.min_p));
         }
-        if !(self.beta >= 0.0) {
+        if self.beta.is_nan() || self.beta < 0.0 {
             return Err(format!("beta must be >= 0, got {}", self.beta));
         }
         if !(self.epsilon > 0.0 && self.epsilon < 1.0) {
             return Err(format!("epsilon must be in (0, 1), got {}", self.epsilon));
         }
         if let Some(h) = self.epsilon_high {
-            if !(h > 0.0) {
+            if h.is_nan() || h <= 0.0 {
                 return Err(format!("epsilon_high must be > 0, got {h}"));
             }
         }
         if self.num_iterations == 0 {
             return Err("num_iterations must be at least 1".into());
         }
-        if !(self.vllm_importance_sampling_cap >= 1.0) {
+        if self.vllm_importance_sampling_cap.is_nan() || self.vllm_importance_sampling_cap < 1.0 {
             return Err(format!(
                 "vllm_importance_sampling_cap must be >= 1, got {}",
                 self.vllm_importance_sampling_cap
@@ -202,7 +205,9 @@ impl GrpoConfig {
         if self.logprob_chunk_size < 1 {
             return Err("logprob_chunk_size must be at least 1".into());
         }
-        self.rollout.validate().map_err(|e| format!("rollout.{e}"))?;
+        self.rollout
+            .validate()
+            .map_err(|e| format!("rollout.{e}"))?;
         if self.rollout.workers.is_empty() {
             return Err(
                 "rollout.workers must list at least one worker URL (e.g. http://127.0.0.1:50051)"

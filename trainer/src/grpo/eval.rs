@@ -27,9 +27,12 @@ pub struct EvalResult {
 
 impl EvalSet {
     pub fn new(examples: Vec<PromptExample>, cfg: &GrpoConfig) -> Result<EvalSet> {
-        let mut funcs =
-            build_reward_functions(&["accuracy".to_string()], &cfg.rewards, cfg.max_completion_length)
-                .map_err(|e| anyhow!("eval accuracy reward: {e}"))?;
+        let mut funcs = build_reward_functions(
+            &["accuracy".to_string()],
+            &cfg.rewards,
+            cfg.max_completion_length,
+        )
+        .map_err(|e| anyhow!("eval accuracy reward: {e}"))?;
         Ok(EvalSet {
             examples,
             accuracy: funcs.remove(0),

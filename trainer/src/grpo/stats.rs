@@ -147,10 +147,7 @@ impl RoundStats {
             "completions/mean_length".into(),
             ratio(self.completion_tokens, self.completions),
         );
-        log.insert(
-            "completions/max_length".into(),
-            self.max_completion_tokens,
-        );
+        log.insert("completions/max_length".into(), self.max_completion_tokens);
         log.insert(
             "completions/clipped_ratio".into(),
             ratio(self.truncated, self.completions),

@@ -35,12 +35,12 @@ use crate::zero::{MicroBatch, ZeroEngine};
 
 /// Runs GRPO on this rank until the last step.
 pub fn run(cfg: &GrpoConfig) -> Result<()> {
-    cfg.validate()
-        .map_err(|e| anyhow!("configuration: {e}"))?;
+    cfg.validate().map_err(|e| anyhow!("configuration: {e}"))?;
     let args = &cfg.args;
     let mut sess = Session::start(args)?;
-    let (prompts, report) = data::load_prompts(&args.dataset, &sess.tokenizer, cfg.max_prompt_length)
-        .with_context(|| format!("loading {}", args.dataset.path.display()))?;
+    let (prompts, report) =
+        data::load_prompts(&args.dataset, &sess.tokenizer, cfg.max_prompt_length)
+            .with_context(|| format!("loading {}", args.dataset.path.display()))?;
     let eval = match &cfg.eval_dataset {
         Some(d) => {
             let (examples, report) = data::load_prompts(d, &sess.tokenizer, cfg.max_prompt_length)
@@ -163,7 +163,11 @@ impl Grpo<'_> {
         self.sampler.restore(&s)?;
         self.version = state["weight_version"].as_u64().unwrap_or(0);
         if self.sess.is_main() {
-            println!("resumed from {} at step {}", dir.display(), self.engine.steps_done());
+            println!(
+                "resumed from {} at step {}",
+                dir.display(),
+                self.engine.steps_done()
+            );
         }
         Ok(())
     }
@@ -183,7 +187,13 @@ impl Grpo<'_> {
             let resumed = self.engine.steps_done() > 0;
             let differs = versions.iter().any(|&v| v != self.version);
             if resumed || differs {
-                let next = versions.iter().copied().max().unwrap_or(0).max(self.version) + 1;
+                let next = versions
+                    .iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(0)
+                    .max(self.version)
+                    + 1;
                 decision = Tensor::from_slice(&[1i64, next as i64]);
             }
         }
@@ -207,10 +217,12 @@ impl Grpo<'_> {
                 Err(e) => failure = Some(e.to_string()),
             }
         }
-        let visited = self.engine.visit_full_weights(|name, t| match push.as_mut() {
-            Some(p) => rt.block_on(p.send(name, t)).map_err(|e| e.to_string()),
-            None => Ok(()),
-        });
+        let visited = self
+            .engine
+            .visit_full_weights(|name, t| match push.as_mut() {
+                Some(p) => rt.block_on(p.send(name, t)).map_err(|e| e.to_string()),
+                None => Ok(()),
+            });
         if let Err(e) = visited {
             failure.get_or_insert(e.to_string());
         }
@@ -233,6 +245,7 @@ impl Grpo<'_> {
             );
         }
         self.version = version;
+        self.sess.rt.block_on(self.client.refresh());
         Ok(t0.elapsed().as_secs_f64())
     }
 
@@ -278,16 +291,14 @@ impl Grpo<'_> {
         let samples = self.score(&mine, &groups, &mut stats)?;
         times.reward = t.elapsed().as_secs_f64();
 
-        let parts: Vec<PackedBatch> = split_even(samples.len(), cfg.args.gradient_accumulation_steps)
-            .into_iter()
-            .filter(|r| !r.is_empty())
-            .map(|r| pack(&samples[r], self.pad))
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?;
-        stats.train_tokens = parts
-            .iter()
-            .map(|p| p.input_ids.numel() as f64)
-            .sum();
+        let parts: Vec<PackedBatch> =
+            split_even(samples.len(), cfg.args.gradient_accumulation_steps)
+                .into_iter()
+                .filter(|r| !r.is_empty())
+                .map(|r| pack(&samples[r], self.pad))
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::msg)?;
+        stats.train_tokens = parts.iter().map(|p| p.input_ids.numel() as f64).sum();
         let opts = LogprobOptions {
             chunk_size: cfg.logprob_chunk_size,
             temperature: cfg.temperature,
@@ -322,7 +333,10 @@ impl Grpo<'_> {
                     ..opts
                 };
                 let stats = &mut stats;
-                let (old, reference) = (old.as_ref().map(|o| &o[i]), reference.as_ref().map(|r| &r[i]));
+                let (old, reference) = (
+                    old.as_ref().map(|o| &o[i]),
+                    reference.as_ref().map(|r| &r[i]),
+                );
                 self.engine.forward_backward(&mb, |hidden, head| {
                     logprob_objective(hidden, head, &part.targets, &opts, |view| {
                         let loss = policy_loss(
@@ -344,8 +358,9 @@ impl Grpo<'_> {
                             stats.high_clipped += s.high_clipped;
                             stats.region_clipped += s.region_clipped;
                             if let Some(ent) = view.entropy {
-                                stats.entropy_sum +=
-                                    (ent * &part.completion_mask).sum(Kind::Float).double_value(&[]);
+                                stats.entropy_sum += (ent * &part.completion_mask)
+                                    .sum(Kind::Float)
+                                    .double_value(&[]);
                                 stats.entropy_tokens +=
                                     part.completion_mask.sum(Kind::Float).double_value(&[]);
                             }
@@ -370,7 +385,8 @@ impl Grpo<'_> {
         stats.all_reduce(self.engine.comm())?;
         self.report(&stats, &step, &times, t_round.elapsed().as_secs_f64());
         self.checkpoint_if_due(step.step)?;
-        if cfg.eval_steps > 0 && step.step % cfg.eval_steps == 0 && step.step < self.total {
+        if cfg.eval_steps > 0 && step.step.is_multiple_of(cfg.eval_steps) && step.step < self.total
+        {
             self.evaluate("during training")?;
         }
         Ok(())
@@ -474,7 +490,8 @@ impl Grpo<'_> {
             }
         }
         drop(inputs);
-        let combined = combine_rewards(&per_func, &cfg.reward_weights()).map_err(anyhow::Error::msg)?;
+        let combined =
+            combine_rewards(&per_func, &cfg.reward_weights()).map_err(anyhow::Error::msg)?;
         // A group with any unscorable completion is left out of the loss entirely.
         let excluded: Vec<bool> = combined
             .chunks(n)
@@ -511,7 +528,7 @@ impl Grpo<'_> {
                     completion_ids: c.token_ids.clone(),
                     sampler_logprobs: c.logprobs.clone(),
                     advantage: adv[g * n + j] as f32,
-                    in_loss: !excluded[g] && !(cfg.mask_truncated_completions && truncated),
+                    in_loss: !(excluded[g] || (cfg.mask_truncated_completions && truncated)),
                 });
             }
         }
@@ -547,7 +564,11 @@ impl Grpo<'_> {
             }
             let mut t = Tensor::from_slice(&[s, sq, c]).to_kind(Kind::Float);
             self.engine.comm().all_reduce(&mut t, ReduceOp::Sum)?;
-            let (s, sq, c) = (t.double_value(&[0]), t.double_value(&[1]), t.double_value(&[2]));
+            let (s, sq, c) = (
+                t.double_value(&[0]),
+                t.double_value(&[1]),
+                t.double_value(&[2]),
+            );
             let std = if c > 1.0 {
                 let mean = s / c;
                 ((sq - c * mean * mean) / (c - 1.0)).max(0.0).sqrt()
@@ -575,7 +596,9 @@ impl Grpo<'_> {
         opts: &LogprobOptions,
     ) -> Result<Vec<Tensor>> {
         let engine = if reference {
-            self.ref_engine.as_mut().expect("reference engine exists when beta > 0")
+            self.ref_engine
+                .as_mut()
+                .expect("reference engine exists when beta > 0")
         } else {
             &mut self.engine
         };
@@ -597,7 +620,13 @@ impl Grpo<'_> {
         Ok(out)
     }
 
-    fn report(&self, stats: &RoundStats, step: &crate::zero::StepStats, times: &Timings, secs: f64) {
+    fn report(
+        &self,
+        stats: &RoundStats,
+        step: &crate::zero::StepStats,
+        times: &Timings,
+        secs: f64,
+    ) {
         let mut log = StepLog::new();
         stats.finish(&self.cfg.reward_funcs, &mut log);
         let train_secs = times.forward_backward + times.optimizer;
@@ -626,7 +655,11 @@ impl Grpo<'_> {
         }
         for w in self.client.status() {
             let healthy = if w.healthy { 1.0 } else { 0.0 };
-            self.sess.metrics.worker_healthy.with_label_values(&[w.url.as_str()]).set(healthy);
+            self.sess
+                .metrics
+                .worker_healthy
+                .with_label_values(&[w.url.as_str()])
+                .set(healthy);
             if let Some(v) = w.weight_version {
                 self.sess
                     .metrics
@@ -638,7 +671,12 @@ impl Grpo<'_> {
         record_memory(&self.sess.metrics, self.engine.memory());
         self.sess.metrics.record(&log);
         if self.sess.is_main() {
-            let first_func = self.cfg.reward_funcs.first().map(String::as_str).unwrap_or("");
+            let first_func = self
+                .cfg
+                .reward_funcs
+                .first()
+                .map(String::as_str)
+                .unwrap_or("");
             println!(
                 "step {}/{} | reward {:.3} ± {:.3} | {first_func} {:.3} | len {:.1} | clipped {:.2} | loss {:+.4} | grad {:.3} | {:.1} s (gen {:.1}, reward {:.2}, train {:.1}, opt {:.2}, push {:.2})",
                 step.step,
@@ -657,7 +695,7 @@ impl Grpo<'_> {
                 times.optimizer,
                 times.weight_push
             );
-            if step.step % self.cfg.args.logging_steps == 0 || step.step == self.total {
+            if step.step.is_multiple_of(self.cfg.args.logging_steps) || step.step == self.total {
                 let fields: Vec<String> = log.iter().map(|(k, v)| format!("{k}={v:.6}")).collect();
                 tracing::info!(step = step.step, "{}", fields.join(" "));
             }
@@ -667,7 +705,7 @@ impl Grpo<'_> {
     fn checkpoint_if_due(&mut self, step: u64) -> Result<()> {
         let args = &self.cfg.args;
         let last = step >= self.total;
-        if !(last || (args.save_steps > 0 && step % args.save_steps == 0)) {
+        if !(last || (args.save_steps > 0 && step.is_multiple_of(args.save_steps))) {
             return Ok(());
         }
         let state = json!({

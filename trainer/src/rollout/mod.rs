@@ -221,6 +221,26 @@ impl RolloutClient {
         &self.inner.cfg
     }
 
+    /// Asks every worker for its health and weight version now and waits for the
+    /// answers. Ranks that did not push learn the version rank 0 pushed this way; a
+    /// worker that does not answer is failed and re-probed with backoff.
+    pub async fn refresh(&self) {
+        let targets = self.inner.pool().take_all_probes();
+        let timeout = self.inner.cfg.connect_timeout();
+        let results =
+            futures::future::join_all(targets.iter().map(|(_, url)| probe(url.clone(), timeout)))
+                .await;
+        for ((i, _), r) in targets.into_iter().zip(results) {
+            match r {
+                Ok(_) => self.inner.apply_probe(i, r),
+                Err(e) => {
+                    self.inner.pool().refresh_failed(i, e, Instant::now());
+                    self.inner.bump();
+                }
+            }
+        }
+    }
+
     /// What the client knows about each worker, in config order.
     pub fn status(&self) -> Vec<WorkerStatus> {
         self.inner.pool().status()

@@ -150,6 +150,20 @@ impl<C: Clone> Pool<C> {
         due
     }
 
+    /// Every worker not already being probed (healthy ones included), now marked as
+    /// being probed: a refresh of what the client knows (e.g. versions pushed by another
+    /// rank's client).
+    pub fn take_all_probes(&mut self) -> Vec<(usize, String)> {
+        let mut all = vec![];
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if !s.probing {
+                s.probing = true;
+                all.push((i, s.url.clone()));
+            }
+        }
+        all
+    }
+
     /// When the next probe falls due (`None` if no failed worker waits for one).
     pub fn next_probe_at(&self) -> Option<Instant> {
         self.slots
@@ -167,6 +181,13 @@ impl<C: Clone> Pool<C> {
         s.version = Some(version);
         s.last_error = None;
         s.backoff = self.base_backoff;
+    }
+
+    /// The probe failed: the worker is failed (its connection dropped), the backoff
+    /// doubles (capped at 30 s) and the next probe waits that long.
+    pub fn refresh_failed(&mut self, i: usize, error: String, now: Instant) {
+        self.slots[i].conn = None;
+        self.probe_failed(i, error, now);
     }
 
     /// The probe failed: the backoff doubles (capped at 30 s) and the next probe waits that long.
