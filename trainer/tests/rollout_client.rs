@@ -7,6 +7,7 @@ mod rollout_support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use rollout_support::fake::{FakeWorker, Fault};
 use rollout_support::*;
 use trainer::rollout::faults::FaultProxy;
 use trainer::rollout::{RolloutClient, RolloutError, RolloutGroup};
@@ -365,4 +366,62 @@ async fn weight_pushes_version_groups_and_min_version_skips_a_restarted_worker()
     for w in [a, a2, b] {
         w.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_workers_are_failed_or_skipped_and_their_groups_resent() {
+    let b = Worker::start().await;
+    let single = RolloutClient::connect(config(&[&b.url])).await.unwrap();
+    push_model(&single, &load_model(), 1).await.unwrap();
+    let (n, len) = (2u32, 4u32);
+    let all = jobs(16);
+
+    // Health says version 1 but its groups are version 0: a restart the client has not
+    // noticed. Its groups are dropped and re-sent; it is skipped from then on.
+    let fake = FakeWorker::start(1, Fault::StaleGroups(0)).await;
+    let client = RolloutClient::connect(config(&[&fake.url, &b.url]))
+        .await
+        .unwrap();
+    let groups = client
+        .generate(all.clone(), n, sampling(len, Some(2)), false, 1, |_| {})
+        .await
+        .unwrap();
+    check_groups(&groups, &all, n as usize, len as usize);
+    assert!(groups
+        .iter()
+        .all(|g| g.worker == b.url && g.weight_version == 1));
+    assert_eq!(client.status()[0].weight_version, Some(0));
+    assert_eq!(tokens(&groups), tokens(&run(&single, 16, n, len, 2).await));
+
+    // Protocol violations fail the worker; what it still owed is re-sent.
+    for fault in [Fault::WrongN, Fault::Duplicate, Fault::EndEarly] {
+        let fake = FakeWorker::start(0, fault).await;
+        let client = RolloutClient::connect(config(&[&fake.url, &b.url]))
+            .await
+            .unwrap();
+        let mut keys = vec![];
+        let groups = client
+            .generate(all.clone(), n, sampling(len, Some(2)), false, 0, |g| {
+                keys.push(g.key)
+            })
+            .await
+            .unwrap();
+        check_groups(&groups, &all, n as usize, len as usize);
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            all.iter().map(|j| j.key).collect::<Vec<_>>(),
+            "{fault:?}"
+        );
+        let st = client.status();
+        assert!(st[0].failures >= 1, "{fault:?}: {st:?}");
+        // Only a first group before the violation can come from the fake.
+        let from_fake = groups.iter().filter(|g| g.worker == fake.url).count();
+        match fault {
+            Fault::WrongN => assert_eq!(from_fake, 0),
+            _ => assert!(from_fake as u64 <= st[0].failures, "{fault:?}: {from_fake}"),
+        }
+    }
+    drop((client, single));
+    b.stop().await;
 }

@@ -2,6 +2,8 @@
 //! serving the tiny Qwen2 fixture on CPU, client configs with short timeouts, prompt
 //! jobs, and a greedy reference straight from the model crate (full forward, no cache).
 #![allow(dead_code)]
+pub mod fake;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
