@@ -184,7 +184,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut RolloutConfig)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut RolloutConfig)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|c| c.workers.clear()), "rollout.workers"),
             (
                 Box::new(|c| c.workers[0] = "127.0.0.1:1".into()),

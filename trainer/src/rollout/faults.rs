@@ -28,9 +28,29 @@ enum Mode {
     Cut,
 }
 
+/// The proxy's state as connections see it. `cuts` counts calls to `cut`, so a
+/// connection dies even when `restore` follows before it looked (a watch shows only the
+/// latest value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    mode: Mode,
+    cuts: u64,
+}
+
 struct Shared {
-    mode: watch::Sender<Mode>,
+    state: watch::Sender<State>,
     target: Mutex<SocketAddr>,
+}
+
+impl Shared {
+    fn set(&self, mode: Mode) {
+        self.state.send_modify(|s| {
+            s.mode = mode;
+            if mode == Mode::Cut {
+                s.cuts += 1;
+            }
+        });
+    }
 }
 
 /// A fault-injecting TCP proxy; dropping it cuts every connection and stops it.
@@ -62,7 +82,10 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            mode: watch::Sender::new(Mode::Forward),
+            state: watch::Sender::new(State {
+                mode: Mode::Forward,
+                cuts: 0,
+            }),
             target: Mutex::new(target),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -84,17 +107,17 @@ impl FaultProxy {
 
     /// Resets every connection and every new one until [`FaultProxy::restore`].
     pub fn cut(&self) {
-        self.shared.mode.send_replace(Mode::Cut);
+        self.shared.set(Mode::Cut);
     }
 
     /// Stops forwarding bytes, keeping the sockets, until [`FaultProxy::restore`].
     pub fn stall(&self) {
-        self.shared.mode.send_replace(Mode::Stalled);
+        self.shared.set(Mode::Stalled);
     }
 
     /// Forwards again.
     pub fn restore(&self) {
-        self.shared.mode.send_replace(Mode::Forward);
+        self.shared.set(Mode::Forward);
     }
 
     /// Sends connections accepted from now on to `target` (existing ones keep theirs).
@@ -107,7 +130,7 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.shared.mode.send_replace(Mode::Cut);
+        self.shared.set(Mode::Cut);
         self.accept.abort();
     }
 }
@@ -123,45 +146,71 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
-        if *shared.mode.borrow() == Mode::Cut {
+        let state = *shared.state.borrow();
+        if state.mode == Mode::Cut {
             reset(client);
             continue;
         }
         let target = *shared.target.lock().unwrap_or_else(|p| p.into_inner());
-        tokio::spawn(proxy_connection(client, target, shared.mode.subscribe()));
+        let conn = Conn {
+            state: shared.state.subscribe(),
+            cuts: state.cuts,
+        };
+        tokio::spawn(proxy_connection(client, target, conn));
     }
 }
 
-/// Waits until bytes may move; `Err` once the proxy cuts.
-async fn wait_forward(mode: &mut watch::Receiver<Mode>) -> io::Result<()> {
-    match mode.wait_for(|m| *m != Mode::Stalled).await.map(|m| *m) {
-        Ok(Mode::Forward) => Ok(()),
-        _ => Err(io::ErrorKind::ConnectionReset.into()),
+/// A connection's view of the proxy state: it was opened after `cuts` cuts.
+#[derive(Clone)]
+struct Conn {
+    state: watch::Receiver<State>,
+    cuts: u64,
+}
+
+/// Whether a connection opened after `cuts` cuts must die in state `s`.
+fn cut_since(cuts: u64, s: &State) -> bool {
+    s.cuts != cuts || s.mode == Mode::Cut
+}
+
+impl Conn {
+    /// Waits until bytes may move; `Err` once the proxy has cut this connection.
+    async fn wait_forward(&mut self) -> io::Result<()> {
+        let cuts = self.cuts;
+        match self
+            .state
+            .wait_for(|s| cut_since(cuts, s) || s.mode == Mode::Forward)
+            .await
+        {
+            Ok(s) if !cut_since(cuts, &s) => Ok(()),
+            _ => Err(io::ErrorKind::ConnectionReset.into()),
+        }
+    }
+
+    /// Resolves once the proxy has cut this connection.
+    async fn cut(&mut self) {
+        let cuts = self.cuts;
+        let _ = self.state.wait_for(|s| cut_since(cuts, s)).await;
     }
 }
 
 /// Copies `from` to `to`, holding bytes while stalled.
-async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    mut mode: watch::Receiver<Mode>,
-) -> io::Result<()> {
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut conn: Conn) -> io::Result<()> {
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        wait_forward(&mut mode).await?;
+        conn.wait_forward().await?;
         let n = from.read(&mut buf).await?;
         if n == 0 {
             return to.shutdown().await;
         }
-        wait_forward(&mut mode).await?;
+        conn.wait_forward().await?;
         to.write_all(&buf[..n]).await?;
     }
 }
 
-async fn proxy_connection(client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<Mode>) {
+async fn proxy_connection(client: TcpStream, target: SocketAddr, mut conn: Conn) {
     let upstream = tokio::select! {
         r = TcpStream::connect(target) => r,
-        _ = mode.wait_for(|m| *m == Mode::Cut) => {
+        _ = conn.cut() => {
             reset(client);
             return;
         }
@@ -178,11 +227,11 @@ async fn proxy_connection(client: TcpStream, target: SocketAddr, mut mode: watch
     let _ = upstream.set_zero_linger();
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
-    let up = pump(cr, uw, mode.clone());
-    let down = pump(ur, cw, mode.clone());
+    let up = pump(cr, uw, conn.clone());
+    let down = pump(ur, cw, conn.clone());
     tokio::select! {
         _ = async { tokio::join!(up, down) } => {}
-        _ = mode.wait_for(|m| *m == Mode::Cut) => {}
+        _ = conn.cut() => {}
     }
     // Dropping the halves closes both sockets (with a reset).
 }
@@ -241,6 +290,14 @@ mod tests {
         p.restore();
         let mut e = TcpStream::connect(p.addr()).await.unwrap();
         assert_eq!(roundtrip(&mut e, b"again").await.unwrap(), b"again");
+
+        // A cut followed at once by a restore still kills the connections open before it.
+        let mut g = TcpStream::connect(p.addr()).await.unwrap();
+        assert_eq!(roundtrip(&mut g, b"1").await.unwrap(), b"1");
+        p.cut();
+        p.restore();
+        let r = tokio::time::timeout(Duration::from_secs(5), roundtrip(&mut g, b"2")).await;
+        assert!(r.unwrap().is_err(), "the connection survived a cut");
 
         let echo2 = echo_server().await;
         p.retarget(&echo2.to_string()).unwrap();

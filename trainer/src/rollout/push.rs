@@ -60,7 +60,7 @@ pub struct WeightPush {
 /// empty tensor still gets one (empty) chunk so the worker sees it.
 pub fn chunk_ranges(total: usize, chunk: usize) -> Vec<Range<usize>> {
     if total == 0 {
-        return vec![0..0];
+        return std::iter::once(0..0).collect();
     }
     let chunk = chunk.max(1);
     (0..total)
@@ -388,7 +388,8 @@ mod tests {
         assert_eq!(chunk_ranges(10, 4), vec![0..4, 4..8, 8..10]);
         assert_eq!(chunk_ranges(8, 4), vec![0..4, 4..8]);
         assert_eq!(chunk_ranges(3, 4), vec![0..3]);
-        assert_eq!(chunk_ranges(0, 4), vec![0..0]);
+        let empty = chunk_ranges(0, 4);
+        assert_eq!((empty.len(), empty[0].clone()), (1, 0..0));
     }
 
     #[test]
