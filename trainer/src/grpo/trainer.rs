@@ -677,8 +677,10 @@ impl Grpo<'_> {
                 .first()
                 .map(String::as_str)
                 .unwrap_or("");
+            let workers = self.client.status();
+            let healthy = workers.iter().filter(|w| w.healthy).count();
             println!(
-                "step {}/{} | reward {:.3} ± {:.3} | {first_func} {:.3} | len {:.1} | clipped {:.2} | loss {:+.4} | grad {:.3} | {:.1} s (gen {:.1}, reward {:.2}, train {:.1}, opt {:.2}, push {:.2})",
+                "step {}/{} | reward {:.3} ± {:.3} | {first_func} {:.3} | len {:.1} | clipped {:.2} | loss {:+.4} | grad {:.3} | groups {} | workers {healthy}/{} | {:.1} s (gen {:.1}, reward {:.2}, train {:.1}, opt {:.2}, push {:.2})",
                 step.step,
                 self.total,
                 log["reward"],
@@ -688,6 +690,8 @@ impl Grpo<'_> {
                 log["completions/clipped_ratio"],
                 step.loss,
                 step.grad_norm,
+                stats.groups,
+                workers.len(),
                 secs,
                 times.generate,
                 times.reward,
