@@ -4,7 +4,7 @@
 # It launches 2 rollout workers and 2 trainer ranks (ZeRO-2 on the CPU ring) on the
 # shipped starting checkpoint (demo/checkpoint: a 0.6M-parameter Qwen2 made by
 # `trainer sft` with scripts/demo/make_checkpoint.sh) and a generated two-digit addition
-# task, trains GRPO with the accuracy reward for 20 steps (a progress line per step), and
+# task, trains GRPO with the accuracy reward for 40 steps (a progress line per step), and
 # prints held-out accuracy before and after (greedy, and sampled at temperature 1).
 #
 # Extra arguments are passed to `trainer grpo` (e.g. `--set max_steps=40`).
@@ -64,4 +64,4 @@ OMP_NUM_THREADS=1 python3 scripts/launch --nproc-per-node 2 --master-port "${DEM
 
 echo
 echo "held-out accuracy (256 prompts), before -> after GRPO:"
-grep -o "eval .*" "$work/train.log" | sed 's/^/  /'
+grep -oE "eval (before|after) .*" "$work/train.log" | sed "s/^/  /"
