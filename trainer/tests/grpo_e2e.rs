@@ -108,6 +108,56 @@ fn reward_rises_with_two_ranks_and_one_worker() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The other paths of the loop at once: a reference model (beta > 0) sharded with
+/// ZeRO-3 on the ranks' shared connection, batches reused (num_iterations = 2, with old
+/// log-probs), batch-scaled advantages (an all-reduce), truncated completions masked,
+/// gradient accumulation, another loss type.
+#[test]
+fn reference_model_reused_batches_and_batch_scaling_run() {
+    let dir = tempdir("paths");
+    let (_worker, url) = start_worker("worker", &["--max-num-seqs", "128"]);
+    let cfg = grpo_config(
+        &dir,
+        &[url],
+        "per_device_train_batch_size: 8\ngradient_accumulation_steps: 2\nmax_steps: 4\n\
+         num_iterations: 2\nbeta: 0.04\nloss_type: grpo\nscale_rewards: batch\n\
+         mask_truncated_completions: true\nsave_steps: 0\n",
+    );
+    let mut ranks = start_ranks(
+        2,
+        &[
+            "grpo".into(),
+            "--config".into(),
+            cfg,
+            "--set".into(),
+            "zero.stage=3".into(),
+            "--set".into(),
+            "max_completion_length=13".into(),
+        ],
+    );
+    for r in &mut ranks {
+        assert!(r.wait(Duration::from_secs(600)), "a rank failed");
+    }
+    let out = ranks[0].output();
+    let steps = step_lines(&out);
+    // One line per round of num_iterations = 2 optimizer steps.
+    assert_eq!(steps.len(), 2, "{}", out.join("\n"));
+    assert!(steps[1].starts_with("step 4/4"), "{}", steps[1]);
+    let metric = |name: &str| -> Vec<f64> {
+        out.iter()
+            .filter_map(|l| l.split(&format!(" {name}=")).nth(1))
+            .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+            .collect()
+    };
+    // The first round runs on the initial policy (KL 0); the second has moved away.
+    let kl = metric("kl");
+    assert_eq!(kl.len(), 2, "{}", out.join("\n"));
+    assert!(kl[1] > 0.0, "kl {kl:?}");
+    let clipped = metric("completions/clipped_ratio");
+    assert!(clipped.iter().any(|&c| c > 0.0), "some completions hit 13 tokens: {clipped:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `vllm:num_requests_running` of a worker's HTTP endpoint.
 fn running(http: &str) -> f64 {
     let Ok(mut s) = std::net::TcpStream::connect(http) else {
