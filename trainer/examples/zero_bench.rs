@@ -3,6 +3,11 @@
 //! ~20M-parameter Qwen2-shaped model (H 256, 12 layers, 4/2 heads, I 1024, V 32000,
 //! tied), f32, 2 x 256 tokens per rank per step, LM loss.
 //!
+//! Stages 2 and 3 at world size 2 also run with `overlap_comm` off; each on/off pair is
+//! measured `ZERO_BENCH_REPEATS` times (default 3), alternating, and the medians are
+//! compared, so load from other processes hits both sides alike
+//! (`ZERO_BENCH_OVERLAP_ONLY=1` runs only this comparison).
+//!
 //!     cargo run --release -p trainer --example zero_bench
 use std::time::Instant;
 
@@ -28,7 +33,7 @@ fn init_weights() -> Weights {
     Weights::random(&config(), Kind::Float, Device::Cpu)
 }
 
-fn run(world: usize, stage: ZeroStage) -> (f64, usize) {
+fn run(world: usize, stage: ZeroStage, overlap_comm: bool) -> (f64, usize) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -54,6 +59,7 @@ fn run(world: usize, stage: ZeroStage) -> (f64, usize) {
                     .unwrap();
                     let zero = ZeroConfig {
                         stage,
+                        overlap_comm,
                         ..ZeroConfig::default()
                     };
                     let weights = init_weights();
@@ -105,11 +111,25 @@ fn run(world: usize, stage: ZeroStage) -> (f64, usize) {
     results[0]
 }
 
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
 fn main() {
+    let only_overlap = std::env::var_os("ZERO_BENCH_OVERLAP_ONLY").is_some();
+    let repeats: usize = std::env::var("ZERO_BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let p = init_weights().num_params();
     println!("params {p}, torch threads {}", tch::get_num_threads());
     for world in [1usize, 2] {
-        let base = run(world, ZeroStage::Stage0);
+        if only_overlap {
+            break;
+        }
+        let base = run(world, ZeroStage::Stage0, true);
         for stage in [
             ZeroStage::Stage0,
             ZeroStage::Stage1,
@@ -119,7 +139,7 @@ fn main() {
             let (secs, bytes) = if stage == ZeroStage::Stage0 {
                 base
             } else {
-                run(world, stage)
+                run(world, stage, true)
             };
             println!(
                 "world {world} stage {}: step {secs:.3}s ({:.2}x stage 0), model state {:.1} MiB/rank ({:.2}x stage 0, {:.1} bytes/param)",
@@ -130,5 +150,22 @@ fn main() {
                 bytes as f64 / p as f64
             );
         }
+    }
+    for stage in [ZeroStage::Stage2, ZeroStage::Stage3] {
+        let (mut on, mut off) = (vec![], vec![]);
+        for _ in 0..repeats {
+            on.push(run(2, stage, true).0);
+            off.push(run(2, stage, false).0);
+        }
+        let min = |xs: &[f64]| xs.iter().copied().fold(f64::INFINITY, f64::min);
+        let (on_min, off_min) = (min(&on), min(&off));
+        let (on, off) = (median(on), median(off));
+        println!(
+            "world 2 stage {}: overlap_comm on {on:.3}s, off {off:.3}s, on/off {:.2}x \
+             (median of {repeats}; best {on_min:.3}s vs {off_min:.3}s, {:.2}x)",
+            stage.number(),
+            on / off,
+            on_min / off_min
+        );
     }
 }

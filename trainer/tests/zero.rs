@@ -13,6 +13,17 @@ const GLOBAL_BATCH: i64 = 6;
 const SEQ: i64 = 8;
 /// f32 sharded vs unsharded: the same math in other summation orders.
 const TOL: f64 = 1e-5;
+/// bf16 compute, sharded vs unsharded: relative loss and gradient-norm difference.
+const BF16_LOSS_RTOL: f64 = 1e-2;
+/// bf16 compute, sharded vs unsharded: max absolute parameter difference after the
+/// test's 3 AdamW steps (lr 0, 1e-2, 5e-3). An Adam update moves an element by up to
+/// about lr, so an element whose tiny gradient changes sign under bf16 rounding can
+/// differ by twice the summed lr, 3e-2 (measured: 6.6e-3, for 0.04% of elements
+/// above 1e-3).
+const BF16_PARAM_TOL: f64 = 3e-2;
+/// ... and the mean absolute parameter difference relative to the mean distance the
+/// reference moved the parameters (measured: 0.3%; wrong gradients give ~100%).
+const BF16_MEAN_RTOL: f64 = 2e-2;
 
 fn fixture() -> PathBuf {
     let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/generated/qwen2-tiny");
@@ -185,12 +196,29 @@ fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Mean over all elements of `|a - b|`.
+fn mean_abs_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for ((n1, x), (n2, y)) in a.iter().zip(b) {
+        assert_eq!(n1, n2);
+        sum += (x - y).abs().sum(Kind::Double).double_value(&[]);
+        n += x.numel();
+    }
+    sum / n.max(1) as f64
+}
+
 fn zero(stage: ZeroStage, ckpt: bool) -> ZeroConfig {
     ZeroConfig {
         stage,
         gradient_checkpointing: ckpt,
         compute_dtype: "float32".into(),
+        overlap_comm: true,
     }
+}
+
+fn with_overlap(mut z: ZeroConfig, overlap: bool) -> ZeroConfig {
+    z.overlap_comm = overlap;
+    z
 }
 
 #[test]
@@ -224,12 +252,19 @@ fn every_stage_and_world_size_matches_unsharded_training() {
         (ZeroStage::Stage3, 2, true),
         (ZeroStage::Stage3, 3, true),
     ];
-    for (stage, world, ckpt) in cases {
+    for ((stage, world, ckpt), overlap) in cases.into_iter().flat_map(|c| [(c, true), (c, false)]) {
         // Two micro-batches per rank: gradient accumulation is always on.
         let per_rank = GLOBAL_BATCH / world as i64;
         let micro = if per_rank % 2 == 0 { 2 } else { 3 };
-        let r = run(world, zero(stage, ckpt), micro, steps);
-        let what = format!("stage {stage:?} world {world} checkpointing {ckpt} micro {micro}");
+        let r = run(
+            world,
+            with_overlap(zero(stage, ckpt), overlap),
+            micro,
+            steps,
+        );
+        let what = format!(
+            "stage {stage:?} world {world} checkpointing {ckpt} micro {micro} overlap {overlap}"
+        );
         for (a, b) in r.losses.iter().zip(&reference.losses) {
             assert!(
                 (a - b).abs() <= TOL,
@@ -248,6 +283,107 @@ fn every_stage_and_world_size_matches_unsharded_training() {
         }
         let d = max_diff(&r.weights, &reference.weights);
         assert!(d <= TOL, "{what}: max parameter diff {d:e}");
+    }
+}
+
+/// Overlap changes when collectives run, never what they compute or the order in
+/// which gradients are accumulated: on and off give bit-identical training.
+#[test]
+fn overlap_on_and_off_train_bit_identically() {
+    for (stage, world, ckpt) in [
+        (ZeroStage::Stage1, 2, false),
+        (ZeroStage::Stage2, 2, false),
+        (ZeroStage::Stage2, 3, true),
+        (ZeroStage::Stage3, 2, true),
+    ] {
+        let on = run(
+            world,
+            with_overlap(zero(stage, ckpt), true),
+            2 - (world as i64 % 2),
+            2,
+        );
+        let off = run(
+            world,
+            with_overlap(zero(stage, ckpt), false),
+            2 - (world as i64 % 2),
+            2,
+        );
+        let what = format!("stage {stage:?} world {world}");
+        assert_eq!(on.losses, off.losses, "{what}");
+        assert_eq!(on.grad_norms, off.grad_norms, "{what}");
+        for ((n, a), (_, b)) in on.weights.iter().zip(&off.weights) {
+            assert!(a.equal(b), "{what}: {n} differs");
+        }
+    }
+}
+
+/// bf16 compute: sharded training at world 2 against the unsharded single-rank bf16
+/// run. Gradients are summed in bf16 in another order (per rank, then across ranks),
+/// so agreement is to bf16 precision, not exact. Master weights stay f32.
+#[test]
+fn bf16_compute_matches_unsharded_bf16_with_f32_masters() {
+    let bf16 = |stage, ckpt| ZeroConfig {
+        compute_dtype: "bfloat16".into(),
+        ..zero(stage, ckpt)
+    };
+    let steps = 3;
+    let reference = run(1, bf16(ZeroStage::Stage0, false), 1, steps);
+    let (_, w0) = load();
+    let initial: Vec<(String, Tensor)> =
+        w0.named().into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let moved = max_diff(&reference.weights, &initial);
+    for (stage, ckpt) in [
+        (ZeroStage::Stage1, false),
+        (ZeroStage::Stage2, false),
+        (ZeroStage::Stage3, true),
+    ] {
+        for overlap in [true, false] {
+            let r = run(2, with_overlap(bf16(stage, ckpt), overlap), 1, steps);
+            let what = format!("bf16 stage {stage:?} overlap {overlap}");
+            for (a, b) in r.losses.iter().zip(&reference.losses) {
+                assert!(
+                    (a - b).abs() <= BF16_LOSS_RTOL * b.abs(),
+                    "{what}: losses {:?} vs {:?}",
+                    r.losses,
+                    reference.losses
+                );
+            }
+            for (a, b) in r.grad_norms.iter().zip(&reference.grad_norms) {
+                assert!(
+                    (a - b).abs() <= BF16_LOSS_RTOL * b,
+                    "{what}: grad norms {a} vs {b}"
+                );
+            }
+            let d = max_diff(&r.weights, &reference.weights);
+            let (mean_d, mean_moved) = (
+                mean_abs_diff(&r.weights, &reference.weights),
+                mean_abs_diff(&reference.weights, &initial),
+            );
+            assert!(
+                mean_d <= BF16_MEAN_RTOL * mean_moved,
+                "{what}: mean parameter diff {mean_d:e}, mean movement {mean_moved:e}"
+            );
+            assert!(
+                d <= BF16_PARAM_TOL,
+                "{what}: max parameter diff {d:e} (training moved them by {moved:e})"
+            );
+            // The gathered master weights are f32 and carry updates below bf16's
+            // resolution: rounding them to bf16 changes some.
+            for (n, t) in &r.weights {
+                assert_eq!(t.kind(), Kind::Float, "{what}: {n}");
+            }
+            let lost: f64 = r
+                .weights
+                .iter()
+                .map(|(_, t)| {
+                    (t - t.to_kind(Kind::BFloat16).to_kind(Kind::Float))
+                        .abs()
+                        .max()
+                        .double_value(&[])
+                })
+                .fold(0.0, f64::max);
+            assert!(lost > 0.0, "{what}: master weights hold only bf16 values");
+        }
     }
 }
 
@@ -355,12 +491,53 @@ fn corrupted_or_partial_checkpoints_are_refused_and_old_ones_pruned() {
             .to_string();
         (a, b)
     });
-    for (a, b) in errs {
+    for (a, b) in &errs {
         assert!(
             a.contains("rank1.safetensors") && a.contains("checksum"),
             "{a}"
         );
         assert!(b.contains("no readable manifest.json"), "{b}");
+    }
+    // Rank 0 never opened rank 1's shard (its range lies in rank 0's file): it
+    // reports what rank 1 found; rank 1 reports its own failure.
+    assert!(
+        errs[0].0.contains("rank 1 could not load it"),
+        "{}",
+        errs[0].0
+    );
+    assert!(!errs[1].0.contains("could not load it"), "{}", errs[1].0);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A stage-0 checkpoint holds the whole model in every rank's file, so loading needs
+/// rank 0's file only: with rank 1's files deleted it still loads, at any world size
+/// and stage, and training continues as before.
+#[test]
+fn loading_reads_only_the_shards_it_needs() {
+    let root = tmpdir("needed");
+    let continued = train_save_continue(&root, 2, ZeroStage::Stage0, 2, 2);
+    let dir = trainer::zero::checkpoint::latest_checkpoint(&root).unwrap();
+    for name in ["rank1.safetensors", "rank1.json"] {
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+    for (world, stage) in [(2, ZeroStage::Stage3), (3, ZeroStage::Stage1)] {
+        let resumed = resume(&root, world, stage, 4);
+        for (a, b) in resumed.iter().zip(&continued) {
+            assert!(
+                (a - b).abs() <= TOL,
+                "world {world} {stage:?}: {resumed:?} vs {continued:?}"
+            );
+        }
+    }
+    // A file a rank does need is still checked: rank 0's shard missing fails on
+    // every rank.
+    std::fs::remove_file(dir.join("rank0.safetensors")).unwrap();
+    let errs = run_world(2, |rank, port| {
+        let mut e = make_engine(2, rank, port, &zero(ZeroStage::Stage2, false), 4);
+        e.load_checkpoint(&dir).unwrap_err().to_string()
+    });
+    for e in errs {
+        assert!(e.contains("rank0.safetensors"), "{e}");
     }
     let _ = std::fs::remove_dir_all(&root);
 }

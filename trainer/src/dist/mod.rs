@@ -7,9 +7,12 @@
 //!
 //! Backends: [`SingleComm`] (one rank), [`RingComm`] (CPU tensors, TCP ring) and
 //! [`NcclComm`] (CUDA tensors). [`connect`] is the only place that chooses between
-//! them; shard boundaries come from [`ShardLayout`] in every backend.
+//! them; shard boundaries come from [`ShardLayout`] in every backend. [`AsyncComm`]
+//! queues collectives on a thread of their own so callers can overlap them with
+//! compute.
 //! See docs/collectives.md for the protocols, timeouts and benchmark.
 
+pub mod async_comm;
 pub mod comm;
 pub mod error;
 pub mod nccl;
@@ -26,6 +29,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
+pub use async_comm::{AsyncComm, InFlight, Pending};
 pub use comm::{Communicator, Dtype, ReduceOp};
 pub use error::CommError;
 pub use nccl::NcclComm;

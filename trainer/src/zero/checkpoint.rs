@@ -11,11 +11,20 @@
 //!
 //! Every rank writes into `root/.tmp-step-00000042/` and fsyncs; after a barrier rank 0
 //! writes the manifest and renames the directory into place (atomic on POSIX), then
-//! removes all but the newest `keep_last` step directories. Loading re-assembles each
-//! unit's flat buffers from whatever ranges the saving ranks owned, so a checkpoint
-//! written at one world size or stage loads at any other.
+//! removes all but the newest `keep_last` step directories.
+//!
+//! Loading: the manifest's world size and stage give every saving rank's range of each
+//! unit ([`ShardLayout`], the same function that sharded them); [`plan_unit`] picks,
+//! for this rank's new range, the slices of the old shards that cover it, and the rank
+//! reads (and checksums) only those ranks' files, plus `rank0.json` for the trainer
+//! state. So a checkpoint written at one world size or stage loads at any other, and
+//! re-sharding N files onto N ranks reads each file once, not N times. The ranks then
+//! agree on the outcome before any further collective: if one fails, all fail, each
+//! naming the first failing rank's reason.
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +33,7 @@ use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use super::engine::{EngineError, Result, ZeroEngine};
+use crate::dist::{Communicator, ReduceOp, ShardLayout};
 
 const FORMAT_VERSION: u32 = 1;
 
@@ -226,8 +236,25 @@ impl ZeroEngine {
 
     /// Restores master weights, Adam moments and the step from `dir` (collective),
     /// re-sharding when the checkpoint was written at another world size or stage.
-    /// Returns the trainer state saved with it.
+    /// Reads only the saved shards that overlap this rank's ranges. Returns the
+    /// trainer state saved with it. If any rank fails, every rank returns an error.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<Value> {
+        let local = self.read_own_shards(dir);
+        let restored = self.agree(dir, local)?;
+        for (st, [master, exp_avg, exp_avg_sq]) in self.units.iter_mut().zip(restored.units) {
+            st.master = master;
+            st.exp_avg = exp_avg;
+            st.exp_avg_sq = exp_avg_sq;
+            let _ = st.grad.zero_();
+        }
+        self.step = restored.step;
+        self.publish_params()?;
+        Ok(restored.trainer_state)
+    }
+
+    /// The local half of [`Self::load_checkpoint`], with no collective: checks the
+    /// manifest, reads the files this rank's ranges need and assembles its shards.
+    fn read_own_shards(&self, dir: &Path) -> Result<Restored> {
         let mpath = dir.join("manifest.json");
         let text = std::fs::read_to_string(&mpath).map_err(|e| {
             err(
@@ -246,96 +273,245 @@ impl ZeroEngine {
                 ),
             ));
         }
-        for (name, want) in &manifest.files {
-            let got = sha256_file(&dir.join(name))?;
-            if &got != want {
-                return Err(err(
-                    &dir.join(name),
-                    "checksum does not match manifest.json (corrupted or partial)",
-                ));
-            }
+        // Which slices of which saved shards make up each of this rank's ranges.
+        let mut plans = Vec::with_capacity(self.units.len());
+        let mut needed = BTreeSet::new();
+        for st in &self.units {
+            let old = saved_ranges(manifest.stage, manifest.world_size, st.unit.len);
+            let plan = plan_unit(&old, st.range.clone()).map_err(|at| {
+                err(
+                    dir,
+                    format!(
+                        "unit {}: no saved shard covers element {at} (world size {}, stage {})",
+                        st.unit.name, manifest.world_size, manifest.stage
+                    ),
+                )
+            })?;
+            needed.extend(plan.iter().map(|p| p.rank));
+            plans.push((old, plan));
         }
-        let mut metas = vec![];
-        let mut files = vec![];
-        for r in 0..manifest.world_size {
-            let p = dir.join(format!("rank{r}.json"));
-            let meta: RankMeta =
-                serde_json::from_str(&std::fs::read_to_string(&p).map_err(|e| io(&p, e))?)
-                    .map_err(|e| err(&p, e.to_string()))?;
-            let st = dir.join(format!("rank{r}.safetensors"));
+        let trainer_state = read_meta(dir, &manifest, 0)?.trainer_state;
+        let mut files = std::collections::HashMap::new();
+        for &r in &needed {
+            let meta = read_meta(dir, &manifest, r)?;
+            let name = format!("rank{r}.safetensors");
+            verify(dir, &manifest, &name)?;
             let tensors: std::collections::HashMap<String, Tensor> =
-                Tensor::read_safetensors(&st)?.into_iter().collect();
-            metas.push(meta);
-            files.push(tensors);
+                Tensor::read_safetensors(dir.join(&name))?
+                    .into_iter()
+                    .collect();
+            files.insert(r, (meta, tensors));
         }
-        for u in 0..self.units.len() {
-            let unit = self.units[u].unit.clone();
-            let mut parts: Vec<(usize, usize, usize)> = vec![]; // (start, end, rank)
-            for (r, m) in metas.iter().enumerate() {
-                let (_, s, e) = m
-                    .ranges
-                    .iter()
-                    .find(|(n, _, _)| n == &unit.name)
-                    .ok_or_else(|| {
-                        err(dir, format!("rank {r} has no shard of unit {}", unit.name))
-                    })?;
-                parts.push((*s, *e, r));
-            }
-            parts.sort();
-            // Cover 0..len with consecutive ranges (stage-0 checkpoints repeat the whole
-            // unit on every rank: take the first).
-            let mut pieces: [Vec<Tensor>; 3] = [vec![], vec![], vec![]];
-            let mut at = 0usize;
-            for (s, e, r) in parts {
-                if s != at || e <= s {
-                    continue;
+        tracing::info!(
+            rank = self.rank(),
+            dir = %dir.display(),
+            files = ?needed,
+            "checkpoint shards read"
+        );
+
+        let mut units = Vec::with_capacity(self.units.len());
+        for (st, (old, plan)) in self.units.iter().zip(plans) {
+            let name = &st.unit.name;
+            let device = st.master.device();
+            let mut parts: [Vec<Tensor>; 3] = [vec![], vec![], vec![]];
+            for piece in &plan {
+                let (meta, tensors) = &files[&piece.rank];
+                let saved = meta.ranges.iter().find(|(n, _, _)| n == name);
+                let want = &old[piece.rank];
+                if saved.map(|(_, s, e)| *s..*e).as_ref() != Some(want) {
+                    return Err(err(
+                        &dir.join(format!("rank{}.json", piece.rank)),
+                        format!(
+                            "unit {name}: saved range {saved:?} is not {want:?}, the range of \
+                             rank {} at world size {} stage {}",
+                            piece.rank, manifest.world_size, manifest.stage
+                        ),
+                    ));
                 }
                 for (k, what) in ["master", "exp_avg", "exp_avg_sq"].iter().enumerate() {
-                    let key = format!("{}.{what}", unit.name);
-                    let t = files[r]
+                    let key = format!("{name}.{what}");
+                    let t = tensors
                         .get(&key)
-                        .ok_or_else(|| err(dir, format!("rank {r} lacks {key}")))?;
-                    if t.numel() != e - s {
+                        .ok_or_else(|| err(dir, format!("rank {} lacks {key}", piece.rank)))?;
+                    if t.numel() != want.len() {
                         return Err(err(
                             dir,
                             format!(
-                                "rank {r}: {key} has {} elements, its range {}",
+                                "rank {}: {key} has {} elements, its range {}",
+                                piece.rank,
                                 t.numel(),
-                                e - s
+                                want.len()
                             ),
                         ));
                     }
-                    pieces[k].push(t.shallow_clone());
+                    let slice = &piece.within;
+                    parts[k].push(t.narrow(0, slice.start as i64, slice.len() as i64));
                 }
-                at = e;
             }
-            if at != unit.len {
-                return Err(err(
-                    dir,
-                    format!(
-                        "unit {} covers {at} of {} elements: was it saved for another model?",
-                        unit.name, unit.len
-                    ),
-                ));
-            }
-            let st = &mut self.units[u];
-            let (start, len) = (st.range.start as i64, st.range.len() as i64);
-            let device = st.master.device();
             let take = |p: &[Tensor]| {
-                Tensor::cat(p, 0)
-                    .narrow(0, start, len)
-                    .to_kind(Kind::Float)
-                    .to_device(device)
+                if p.is_empty() {
+                    Tensor::zeros([0], (Kind::Float, device))
+                } else {
+                    Tensor::cat(p, 0).to_kind(Kind::Float).to_device(device)
+                }
             };
-            st.master = take(&pieces[0]);
-            st.exp_avg = take(&pieces[1]);
-            st.exp_avg_sq = take(&pieces[2]);
-            let _ = st.grad.zero_();
+            units.push([take(&parts[0]), take(&parts[1]), take(&parts[2])]);
         }
-        self.step = manifest.step;
-        self.publish_params()?;
-        Ok(metas.swap_remove(0).trainer_state)
+        Ok(Restored {
+            step: manifest.step,
+            trainer_state,
+            units,
+        })
     }
+
+    /// Makes the ranks' local outcomes one (collective): `Ok` only if every rank
+    /// succeeded. A failing rank returns its own error; the others return one carrying
+    /// the lowest failing rank's message, so no rank goes on to a collective its peers
+    /// never enter.
+    fn agree<T>(&mut self, dir: &Path, local: Result<T>) -> Result<T> {
+        let (rank, world) = (self.rank(), self.world_size());
+        // The lowest failing rank r contributes world - r, the largest value.
+        let mut flag = Tensor::from_slice(&[match &local {
+            Ok(_) => 0i64,
+            Err(_) => (world - rank) as i64,
+        }]);
+        self.comm.all_reduce(&mut flag, ReduceOp::Max)?;
+        let flag = flag.int64_value(&[0]);
+        if flag == 0 {
+            return local;
+        }
+        let root = world - flag as usize;
+        let message = match &local {
+            Err(e) if rank == root => e.to_string(),
+            _ => String::new(),
+        };
+        let mut len = Tensor::from_slice(&[message.len() as i64]);
+        self.comm.broadcast(&mut len, root)?;
+        let len = len.int64_value(&[0]).max(0) as usize;
+        let mut words = Tensor::from_slice(&pack_bytes(message.as_bytes(), len));
+        self.comm.broadcast(&mut words, root)?;
+        match local {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let words = Vec::<i64>::try_from(&words)?;
+                let text = String::from_utf8_lossy(&unpack_bytes(&words, len)).into_owned();
+                Err(err(dir, format!("rank {root} could not load it: {text}")))
+            }
+        }
+    }
+}
+
+/// What one rank restores from a checkpoint.
+struct Restored {
+    step: u64,
+    trainer_state: Value,
+    /// Per unit: this rank's master, exp_avg and exp_avg_sq shards, f32.
+    units: Vec<[Tensor; 3]>,
+}
+
+/// `bytes` zero-padded and packed into `ceil(len / 8)` little-endian i64 words (the
+/// collectives carry no byte dtype); `len` is the length every rank agreed on.
+fn pack_bytes(bytes: &[u8], len: usize) -> Vec<i64> {
+    let mut padded = bytes.to_vec();
+    padded.resize(len.div_ceil(8) * 8, 0);
+    padded
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("chunks of 8")))
+        .collect()
+}
+
+/// The first `len` bytes of words packed by [`pack_bytes`].
+fn unpack_bytes(words: &[i64], len: usize) -> Vec<u8> {
+    let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    bytes.truncate(len);
+    bytes
+}
+
+/// Checks `name` against the manifest's SHA-256.
+fn verify(dir: &Path, manifest: &Manifest, name: &str) -> Result<()> {
+    let path = dir.join(name);
+    let want = manifest
+        .files
+        .get(name)
+        .ok_or_else(|| err(&path, "not listed in manifest.json"))?;
+    if &sha256_file(&path)? != want {
+        return Err(err(
+            &path,
+            "checksum does not match manifest.json (corrupted or partial)",
+        ));
+    }
+    Ok(())
+}
+
+/// Saving rank `r`'s `rank{r}.json`, checksummed and checked against the manifest.
+fn read_meta(dir: &Path, manifest: &Manifest, r: usize) -> Result<RankMeta> {
+    let name = format!("rank{r}.json");
+    let path = dir.join(&name);
+    verify(dir, manifest, &name)?;
+    let meta: RankMeta =
+        serde_json::from_str(&std::fs::read_to_string(&path).map_err(|e| io(&path, e))?)
+            .map_err(|e| err(&path, e.to_string()))?;
+    if (meta.rank, meta.world_size, meta.stage, meta.step)
+        != (r, manifest.world_size, manifest.stage, manifest.step)
+    {
+        return Err(err(
+            &path,
+            format!(
+                "rank {}, world size {}, stage {}, step {} disagree with manifest.json \
+                 (rank {r}, world size {}, stage {}, step {})",
+                meta.rank,
+                meta.world_size,
+                meta.stage,
+                meta.step,
+                manifest.world_size,
+                manifest.stage,
+                manifest.step
+            ),
+        ));
+    }
+    Ok(meta)
+}
+
+/// Each saving rank's range of a unit of `len` elements: the whole unit under stage 0
+/// (optimizer state replicated), else [`ShardLayout`]'s range over `world_size`.
+pub fn saved_ranges(stage: u8, world_size: usize, len: usize) -> Vec<Range<usize>> {
+    let layout = ShardLayout::new(len, if stage == 0 { 1 } else { world_size });
+    (0..world_size)
+        .map(|r| if stage == 0 { 0..len } else { layout.range(r) })
+        .collect()
+}
+
+/// A slice of one saved shard: elements `within` (relative to the shard's start) of
+/// saving rank `rank`'s shard of a unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub rank: usize,
+    pub within: Range<usize>,
+}
+
+/// The slices of saved shards that, concatenated, give elements `want` of a unit
+/// whose saved ranks held `saved[r]`. Greedy interval cover: at each position the
+/// shard reaching furthest wins (the lowest rank on ties), so the fewest files are
+/// read; replicated stage-0 shards all come from rank 0. Pure. `Err(at)` names the
+/// first element no shard covers.
+pub fn plan_unit(saved: &[Range<usize>], want: Range<usize>) -> Result<Vec<Piece>, usize> {
+    let mut pieces = vec![];
+    let mut at = want.start;
+    while at < want.end {
+        let (rank, range) = saved
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.start <= at && at < r.end)
+            .min_by_key(|(rank, r)| (std::cmp::Reverse(r.end), *rank))
+            .ok_or(at)?;
+        let end = range.end.min(want.end);
+        pieces.push(Piece {
+            rank,
+            within: at - range.start..end - range.start,
+        });
+        at = end;
+    }
+    Ok(pieces)
 }
 
 /// Keeps the newest `keep_last` step directories under `root` (0 keeps all).
@@ -358,4 +534,90 @@ fn prune(root: &Path, keep_last: usize) -> Result<()> {
         std::fs::remove_dir_all(p).map_err(|e| io(p, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The saved ranks whose files a new rank reads for one unit.
+    fn files(saved: &[Range<usize>], want: Range<usize>) -> Vec<usize> {
+        plan_unit(saved, want)
+            .unwrap()
+            .iter()
+            .map(|p| p.rank)
+            .collect()
+    }
+
+    #[test]
+    fn resharding_reads_only_overlapping_shards() {
+        // 10 elements saved by 3 ranks (4, 4, 2), loaded by 2 ranks (5, 5).
+        let saved = saved_ranges(2, 3, 10);
+        assert_eq!(saved, [0..4, 4..8, 8..10]);
+        let new = ShardLayout::new(10, 2);
+        assert_eq!(
+            plan_unit(&saved, new.range(0)).unwrap(),
+            [
+                Piece {
+                    rank: 0,
+                    within: 0..4
+                },
+                Piece {
+                    rank: 1,
+                    within: 0..1
+                }
+            ]
+        );
+        assert_eq!(
+            plan_unit(&saved, new.range(1)).unwrap(),
+            [
+                Piece {
+                    rank: 1,
+                    within: 1..4
+                },
+                Piece {
+                    rank: 2,
+                    within: 0..2
+                }
+            ]
+        );
+        // Same world size: each rank reads its own file only.
+        for r in 0..3 {
+            assert_eq!(files(&saved, ShardLayout::new(10, 3).range(r)), [r]);
+        }
+        // 2 -> 3 ranks: the middle rank straddles both saved shards.
+        let saved = saved_ranges(3, 2, 9);
+        let new = ShardLayout::new(9, 3);
+        let got: Vec<_> = (0..3).map(|r| files(&saved, new.range(r))).collect();
+        assert_eq!(got, [vec![0], vec![0, 1], vec![1]]);
+    }
+
+    #[test]
+    fn replicated_and_empty_ranges() {
+        // Stage 0 saved the whole unit on every rank: rank 0's copy serves everyone.
+        let saved = saved_ranges(0, 3, 7);
+        assert_eq!(saved, [0..7, 0..7, 0..7]);
+        for r in 0..2 {
+            assert_eq!(files(&saved, ShardLayout::new(7, 2).range(r)), [0]);
+        }
+        // An empty new range needs nothing; an empty saved shard is never read.
+        assert!(plan_unit(&saved, 7..7).unwrap().is_empty());
+        let saved = saved_ranges(1, 4, 5); // 2, 2, 1, 0
+        assert_eq!(files(&saved, 0..5), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_gap_names_the_first_uncovered_element() {
+        assert_eq!(plan_unit(&[0..3, 5..8], 0..8), Err(3));
+        assert_eq!(plan_unit(&[], 2..4), Err(2));
+    }
+
+    #[test]
+    fn error_messages_survive_packing() {
+        for msg in ["", "x", "exactly8", "a longer message: rank1.safetensors"] {
+            let words = pack_bytes(msg.as_bytes(), msg.len());
+            assert_eq!(words.len(), msg.len().div_ceil(8));
+            assert_eq!(unpack_bytes(&words, msg.len()), msg.as_bytes());
+        }
+    }
 }

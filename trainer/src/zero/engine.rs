@@ -16,6 +16,17 @@
 //! divided once by the global count (all-reduced at the step). The result is the
 //! gradient of `sum(all items) / count(all items)`, whatever the world size or the
 //! micro-batching.
+//!
+//! Overlap (`zero.overlap_comm`): collectives are issued to an [`AsyncComm`] queue and
+//! waited only where their result is needed. Stage 3 gathers unit `i + 1` while unit
+//! `i` computes (forward and the recompute walk back); stages 2-3 leave up to
+//! [`REDUCE_DEPTH`] gradient reduce-scatters in flight while the backward continues
+//! (all are waited before the step); the step all-gathers a unit's new parameters
+//! while AdamW runs on the next. Every rank issues the same sequence whatever the
+//! timing, and gradients are added to the accumulators in issue order, so results are
+//! bitwise those of the blocking schedule.
+use std::collections::VecDeque;
+
 use model::weights::{DecoderLayer, TensorSource};
 use model::{
     attention_context, embed, layer_forward, rms_norm, ForwardInput, ModelConfig, Rope, Weights,
@@ -26,7 +37,20 @@ use super::optimizer::{adamw_step, clip_coefficient, OptimConfig};
 use super::schedule::LrScheduler;
 use super::units::{flatten, plan_units, Unit};
 use super::{ZeroConfig, ZeroStage};
-use crate::dist::{CommError, Communicator, ReduceOp};
+use crate::dist::{AsyncComm, CommError, Communicator, InFlight, Pending, ReduceOp};
+
+/// Gradient reduce-scatters (stages 2-3) left in flight under `overlap_comm`: at most
+/// this many finished units' full-size flat gradients wait for the network, on top of
+/// the unit whose backward runs.
+pub const REDUCE_DEPTH: usize = 2;
+
+/// Units whose all-gather (stage 3) is issued ahead of use under `overlap_comm`: the
+/// next unit's parameters arrive while the current unit computes.
+pub const PREFETCH_DEPTH: usize = 1;
+
+/// Parameter all-gathers (stages 1-2, at the step) left in flight under
+/// `overlap_comm` while AdamW updates the next unit.
+pub const PUBLISH_DEPTH: usize = 1;
 
 /// One micro-batch of token ids (`[B, T]` i64) with optional mask and positions.
 #[derive(Debug)]
@@ -115,13 +139,46 @@ pub struct ZeroEngine {
     pub(crate) optim: OptimConfig,
     pub(crate) kind: Kind,
     pub(crate) device: Device,
-    pub(crate) comm: Box<dyn Communicator>,
+    /// Collectives, queued on a thread of their own under `overlap_comm`.
+    pub(crate) comm: AsyncComm,
     pub(crate) rope: Rope,
+    /// Stages 2-3: gradient reduce-scatters issued and not yet added to `grad`.
+    grad_flight: InFlight<usize, Tensor>,
     pub(crate) units: Vec<UnitState>,
     pub(crate) scheduler: LrScheduler,
     pub(crate) step: u64,
     loss_sum: f64,
     count: i64,
+}
+
+/// A unit's full flat parameters on their way: resident, or an all-gather in flight.
+enum Fetch {
+    Resident(Tensor),
+    Gathering(Pending<Tensor>),
+}
+
+/// The units one micro-batch uses, in order of use, fetched `lookahead` units ahead
+/// of the one being taken (so a stage-3 gather overlaps the compute before it).
+struct GatherQueue {
+    order: Vec<usize>,
+    lookahead: usize,
+    /// Entries of `order` fetched so far.
+    issued: usize,
+    /// Entries of `order` taken so far.
+    taken: usize,
+    fetched: VecDeque<(usize, Fetch)>,
+}
+
+impl GatherQueue {
+    fn new(order: Vec<usize>, lookahead: usize) -> Self {
+        GatherQueue {
+            order,
+            lookahead,
+            issued: 0,
+            taken: 0,
+            fetched: VecDeque::new(),
+        }
+    }
 }
 
 /// Named tensors handed to the model's block constructors.
@@ -202,6 +259,10 @@ impl ZeroEngine {
             optim.warmup_ratio,
             total_steps,
         );
+        // One rank has nothing to overlap: no thread.
+        let background = zero.overlap_comm && world > 1;
+        let comm = AsyncComm::new(comm, background)?;
+        let depth = if background { REDUCE_DEPTH } else { 0 };
         let engine = ZeroEngine {
             rope: Rope::new(&cfg, device),
             cfg,
@@ -210,6 +271,7 @@ impl ZeroEngine {
             kind,
             device,
             comm,
+            grad_flight: InFlight::new(depth),
             units,
             scheduler,
             step: 0,
@@ -245,8 +307,11 @@ impl ZeroEngine {
         self.step
     }
 
+    /// The communicator, for collectives of the caller's own (blocking). Under
+    /// `overlap_comm` a call is queued behind the engine's in-flight collectives and
+    /// returns once it (and so all of them) has run, keeping every rank's order.
     pub fn comm(&mut self) -> &mut dyn Communicator {
-        self.comm.as_mut()
+        &mut self.comm
     }
 
     /// Bytes of parameters, gradients and optimizer state held by this rank.
@@ -269,19 +334,52 @@ impl ZeroEngine {
         r
     }
 
-    /// Fresh leaf tensors (requiring grad) of unit `u`'s parameters: aliases of the
-    /// resident parameters (stages 0-2) or an all-gather of the shards (stage 3).
-    pub(super) fn gather(&mut self, u: usize) -> Result<Vec<Tensor>> {
+    /// Starts getting unit `u`'s full flat parameters: an alias of the resident
+    /// parameters (stages 0-2) or an all-gather of the shards (stage 3). The shard is
+    /// read by the collective while in flight; nothing writes it during a micro-batch
+    /// (the step replaces it, after every gather was waited).
+    fn fetch(&mut self, u: usize) -> Fetch {
         let st = &self.units[u];
-        let full = match (&st.params, &st.param_shard) {
-            (Some(p), _) => p.shallow_clone(),
-            (None, Some(shard)) => {
-                let len = st.unit.len;
-                self.comm.all_gather(shard, len)?
-            }
+        match (&st.params, &st.param_shard) {
+            (Some(p), _) => Fetch::Resident(p.shallow_clone()),
+            (None, Some(shard)) => Fetch::Gathering(
+                self.comm
+                    .all_gather_async(shard.shallow_clone(), st.unit.len),
+            ),
             (None, None) => unreachable!("a unit holds parameters or a shard"),
+        }
+    }
+
+    /// Unit `u`'s parameters as tensors, fetched synchronously (the gradient-free paths
+    /// of `inference.rs`).
+    pub(super) fn gather(&mut self, u: usize) -> Result<Vec<Tensor>> {
+        let full = match self.fetch(u) {
+            Fetch::Resident(t) => t,
+            Fetch::Gathering(p) => p.wait()?,
         };
-        Ok(st
+        Ok(self.units[u].unit.unflatten(&full))
+    }
+
+    /// The next unit of `q` as fresh leaf tensors requiring grad (views of its flat
+    /// parameters), after issuing the fetches of the units `q` looks ahead to.
+    fn next_unit(&mut self, q: &mut GatherQueue) -> Result<Vec<Tensor>> {
+        let want = (q.taken + 1 + q.lookahead).min(q.order.len());
+        while q.issued < want {
+            let u = q.order[q.issued];
+            let f = self.fetch(u);
+            q.fetched.push_back((u, f));
+            q.issued += 1;
+        }
+        let (u, f) = q
+            .fetched
+            .pop_front()
+            .expect("forward_backward takes no more units than it planned");
+        q.taken += 1;
+        let full = match f {
+            Fetch::Resident(t) => t,
+            Fetch::Gathering(p) => p.wait()?,
+        };
+        Ok(self.units[u]
             .unit
             .unflatten(&full)
             .into_iter()
@@ -291,23 +389,37 @@ impl ZeroEngine {
 
     /// Moves unit `u`'s gradients from `leaves` into this rank's accumulator: added to
     /// the full buffer (stages 0-1) or reduce-scattered and added to the shard (2-3).
-    /// The leaves (and, under stage 3, the gathered parameters) are dropped after.
+    /// The leaves (and, under stage 3, the gathered parameters) are dropped here; the
+    /// flat gradient belongs to the reduce-scatter until it is waited.
     fn finish_unit(&mut self, u: usize, leaves: Vec<Tensor>) -> Result<()> {
         let grads: Vec<Tensor> = leaves.iter().map(Tensor::grad).collect();
         let st = &self.units[u];
         let flat = tch::no_grad(|| flatten(&grads, &st.unit.specs, self.kind, self.device));
         drop(grads);
         drop(leaves);
-        let add = match self.zero.stage {
-            ZeroStage::Stage0 | ZeroStage::Stage1 => flat,
+        match self.zero.stage {
+            ZeroStage::Stage0 | ZeroStage::Stage1 => self.add_grad(u, &flat),
             ZeroStage::Stage2 | ZeroStage::Stage3 => {
-                self.comm.reduce_scatter(&flat, ReduceOp::Sum)?
+                let pending = self.comm.reduce_scatter_async(flat, ReduceOp::Sum);
+                for (v, p) in self.grad_flight.push(u, pending) {
+                    self.add_grad(v, &p.wait()?);
+                }
             }
-        };
-        let st = &mut self.units[u];
+        }
+        Ok(())
+    }
+
+    fn add_grad(&mut self, u: usize, g: &Tensor) {
         tch::no_grad(|| {
-            let _ = st.grad.g_add_(&add);
+            let _ = self.units[u].grad.g_add_(g);
         });
+    }
+
+    /// Waits for every in-flight gradient reduce-scatter and adds it, in issue order.
+    fn settle_grads(&mut self) -> Result<()> {
+        for (u, p) in self.grad_flight.drain() {
+            self.add_grad(u, &p.wait()?);
+        }
         Ok(())
     }
 
@@ -339,17 +451,30 @@ impl ZeroEngine {
         input.position_ids = pos.as_ref();
         let ctx = attention_context(&self.cfg, &self.rope, self.kind, &input, None)?;
         let n_layers = self.cfg.num_hidden_layers;
-        let outer = self.gather(0)?;
+        let recompute = self.zero.recompute();
+        // Units in order of use: outer, the layers forward, and with recomputation the
+        // layers again backward, except the last, whose forward parameters are kept.
+        let mut order: Vec<usize> = (0..=n_layers).collect();
+        if recompute {
+            order.extend((1..n_layers).rev());
+        }
+        let lookahead = if self.comm.is_background() {
+            PREFETCH_DEPTH
+        } else {
+            0
+        };
+        let mut q = GatherQueue::new(order, lookahead);
+        let outer = self.next_unit(&mut q)?;
         let tied = self.cfg.tie_word_embeddings;
         let (embed_w, norm_w) = (&outer[0], &outer[1]);
         let head_w = if tied { &outer[0] } else { &outer[2] };
 
-        let out = if !self.zero.recompute() {
+        let out = if !recompute {
             // Plain autograd over the whole model; stage 2 shards after the backward.
             let mut layer_leaves = vec![];
             let mut h = embed(embed_w, &ids);
             for i in 0..n_layers {
-                let leaves = self.gather(i + 1)?;
+                let leaves = self.next_unit(&mut q)?;
                 h = layer_forward(&self.cfg, &self.layer(i, &leaves)?, &h, &ctx, None)?;
                 layer_leaves.push(leaves);
             }
@@ -363,12 +488,16 @@ impl ZeroEngine {
         } else {
             // Gradient checkpointing: keep each block's input, recompute in backward.
             let mut inputs = Vec::with_capacity(n_layers);
+            let mut last = None;
             let mut h = tch::no_grad(|| embed(embed_w, &ids));
             for i in 0..n_layers {
-                let leaves = self.gather(i + 1)?;
+                let leaves = self.next_unit(&mut q)?;
                 let layer = self.layer(i, &leaves)?;
                 inputs.push(h.shallow_clone());
                 h = tch::no_grad(|| layer_forward(&self.cfg, &layer, &h, &ctx, None))?;
+                if i + 1 == n_layers {
+                    last = Some(leaves);
+                }
             }
             let h_last = h.detach().set_requires_grad(true);
             let hn = rms_norm(&h_last, norm_w, self.cfg.rms_norm_eps);
@@ -376,7 +505,10 @@ impl ZeroEngine {
             out.loss_sum.f_backward()?;
             let mut g = h_last.grad();
             for i in (0..n_layers).rev() {
-                let leaves = self.gather(i + 1)?;
+                let leaves = match last.take() {
+                    Some(leaves) => leaves,
+                    None => self.next_unit(&mut q)?,
+                };
                 let x = inputs[i].detach().set_requires_grad(true);
                 let y = layer_forward(&self.cfg, &self.layer(i, &leaves)?, &x, &ctx, None)?;
                 (y * g.detach()).sum(Kind::Float).f_backward()?;
@@ -397,27 +529,35 @@ impl ZeroEngine {
 
     /// Normalises, clips and applies the accumulated gradients; collective.
     pub fn step(&mut self) -> Result<StepStats> {
-        let mut totals = Tensor::from_slice(&[self.count]);
-        self.comm.all_reduce(&mut totals, ReduceOp::Sum)?;
-        let count = totals.int64_value(&[0]);
-        let mut loss = Tensor::from_slice(&[self.loss_sum as f32]);
-        self.comm.all_reduce(&mut loss, ReduceOp::Sum)?;
+        self.settle_grads()?;
+        // Issued in one go, waited in order: the counts, the loss, and (stages 0-1)
+        // every unit's gradient reduction. A gradient handed to a collective is not
+        // read (stage 0 reduces it in place) or written (stage 1) before its wait.
+        let totals = self
+            .comm
+            .all_reduce_async(Tensor::from_slice(&[self.count]), ReduceOp::Sum);
+        let loss = self
+            .comm
+            .all_reduce_async(Tensor::from_slice(&[self.loss_sum as f32]), ReduceOp::Sum);
+        let mut reduced: Vec<Option<Pending<Tensor>>> = Vec::with_capacity(self.units.len());
+        for st in &self.units {
+            let grad = st.grad.shallow_clone();
+            reduced.push(match self.zero.stage {
+                ZeroStage::Stage0 => Some(self.comm.all_reduce_async(grad, ReduceOp::Sum)),
+                ZeroStage::Stage1 => Some(self.comm.reduce_scatter_async(grad, ReduceOp::Sum)),
+                ZeroStage::Stage2 | ZeroStage::Stage3 => None,
+            });
+        }
+        let count = totals.wait()?.int64_value(&[0]);
+        let loss = loss.wait()?;
         let denom = count.max(1) as f64;
 
         // This rank's f32 gradient shard of every unit, divided by the global count.
         let mut grads = Vec::with_capacity(self.units.len());
-        for u in 0..self.units.len() {
-            let st = &mut self.units[u];
-            let g = match self.zero.stage {
-                ZeroStage::Stage0 => {
-                    self.comm.all_reduce(&mut st.grad, ReduceOp::Sum)?;
-                    st.grad.to_kind(Kind::Float)
-                }
-                ZeroStage::Stage1 => self
-                    .comm
-                    .reduce_scatter(&st.grad, ReduceOp::Sum)?
-                    .to_kind(Kind::Float),
-                ZeroStage::Stage2 | ZeroStage::Stage3 => st.grad.to_kind(Kind::Float),
+        for (st, pending) in self.units.iter().zip(reduced) {
+            let g = match pending {
+                Some(p) => p.wait()?.to_kind(Kind::Float),
+                None => st.grad.to_kind(Kind::Float),
             };
             grads.push(g / denom);
         }
@@ -433,7 +573,11 @@ impl ZeroEngine {
         let coef = clip_coefficient(grad_norm, self.optim.max_grad_norm);
         let lr = self.scheduler.lr(self.step);
         self.step += 1;
-        for (st, g) in self.units.iter_mut().zip(grads) {
+        // AdamW unit by unit; a unit's new parameters are all-gathered while the next
+        // unit updates.
+        let mut published = self.publish_window();
+        for (u, g) in grads.into_iter().enumerate() {
+            let st = &mut self.units[u];
             let g = if coef < 1.0 { g * coef } else { g };
             adamw_step(
                 &mut st.master,
@@ -446,8 +590,9 @@ impl ZeroEngine {
                 self.step,
             );
             let _ = st.grad.zero_();
+            self.publish_unit(u, &mut published)?;
         }
-        self.publish_params()?;
+        self.finish_publish(published)?;
         let stats = StepStats {
             loss: loss.double_value(&[0]) / denom,
             grad_norm,
@@ -460,35 +605,68 @@ impl ZeroEngine {
         Ok(stats)
     }
 
-    /// Rebuilds the compute parameters from the master shards.
-    pub(crate) fn publish_params(&mut self) -> Result<()> {
-        for u in 0..self.units.len() {
-            let stage = self.zero.stage;
-            let st = &mut self.units[u];
-            let compute = st.master.to_kind(self.kind);
-            match stage {
-                ZeroStage::Stage0 => {
-                    st.params
-                        .as_mut()
-                        .expect("stage 0 keeps params")
-                        .copy_(&compute);
-                }
-                ZeroStage::Stage1 | ZeroStage::Stage2 => {
-                    let full = self.comm.all_gather(&compute, st.unit.len)?;
-                    st.params
-                        .as_mut()
-                        .expect("stages 1-2 keep params")
-                        .copy_(&full);
-                }
-                ZeroStage::Stage3 => st.param_shard = Some(compute),
+    /// The window of parameter all-gathers [`Self::publish_unit`] keeps in flight.
+    fn publish_window(&self) -> InFlight<usize, Tensor> {
+        InFlight::new(if self.comm.is_background() {
+            PUBLISH_DEPTH
+        } else {
+            0
+        })
+    }
+
+    /// Rebuilds unit `u`'s compute parameters from its master shard: a copy (stage 0),
+    /// an all-gather issued into `window` (stages 1-2) or a new shard (stage 3).
+    fn publish_unit(&mut self, u: usize, window: &mut InFlight<usize, Tensor>) -> Result<()> {
+        let st = &mut self.units[u];
+        let compute = st.master.to_kind(self.kind);
+        match self.zero.stage {
+            ZeroStage::Stage0 => {
+                st.params
+                    .as_mut()
+                    .expect("stage 0 keeps params")
+                    .copy_(&compute);
             }
+            ZeroStage::Stage1 | ZeroStage::Stage2 => {
+                let pending = self.comm.all_gather_async(compute, st.unit.len);
+                for (v, p) in window.push(u, pending) {
+                    self.copy_params(v, &p.wait()?);
+                }
+            }
+            ZeroStage::Stage3 => st.param_shard = Some(compute),
         }
         Ok(())
+    }
+
+    /// Waits for the all-gathers left in `window` and copies them into place.
+    fn finish_publish(&mut self, mut window: InFlight<usize, Tensor>) -> Result<()> {
+        for (v, p) in window.drain() {
+            self.copy_params(v, &p.wait()?);
+        }
+        Ok(())
+    }
+
+    fn copy_params(&mut self, u: usize, full: &Tensor) {
+        self.units[u]
+            .params
+            .as_mut()
+            .expect("stages 0-2 keep params")
+            .copy_(full);
+    }
+
+    /// Rebuilds the compute parameters from the master shards (collective).
+    pub(crate) fn publish_params(&mut self) -> Result<()> {
+        self.settle_grads()?;
+        let mut window = self.publish_window();
+        for u in 0..self.units.len() {
+            self.publish_unit(u, &mut window)?;
+        }
+        self.finish_publish(window)
     }
 
     /// The f32 master weights of the whole model, gathered on every rank (collective).
     /// For export and weight sync; under stage 3 this materialises the model once.
     pub fn full_weights(&mut self) -> Result<Weights> {
+        self.settle_grads()?;
         let mut named = Named(vec![]);
         for u in 0..self.units.len() {
             let st = &self.units[u];

@@ -7,6 +7,7 @@ use tch::{Kind, Tensor};
 
 use super::engine::{EngineError, MicroBatch, Result, ZeroEngine};
 use super::ZeroStage;
+use crate::dist::Communicator;
 
 impl ZeroEngine {
     /// Runs the model on `mb` without autograd and hands the final normalised hidden

@@ -8,8 +8,11 @@
 //! divides by the global loss denominator, clips by the global norm, runs AdamW on this
 //! rank's f32 master shard and re-assembles compute parameters (all-gather for stages 1
 //! and 2; stage 3 keeps only shards). Shard ranges come from [`ShardLayout`] alone.
+//! With `overlap_comm` the collectives go through an [`AsyncComm`] queue and overlap
+//! the compute around them.
 //!
 //! [`ShardLayout`]: crate::dist::ShardLayout
+//! [`AsyncComm`]: crate::dist::AsyncComm
 pub mod checkpoint;
 pub mod engine;
 pub mod inference;
@@ -74,6 +77,13 @@ pub struct ZeroConfig {
     /// Dtype of the compute parameters and gradients: `float32` or `bfloat16`. Master
     /// weights and Adam moments are always float32.
     pub compute_dtype: String,
+    /// Overlap communication with compute (DeepSpeed's `overlap_comm`): collectives
+    /// run on a thread of their own, stage 3 prefetches the next unit's all-gather
+    /// while the current one computes, stages 2-3 reduce-scatter a finished unit's
+    /// gradients while the backward goes on, and the step all-gathers a unit's new
+    /// parameters while AdamW updates the next. Results are bitwise the same either
+    /// way; off runs every collective blocking, in the caller's thread.
+    pub overlap_comm: bool,
 }
 
 impl Default for ZeroConfig {
@@ -82,6 +92,7 @@ impl Default for ZeroConfig {
             stage: ZeroStage::Stage2,
             gradient_checkpointing: false,
             compute_dtype: "float32".into(),
+            overlap_comm: true,
         }
     }
 }
@@ -105,5 +116,24 @@ impl ZeroConfig {
     /// Whether blocks are recomputed in backward.
     pub fn recompute(&self) -> bool {
         self.gradient_checkpointing || self.stage == ZeroStage::Stage3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_names() {
+        let c: ZeroConfig = serde_json::from_str(r#"{"stage": 3}"#).unwrap();
+        assert_eq!(c.stage, ZeroStage::Stage3);
+        assert!(c.overlap_comm, "overlap_comm defaults to on");
+        assert!(c.recompute());
+        let c: ZeroConfig = serde_json::from_str(r#"{"overlap_comm": false}"#).unwrap();
+        assert!(!c.overlap_comm);
+        let e = serde_json::from_str::<ZeroConfig>(r#"{"overlap": false}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `overlap`"), "{e}");
+        let e = serde_json::from_str::<ZeroConfig>(r#"{"stage": 4}"#).unwrap_err();
+        assert!(e.to_string().contains("0, 1, 2 or 3"), "{e}");
     }
 }
