@@ -43,8 +43,8 @@ pub struct TrainingArgs {
     /// Sequences per rank per micro-batch (GRPO: completions).
     pub per_device_train_batch_size: usize,
     pub gradient_accumulation_steps: usize,
-    /// Log (and update the metrics) every this many steps; the console progress line
-    /// is printed every step regardless.
+    /// Write the full metrics line to the log every this many steps; the console
+    /// progress line and the Prometheus gauges are updated every step regardless.
     pub logging_steps: u64,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_steps: u64,
