@@ -11,7 +11,7 @@
 use anyhow::{ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use tch::{Device, Kind, Tensor};
-use trainer::dist::{self, Backend, Communicator, DistConfig, ReduceOp, RendezvousEnv};
+use trainer::dist::{self, Backend, Communicator, DistConfig, ReduceOp};
 
 #[derive(Parser)]
 #[command(name = "trainer", about = "GRPO trainer")]
@@ -88,16 +88,7 @@ fn init_tracing() {
 }
 
 fn dist_check(args: &DistCheckArgs) -> Result<()> {
-    let env = RendezvousEnv::from_env().context("reading the launcher's environment")?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let omp = std::env::var("OMP_NUM_THREADS").ok();
-    let threads = dist::intra_op_threads(
-        args.num_threads,
-        omp.as_deref(),
-        cores,
-        env.local_world_size,
-    );
-    tch::set_num_threads(threads as i32);
+    let (env, threads) = trainer::session::join_environment(args.num_threads)?;
     let device = if args.cuda {
         Device::Cuda(env.local_rank)
     } else {

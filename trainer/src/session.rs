@@ -204,20 +204,22 @@ pub struct Session {
     pub metrics: Arc<Metrics>,
 }
 
+/// Reads the launcher's environment (torchrun's variables; none is a world of one) and
+/// sets libtorch's intra-op threads ([`dist::intra_op_threads`]); returns both.
+pub fn join_environment(num_threads: Option<usize>) -> Result<(RendezvousEnv, usize)> {
+    let env = RendezvousEnv::from_env().context("reading the launcher's environment")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let omp = std::env::var("OMP_NUM_THREADS").ok();
+    let threads = dist::intra_op_threads(num_threads, omp.as_deref(), cores, env.local_world_size);
+    tch::set_num_threads(threads as i32);
+    Ok((env, threads))
+}
+
 impl Session {
     /// Reads the launcher's environment, sets threads, joins the other ranks, loads the
     /// tokenizer and the initial weights, and starts the metrics endpoint.
     pub fn start(args: &TrainingArgs) -> Result<Session> {
-        let env = RendezvousEnv::from_env().context("reading the launcher's environment")?;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let omp = std::env::var("OMP_NUM_THREADS").ok();
-        let threads = dist::intra_op_threads(
-            args.num_threads,
-            omp.as_deref(),
-            cores,
-            env.local_world_size,
-        );
-        tch::set_num_threads(threads as i32);
+        let (env, threads) = join_environment(args.num_threads)?;
         let device = match args.device.as_str() {
             "cuda" => {
                 if !tch::Cuda::is_available() {

@@ -154,7 +154,10 @@ fn reference_model_reused_batches_and_batch_scaling_run() {
     assert_eq!(kl.len(), 2, "{}", out.join("\n"));
     assert!(kl[1] > 0.0, "kl {kl:?}");
     let clipped = metric("completions/clipped_ratio");
-    assert!(clipped.iter().any(|&c| c > 0.0), "some completions hit 13 tokens: {clipped:?}");
+    assert!(
+        clipped.iter().any(|&c| c > 0.0),
+        "some completions hit 13 tokens: {clipped:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -436,13 +436,9 @@ impl ZeroEngine {
             .map_err(|n| EngineError::Config(format!("layer {i} lacks {n}")))
     }
 
-    /// Forward and backward of one micro-batch; gradients accumulate until
-    /// [`ZeroEngine::step`]. `loss_fn` gets the final normalised hidden states
-    /// `[B, T, H]` and the head weight `[V, H]`, and returns a summed loss.
-    pub fn forward_backward<F>(&mut self, mb: &MicroBatch, mut loss_fn: F) -> Result<f64>
-    where
-        F: FnMut(&Tensor, &Tensor) -> std::result::Result<LossOutput, String>,
-    {
+    /// The micro-batch's ids on this engine's device and its attention context (mask,
+    /// positions, rotary tables).
+    pub(super) fn prepare(&self, mb: &MicroBatch) -> Result<(Tensor, model::AttentionContext)> {
         let ids = mb.input_ids.to_device(self.device);
         let mask = mb.attention_mask.as_ref().map(|m| m.to_device(self.device));
         let pos = mb.position_ids.as_ref().map(|p| p.to_device(self.device));
@@ -450,6 +446,17 @@ impl ZeroEngine {
         input.attention_mask = mask.as_ref();
         input.position_ids = pos.as_ref();
         let ctx = attention_context(&self.cfg, &self.rope, self.kind, &input, None)?;
+        Ok((ids, ctx))
+    }
+
+    /// Forward and backward of one micro-batch; gradients accumulate until
+    /// [`ZeroEngine::step`]. `loss_fn` gets the final normalised hidden states
+    /// `[B, T, H]` and the head weight `[V, H]`, and returns a summed loss.
+    pub fn forward_backward<F>(&mut self, mb: &MicroBatch, mut loss_fn: F) -> Result<f64>
+    where
+        F: FnMut(&Tensor, &Tensor) -> std::result::Result<LossOutput, String>,
+    {
+        let (ids, ctx) = self.prepare(mb)?;
         let n_layers = self.cfg.num_hidden_layers;
         let recompute = self.zero.recompute();
         // Units in order of use: outer, the layers forward, and with recomputation the

@@ -2,7 +2,7 @@
 //! reference log-probs) and a unit-by-unit walk over the full weights (weight sync to the
 //! rollout workers and export), both collective and never holding more than one unit's
 //! gathered parameters beyond what the stage keeps resident.
-use model::{attention_context, embed, layer_forward, rms_norm, ForwardInput};
+use model::{embed, layer_forward, rms_norm};
 use tch::{Kind, Tensor};
 
 use super::engine::{EngineError, MicroBatch, Result, ZeroEngine};
@@ -18,13 +18,7 @@ impl ZeroEngine {
         F: FnOnce(&Tensor, &Tensor) -> std::result::Result<T, String>,
     {
         let _guard = tch::no_grad_guard();
-        let ids = mb.input_ids.to_device(self.device);
-        let mask = mb.attention_mask.as_ref().map(|m| m.to_device(self.device));
-        let pos = mb.position_ids.as_ref().map(|p| p.to_device(self.device));
-        let mut input = ForwardInput::new(&ids);
-        input.attention_mask = mask.as_ref();
-        input.position_ids = pos.as_ref();
-        let ctx = attention_context(&self.cfg, &self.rope, self.kind, &input, None)?;
+        let (ids, ctx) = self.prepare(mb)?;
         let outer = self.gather(0)?;
         let head = if self.cfg.tie_word_embeddings {
             &outer[0]
