@@ -16,16 +16,59 @@ pub struct EvalSet {
     accuracy: Box<dyn RewardFunction>,
 }
 
-/// Mean accuracy, greedy and sampled, over the scorable prompts.
-#[derive(Debug, Clone, Copy)]
-pub struct EvalResult {
-    pub greedy: f64,
-    pub sampled: f64,
-    pub prompts: usize,
-    pub unscorable: usize,
+/// Accuracy sums over some prompts; summed over ranks, then turned into means.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalSums {
+    /// Greedy accuracy summed over scorable prompts.
+    pub greedy_sum: f64,
+    /// Sampled accuracy summed over the completions of scorable prompts.
+    pub sampled_sum: f64,
+    pub sampled_count: f64,
+    pub prompts: f64,
+    pub unscorable: f64,
+}
+
+impl EvalSums {
+    pub fn to_array(&self) -> [f32; 5] {
+        [
+            self.greedy_sum as f32,
+            self.sampled_sum as f32,
+            self.sampled_count as f32,
+            self.prompts as f32,
+            self.unscorable as f32,
+        ]
+    }
+
+    pub fn from_array(v: &[f32]) -> EvalSums {
+        EvalSums {
+            greedy_sum: v[0] as f64,
+            sampled_sum: v[1] as f64,
+            sampled_count: v[2] as f64,
+            prompts: v[3] as f64,
+            unscorable: v[4] as f64,
+        }
+    }
+
+    /// Mean greedy accuracy over scorable prompts.
+    pub fn greedy(&self) -> f64 {
+        self.greedy_sum / self.prompts.max(1.0)
+    }
+
+    /// Mean accuracy over all sampled completions of scorable prompts.
+    pub fn sampled(&self) -> f64 {
+        self.sampled_sum / self.sampled_count.max(1.0)
+    }
 }
 
 impl EvalSet {
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
     pub fn new(examples: Vec<PromptExample>, cfg: &GrpoConfig) -> Result<EvalSet> {
         let mut funcs = build_reward_functions(
             &["accuracy".to_string()],
@@ -40,16 +83,20 @@ impl EvalSet {
     }
 }
 
-/// Runs the evaluation at `version` (called on one rank).
+/// Evaluates the prompts `range` of `set` at `version`.
 pub fn evaluate(
     set: &EvalSet,
+    range: std::ops::Range<usize>,
     client: &RolloutClient,
     rt: &tokio::runtime::Runtime,
     cfg: &GrpoConfig,
     version: u64,
-) -> Result<EvalResult> {
+) -> Result<EvalSums> {
+    if range.is_empty() {
+        return Ok(EvalSums::default());
+    }
     let jobs = || -> Vec<PromptJob> {
-        set.examples
+        set.examples[range.clone()]
             .iter()
             .enumerate()
             .map(|(k, e)| PromptJob {
@@ -88,35 +135,29 @@ pub fn evaluate(
         version,
         |_| {},
     ))?;
-    let (g_scores, _) = score(set, &greedy)?;
-    let (s_scores, _) = score(set, &sampled)?;
-    let mut unscorable = 0;
-    let (mut g_sum, mut s_sum, mut s_n, mut prompts) = (0.0, 0.0, 0usize, 0usize);
-    for (k, g) in g_scores.iter().enumerate() {
-        let s = &s_scores[k];
+    let offset = range.start;
+    let g_scores = score(set, offset, &greedy)?;
+    let s_scores = score(set, offset, &sampled)?;
+    let mut sums = EvalSums::default();
+    for (g, s) in g_scores.iter().zip(&s_scores) {
         if g.is_empty() || g.iter().any(Option::is_none) || s.iter().any(Option::is_none) {
-            unscorable += 1;
+            sums.unscorable += 1.0;
             continue;
         }
-        prompts += 1;
-        g_sum += g.iter().flatten().sum::<f64>();
-        s_sum += s.iter().flatten().sum::<f64>();
-        s_n += s.len();
+        sums.prompts += 1.0;
+        sums.greedy_sum += g.iter().flatten().sum::<f64>();
+        sums.sampled_sum += s.iter().flatten().sum::<f64>();
+        sums.sampled_count += s.len() as f64;
     }
-    Ok(EvalResult {
-        greedy: g_sum / prompts.max(1) as f64,
-        sampled: s_sum / s_n.max(1) as f64,
-        prompts,
-        unscorable,
-    })
+    Ok(sums)
 }
 
 /// Accuracy of every completion, grouped by prompt.
-fn score(set: &EvalSet, groups: &[RolloutGroup]) -> Result<(Vec<Vec<Option<f64>>>, usize)> {
+fn score(set: &EvalSet, offset: usize, groups: &[RolloutGroup]) -> Result<Vec<Vec<Option<f64>>>> {
     let mut inputs = vec![];
     let mut sizes = vec![];
     for g in groups {
-        let e = &set.examples[g.key as usize];
+        let e = &set.examples[offset + g.key as usize];
         sizes.push(g.completions.len());
         for c in &g.completions {
             inputs.push(RewardInput {
@@ -135,5 +176,5 @@ fn score(set: &EvalSet, groups: &[RolloutGroup]) -> Result<(Vec<Vec<Option<f64>>
     for n in sizes {
         out.push(it.by_ref().take(n).collect());
     }
-    Ok((out, inputs.len()))
+    Ok(out)
 }

@@ -21,7 +21,7 @@ use tch::{Kind, Tensor};
 use super::advantages::{combine_rewards, group_advantages, ScaleRewards};
 use super::batch::{pack, split_even, PackedBatch, Sample};
 use super::config::GrpoConfig;
-use super::eval::{evaluate, EvalSet};
+use super::eval::{evaluate, EvalSet, EvalSums};
 use super::loss::{policy_loss, PolicyBatch};
 use super::stats::RoundStats;
 use crate::data::{self, PromptExample, Sampler, SamplerState};
@@ -249,26 +249,39 @@ impl Grpo<'_> {
         Ok(t0.elapsed().as_secs_f64())
     }
 
+    /// Held-out accuracy: each rank evaluates its slice of the prompts through the
+    /// workers and the sums are all-reduced, so no rank idles in a barrier.
     fn evaluate(&mut self, when: &str) -> Result<()> {
-        if let Some(eval) = &self.eval {
-            if self.sess.is_main() {
-                let result = evaluate(eval, &self.client, &self.sess.rt, self.cfg, self.version)?;
-                println!(
-                    "eval {when} (step {}): accuracy greedy {:.3} | sampled (T={}, n={}) {:.3} | {} prompts",
-                    self.engine.steps_done(),
-                    result.greedy,
-                    self.cfg.temperature,
-                    self.cfg.eval_num_generations,
-                    result.sampled,
-                    result.prompts
-                );
-                let mut log = StepLog::new();
-                log.insert("eval/accuracy_greedy".into(), result.greedy);
-                log.insert("eval/accuracy_sampled".into(), result.sampled);
-                self.sess.metrics.record(&log);
-            }
-            self.engine.comm().barrier()?;
+        let Some(eval) = &self.eval else {
+            return Ok(());
+        };
+        let (rank, world) = (self.rank(), self.sess.env.world_size);
+        let mine = split_even(eval.len(), world)[rank].clone();
+        let sums = evaluate(eval, mine, &self.client, &self.sess.rt, self.cfg, self.version)?;
+        let mut t = Tensor::from_slice(&sums.to_array()).to_kind(Kind::Float);
+        self.engine.comm().all_reduce(&mut t, ReduceOp::Sum)?;
+        let v: Vec<f32> = Vec::try_from(&t)?;
+        let result = EvalSums::from_array(&v);
+        if self.sess.is_main() {
+            println!(
+                "eval {when} (step {}): accuracy greedy {:.3} | sampled (T={}, n={}) {:.3} | {} prompts{}",
+                self.engine.steps_done(),
+                result.greedy(),
+                self.cfg.temperature,
+                self.cfg.eval_num_generations,
+                result.sampled(),
+                result.prompts,
+                if result.unscorable > 0.0 {
+                    format!(" ({} without a parseable gold answer left out)", result.unscorable)
+                } else {
+                    String::new()
+                }
+            );
         }
+        let mut log = StepLog::new();
+        log.insert("eval/accuracy_greedy".into(), result.greedy());
+        log.insert("eval/accuracy_sampled".into(), result.sampled());
+        self.sess.metrics.record(&log);
         Ok(())
     }
 
