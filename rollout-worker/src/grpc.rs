@@ -67,14 +67,24 @@ impl GrpcService {
 }
 
 /// Serves gRPC on `listener` until `shutdown` resolves.
+///
+/// Accepted connections get TCP_NODELAY (tonic's `Server::tcp_nodelay` applies only to
+/// listeners it binds itself): without it, Nagle's algorithm holding the server's small
+/// replies until the client's delayed ACK cost ~40 ms per exchange, i.e. ~45 ms per
+/// weight-update commit and as much per health probe on loopback.
 pub async fn serve(
     listener: TcpListener,
     engine: EngineHandle,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(conn)
+    });
     tonic::transport::Server::builder()
         .add_service(GrpcService::new(engine).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

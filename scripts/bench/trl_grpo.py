@@ -7,7 +7,7 @@
 the demo's (scripts/demo/make_task.py): each `prompt` becomes one user message, so TRL
 applies the model's chat template, and the reward is make_task.accuracy_reward against
 `solution`. The recipe mirrors the demo's: beta 0, loss_type "dapo", epsilon 0.2,
-temperature 1, no top-k/top-p, one optimizer step per generation batch
+temperature --temperature (default 1), no top-k/top-p, one optimizer step per generation batch
 (per_device_train_batch_size = prompts_per_step * num_generations, steps_per_generation 1,
 so no extra forward for old log-probs), AdamW, fp32, no gradient checkpointing.
 
@@ -16,8 +16,9 @@ timed around GRPOTrainer._generate_single_turn), the rest of the step ("train": 
 the policy forward/backward and the optimizer step), and the token rates:
   gen_tokens_per_s   = completion tokens generated / generation seconds
   train_tokens_per_s = (prompt + completion tokens, no padding) / train seconds
-At the end one JSON line holds the config and the means over the steps after the first
-(the first includes one-off warm-up).
+At the end one JSON line holds the config, the means over the steps after the first
+(the first includes one-off warm-up) and every step's row under "rows" (for
+scripts/bench/grpo_vs_trl.sh, which chooses its own warm-up).
 """
 
 import argparse
@@ -116,6 +117,7 @@ def main():
     ap.add_argument("--max-completion-length", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default=None, help="TRL's output_dir (default: a temp dir)")
@@ -123,6 +125,8 @@ def main():
     for name in ("prompts_per_step", "num_generations", "max_completion_length", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.temperature > 0:
+        ap.error(f"--temperature must be > 0, got {args.temperature}")
     if args.num_generations < 2:
         ap.error("--num-generations must be at least 2 (group advantages need a group)")
     if args.threads:
@@ -143,9 +147,9 @@ def main():
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
         max_steps=args.steps, learning_rate=args.learning_rate, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, max_grad_norm=1.0,
-        beta=0.0, loss_type="dapo", epsilon=0.2, scale_rewards="group", temperature=1.0,
-        top_p=1.0, top_k=0, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
-        disable_tqdm=True, dataloader_num_workers=0,
+        beta=0.0, loss_type="dapo", epsilon=0.2, scale_rewards="group",
+        temperature=args.temperature, top_p=1.0, top_k=0, logging_steps=1, save_strategy="no",
+        report_to="none", seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer_ref = []
     timer = StepTimer(trainer_ref)
@@ -165,6 +169,7 @@ def main():
         "params": sum(p.numel() for p in model.parameters()),
         "prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length, "steps": args.steps,
+        "learning_rate": args.learning_rate, "temperature": args.temperature,
         "steps_averaged": len(steady),
         "step_s": round(mean("step_s"), 4), "gen_s": round(gen_s, 4),
         "train_s": round(train_s, 4),
@@ -174,6 +179,8 @@ def main():
         "train_tokens_per_s": round((mean("completion_tokens") + mean("prompt_tokens"))
                                     / train_s, 1),
         "per_step_s": [round(r["step_s"], 3) for r in timer.rows],
+        "rows": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+                 for r in timer.rows],
     }
     print(json.dumps(summary))
 

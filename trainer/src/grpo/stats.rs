@@ -29,6 +29,9 @@ pub struct RoundStats {
     pub entropy_sum: f64,
     pub entropy_tokens: f64,
     pub train_tokens: f64,
+    /// Prompt tokens of every completion's sample, unpadded (a prompt counts once per
+    /// completion, as in the trained batch).
+    pub prompt_tokens: f64,
 }
 
 impl RoundStats {
@@ -57,6 +60,7 @@ impl RoundStats {
             self.entropy_sum,
             self.entropy_tokens,
             self.train_tokens,
+            self.prompt_tokens,
         ]);
         v
     }
@@ -83,6 +87,7 @@ impl RoundStats {
         self.entropy_sum = next();
         self.entropy_tokens = next();
         self.train_tokens = next();
+        self.prompt_tokens = next();
     }
 
     /// Sums every field over the ranks (the maximum for `max_completion_tokens`).
@@ -169,6 +174,9 @@ impl RoundStats {
             "entropy".into(),
             ratio(self.entropy_sum, self.entropy_tokens),
         );
+        // Unpadded token counts of the step (TRL's `num_tokens` is their running sum).
+        log.insert("tokens/prompt".into(), self.prompt_tokens);
+        log.insert("tokens/completion".into(), self.completion_tokens);
     }
 }
 
@@ -188,6 +196,7 @@ mod tests {
         s.truncated = 1.0;
         s.loss_tokens = 20.0;
         s.low_clipped = 2.0;
+        s.prompt_tokens = 24.0;
         let mut t = RoundStats::new(2);
         t.set_flat(&s.flat());
         assert_eq!(t.flat(), s.flat());
@@ -202,5 +211,7 @@ mod tests {
         assert_eq!(log["completions/mean_length"], 10.0);
         assert_eq!(log["completions/clipped_ratio"], 0.25);
         assert_eq!(log["clip_ratio/low_mean"], 0.1);
+        assert_eq!(log["tokens/prompt"], 24.0);
+        assert_eq!(log["tokens/completion"], 40.0);
     }
 }

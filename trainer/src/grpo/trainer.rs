@@ -533,6 +533,7 @@ impl Grpo<'_> {
                 let truncated = c.finish_reason == length;
                 stats.completions += 1.0;
                 stats.completion_tokens += c.token_ids.len() as f64;
+                stats.prompt_tokens += group.prompt_ids.len() as f64;
                 stats.truncated += f64::from(u8::from(truncated));
                 stats.max_completion_tokens =
                     stats.max_completion_tokens.max(c.token_ids.len() as f64);
