@@ -205,9 +205,8 @@ impl GrpoConfig {
         if self.logprob_chunk_size < 1 {
             return Err("logprob_chunk_size must be at least 1".into());
         }
-        self.rollout
-            .validate()
-            .map_err(|e| format!("rollout.{e}"))?;
+        // The rollout table's messages already name `rollout.<field>`.
+        self.rollout.validate()?;
         if self.rollout.workers.is_empty() {
             return Err(
                 "rollout.workers must list at least one worker URL (e.g. http://127.0.0.1:50051)"

@@ -257,7 +257,14 @@ impl Grpo<'_> {
         };
         let (rank, world) = (self.rank(), self.sess.env.world_size);
         let mine = split_even(eval.len(), world)[rank].clone();
-        let sums = evaluate(eval, mine, &self.client, &self.sess.rt, self.cfg, self.version)?;
+        let sums = evaluate(
+            eval,
+            mine,
+            &self.client,
+            &self.sess.rt,
+            self.cfg,
+            self.version,
+        )?;
         let mut t = Tensor::from_slice(&sums.to_array()).to_kind(Kind::Float);
         self.engine.comm().all_reduce(&mut t, ReduceOp::Sum)?;
         let v: Vec<f32> = Vec::try_from(&t)?;
