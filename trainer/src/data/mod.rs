@@ -325,8 +325,8 @@ pub(crate) enum Turns {
     Messages(Vec<Value>),
 }
 
-/// The JSON type name of `v`, for messages.
-fn type_name(v: &Value) -> &'static str {
+/// The JSON type name of `v`, for messages ("a string", "a list", ...).
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

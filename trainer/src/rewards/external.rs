@@ -200,7 +200,7 @@ impl ExternalReward {
                 other => Err(self.response_error(format!(
                     "rewards[{i}] is {} ({}), expected a number or null",
                     quote(&other.to_string()),
-                    json_kind(other)
+                    crate::data::type_name(other)
                 ))),
             })
             .collect()
@@ -272,17 +272,6 @@ fn quote(text: &str) -> String {
     }
     let head: String = text.chars().take(BODY_QUOTE_CHARS).collect();
     format!("{head:?}... ({count} characters in all)")
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]
