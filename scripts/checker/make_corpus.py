@@ -1,0 +1,236 @@
+"""Builds the answer-checker agreement corpus by running math-verify itself.
+
+Every (gold, prediction) pair below was written for this corpus (none is taken from
+math-verify's tests). Each is scored by math-verify 0.9.0 configured as the checker is: both
+sides parsed with `[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]`
+(the last \\boxed first, then LaTeX spans and plain numbers), compared with `verify(...,
+float_rounding=6)`. The verdicts go to verify/tests/data/math_verify_corpus.jsonl, which the
+Rust test `verify/tests/agreement.rs` compares against.
+
+    .venv/bin/python scripts/checker/make_corpus.py   # needs math-verify==0.9.0 (requirements.txt)
+"""
+
+import json
+import pathlib
+import sys
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+CONFIG = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+OUT = pathlib.Path(__file__).resolve().parents[2] / "verify/tests/data/math_verify_corpus.jsonl"
+
+
+def box(s):
+    return "The answer is $\\boxed{" + s + "}$."
+
+
+def pairs():
+    P = []
+
+    def delimited(s):
+        return any(d in s for d in ("$", "\\(", "\\[", "\\boxed"))
+
+    def add(cat, gold, preds):
+        # Plain LaTeX is only read inside math delimiters, so each undelimited prediction is
+        # scored as written and inside `$...$` (numbers and prose keep both forms).
+        for p in preds:
+            if delimited(p):
+                P.append((cat, gold, p))
+                continue
+            if cat in ("number", "completion", "units", "percent", "rounding", "gold_solution"):
+                P.append((cat, gold, p))
+            P.append((cat, gold, "$" + p + "$"))
+
+    # Plain numbers: integers, decimals, separators, signs, currency, leading zeros.
+    add("number", "42", ["42", "42.0", "$42$", "\\boxed{42}", "41", "-42", "forty-two", "0042", "42.000001", "4.2"])
+    add("number", "-7", ["-7", "$-7$", "\\boxed{-7}", "7", "\\boxed{- 7}", "-7.0", "−7"])
+    add("number", "3.75", ["3.75", "$3.75$", "\\frac{15}{4}", "$\\frac{15}{4}$", "3,75", "3.750", "3.7", "3.749999", "3.7500001", "375/100"])
+    add("number", "1000000", ["1,000,000", "1 000 000", "$1{,}000{,}000$", "\\boxed{1,000,000}", "10^6", "$10^{6}$", "100000", "1,000,001"])
+    add("number", "0.125", ["\\frac{1}{8}", "1/8", ".125", "0.1250", "12.5\\%", "0.12", "\\boxed{\\dfrac18}"])
+    add("number", "12", ["The total is 12 apples.", "So we get $x = 12$.", "We need 12 cm.", "12 dollars", "$12$ meters", "It is 13.", "$\\$12$", "12."])
+    add("number", "2024", ["2024", "2,024", "\\boxed{2024}", "2023", "\\boxed{2\\,024}"])
+    add("number", "0", ["0", "$0$", "\\boxed{0}", "0.0", "-0", "\\boxed{0.000001}", "\\boxed{1}"])
+    add("number", "$1.5$", ["1,5", "\\frac{3}{2}", "3/2", "1\\frac{1}{2}", "1.50", "1.55"])
+    add("number", "\\boxed{5}", ["I think it's $5$", "\\boxed{5}", "\\boxed{6}", "\\boxed{5.0}", "five"])
+
+    # Fractions and rationals.
+    add("fraction", "$\\frac{2}{3}$", ["\\frac{2}{3}", "$\\dfrac{2}{3}$", "2/3", "$\\frac{4}{6}$", "0.666667", "0.6667", "0.67", "\\frac{3}{2}", "\\tfrac23", "$\\frac23$", "\\boxed{\\frac{2}{3}}"])
+    add("fraction", "$-\\frac{5}{12}$", ["-\\frac{5}{12}", "\\frac{-5}{12}", "-5/12", "$\\frac{5}{-12}$", "\\frac{5}{12}", "-0.416667", "-0.4167"])
+    add("fraction", "$\\frac{22}{7}$", ["\\frac{22}{7}", "3\\frac{1}{7}", "3.142857", "\\pi", "3.14", "\\frac{44}{14}"])
+    add("fraction", "$\\frac{1}{3}$", ["0.333333", "0.3333333333", "0.33", "\\frac{2}{6}", "1:3", "\\frac{1}{3}", "$\\frac{10}{30}$"])
+
+    # Roots, powers, pi, e, trigonometric and logarithmic constants.
+    add("radical", "$\\sqrt{2}$", ["\\sqrt{2}", "$\\sqrt2$", "2^{1/2}", "$\\frac{2}{\\sqrt{2}}$", "1.414214", "1.4142", "\\sqrt{3}", "\\sqrt{4}/\\sqrt{2}", "$\\sqrt[2]{2}$"])
+    add("radical", "$2\\sqrt{3}$", ["2\\sqrt{3}", "\\sqrt{12}", "$\\sqrt{12}$", "\\frac{6}{\\sqrt{3}}", "3.464102", "3\\sqrt{2}", "2 \\sqrt 3", "\\sqrt{3}\\cdot 2"])
+    add("radical", "$\\frac{\\sqrt{2}}{2}$", ["\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt2}{2}", "0.707107", "0.7071", "\\sin(\\pi/4)", "\\cos\\frac{\\pi}{4}", "\\frac{\\sqrt{3}}{2}", "\\sqrt{\\frac{1}{2}}"])
+    add("radical", "$3+2\\sqrt{2}$", ["2\\sqrt{2}+3", "(1+\\sqrt{2})^2", "3+\\sqrt{8}", "5.828427", "3-2\\sqrt{2}", "3+2\\sqrt{3}"])
+    add("radical", "$\\sqrt[3]{2}$", ["2^{1/3}", "\\sqrt[3]{2}", "1.259921", "\\sqrt{2}", "2^{\\frac{1}{3}}"])
+    add("pi", "$2\\pi$", ["2\\pi", "\\pi \\cdot 2", "6.283185", "6.28", "\\frac{4\\pi}{2}", "\\pi", "360", "2 \\pi r"])
+    add("pi", "$\\frac{\\pi}{3}$", ["\\frac{\\pi}{3}", "\\pi/3", "1.047198", "60", "\\frac{2\\pi}{6}", "\\frac{\\pi}{6}", "60^\\circ"])
+    add("pi", "$36\\pi$", ["36\\pi", "$36 \\pi$", "113.097336", "113.1", "6^2\\pi", "18\\pi", "\\pi 36"])
+    add("power", "$2^{10}$", ["1024", "2^{10}", "4^5", "$1024$", "1023", "2^{9}", "2**10"])
+    add("power", "$e^{2}$", ["e^2", "e^{2}", "7.389056", "\\exp(2)", "2e", "e^{3}"])
+    add("log", "$\\log_2 8$", ["3", "\\log_{2}8", "\\frac{\\ln 8}{\\ln 2}", "2", "\\log_2{8}"])
+    add("log", "$\\ln 2$", ["\\ln 2", "\\ln(2)", "0.693147", "\\log 2", "\\ln 4 / 2", "\\ln 3"])
+    add("trig", "$\\frac{1}{2}$", ["\\sin 30^\\circ", "\\cos(\\pi/3)", "\\sin\\frac{\\pi}{6}", "0.5", "\\frac{\\sqrt{3}}{2}", "\\tan(\\pi/4)"])
+
+    # Percentages.
+    add("percent", "$25\\%$", ["25\\%", "25%", "25 percent", "$25$", "25", "0.25", "\\frac{1}{4}", "$\\boxed{25\\%}$", "26\\%", "2.5\\%", "25 pct"])
+    add("percent", "$12.5\\%$", ["12.5\\%", "12.5", "0.125", "\\frac{1}{8}", "12.5 percent", "12\\%", "12.50\\%"])
+    add("percent", "40", ["40\\%", "$40\\%$", "40 percent", "0.4", "40.0", "\\boxed{40\\%}", "4\\%"])
+    add("percent", "$0.3$", ["30\\%", "30", "0.30", "\\frac{3}{10}", "3/10", "0.03"])
+
+    # Units and text around numbers.
+    add("units", "$5$", ["5 \\text{ cm}", "$5\\text{ meters}$", "\\boxed{5 \\text{ km}}", "5\\ \\text{inches}", "5 \\mbox{ feet}", "5 \\mathrm{kg}", "\\boxed{5\\text{ cm}^2}", "6 \\text{ cm}", "\\boxed{5 \\text{ hours}}"])
+    add("units", "$90^\\circ$", ["90", "90^\\circ", "$90^{\\circ}$", "\\boxed{90^\\circ}", "\\frac{\\pi}{2}", "89^\\circ", "90 degrees"])
+    add("units", "$\\$18.50$", ["18.50", "\\$18.50", "$18.5", "\\boxed{\\$18.50}", "18.05", "18.5 dollars"])
+    add("units", "$72$", ["\\boxed{72 \\text{ square units}}", "72 \\text{ units}^2", "72 sq units", "\\boxed{72\\,\\text{cm}^2}", "\\boxed{73}"])
+
+    # Text answers and multiple choice.
+    add("text", "$\\text{(C)}$", ["\\text{(C)}", "(C)", "\\boxed{C}", "\\boxed{\\text{C}}", "\\textbf{(C)}", "\\boxed{(B)}", "C"])
+    add("text", "$\\text{Tuesday}$", ["\\text{Tuesday}", "\\boxed{\\text{Tuesday}}", "\\boxed{Tuesday}", "Tuesday", "\\text{tuesday}", "\\text{Monday}", "\\boxed{\\textbf{Tuesday}}"])
+    add("text", "$\\text{even}$", ["\\text{even}", "\\boxed{\\text{even}}", "\\boxed{\\text{odd}}", "even", "\\boxed{\\text{neither}}"])
+    add("text", "$\\text{yes}$", ["\\boxed{\\text{Yes}}", "\\boxed{\\text{yes}}", "\\boxed{\\text{no}}", "\\boxed{Yes}"])
+    add("text", "$B$", ["\\boxed{B}", "\\boxed{b}", "B", "\\boxed{\\text{B}}", "\\boxed{A}", "\\boxed{\\mathrm{B}}"])
+
+    # Symbolic expressions.
+    add("symbolic", "$x^2+2x+1$", ["(x+1)^2", "x^2+2x+1", "1+2x+x^2", "$(1+x)^2$", "x^2+1", "(x-1)^2", "x(x+2)+1", "x^{2} + 2 x + 1"])
+    add("symbolic", "$\\frac{x+1}{x-1}$", ["\\frac{x+1}{x-1}", "\\frac{1+x}{x-1}", "\\frac{-x-1}{1-x}", "(x+1)/(x-1)", "\\frac{x-1}{x+1}", "1+\\frac{2}{x-1}"])
+    add("symbolic", "$2-2p$", ["2-2p", "2(1-p)", "-2p+2", "2p-2", "2-p", "\\boxed{2 - 2 p}"])
+    add("symbolic", "$a^2-b^2$", ["(a-b)(a+b)", "(a+b)(a-b)", "a^2-b^2", "-b^2+a^2", "(a-b)^2", "b^2-a^2"])
+    add("symbolic", "$\\frac{n(n+1)}{2}$", ["\\frac{n^2+n}{2}", "\\frac{n(n+1)}{2}", "\\binom{n+1}{2}", "\\frac{n(n-1)}{2}", "n(n+1)/2", "0.5n^2+0.5n"])
+    add("symbolic", "$\\sqrt{x^2+1}$", ["\\sqrt{1+x^2}", "(x^2+1)^{1/2}", "\\sqrt{x^2}+1", "x+1", "\\sqrt{x^{2}+1}"])
+    add("symbolic", "$3x-7$", ["3x-7", "-7+3x", "3 x - 7", "7-3x", "3(x-2)-1", "3x+7"])
+    add("symbolic", "$\\sin^2 x$", ["1-\\cos^2 x", "\\sin^2 x", "(\\sin x)^2", "\\frac{1-\\cos 2x}{2}", "\\cos^2 x", "2\\sin x"])
+    add("symbolic", "$e^{x}$", ["e^x", "\\exp(x)", "e^{x}", "x e", "e^{-x}"])
+    add("symbolic", "$\\frac{1}{2}x^2$", ["\\frac{x^2}{2}", "0.5x^2", "x^2/2", "\\frac{x^2}{4}", "2x^2"])
+
+    # Equations and relations.
+    add("equation", "$x=3$", ["3", "x=3", "$x = 3$", "\\boxed{x=3}", "y=3", "x=4", "\\boxed{3}", "2x=6", "x-3=0"])
+    add("equation", "$3$", ["x=3", "\\boxed{x = 3}", "k=3", "x=-3", "a = 3"])
+    add("equation", "$y=2x+1$", ["y=2x+1", "y=1+2x", "2x+1", "y = 2x + 1", "y=2x-1", "y - 2x = 1", "2x-y+1=0", "y=x+1"])
+    add("equation", "$x^2+y^2=25$", ["x^2+y^2=25", "y^2+x^2=25", "x^2+y^2-25=0", "x^2+y^2=5", "25=x^2+y^2"])
+    add("equation", "$k=\\frac{1}{3}$", ["\\frac{1}{3}", "k=\\frac13", "k = 0.333333", "k=\\frac{1}{4}", "\\boxed{k=1/3}"])
+    add("equation", "$a=2, b=5$", ["a=2, b=5", "b=5, a=2", "2, 5", "a=5, b=2", "(2, 5)"])
+    add("inequality", "$x>3$", ["x>3", "3<x", "x > 3", "x\\ge 3", "x<3", "(3, \\infty)", "x>4", "-x<-3"])
+    add("inequality", "$x \\le -1$", ["x\\le -1", "x \\leq -1", "-1 \\ge x", "x<-1", "(-\\infty, -1]", "x\\ge -1"])
+    add("inequality", "$-2 < x < 5$", ["-2<x<5", "(-2, 5)", "-2 < x \\le 5", "x>-2", "-2<x<4"])
+
+    # Sets, intervals, tuples, several answers.
+    add("set", "$\\{1, 2, 3\\}$", ["\\{1,2,3\\}", "\\{3, 2, 1\\}", "\\{1,3,2\\}", "1, 2, 3", "\\{1,2\\}", "\\{1,2,3,4\\}", "\\{1,2,4\\}", "\\boxed{\\{2,1,3\\}}"])
+    add("set", "$\\{-2, 2\\}$", ["\\pm 2", "-2, 2", "2, -2", "\\{2,-2\\}", "2", "-2", "\\{-2,2,0\\}", "x=\\pm 2"])
+    add("set", "$1, 4$", ["1, 4", "4, 1", "\\boxed{1}, \\boxed{4}", "\\boxed{1} and \\boxed{4}", "1 and 4", "\\{1, 4\\}", "1", "1, 5"])
+    add("set", "$\\frac{1}{2}, -3$", ["-3, \\frac{1}{2}", "0.5, -3", "x=\\frac12, x=-3", "\\frac{1}{2}", "-3, 2"])
+    add("set", "$\\emptyset$", ["\\emptyset", "\\varnothing", "\\{\\}", "\\{0\\}", "0"])
+    add("set", "$3, 5, 7$", ["\\boxed{3, 5, 7}", "\\boxed{7, 5, 3}", "\\boxed{3,5}", "$3$, $5$, and $7$", "3, 5 and 7"])
+    add("interval", "$[0, 1)$", ["[0,1)", "[0, 1)", "\\left[0, 1\\right)", "(0, 1)", "[0,1]", "(0,1]", "[0, 2)", "0 \\le x < 1"])
+    add("interval", "$(-\\infty, 2]$", ["(-\\infty, 2]", "(-\\infty,2]", "x\\le 2", "(-\\infty, 2)", "[2, \\infty)", "(-\\infty, 3]"])
+    add("interval", "$(1, 4)$", ["(1,4)", "(1, 4)", "1, 4", "\\{1, 4\\}", "[1, 4]", "(4, 1)", "(1, 5)", "1 < x < 4"])
+    add("interval", "$(-\\infty, -1) \\cup (1, \\infty)$", ["(-\\infty,-1)\\cup(1,\\infty)", "(1, \\infty) \\cup (-\\infty, -1)", "(-\\infty, -1] \\cup [1, \\infty)", "(-\\infty, -1)", "(-\\infty,-1)\\cup(2,\\infty)"])
+    add("interval", "$[2, 5]$", ["[2,5]", "[2, 5]", "2 \\le x \\le 5", "[5, 2]", "(2,5)", "[2, 6]", "\\left[ 2,5 \\right]"])
+    add("tuple", "$(2, 3)$", ["(2,3)", "(2, 3)", "(3, 2)", "\\left(2, 3\\right)", "(2, 4)", "2, 3", "\\boxed{(2,3)}"])
+    add("tuple", "$(3, \\frac{\\pi}{2})$", ["\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)", "(3, 1.570796)", "(3, \\frac{\\pi}{4})", "(\\frac{\\pi}{2}, 3)"])
+    add("tuple", "$(1, -2, 3)$", ["(1,-2,3)", "(1, -2, 3)", "(3, -2, 1)", "(1, 2, 3)", "\\left(1,-2,3\\right)", "(1,-2)", "\\langle 1, -2, 3 \\rangle"])
+    add("tuple", "$(5, 2)$", ["(5,2)", "(2, 5)", "(5, 2)", "\\boxed{(5,2)}", "5, 2"])
+    add("tuple", "$(-1, 0)$", ["(-1,0)", "(0, -1)", "(-1, 0)", "(-1.0, 0.0)", "(1, 0)"])
+
+    # Matrices and vectors.
+    mat = "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}"
+    add("matrix", "$" + mat + "$", [mat, "\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}", "\\begin{pmatrix} 1 & 3 \\\\ 2 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&5\\end{pmatrix}", "\\begin{pmatrix} 1.0 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\boxed{" + mat + "}"])
+    vec = "\\begin{pmatrix} 3 \\\\ -1 \\\\ 2 \\end{pmatrix}"
+    add("matrix", "$" + vec + "$", [vec, "\\begin{pmatrix} 3 \\\\ -1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} -1 \\\\ 3 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 6/2 \\\\ -1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 3 \\\\ 1 \\\\ 2 \\end{pmatrix}", "(3, -1, 2)"])
+    add("matrix", "$\\begin{pmatrix} \\frac{1}{2} & 0 \\\\ 0 & \\frac{1}{2} \\end{pmatrix}$", ["\\begin{pmatrix} 0.5 & 0 \\\\ 0 & 0.5 \\end{pmatrix}", "\\begin{pmatrix} 1/2 & 0 \\\\ 0 & 1/2 \\end{pmatrix}", "\\begin{pmatrix} 2 & 0 \\\\ 0 & 2 \\end{pmatrix}", "\\frac{1}{2}"])
+
+    # Completions: reasoning then an answer, boxed or not.
+    add("completion", "$\\frac{14}{3}$", [
+        "We add: $2+\\frac{5}{3}+1=\\boxed{\\frac{14}{3}}$",
+        "First $f(1)=2$, then the sum is $\\frac{14}{3}$.",
+        "So the answer is $\\frac{14}{3}$ and we are done.",
+        "Thus $x = \\boxed{\\frac{13}{3}}$.",
+        "Adding gives 14/3",
+        "The sum is \\boxed{4.666667}.",
+        "The sum is \\boxed{4.67}.",
+        "I get $\\boxed{\\frac{14}{3}}$ but the last line says \\boxed{5}.",
+        "<think>2 + 5/3 + 1</think><answer>$\\frac{14}{3}$</answer>",
+        "Final Answer: The final answer is $\\frac{14}{3}$. I hope it is correct.",
+    ])
+    add("completion", "$10$", [
+        "Counting, there are 3 red and 7 blue, so $3 + 7 = \\boxed{10}$ marbles.",
+        "There are 3 red and 7 blue, 10 in all.",
+        "3 red, 7 blue. Answer: 10",
+        "3 + 7 = 11",
+        "$3+7=10$",
+        "The answer is \\boxed{ten}.",
+        "We find \\(10\\).",
+        "We find \\[10\\]",
+        "$$10$$",
+        "Therefore, the number of marbles is $\\boxed{10}$. Wait, we double counted: $\\boxed{9}$.",
+    ])
+    add("completion", "$(2, -1)$", [
+        "Solving the system gives $x=2$ and $y=-1$, so the point is $\\boxed{(2,-1)}$.",
+        "The intersection point is $(2, -1)$.",
+        "The point is \\boxed{(-1, 2)}.",
+        "So $x=2, y=-1$.",
+    ])
+    add("completion", "$\\{1, 2\\}$", [
+        "The roots are $x = 1$ and $x = 2$.",
+        "The solutions are $\\boxed{1}$ and $\\boxed{2}$.",
+        "So $x \\in \\{1, 2\\}$.",
+        "The solutions are \\boxed{1, 2}.",
+        "Only $\\boxed{1}$ works.",
+    ])
+    add("completion", "$2-2p$", [
+        "Since $x<2$, $|x-2|=2-x$. If $2-x=p$, then $x=2-p$, so $x-p=\\boxed{2-2p}$.",
+        "Thus $x - p = 2 - 2p$.",
+        "Thus $x - p = \\boxed{2+2p}$.",
+    ])
+    add("completion", "$5$", [
+        "The remainder is \\boxed{5}.",
+        "The remainder is $5$. (Checking: $17 = 3\\cdot 4 + 5$.)",
+        "Hence the remainder equals five.",
+        "the remainder is 5 when divided",
+        "so \\boxed{5}\\boxed{5}",
+    ])
+
+    # Gold answers written as full solutions.
+    add("gold_solution", "Multiply: $6 \\cdot 7 = \\boxed{42}$.", ["42", "\\boxed{42}", "The product is $42$.", "41", "6 \\cdot 7"])
+    add("gold_solution", "The area is $\\boxed{\\frac{25\\pi}{4}}$ square units.", ["\\frac{25\\pi}{4}", "6.25\\pi", "19.634954", "\\frac{25}{4}\\pi", "25\\pi", "\\boxed{\\frac{25 \\pi}{4}}"])
+
+    # Numbers with more rounding edge cases.
+    for gold, preds in [
+        ("$\\frac{1}{7}$", ["0.142857", "0.1428571", "0.142858", "0.14", "0.143"]),
+        ("$0.1$", ["\\frac{1}{10}", "0.10", "0.1000001", "0.1000005", "0.10001", "10\\%"]),
+        ("$1000.5$", ["1000,5", "1,000.5", "1 000.5", "1000.50", "1000.4", "\\frac{2001}{2}"]),
+        ("$-0.5$", ["-\\frac{1}{2}", "-1/2", "-.5", "0.5", "\\frac{-1}{2}"]),
+        ("$100$", ["1e2", "10^2", "100.0", "99.9999999", "99.99"]),
+        ("$\\pi$", ["3.141593", "3.14159265", "3.14", "\\frac{22}{7}", "\\pi", "180^\\circ"]),
+        ("$\\sqrt{5}$", ["2.236068", "2.2360679", "2.24", "5^{0.5}", "\\sqrt{5}"]),
+    ]:
+        add("rounding", gold, preds)
+
+    # Mixed: expressions against numbers, big and odd inputs.
+    add("misc", "$6$", ["3!", "\\binom{4}{2}", "\\frac{12}{2}", "2 \\times 3", "2 \\cdot 3", "|{-6}|", "\\lfloor 6.5 \\rfloor", "\\lceil 5.2 \\rceil", "7"])
+    add("misc", "$123456789$", ["123456789", "123,456,789", "123456788", "1.23456789 \\times 10^8"])
+    add("misc", "$\\infty$", ["\\infty", "infinity", "+\\infty", "-\\infty", "\\text{infinite}"])
+    add("misc", "$\\text{no solution}$", ["\\text{no solution}", "\\boxed{\\text{no solution}}", "\\boxed{\\text{none}}", "\\emptyset"])
+    add("misc", "$\\frac{3}{4}$", ["\\frac34", "\\frac{3}{4}", "\\frac 34", "3/4", "\\frac{3}{5}", "0.75"])
+    add("misc", "$x$", ["x", "X", "\\boxed{x}", "y", "\\boxed{X}"])
+    return P
+
+
+def main():
+    rows = []
+    for cat, gold, pred in pairs():
+        g = parse(gold, CONFIG)
+        p = parse(pred, CONFIG)
+        rows.append({"category": cat, "gold": gold, "pred": pred, "math_verify": bool(verify(g, p, float_rounding=6))})
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with OUT.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    n_true = sum(r["math_verify"] for r in rows)
+    print(f"{len(rows)} pairs, {n_true} equivalent per math-verify -> {OUT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
