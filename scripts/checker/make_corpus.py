@@ -215,6 +215,192 @@ def pairs():
     add("misc", "$\\text{no solution}$", ["\\text{no solution}", "\\boxed{\\text{no solution}}", "\\boxed{\\text{none}}", "\\emptyset"])
     add("misc", "$\\frac{3}{4}$", ["\\frac34", "\\frac{3}{4}", "\\frac 34", "3/4", "\\frac{3}{5}", "0.75"])
     add("misc", "$x$", ["x", "X", "\\boxed{x}", "y", "\\boxed{X}"])
+    P.extend(hard_pairs())
+    return P
+
+
+def hard_pairs():
+    """Longer completions and less regular notation."""
+    P = []
+
+    def add(cat, gold, preds):
+        for p in preds:
+            P.append((cat, gold, p))
+
+    add("long", "$\\frac{3}{8}$", [
+        "There are $\\binom{4}{2} = 6$ ways out of $16$, so the probability is $\\frac{6}{16} = \\frac{3}{8}$.",
+        "The probability is $\\frac{6}{16}$, which simplifies to $\\boxed{\\dfrac{3}{8}}$.",
+        "We get $6/16 = 0.375$.",
+        "So $P = \\frac{6}{16} = \\frac{3}{8}$, i.e. $37.5\\%$.",
+        "Final Answer: The final answer is $\\frac{3}{8}$. I hope it is correct.",
+        "Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.",
+        "**Answer:** $\\tfrac{3}{8}$",
+        "Answer: 0.375",
+        "The answer: $\\frac38$ (three eighths).",
+        "$\\frac{3}{8}$ is not right; the answer is $\\frac{1}{4}$.",
+    ])
+    add("long", "$12$", [
+        "Let $n$ be the number. Then $3n + 4 = 40$, so $3n = 36$ and $n = 12$.",
+        "From $3n+4=40$ we get $n=\\boxed{12}$.",
+        "$3n + 4 = 40 \\Rightarrow n = 12$",
+        "Solving, $n = 36/3 = 12$.",
+        "We have $3n=36$, hence the number is 12.",
+        "So $n = 13$.",
+        "The number is **12**.",
+        "The number is \\( 12 \\).",
+        "Thus the answer is \\[n = 12.\\]",
+        "The answer is $12$ cookies.",
+    ])
+    add("long", "$(-\\infty, -3) \\cup (3, \\infty)$", [
+        "We need $|x| > 3$, so $x \\in \\boxed{(-\\infty,-3)\\cup(3,\\infty)}$.",
+        "The solution set is $(-\\infty, -3) \\cup (3, \\infty)$.",
+        "The solution is $x < -3$ or $x > 3$.",
+        "$\\boxed{(3, \\infty)}$",
+        "$\\boxed{(-\\infty,-3]\\cup[3,\\infty)}$",
+    ])
+    add("long", "$\\begin{pmatrix} 2 \\\\ -1 \\end{pmatrix}$", [
+        "The projection is $\\boxed{\\begin{pmatrix} 2 \\\\ -1 \\end{pmatrix}}$.",
+        "Hence $\\mathbf{v} = \\begin{pmatrix} 2 \\\\ -1 \\end{pmatrix}.$",
+        "$\\boxed{\\begin{pmatrix} -1 \\\\ 2 \\end{pmatrix}}$",
+        "$\\boxed{\\left(\\begin{matrix} 2 \\\\ -1 \\end{matrix}\\right)}$",
+        "$\\boxed{\\begin{pmatrix} 4/2 \\\\ -1 \\end{pmatrix}}$",
+    ])
+    add("long", "$\\text{(D)}$", [
+        "Comparing the options, only (D) works, so the answer is $\\boxed{\\text{(D)}}$.",
+        "The answer is $\\boxed{D}$.",
+        "The answer is $\\boxed{\\textbf{(D)}}$.",
+        "The answer is $\\boxed{\\text{(A)}}$.",
+        "The answer is (D).",
+        "\\boxed{\\mathrm{(D)}}",
+    ])
+    add("long", "$4\\sqrt{2}$", [
+        "The diagonal is $\\sqrt{4^2+4^2} = \\sqrt{32} = \\boxed{4\\sqrt{2}}$.",
+        "The diagonal is $\\sqrt{32}$.",
+        "The diagonal is $\\boxed{4\\sqrt2}$ units.",
+        "The diagonal is about $5.656854$.",
+        "The diagonal is about $5.66$.",
+        "The diagonal is $\\boxed{2\\sqrt{8}}$.",
+        "The diagonal is $\\boxed{8\\sqrt{2}}$.",
+        "The diagonal is $\\boxed{\\sqrt{2}\\cdot4}$.",
+    ])
+    add("long", "$20\\%$", [
+        "The price fell from $\\$50$ to $\\$40$, a decrease of $\\frac{10}{50} = 20\\%$.",
+        "The decrease is $\\boxed{20\\%}$.",
+        "The decrease is $\\boxed{20}$ percent.",
+        "It decreased by 20%.",
+        "It decreased by 0.2.",
+        "It decreased by $\\boxed{25\\%}$.",
+        "It decreased by $\\boxed{\\frac{1}{5}}$.",
+    ])
+    add("long", "$-\\frac{1}{2}$", [
+        "Then $\\cos\\theta = \\frac{\\mathbf{u}\\cdot\\mathbf{v}}{|\\mathbf{u}||\\mathbf{v}|} = -\\frac{1}{2}$.",
+        "So $\\cos \\theta = \\boxed{-\\tfrac12}$.",
+        "So $\\cos\\theta = -0.5$.",
+        "So $\\cos\\theta = \\boxed{\\frac{1}{2}}$.",
+        "So $\\cos\\theta = \\boxed{-1/2}$.",
+    ])
+    add("long", "$x^2 - 5x + 6$", [
+        "Expanding, $(x-2)(x-3) = \\boxed{x^2-5x+6}$.",
+        "The polynomial is $\\boxed{(x-2)(x-3)}$.",
+        "The polynomial is $\\boxed{x^2+5x+6}$.",
+        "The polynomial is $\\boxed{6 - 5x + x^2}$.",
+        "$p(x) = x^2 - 5x + 6$",
+    ])
+    add("long", "$\\{2, 3\\}$", [
+        "Factoring, $(x-2)(x-3)=0$, so $x = 2$ or $x = 3$.",
+        "The roots are $\\boxed{2, 3}$.",
+        "The roots are $\\boxed{3,2}$.",
+        "The roots are $\\boxed{2}$ and $\\boxed{3}$.",
+        "The roots are $x=2$ and $x=3$.",
+        "The roots are $\\boxed{x=2 \\text{ or } x=3}$.",
+        "The roots are $\\boxed{-2, -3}$.",
+        "The roots are $\\boxed{2}$.",
+    ])
+    add("long", "$\\$1,\\!250$", [
+        "She earns $\\$1{,}250$.",
+        "She earns $\\boxed{\\$1250}$.",
+        "She earns $\\boxed{1,250}$ dollars.",
+        "She earns 1250 dollars.",
+        "She earns $\\boxed{\\$1,\\!205}$.",
+    ])
+    add("long", "$\\frac{\\pi}{4}$", [
+        "Since $\\tan\\theta = 1$, $\\theta = \\boxed{\\frac{\\pi}{4}}$.",
+        "$\\theta = 45^\\circ$",
+        "$\\theta = \\boxed{\\pi/4}$",
+        "$\\theta = \\boxed{0.785398}$",
+        "$\\theta = \\boxed{\\frac{\\pi}{2}}$",
+        "$\\theta = \\boxed{\\arctan 1}$",
+    ])
+    add("long", "$y = -2x + 7$", [
+        "The line through $(1,5)$ with slope $-2$ is $y - 5 = -2(x - 1)$, i.e. $\\boxed{y = -2x + 7}$.",
+        "The line is $\\boxed{y=7-2x}$.",
+        "The line is $\\boxed{2x + y = 7}$.",
+        "The line is $\\boxed{y = -2x + 5}$.",
+        "The line is $\\boxed{-2x+7}$.",
+    ])
+    add("long", "$5040$", [
+        "There are $7! = \\boxed{5040}$ orders.",
+        "There are $7!$ orders.",
+        "There are $\\boxed{7!}$ orders.",
+        "There are 5,040 orders.",
+        "There are $\\boxed{5\\,040}$ orders.",
+        "There are $\\boxed{720}$ orders.",
+    ])
+    add("long", "$\\sqrt{10}$", [
+        "The distance is $\\sqrt{(4-1)^2 + (3-2)^2} = \\sqrt{10}$.",
+        "The distance is $\\boxed{\\sqrt{10}}$.",
+        "The distance is $\\boxed{10^{1/2}}$.",
+        "The distance is $\\boxed{3.162278}$.",
+        "The distance is $\\boxed{\\sqrt{11}}$.",
+    ])
+    add("long", "$3$ and $-3$", [
+        "$x^2 = 9$ gives $\\boxed{\\pm 3}$.",
+        "$x = 3$ or $x = -3$.",
+        "$\\boxed{-3, 3}$",
+        "$\\boxed{3}$",
+    ])
+    add("long", "$[-2, 4]$", [
+        "The range of $f$ is $\\boxed{[-2, 4]}$.",
+        "The range is $-2 \\le y \\le 4$.",
+        "The range is $\\boxed{[-2,4)}$.",
+        "The range is $\\boxed{\\left[-2,4\\right]}$.",
+    ])
+    add("long", "$\\text{odd}$", [
+        "Since $f(-x) = -f(x)$, $f$ is $\\boxed{\\text{odd}}$.",
+        "$f$ is $\\boxed{odd}$.",
+        "$f$ is $\\boxed{\\text{even}}$.",
+        "The function is odd.",
+    ])
+    add("long", "$\\dfrac{7}{2}$", [
+        "$\\frac{7}{2}$",
+        "$3\\tfrac{1}{2}$",
+        "$3.5$",
+        "$\\boxed{3 \\frac{1}{2}}$",
+        "$\\boxed{\\frac{14}{4}}$",
+        "$\\boxed{3.4}$",
+    ])
+    add("long", "$a = 3, b = -1$", [
+        "Solving gives $a = 3$ and $b = -1$, so $\\boxed{a=3, b=-1}$.",
+        "$\\boxed{(3, -1)}$",
+        "$\\boxed{b=-1, a=3}$",
+        "$\\boxed{a=-1, b=3}$",
+    ])
+    add("long", "$\\ln 3$", [
+        "$\\boxed{\\ln 3}$",
+        "$\\boxed{\\log_e 3}$",
+        "$\\boxed{1.098612}$",
+        "$\\boxed{\\ln 9 - \\ln 3}$",
+        "$\\boxed{\\log 3}$",
+    ])
+    add("long", "$2^{-3}$", ["$\\boxed{\\frac{1}{8}}$", "$\\boxed{0.125}$", "$\\boxed{\\frac{1}{2^3}}$", "$\\boxed{-8}$", "$\\boxed{2^{-3}}$"])
+    add("long", "$e$", ["$\\boxed{e}$", "$\\boxed{2.718282}$", "$\\boxed{\\exp(1)}$", "$\\boxed{E}$", "$\\boxed{2.72}$"])
+    add("long", "$1.2 \\times 10^{5}$", ["$\\boxed{120000}$", "$\\boxed{120{,}000}$", "$\\boxed{1.2 \\cdot 10^5}$", "$\\boxed{12 \\times 10^4}$", "$\\boxed{1.2\\times10^{6}}$"])
+    add("long", "$\\frac{a+b}{2}$", ["$\\boxed{\\frac{b+a}{2}}$", "$\\boxed{\\frac{a}{2}+\\frac{b}{2}}$", "$\\boxed{(a+b)/2}$", "$\\boxed{\\frac{a-b}{2}}$", "$\\boxed{a+b}$"])
+    add("long", "$\\frac{1}{x}$", ["$\\boxed{x^{-1}}$", "$\\boxed{\\frac{1}{x}}$", "$\\boxed{\\frac{x}{x^2}}$", "$\\boxed{-x}$"])
+    add("long", "$x \\ge 2$", ["$\\boxed{x \\geq 2}$", "$\\boxed{[2, \\infty)}$", "$\\boxed{2 \\le x}$", "$\\boxed{x > 2}$", "$\\boxed{x\\ge 3}$"])
+    add("long", "$(0, 0), (1, 1)$", ["$\\boxed{(0,0), (1,1)}$", "$\\boxed{(1,1),(0,0)}$", "$\\boxed{(0,0)}$", "$\\boxed{(0,1),(1,0)}$"])
+    add("long", "$9$", ["$\\boxed{9}$ hours", "$\\boxed{9\\text{ hours}}$", "$\\boxed{9 \\mathrm{~h}}$", "$\\boxed{09}$", "$\\boxed{3^2}$", "$\\boxed{\\sqrt{81}}$", "$\\boxed{-9}$"])
+    add("long", "$\\frac{1}{6}$", ["$\\boxed{\\frac{1}{6}}$", "$\\boxed{0.166667}$", "$\\boxed{0.1\\overline{6}}$", "$\\boxed{0.17}$", "$\\boxed{16.67\\%}$", "$\\boxed{\\frac{2}{12}}$"])
     return P
 
 

@@ -189,10 +189,18 @@ fn is_currency(c: char) -> bool {
 }
 
 /// Plain numbers and arithmetic, each preceded by the start, a space or `=` (optionally `**`).
+/// The two are scanned independently (a number inside a failed arithmetic span still counts).
 pub fn plain_spans(s: &str) -> Vec<Span> {
-    let mut out = Vec::new();
     let chars: Vec<(usize, char)> = s.char_indices().collect();
+    let mut out = scan(s, &chars, true);
+    out.extend(scan(s, &chars, false));
+    out
+}
+
+fn scan(s: &str, chars: &[(usize, char)], arith: bool) -> Vec<Span> {
+    let mut out = Vec::new();
     let n = chars.len();
+    let byte = |k: usize| chars.get(k).map_or(s.len(), |c| c.0);
     let mut k = 0;
     while k < n {
         let anchored = k == 0 || chars[k - 1].1.is_whitespace() || chars[k - 1].1 == '=';
@@ -204,23 +212,26 @@ pub fn plain_spans(s: &str) -> Vec<Span> {
         if j + 1 < n && chars[j].1 == '*' && chars[j + 1].1 == '*' {
             j += 2;
         }
-        let span_start = chars.get(j).map_or(s.len(), |c| c.0);
-        if let Some((end_k, text)) = arith_at(s, &chars, j) {
-            let end = chars.get(end_k).map_or(s.len(), |c| c.0);
-            out.push(Span {
-                start: span_start,
-                end,
-                kind: SpanKind::Arith(text),
-            });
-            k = end_k.max(k + 1);
+        let span_start = byte(j);
+        if arith {
+            if let Some((end_k, text)) = arith_at(chars, j) {
+                out.push(Span {
+                    start: span_start,
+                    end: byte(end_k),
+                    kind: SpanKind::Arith(text),
+                });
+                k = end_k.max(k + 1);
+                continue;
+            }
+            k += 1;
             continue;
         }
         let mut m = j;
         if m < n && is_currency(chars[m].1) {
             m += 1;
         }
-        if let Some((end_k, text)) = number_at(&chars, m) {
-            let mut end = chars.get(end_k).map_or(s.len(), |c| c.0);
+        if let Some((end_k, text)) = number_at(chars, m) {
+            let mut end = byte(end_k);
             let mut percent = false;
             if let Some(p) = percent_after(s, end) {
                 if !s[end..p].contains("\\%") {
@@ -329,7 +340,7 @@ fn strip_zeros(s: &str) -> String {
 
 /// Arithmetic at char index `k`: `-?(?-?digit`, then digits, `.`, spaces and operators with
 /// at least one operator, ending before `.`, `,`, `:`, a space, `)`, `$` or the end.
-fn arith_at(s: &str, chars: &[(usize, char)], k: usize) -> Option<(usize, String)> {
+fn arith_at(chars: &[(usize, char)], k: usize) -> Option<(usize, String)> {
     let allowed = |c: char| {
         c.is_ascii_digit()
             || c == '.'
@@ -373,7 +384,6 @@ fn arith_at(s: &str, chars: &[(usize, char)], k: usize) -> Option<(usize, String
         };
         if op_ok && suffix_ok {
             let text: String = chars[k..end].iter().map(|c| c.1).collect();
-            let _ = s;
             return Some((end, text.trim_end().to_string()));
         }
         end -= 1;

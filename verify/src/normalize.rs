@@ -110,7 +110,6 @@ struct Rules {
     percent_word: Regex,
     inf: Regex,
     ldots: Regex,
-    trailing_text: Regex,
     unit_word: Regex,
     paren_power: Regex,
     sqrt_paren: Regex,
@@ -136,7 +135,7 @@ fn rules() -> &'static Rules {
         let units = UNITS.join("|");
         Rules {
             left_right: re(r"\\m?(?:left|right)\s*(\\[{}|]|[{}()\[\]|.]|\\[lr]?(?:vert|brace|brack|angle|floor|ceil|group))"),
-            remove: re(r#"\\mathrm\{th\}|\\!\s*|\\text\s*\{\s*\}|\\\$|\$|\\displaystyle|\\,|\\;|\\:|\\quad|\\qquad|"|''"#),
+            remove: re(r#"\\mathrm\{th\}|\\!\s*|\\text\s*\{\s*\}|\\\$|\$|\\displaystyle|\\quad|\\qquad|"|''"#),
             font: re(r"\\(?:mathrm|mathit|mathbf|textnormal|textbf|textit|textrm|mbox)\b"),
             frac: re(r"\\[dtc]frac"),
             and_or: re(r"(?:,\s*)?\s*\b(?:and|or)\b"),
@@ -144,12 +143,30 @@ fn rules() -> &'static Rules {
             percent_word: re(r"\s*(?:\\text\{\s*)?\b(?:percentage|percent|pct)\b(?:\s*\})?"),
             inf: re(r"\binfinity\b|\binf\b"),
             ldots: re(r",?\s*\\(?:ldots|cdots|dots)"),
-            trailing_text: re(r"\\text\{[^{}]*\}(?:\^\d|\^\{\d\})?\s*$"),
             unit_word: re(&format!(r"(\d|\}}|\s)\s*(?:{units})(?:s|es)?\s*$")),
             paren_power: re(r"\^\s?\(([^()]*)\)"),
             sqrt_paren: re(r"(?:^|[^\\a-zA-Z])sqrt\s?\(([^()]*)\)"),
         }
     })
+}
+
+/// Where a trailing unit starts: the first `\text{` (or `\mbox{`) when the text ends with `}`,
+/// `}^2` or `}{^2}` (math-verify cuts from there to the end, whatever lies between).
+fn trailing_text_start(s: &str) -> Option<usize> {
+    let t = s.trim_end();
+    let b = t.as_bytes();
+    let n = b.len();
+    let ends = t.ends_with('}')
+        || (n >= 3 && b[n - 1].is_ascii_digit() && b[n - 2] == b'^' && b[n - 3] == b'}')
+        || t.ends_with("}{^2}")
+        || t.ends_with("}{^3}");
+    if !ends {
+        return None;
+    }
+    [t.find("\\text{"), t.find("\\mbox{")]
+        .into_iter()
+        .flatten()
+        .min()
 }
 
 /// `\ ` (a spacing command) to a space; `\\ ` (a line break) stays.
@@ -220,9 +237,11 @@ pub fn normalize(text: &str, boxed: Option<Boxed>) -> String {
         s = double_backslash_command(&s);
     }
     // Units: a trailing `\text{...}` (possibly squared), then unit words, twice.
-    let stripped = r.trailing_text.replace(&s, "").trim().to_string();
-    if !stripped.is_empty() && stripped != s.trim() {
-        s = stripped;
+    if let Some(cut) = trailing_text_start(&s) {
+        let stripped = s[..cut].trim().to_string();
+        if !stripped.is_empty() {
+            s = stripped;
+        }
     }
     for _ in 0..2 {
         let t = r.unit_word.replace(&s, "$1").trim().to_string();

@@ -68,7 +68,14 @@ fn lex(s: &str) -> Option<Vec<Tok>> {
                     '%' => out.push(Tok::P('%')),
                     '|' => out.push(Tok::P('|')),
                     '\\' => out.push(Tok::P('\n')),
-                    '$' => {}
+                    // A thin space inside a number (`2\,024`) is not a thousands separator to
+                    // sympy's grammar; the answer does not parse (compared as a string).
+                    ',' | ';' | ':'
+                        if matches!(out.last(), Some(Tok::Num(_)))
+                            && b.get(i).is_some_and(|c| c.is_ascii_digit()) =>
+                    {
+                        return None
+                    }
                     _ => {}
                 }
                 continue;
@@ -769,7 +776,11 @@ impl Parser {
             "begin" => self.matrix(),
             "log" if self.peek() == Some(&Tok::P('_')) => {
                 self.i += 1;
-                let base = self.group()?;
+                // `\log_e` reads `e` as a letter, as sympy's LaTeX parser does.
+                let base = match self.group()? {
+                    Expr::E => Expr::Sym("e".into()),
+                    b => b,
+                };
                 let x = self.func_arg()?;
                 Some(Expr::Call(Func::LogBase, vec![base, x]))
             }
