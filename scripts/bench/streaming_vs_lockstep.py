@@ -120,7 +120,7 @@ def main():
     args = ap.parse_args()
     rng = random.Random(args.seed)
     # Mixed lengths: most completions short, one in four long (reasoning traces vary ~10x).
-    lengths = [rng.randint(150, 210) if rng.random() < 0.25 else rng.randint(10, 30) for _ in range(args.requests)]
+    lengths = [rng.randint(120, 170) if rng.random() < 0.25 else rng.randint(8, 24) for _ in range(args.requests)]
     port, gport = free_port(), free_port()
     env = dict(os.environ, ROLLOUT_MODEL=args.model, ROLLOUT_DEVICE="cpu", ROLLOUT_HTTP_ADDR=f"127.0.0.1:{port}",
                ROLLOUT_GRPC_ADDR=f"127.0.0.1:{gport}", ROLLOUT_MAX_NUM_SEQS=str(args.concurrency), ROLLOUT_MAX_N="8")
