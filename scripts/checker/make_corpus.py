@@ -216,7 +216,51 @@ def pairs():
     add("misc", "$\\frac{3}{4}$", ["\\frac34", "\\frac{3}{4}", "\\frac 34", "3/4", "\\frac{3}{5}", "0.75"])
     add("misc", "$x$", ["x", "X", "\\boxed{x}", "y", "\\boxed{X}"])
     P.extend(hard_pairs())
+    P.extend(("misc2", g, p) for g, p in misc_pairs())
     return P
+
+
+def misc_pairs():
+    """A third batch, written after the checker passed the first two: complex numbers, degrees,
+    congruences, named sets, unknowns as tuples, units after boxes, answer words."""
+    pairs = [
+     ("$1+2i$", "$\\boxed{2i+1}$"), ("$1+2i$", "$\\boxed{1-2i}$"), ("$i$", "$\\boxed{i}$"), ("$-1$", "$i^2$"),
+     ("$30^\\circ$", "$\\boxed{30}$"), ("$30^\\circ$", "$\\boxed{30^{\\circ}}$"), ("$30$", "$\\boxed{\\frac{\\pi}{6}}$"),
+     ("$\\$5.00$", "$\\boxed{5}$"), ("$5,\\!000$", "$\\boxed{5000}$"), ("$5000$", "$\\boxed{5,\\!000}$"),
+     ("$x \\in [1,2]$", "$\\boxed{[1,2]}$"), ("$[1,2]$", "$x \\in [1, 2]$"), ("$\\left\\{ 1,2 \\right\\}$", "$\\boxed{\\{2,1\\}}$"),
+     ("$-\\infty$", "$\\boxed{-\\infty}$"), ("$\\{1\\}$", "$\\boxed{1}$"), ("$(1,2] \\cup [3,4)$", "$\\boxed{(1,2]\\cup[3,4)}$"),
+     ("$y^2 = 4x$", "$\\boxed{y^2=4x}$"), ("$y^2 = 4x$", "$\\boxed{4x = y^2}$"), ("$f(x)=2x$", "$\\boxed{2x}$"), ("$f(x) = 2x$", "$\\boxed{f(x)=2x}$"),
+     ("$\\frac{\\pi}{2}$", "$\\boxed{\\dfrac{1}{2}\\pi}$"), ("$\\frac{\\sqrt{3}}{3}$", "$\\boxed{\\frac{1}{\\sqrt{3}}}$"),
+     ("$3$ and $5$", "$\\boxed{3 \\text{ and } 5}$"), ("$3, 5$", "$\\boxed{3}, \\boxed{5}$"),
+     ("$\\frac{9}{4}$", "Final Answer: The final answer is $\\frac94$. I hope it is correct."),
+     ("$\\frac{9}{4}$", "The final answer is $\\boxed{2.25}$"), ("$2.25$", "The final answer is $\\boxed{\\frac{9}{4}}$"),
+     ("$10\\%$", "$\\boxed{10}$\\%"), ("$10\\%$", "$\\boxed{0.1}$"), ("$0.1$", "$\\boxed{10\\%}$"),
+     ("$\\text{Monday}$", "\\boxed{\\text{Monday}}"), ("Monday", "\\boxed{Monday}"),
+     ("$17$", "so $n=17$"), ("$17$", "so $n \\equiv 17 \\pmod{20}$"), ("$17$", "$\\boxed{17}$ is the answer, not 18."),
+     ("$\\sqrt{2}+\\sqrt{3}$", "$\\boxed{\\sqrt{3}+\\sqrt{2}}$"), ("$\\sqrt{5+2\\sqrt{6}}$", "$\\boxed{\\sqrt{2}+\\sqrt{3}}$"),
+     ("$2^{2/3}$", "$\\boxed{\\sqrt[3]{4}}$"), ("$\\log_2 3$", "$\\boxed{\\frac{\\log 3}{\\log 2}}$"),
+     ("$\\binom{5}{2}$", "$\\boxed{10}$"), ("$\\dbinom{6}{3}$", "$\\boxed{20}$"), ("$4!$", "$\\boxed{24}$"),
+     ("$\\frac{1}{4}$", "$\\boxed{25\\%}$"), ("$(1, 2, 3)$", "$\\boxed{\\langle 1,2,3\\rangle}$"),
+     ("$\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}$", "$\\boxed{(1,2)}$"),
+     ("$a=1,b=2,c=3$", "$\\boxed{a=1, b=2, c=3}$"), ("$(a,b)=(1,2)$", "$\\boxed{(1,2)}$"),
+     ("$-\\frac{3}{2}$", "$\\boxed{-1.5}$"), ("$\\frac{-3}{2}$", "$\\boxed{-\\frac32}$"),
+     ("$6\\sqrt{6}$", "$\\boxed{\\sqrt{216}}$"), ("$\\frac{3\\sqrt{3}}{2}$", "$\\boxed{\\frac{3}{2}\\sqrt{3}}$"),
+     ("$1.5$", "$\\boxed{\\frac{3}{2}}$ hours"), ("$90$", "$\\boxed{90\\text{ degrees}}$"), ("$12$", "\\boxed{12\\text{ inches}^2}"),
+     ("$2$", "There are \\boxed{\\text{two}} solutions"), ("$0$", "$\\boxed{\\text{none}}$"),
+     ("$\\frac{1}{2}$", "\\[\\boxed{\\frac{1}{2}}\\]"), ("$8$", "**Answer: 8**"), ("$8$", "Answer: $8$."), ("$8$", "ANSWER: 8"),
+     ("$x^3 + 3x^2 + 3x + 1$", "$\\boxed{(x+1)^3}$"), ("$\\frac{x}{x+1}$", "$\\boxed{1 - \\frac{1}{x+1}}$"),
+     ("$e^{i\\pi}$", "$\\boxed{-1}$"), ("$\\cos 60^\\circ$", "$\\boxed{\\frac{1}{2}}$"), ("$\\tan \\frac{\\pi}{3}$", "$\\boxed{\\sqrt{3}}$"),
+     ("$k \\ne 2$", "$\\boxed{k \\neq 2}$"), ("$(-\\infty, 2) \\cup (2, \\infty)$", "$\\boxed{x \\neq 2}$"),
+     ("$\\mathbb{R}$", "$\\boxed{(-\\infty,\\infty)}$"), ("$\\mathbb{R}$", "$\\boxed{\\mathbb{R}}$"),
+     ("$3\\pi$", "$\\boxed{3 \\pi \\text{ cm}^2}$"), ("$\\frac{4}{3}\\pi r^3$", "$\\boxed{\\frac{4\\pi r^3}{3}}$"),
+     ("$\\$1.50$", "It costs \\$1.50."), ("$150$", "It costs 150 cents"), ("$0.75$", "$\\boxed{\\frac{3}{4}}$ of the pie"),
+     ("$2$", "$\\boxed{2}$. \\boxed{3} is wrong"), ("$1$", "1. First step 2. Second step. The answer is $1$"),
+     ("$\\pm 1$", "$\\boxed{1, -1}$"), ("$\\pm\\sqrt{2}$", "$\\boxed{\\sqrt{2}, -\\sqrt{2}}$"),
+     ("$x=1$ or $x=2$", "$\\boxed{1,2}$"), ("$\\{x | x > 0\\}$", "$\\boxed{(0,\\infty)}$"),
+     ("$5\\sqrt{2}$", "$\\boxed{5 \\sqrt{2}}$ units"), ("$3.5\\times10^{-2}$", "$\\boxed{0.035}$"),
+     ("$1{,}000$", "$\\boxed{1000}$"), ("$1,000$", "$\\boxed{1000}$"), ("$1000$", "$\\boxed{1\\,000}$"),
+    ]
+    return pairs
 
 
 def hard_pairs():

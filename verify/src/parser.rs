@@ -229,6 +229,8 @@ fn rel_op(t: &Tok) -> Option<RelOp> {
             "lt" => RelOp::Lt,
             "gt" => RelOp::Gt,
             "ne" | "neq" => RelOp::Ne,
+            // A congruence `n \equiv 17 \pmod{20}` states the residue.
+            "equiv" => RelOp::Eq,
             _ => return None,
         },
         _ => return None,
@@ -420,6 +422,9 @@ impl Parser {
                     | "gt"
                     | "approx"
                     | "in"
+                    | "equiv"
+                    | "leqslant"
+                    | "geqslant"
                     | "rbrace"
                     | "rfloor"
                     | "rceil"
@@ -465,6 +470,11 @@ impl Parser {
                         Expr::Num(_) => Expr::Add(vec![acc, f]),
                         other => mul(acc, other),
                     };
+                }
+                // The modulus of a congruence is not part of the value.
+                Some(Tok::Cmd(c)) if c == "pmod" || c == "bmod" || c == "mod" => {
+                    self.i += 1;
+                    self.group()?;
                 }
                 _ if self.starts_atom() => acc = mul(acc, self.postfix()?),
                 _ => break,
