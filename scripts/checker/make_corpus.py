@@ -217,7 +217,36 @@ def pairs():
     add("misc", "$x$", ["x", "X", "\\boxed{x}", "y", "\\boxed{X}"])
     P.extend(hard_pairs())
     P.extend(("misc2", g, p) for g, p in misc_pairs())
+    P.extend(("misc3", g, p) for g, p in more_pairs())
     return P
+
+
+def more_pairs():
+    """A fourth batch, also written after the checker passed the others: ratios, repeating
+    decimals, approximations, letter choices, sequences, inverse functions."""
+    pairs = [
+     ("$\\frac{5}{2}$", "So the ratio is $5:2$."), ("$2:3$", "$\\boxed{\\frac{2}{3}}$"),
+     ("$\\text{A, C}$", "$\\boxed{A, C}$"), ("$\\text{B, D}$", "$\\boxed{\\text{D, B}}$"),
+     ("$\\sqrt{3}/2$", "$\\boxed{\\frac{\\sqrt3}2}$"), ("$0.\\overline{3}$", "$\\boxed{\\frac13}$"),
+     ("$3 \\sqrt{3}$", "The area is $3\\sqrt3 \\approx 5.196$."), ("$5.196$", "The area is $3\\sqrt3 \\approx 5.196$."),
+     ("$x = -\\frac{b}{2a}$", "$\\boxed{-\\frac{b}{2a}}$"), ("$\\frac{-b \\pm \\sqrt{b^2-4ac}}{2a}$", "$\\boxed{\\frac{-b+\\sqrt{b^2-4ac}}{2a}, \\frac{-b-\\sqrt{b^2-4ac}}{2a}}$"),
+     ("$y = 3$", "The horizontal asymptote is $y=3$."), ("$(4, -3)$", "The center is at $(4,-3)$, radius $5$."),
+     ("$5$", "The center is at $(4,-3)$, radius $5$."), ("$72^\\circ$", "Each angle is $\\boxed{72}$ degrees."),
+     ("$\\frac{1}{64}$", "$\\left(\\frac{1}{4}\\right)^3 = \\boxed{\\frac{1}{64}}$"), ("$2^{12}$", "$\\boxed{4096}$"),
+     ("$-2 \\le x \\le 2$", "$\\boxed{[-2, 2]}$"), ("$[-2,2]$", "$\\boxed{-2 \\le x \\le 2}$"),
+     ("$\\{(1,2), (2,1)\\}$", "$\\boxed{(2,1), (1,2)}$"), ("$11\\sqrt{2}$", "$\\boxed{\\sqrt{242}}$"),
+     ("$\\frac{7}{9}$", "$\\boxed{0.\\overline{7}}$"), ("$0.777778$", "$\\boxed{\\frac{7}{9}}$"),
+     ("$\\$ 32$", "The cost is $32$ dollars."), ("$32$", "The total cost is $\\$32$."),
+     ("$1 + \\sqrt{2}$", "$\\boxed{\\sqrt2+1}$"), ("$\\frac{1+\\sqrt{5}}{2}$", "$\\boxed{1.618034}$"),
+     ("$\\text{No}$", "$\\boxed{\\text{no}}$"), ("$\\infty$", "$\\boxed{\\infty}$"),
+     ("$n^2$", "The sum of the first $n$ odd numbers is $\\boxed{n^2}$."), ("$2n-1$", "$a_n = \\boxed{2n - 1}$"),
+     ("$a_n = 2n-1$", "$\\boxed{2n-1}$"), ("$f^{-1}(x) = \\frac{x-3}{2}$", "$\\boxed{\\frac{x-3}{2}}$"),
+     ("$\\frac{x-3}{2}$", "$f^{-1}(x)=\\frac{x}{2}-\\frac{3}{2}$"), ("$8\\pi$", "$\\boxed{8\\pi\\text{ square units}}$"),
+     ("$3$", "\\boxed{\\textbf{(C) } 3}"), ("$\\textbf{(C) }3$", "\\boxed{C}"),
+     ("$4$", "The answer is $\\boxed{4}$.\n\nVerification: $2^2 = 4$ \\checkmark"), ("$100\\pi$", "$\\boxed{314.159265}$"),
+     ("$\\frac{\\pi}{6}$", "$\\boxed{30^\\circ}$"), ("$-\\sqrt{3}$", "$\\boxed{-1.732051}$"),
+    ]
+    return pairs
 
 
 def misc_pairs():

@@ -25,7 +25,11 @@ pub fn only_symbols(e: &Expr) -> bool {
         Expr::Sym(_) => true,
         Expr::Mul(v) | Expr::Add(v) => v.iter().all(only_symbols),
         Expr::Div(a, b) => only_symbols(a) && only_symbols(b),
-        Expr::Pow(a, b) => only_symbols(a) && matches!(**b, Expr::Neg(_)),
+        // `f^{-1}(x)`: an inverse function's name.
+        Expr::Pow(a, b) => {
+            only_symbols(a)
+                && (matches!(**b, Expr::Neg(_)) || matches!(**b, Expr::Num(r) if r.num < 0))
+        }
         // `(a, b) = (1, 2)`: a pair of unknowns (which the parser may read as an interval).
         Expr::Tuple(v) | Expr::Set(v) => v.iter().all(only_symbols),
         Expr::Interval { lo, hi, .. } => only_symbols(lo) && only_symbols(hi),
