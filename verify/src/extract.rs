@@ -442,9 +442,13 @@ pub fn final_answer_spans(s: &str, latex: &[Span]) -> Vec<Span> {
     out
 }
 
-/// Content of the last complete `<answer>...</answer>`.
+/// Content of the last `<answer>...</answer>`; a last `<answer>` that was never closed (a
+/// completion cut at the length limit) runs to the end of the text.
 pub fn answer_tag(text: &str) -> Option<&str> {
-    let end = text.rfind("</answer>")?;
-    let start = text[..end].rfind("<answer>")? + "<answer>".len();
+    let open = text.rfind("<answer>")?;
+    let start = open + "<answer>".len();
+    let end = text[start..]
+        .find("</answer>")
+        .map_or(text.len(), |e| start + e);
     Some(text[start..end].trim())
 }

@@ -88,6 +88,8 @@ fn extraction_order_and_bounds() {
     yes("$5$", "I first thought 4, but the answer is \\boxed{5}.");
     no("$4$", "I first thought 4, but the answer is \\boxed{5}.");
     yes("$7$", "<think>3+4</think><answer>7</answer>");
+    yes("$7$", "<think>3+4=7</think><answer>7");
+    no("$8$", "<think>3+5=8</think><answer>7</answer>");
     no("$7$", "no answer here");
     // Oversized and deeply nested inputs are refused quickly, never a panic.
     let deep = format!("${}1{}$", "(".repeat(5000), ")".repeat(5000));
