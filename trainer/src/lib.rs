@@ -17,6 +17,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod grpo;
+pub mod inference;
 pub mod metrics;
 pub mod objective;
 pub mod rewards;

@@ -4,6 +4,9 @@
 //! the file, then `TRAINER_*` environment variables, then `--set key=value` flags (see
 //! docs/configuration.md). Launch one process per rank with torchrun or scripts/launch.
 //!
+//! `trainer eval --config FILE` and `trainer generate --config FILE` run against
+//! OpenAI-compatible servers (docs/evaluation.md).
+//!
 //! `trainer dist-check` joins the job described by the launcher's environment
 //! (torchrun or scripts/launch), runs each collective once on values whose result
 //! is known exactly, and exits non-zero on any mismatch or communication error.
@@ -28,6 +31,10 @@ enum Command {
     Grpo(TrainArgs),
     /// Rendezvous with the other ranks and verify every collective.
     DistCheck(DistCheckArgs),
+    /// Score a MATH-500-style dataset against OpenAI-compatible servers (pass@1, pass@k).
+    Eval(TrainArgs),
+    /// Generate synthetic reasoning data through OpenAI-compatible servers.
+    Generate(TrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -73,6 +80,14 @@ fn main() -> Result<()> {
             trainer::grpo::trainer::run(&cfg)
         }
         Command::DistCheck(args) => dist_check(&args),
+        Command::Eval(args) => {
+            let cfg = trainer::config::load(args.config.as_deref(), &args.sets)?;
+            trainer::inference::eval::run(&cfg).map(drop)
+        }
+        Command::Generate(args) => {
+            let cfg = trainer::config::load(args.config.as_deref(), &args.sets)?;
+            trainer::inference::generate::run(&cfg).map(drop)
+        }
     }
 }
 

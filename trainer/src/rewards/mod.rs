@@ -10,12 +10,13 @@
 //!
 //! # Built-in functions (names as in `reward_funcs`)
 //!
-//! Correctness, used by `accuracy`, `length` and `cosine`, comes from [`answer`]: the completion's
-//! last `\boxed{}`/`\fbox{}`, else its last `<answer>` tag, else its last number, against the gold
-//! answer in column `answer_column` (default `"solution"`; a number, an answer string, a
-//! GSM8K-style `... #### 42` or a solution with a `\boxed{}`), both normalised and compared exactly
-//! as rationals where both are numbers. A missing column is an error; a null or unparseable gold
-//! answer gives `None`.
+//! Correctness, used by `accuracy`, `length` and `cosine`, comes from [`answer`] (the `verify`
+//! crate, math-verify's grade): the completion's last `\boxed{}`, else its `<answer>` tag, else its
+//! last LaTeX span or number, against the gold answer in column `answer_column` (default
+//! `"solution"`; a number, an answer string, a GSM8K-style `... #### 42` or a solution with a
+//! `\boxed{}`), compared as math (rationals, rounded decimals, expressions, sets, intervals,
+//! tuples, matrices, equations). A missing column is an error; a null or unparseable gold answer
+//! gives `None`.
 //!
 //! - `accuracy`: `1.0` if correct, else `0.0`.
 //! - `format`: `1.0` if the completion matches `^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$`
