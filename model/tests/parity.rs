@@ -8,7 +8,7 @@ use model::checkpoint::save_pretrained;
 use model::{token_logprobs, ForwardInput, KvCache, LogprobOptions, Transformer};
 use tch::{Device, Kind, Tensor};
 
-const MODELS: [&str; 2] = ["qwen2-tiny", "llama-tiny"];
+const MODELS: [&str; 3] = ["qwen2-tiny", "qwen3-tiny", "llama-tiny"];
 /// fp32 logits tolerance against transformers (max abs), as the issue states.
 const FP32_TOL: f64 = 1e-4;
 /// Our own paths against each other (cached vs full, batched vs alone): the same math
@@ -359,5 +359,8 @@ fn zoo_of_shapes_matches_transformers() {
         assert_close(&logits, &r["logits"], FP32_TOL, &dir.display().to_string());
         n += 1;
     }
-    assert!(n >= 4, "expected the zoo fixtures, found {n}");
+    assert!(
+        n >= 6,
+        "expected the zoo fixtures (Qwen3 ones too), found {n}"
+    );
 }
