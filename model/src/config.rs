@@ -491,4 +491,35 @@ mod tests {
         assert_eq!(out["dtype"], json!("bfloat16"));
         assert_eq!(out["custom_field"], json!([1, 2]));
     }
+
+    #[test]
+    fn qwen3_has_qk_norm_head_dim_and_refuses_sliding_windows() {
+        let v = json!({
+            "model_type": "qwen3", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 6,
+            "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": true,
+            "attention_bias": false, "use_sliding_window": false, "sliding_window": null,
+            "layer_types": ["full_attention", "full_attention"]
+        });
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen3);
+        assert!(c.qk_norm && !c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        assert_eq!((c.head_dim, c.num_attention_heads * c.head_dim), (16, 96));
+        let names: Vec<String> = crate::param_specs(&c).into_iter().map(|s| s.name).collect();
+        assert!(names.contains(&"model.layers.1.self_attn.k_norm.weight".to_string()));
+        let mut sw = v.clone();
+        sw["use_sliding_window"] = json!(true);
+        sw["sliding_window"] = json!(4096);
+        let e = parse(sw).unwrap_err().to_string();
+        assert!(
+            e.contains("use_sliding_window") && e.contains("4096"),
+            "{e}"
+        );
+        let mut lt = v;
+        lt["layer_types"] = json!(["full_attention", "sliding_attention"]);
+        assert!(parse(lt)
+            .unwrap_err()
+            .to_string()
+            .contains("sliding_attention"));
+    }
 }

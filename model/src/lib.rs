@@ -1,4 +1,4 @@
-//! The policy model shared by trainer ranks and rollout workers: Qwen2 and Llama
+//! The policy model shared by trainer ranks and rollout workers: Qwen2, Qwen3 (dense) and Llama
 //! decoders computed exactly as Hugging Face transformers computes them.
 //!
 //! Data flow: a checkpoint directory (`config.json`, safetensors, tokenizer files) is read
