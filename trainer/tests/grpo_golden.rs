@@ -204,11 +204,11 @@ fn cases() -> Vec<Case> {
                         epsilon: 0.2,
                         // cispo's cap of the ratio itself; the clip range otherwise.
                         epsilon_high: if ty == LossType::Cispo { 1.3 } else { 0.28 },
-                        beta: if i % 2 == 0 { 0.04 } else { 0.0 },
+                        beta: if i.is_multiple_of(2) { 0.04 } else { 0.0 },
                         loss_type: ty,
                         max_completion_length: T as i64 + 2,
                         importance_sampling_level: level,
-                        delta: (i % 3 == 0).then_some(1.35),
+                        delta: i.is_multiple_of(3).then_some(1.35),
                         sapo_temperature_pos: 1.0,
                         sapo_temperature_neg: 1.05,
                         correction: mode.map(|mode| IsCorrection { mode, cap: 1.5 }),

@@ -655,7 +655,10 @@ fn same_value(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
         // Environment values arrive as strings.
-        (Value::String(s), v) | (v, Value::String(s)) if !v.is_string() => *s == v.to_string(),
+        (Value::String(s), v) | (v, Value::String(s)) if !v.is_string() => {
+            let text = v.to_string();
+            s.as_str() == text.as_str()
+        }
         _ => a == b,
     }
 }
