@@ -37,13 +37,9 @@ use_cpu: false
 /// Runs the launcher on `config` and a command echoing each rank's environment; returns
 /// (exit status, stdout lines sorted, stderr).
 fn launch(config: &str, extra: &[&str]) -> (bool, Vec<String>, String) {
-    let dir = std::env::temp_dir().join(format!(
-        "grpo-accelerate-{}-{}",
-        std::process::id(),
-        config.len() + extra.len()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("accelerate.yaml");
+    // Its own directory: the tests of this file run in parallel.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("accelerate.yaml");
     std::fs::write(&file, config).unwrap();
     let out = Command::new(repo().join("scripts/launch"))
         .arg("--config_file")
@@ -59,7 +55,6 @@ fn launch(config: &str, extra: &[&str]) -> (bool, Vec<String>, String) {
         .env_remove("TRAINER__ZERO__COMPUTE_DTYPE")
         .output()
         .unwrap();
-    std::fs::remove_dir_all(&dir).ok();
     let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)
