@@ -1,6 +1,34 @@
 //! TRL's `log_completions`: a sample of (prompt, completion, reward, advantage) rows of
 //! a step, printed at logging steps. Pure text formatting; the loop decides when.
 
+use crate::data::PromptExample;
+use crate::rollout::RolloutGroup;
+
+/// The rows of this rank's groups: `mine[g]` is the prompt of `groups[g]`; `rewards` and
+/// `adv` hold `num_generations` values per group, in order.
+pub fn completion_rows<'a>(
+    prompts: &'a [PromptExample],
+    mine: &[usize],
+    groups: &'a [RolloutGroup],
+    rewards: &[f64],
+    adv: &[f64],
+) -> Vec<CompletionRow<'a>> {
+    let mut rows = Vec::new();
+    let mut i = 0;
+    for (g, group) in groups.iter().enumerate() {
+        for c in &group.completions {
+            rows.push(CompletionRow {
+                prompt: &prompts[mine[g]].prompt_text,
+                completion: &c.text,
+                reward: rewards[i],
+                advantage: adv[i],
+            });
+            i += 1;
+        }
+    }
+    rows
+}
+
 /// One row of the table.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CompletionRow<'a> {

@@ -20,7 +20,7 @@ use tch::{Kind, Tensor};
 
 use super::advantages::{combine_rewards, group_advantages, ScaleRewards};
 use super::batch::{pack, split_even, PackedBatch, Sample};
-use super::completions::{completions_table, CompletionRow};
+use super::completions::{completion_rows, completions_table};
 use super::config::GrpoConfig;
 use super::eval::{evaluate, EvalSet, EvalSums};
 use super::loss::{policy_loss, PolicyBatch};
@@ -533,7 +533,11 @@ impl Grpo<'_> {
             && self.sess.is_main()
             && cfg.args.log_interval(self.steps_per_epoch).due(step)
         {
-            self.print_completions(step, mine, groups, &rewards, &adv);
+            let rows = completion_rows(&self.prompts, mine, groups, &rewards, &adv);
+            print!(
+                "{}",
+                completions_table(step, &rows, cfg.num_completions_to_print)
+            );
         }
 
         stats.groups += groups.len() as f64;
@@ -570,39 +574,6 @@ impl Grpo<'_> {
             }
         }
         Ok(samples)
-    }
-
-    /// TRL's `log_completions`: rank 0's rows of this step (its share of the prompts).
-    fn print_completions(
-        &self,
-        step: u64,
-        mine: &[usize],
-        groups: &[RolloutGroup],
-        rewards: &[f64],
-        adv: &[f64],
-    ) {
-        let n = self.cfg.num_generations;
-        let rows: Vec<CompletionRow> = groups
-            .iter()
-            .enumerate()
-            .flat_map(|(g, group)| {
-                group
-                    .completions
-                    .iter()
-                    .enumerate()
-                    .map(move |(j, c)| (g, j, c))
-            })
-            .map(|(g, j, c)| CompletionRow {
-                prompt: &self.prompts[mine[g]].prompt_text,
-                completion: &c.text,
-                reward: rewards[g * n + j],
-                advantage: adv[g * n + j],
-            })
-            .collect();
-        print!(
-            "{}",
-            completions_table(step, &rows, self.cfg.num_completions_to_print)
-        );
     }
 
     /// Group-relative advantages; `batch` scaling divides by the std of every included
