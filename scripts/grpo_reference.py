@@ -10,7 +10,10 @@ Input:
                    "logprobs": [[..]] (B x T), "old": [[..]] | null, "ref": [[..]] | null,
                    "sampler": [[..]] | null, "advantages": [..] (B), "mask": [[..]] (B x T),
                    "config": {"epsilon", "epsilon_high", "beta", "loss_type",
-                              "max_completion_length", "tis_cap": float | null}}],
+                              "max_completion_length", "importance_sampling_level",
+                              "delta": float | null, "sapo_temperature_pos",
+                              "sapo_temperature_neg",
+                              "correction": {"mode", "cap"} | null}}],
    "advantage_cases": [{"rewards": [..], "num_generations": int,
                         "scale_rewards": "group" | "batch" | "none"}]}
 Output:
@@ -43,16 +46,51 @@ def policy_loss(case):
     # TRL: without a stored old policy the ratio is taken against the detached current one.
     old_logps = logps.detach() if old is None else old
 
-    # Token-level importance ratio and PPO-style clipping with asymmetric bounds.
-    coef_1 = torch.exp(logps - old_logps)
-    coef_2 = torch.clamp(coef_1, 1 - cfg["epsilon"], 1 + cfg["epsilon_high"])
-    a = adv.unsqueeze(1)
-    per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
-
-    # Truncated importance sampling against the sampler's (vLLM's) log-probs.
+    # TRL _generate_and_score_completions: the vLLM importance-sampling correction.
     is_ratio = None
-    if cfg["tis_cap"] is not None:
-        is_ratio = torch.clamp(torch.exp(old_logps - sampler), max=cfg["tis_cap"])
+    corr = cfg["correction"]
+    if corr is not None:
+        diff = (old_logps - sampler) * mask
+        mode = corr["mode"]
+        if mode in ("sequence_mask", "sequence_truncate"):
+            diff = diff.sum(dim=-1, keepdim=True)
+        is_ratio = torch.exp(diff)
+        if mode in ("sequence_truncate", "token_truncate"):
+            is_ratio = torch.clamp(is_ratio, max=corr["cap"])
+        elif mode in ("sequence_mask", "token_mask"):
+            is_ratio = is_ratio.masked_fill(is_ratio > corr["cap"], value=0.0)
+        else:
+            raise ValueError(f"unknown correction mode {mode!r}")
+
+    # TRL _compute_loss: token- or sequence-level (GSPO) importance weights.
+    log_ratio = logps - old_logps
+    level = cfg["importance_sampling_level"]
+    if level == "token":
+        log_w = log_ratio
+    elif level == "sequence":
+        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    else:
+        raise ValueError(f"unknown importance_sampling_level {level!r}")
+    coef_1 = torch.exp(log_w)
+    a = adv.unsqueeze(1)
+    eps_lo, eps_hi = cfg["epsilon"], cfg["epsilon_high"]
+    lt = cfg["loss_type"]
+    if lt == "cispo":
+        clamped = torch.clamp(coef_1, max=eps_hi).detach()
+        per_token_loss = -clamped * a * logps
+    elif lt in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        coef_2 = torch.clamp(coef_1, 1 - eps_lo, 1 + eps_hi)
+        c1 = coef_1 if cfg["delta"] is None else torch.clamp(coef_1, max=cfg["delta"])
+        per_token_loss = -torch.min(c1 * a, coef_2 * a)
+    elif lt == "sapo":
+        pos = (a > 0).expand_as(coef_1)
+        tau = torch.where(pos, torch.tensor(cfg["sapo_temperature_pos"], dtype=DT),
+                          torch.tensor(cfg["sapo_temperature_neg"], dtype=DT))
+        gate = torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau
+        per_token_loss = -gate * a
+    else:
+        raise ValueError(f"unknown loss_type {lt!r}")
+    if is_ratio is not None:
         per_token_loss = per_token_loss * is_ratio
 
     # k3 estimator of KL(pi || ref).
@@ -62,14 +100,13 @@ def policy_loss(case):
     if cfg["beta"] != 0.0:
         per_token_loss = per_token_loss + cfg["beta"] * kl
 
-    lt = cfg["loss_type"]
-    if lt == "grpo":
+    if lt in ("grpo", "sapo"):
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif lt == "bnpo":
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     elif lt == "dr_grpo":
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * cfg["max_completion_length"])
-    elif lt == "dapo":
+    elif lt in ("dapo", "cispo"):
         # num_items_in_batch: the number of completion tokens in the whole step.
         loss = (per_token_loss * mask).sum() / mask.sum()
     else:
@@ -77,8 +114,14 @@ def policy_loss(case):
     loss.backward()
 
     with torch.no_grad():
-        low = ((coef_1 < 1 - cfg["epsilon"]) & (a < 0)).to(DT)
-        high = ((coef_1 > 1 + cfg["epsilon_high"]) & (a > 0)).to(DT)
+        zero = torch.zeros_like(coef_1)
+        if lt in ("grpo", "bnpo", "dr_grpo", "dapo"):
+            low = ((coef_1 < 1 - eps_lo) & (a < 0)).to(DT)
+            high = ((coef_1 > 1 + eps_hi) & (a > 0)).to(DT)
+        elif lt == "cispo":
+            low, high = zero, ((coef_1 > eps_hi) & (a > 0)).to(DT)
+        else:
+            low, high = zero, zero
         region = ((low + high) > 0).to(DT)
         stats = {
             "tokens": mask.sum().item(),

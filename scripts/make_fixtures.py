@@ -9,6 +9,8 @@ Produces, under the output directory:
   qwen2-tiny/           random Qwen2: GQA (4 heads, 2 kv heads), q/k/v bias, tied embeddings, f32,
                         one model.safetensors; plus the tokenizer with a ChatML template
   qwen2-tiny-bf16/      the same weights saved in bf16
+  qwen3-tiny/           random Qwen3 (dense): per-head q/k RMSNorm, GQA (6 heads, 2 kv heads),
+                        explicit head_dim 16 (hidden 64), untied, same references as qwen2-tiny
   llama-tiny/           random Llama: untied, GQA (6 heads, 2 kv heads), llama3 rope scaling,
                         f32, sharded (model.safetensors.index.json); plus the tokenizer with a
                         Llama-3-style template inlined in tokenizer_config.json
@@ -39,6 +41,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 SEED = 1234
@@ -253,6 +257,15 @@ ZOO = [
           rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
      torch.float32, True, None),
+    ("qwen3-tied-bias-mha", "qwen3",
+     dict(hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=3,
+          num_key_value_heads=3, head_dim=16, attention_bias=True, tie_word_embeddings=True,
+          rope_theta=1e6),
+     torch.bfloat16, False, None),
+    ("qwen3-gqa-headdim-v4", "qwen3",
+     dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+          num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, rms_norm_eps=1e-5),
+     torch.float32, True, None),
     ("qwen2-deep-sharded", "qwen2",
      dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
           num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=[1, 2]),
@@ -280,8 +293,9 @@ def zoo(out, vocab):
     for k, (name, arch, kwargs, dtype, v4, shard) in enumerate(ZOO):
         kwargs = dict(kwargs)
         v = kwargs.pop("vocab_size", vocab)
-        cfg_cls, model_cls = ((Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2"
-                              else (LlamaConfig, LlamaForCausalLM))
+        cfg_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                              "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                              "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
         model = model_cls(cfg_cls(vocab_size=v, max_position_embeddings=128, **kwargs))
         randomize(model, SEED + 100 + k)
         if kwargs.get("tie_word_embeddings"):
@@ -332,6 +346,15 @@ def main():
     llama = LlamaForCausalLM(lcfg)
     randomize(llama, SEED + 2)
 
+    # Qwen3 dense: per-head q/k RMSNorm, head_dim (16) apart from hidden / heads, untied.
+    q3cfg = Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=144, num_hidden_layers=2,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                        max_position_embeddings=256, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                        tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
+                        bos_token_id=None, eos_token_id=qwen_tok.convert_tokens_to_ids("<|im_end|>"))
+    qwen3 = Qwen3ForCausalLM(q3cfg)
+    randomize(qwen3, SEED + 3)
+
     texts = ["What is 12 + 30? <think>", "def f(x):\n    return x * 3 - 1", "über 数学 答案",
              "the model reasons step by step about numbers and answers 42 + 17 = 59 therefore"]
     seqs = [qwen_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -340,6 +363,11 @@ def main():
     qwen.save_pretrained(qdir)
     qwen_tok.save_pretrained(qdir)
     save_file(reference(qwen, seqs), os.path.join(qdir, "reference.safetensors"))
+
+    q3dir = os.path.join(out, "qwen3-tiny")
+    qwen3.save_pretrained(q3dir)
+    qwen_tok.save_pretrained(q3dir)
+    save_file(reference(qwen3, seqs), os.path.join(q3dir, "reference.safetensors"))
 
     qbf = os.path.join(out, "qwen2-tiny-bf16")
     qwen.to(torch.bfloat16).save_pretrained(qbf)

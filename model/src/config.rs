@@ -1,4 +1,4 @@
-//! Hugging Face `config.json` of the Qwen2 and Llama families.
+//! Hugging Face `config.json` of the Qwen2, Qwen3 (dense) and Llama families.
 //!
 //! Both the transformers 4.x layout (`rope_theta` + `rope_scaling`, `torch_dtype`) and the
 //! 5.x layout (`rope_parameters`, `dtype`) are read. The original JSON is kept, so a
@@ -11,11 +11,13 @@ use tch::Kind;
 
 use crate::error::{ModelError, Result};
 
-/// The supported architectures. They differ only in which projections carry biases
-/// (Qwen2: q/k/v always; Llama: per `attention_bias` and `mlp_bias`).
+/// The supported architectures. They differ in which projections carry biases (Qwen2:
+/// q/k/v always; Llama and Qwen3: per `attention_bias`, Llama also `mlp_bias`) and in
+/// Qwen3's per-head RMSNorm of queries and keys before RoPE (`q_norm`, `k_norm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Qwen2,
+    Qwen3,
     Llama,
 }
 
@@ -23,6 +25,7 @@ impl Architecture {
     pub fn model_type(self) -> &'static str {
         match self {
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
             Architecture::Llama => "llama",
         }
     }
@@ -66,6 +69,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Bias on gate/up/down projections (Llama's `mlp_bias`).
     pub mlp_bias: bool,
+    /// Per-head RMSNorm of queries and keys (weights `[head_dim]`) before RoPE (Qwen3).
+    pub qk_norm: bool,
     /// The dtype the checkpoint declares (`dtype` or `torch_dtype`; float32 when absent).
     pub dtype: Kind,
     pub bos_token_id: Option<i64>,
@@ -111,10 +116,10 @@ impl ModelConfig {
         let attention_bias = r.opt_bool("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama => (attention_bias, attention_bias),
+            Architecture::Qwen3 | Architecture::Llama => (attention_bias, attention_bias),
         };
         let mlp_bias = match architecture {
-            Architecture::Qwen2 => false,
+            Architecture::Qwen2 | Architecture::Qwen3 => false,
             Architecture::Llama => r.opt_bool("mlp_bias")?.unwrap_or(false),
         };
         let cfg = ModelConfig {
@@ -135,6 +140,7 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
+            qk_norm: architecture == Architecture::Qwen3,
             dtype: r.dtype()?,
             bos_token_id: r.opt_i64("bos_token_id")?,
             eos_token_ids: r.token_ids("eos_token_id")?,
@@ -291,6 +297,7 @@ impl Reader<'_> {
             .and_then(Value::as_str);
         match (model_type, arch0) {
             (Some("qwen2"), _) | (None, Some("Qwen2ForCausalLM")) => Ok(Architecture::Qwen2),
+            (Some("qwen3"), _) | (None, Some("Qwen3ForCausalLM")) => Ok(Architecture::Qwen3),
             (Some("llama"), _) | (None, Some("LlamaForCausalLM")) => Ok(Architecture::Llama),
             (found, arch) => Err(ModelError::UnsupportedArchitecture {
                 path: self.path.to_path_buf(),
@@ -362,7 +369,13 @@ impl Reader<'_> {
             }
         }
         if self.opt_bool("use_sliding_window")? == Some(true) {
-            return Err(self.err("use_sliding_window = true is not supported"));
+            return Err(self.err(format!(
+                "use_sliding_window = true (sliding_window {}) is not supported: every layer \
+                 attends to the whole sequence here; set use_sliding_window to false only if the \
+                 model was trained without it",
+                self.get("sliding_window")
+                    .map_or("unset".into(), |v| v.to_string())
+            )));
         }
         if let Some(Value::Array(types)) = self.get("layer_types") {
             if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
@@ -477,5 +490,36 @@ mod tests {
         assert_eq!(out["torch_dtype"], json!("bfloat16"));
         assert_eq!(out["dtype"], json!("bfloat16"));
         assert_eq!(out["custom_field"], json!([1, 2]));
+    }
+
+    #[test]
+    fn qwen3_has_qk_norm_head_dim_and_refuses_sliding_windows() {
+        let v = json!({
+            "model_type": "qwen3", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 6,
+            "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": true,
+            "attention_bias": false, "use_sliding_window": false, "sliding_window": null,
+            "layer_types": ["full_attention", "full_attention"]
+        });
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen3);
+        assert!(c.qk_norm && !c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        assert_eq!((c.head_dim, c.num_attention_heads * c.head_dim), (16, 96));
+        let names: Vec<String> = crate::param_specs(&c).into_iter().map(|s| s.name).collect();
+        assert!(names.contains(&"model.layers.1.self_attn.k_norm.weight".to_string()));
+        let mut sw = v.clone();
+        sw["use_sliding_window"] = json!(true);
+        sw["sliding_window"] = json!(4096);
+        let e = parse(sw).unwrap_err().to_string();
+        assert!(
+            e.contains("use_sliding_window") && e.contains("4096"),
+            "{e}"
+        );
+        let mut lt = v;
+        lt["layer_types"] = json!(["full_attention", "sliding_attention"]);
+        assert!(parse(lt)
+            .unwrap_err()
+            .to_string()
+            .contains("sliding_attention"));
     }
 }

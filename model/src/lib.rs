@@ -1,4 +1,4 @@
-//! The policy model shared by trainer ranks and rollout workers: Qwen2 and Llama
+//! The policy model shared by trainer ranks and rollout workers: Qwen2, Qwen3 (dense) and Llama
 //! decoders computed exactly as Hugging Face transformers computes them.
 //!
 //! Data flow: a checkpoint directory (`config.json`, safetensors, tokenizer files) is read
@@ -13,8 +13,10 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod hub;
 pub mod kv_cache;
 pub mod logprobs;
+pub mod pycompat;
 pub mod sampling;
 pub mod tokenizer;
 pub mod transformer;

@@ -15,7 +15,7 @@ use minijinja::Value;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
-use crate::chat_template::ChatTemplate;
+use crate::chat_template::{ChatTemplate, TemplateError};
 
 /// A chat message with plain string content, serialized as `{"role": ..., "content": ...}`.
 ///
@@ -123,6 +123,34 @@ pub enum TokenizerError {
         operation: &'static str,
         message: String,
     },
+}
+
+impl From<TemplateError> for TokenizerError {
+    fn from(e: TemplateError) -> Self {
+        match e {
+            TemplateError::Syntax {
+                path,
+                line,
+                message,
+            } => TokenizerError::TemplateSyntax {
+                path,
+                line,
+                message,
+            },
+            TemplateError::Exception { path, message } => {
+                TokenizerError::TemplateException { path, message }
+            }
+            TemplateError::Render {
+                path,
+                line,
+                message,
+            } => TokenizerError::Render {
+                path,
+                line,
+                message,
+            },
+        }
+    }
 }
 
 fn at_line(line: &Option<usize>) -> String {
@@ -388,6 +416,36 @@ impl Tokenizer {
         self.special("unk_token").map(|t| t.content.as_str())
     }
 
+    /// Replaces the chat template (Open-R1's `chat_template` recipe key: a Jinja source);
+    /// `origin` names it in errors. The `tool_use` variant, if any, is dropped too, so the
+    /// override renders every prompt.
+    pub fn set_chat_template(&mut self, source: &str, origin: &Path) -> Result<(), TokenizerError> {
+        self.chat_template = Some(ChatTemplate::compile(source, origin)?);
+        self.tool_use_template = None;
+        self.template_names.clear();
+        Ok(())
+    }
+
+    /// Replaces the end-of-sequence token (TRL's `SFTConfig.eos_token`); it must be one
+    /// token of the vocabulary. It becomes the first of [`Self::eos_token_ids`].
+    pub fn set_eos_token(&mut self, token: &str) -> Result<(), TokenizerError> {
+        let id = self
+            .inner
+            .token_to_id(token)
+            .ok_or_else(|| TokenizerError::Config {
+                path: self.dir.join("tokenizer.json"),
+                field: "eos_token".into(),
+                message: format!("{token:?} is not a token of the vocabulary"),
+            })?;
+        self.special[1] = Some(SpecialToken {
+            content: token.to_string(),
+            id: Some(id),
+        });
+        self.eos_token_ids.retain(|&e| e != id);
+        self.eos_token_ids.insert(0, id);
+        Ok(())
+    }
+
     /// Whether a chat template was found (default or `tool_use`).
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some() || self.tool_use_template.is_some()
@@ -412,7 +470,7 @@ impl Tokenizer {
                     available: self.template_names.clone(),
                 })?,
         };
-        template.render(self.template_context(messages, options)?)
+        Ok(template.render(self.template_context(messages, options)?)?)
     }
 
     /// [`Self::apply_chat_template`], then [`Self::encode`] with `add_special_tokens=false`

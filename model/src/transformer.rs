@@ -141,6 +141,15 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3)
 }
 
+/// Qwen3's per-head RMSNorm over `head_dim` of `[B, T, heads, head_dim]` (before RoPE);
+/// the identity for architectures without it.
+fn head_norm(x: Tensor, weight: &Option<Tensor>, cfg: &ModelConfig) -> Tensor {
+    match weight {
+        Some(w) => rms_norm(&x, w, cfg.rms_norm_eps),
+        None => x,
+    }
+}
+
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * cos + rotate_half(x) * sin
 }
@@ -163,8 +172,8 @@ pub fn layer_forward(
     );
     let a = &layer.self_attn;
     let x = rms_norm(h, &layer.input_layernorm, cfg.rms_norm_eps);
-    let q = a.q_proj.forward(&x).view([b, t, nh, d]).transpose(1, 2);
-    let k = a.k_proj.forward(&x).view([b, t, nkv, d]).transpose(1, 2);
+    let q = head_norm(a.q_proj.forward(&x).view([b, t, nh, d]), &a.q_norm, cfg).transpose(1, 2);
+    let k = head_norm(a.k_proj.forward(&x).view([b, t, nkv, d]), &a.k_norm, cfg).transpose(1, 2);
     let v = a.v_proj.forward(&x).view([b, t, nkv, d]).transpose(1, 2);
     let (cos, sin) = (ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1));
     let q = apply_rope(&q, &cos, &sin);

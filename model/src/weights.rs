@@ -62,6 +62,10 @@ pub fn layer_param_specs(cfg: &ModelConfig, i: usize) -> Vec<ParamSpec> {
     if cfg.o_bias {
         v.push(ParamSpec::new(format!("{p}self_attn.o_proj.bias"), &[h]));
     }
+    if cfg.qk_norm {
+        v.push(ParamSpec::new(format!("{p}self_attn.q_norm.weight"), &[d]));
+        v.push(ParamSpec::new(format!("{p}self_attn.k_norm.weight"), &[d]));
+    }
     v.push(ParamSpec::new(
         format!("{p}post_attention_layernorm.weight"),
         &[h],
@@ -118,6 +122,9 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Qwen3's per-head RMSNorm weights `[head_dim]` of queries and keys.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -163,6 +170,10 @@ fn linear(src: &mut dyn TensorSource, prefix: &str, bias: bool) -> Result<Linear
     })
 }
 
+fn norm(src: &mut dyn TensorSource, name: String, present: bool) -> Result<Option<Tensor>, String> {
+    present.then(|| take(src, name)).transpose()
+}
+
 impl DecoderLayer {
     /// Builds layer `i` from `src`; the error is the first missing name.
     pub fn from_source(
@@ -178,6 +189,8 @@ impl DecoderLayer {
                 k_proj: linear(src, &format!("{p}self_attn.k_proj"), cfg.qkv_bias)?,
                 v_proj: linear(src, &format!("{p}self_attn.v_proj"), cfg.qkv_bias)?,
                 o_proj: linear(src, &format!("{p}self_attn.o_proj"), cfg.o_bias)?,
+                q_norm: norm(src, format!("{p}self_attn.q_norm.weight"), cfg.qk_norm)?,
+                k_norm: norm(src, format!("{p}self_attn.k_norm.weight"), cfg.qk_norm)?,
             },
             post_attention_layernorm: take(src, format!("{p}post_attention_layernorm.weight"))?,
             mlp: Mlp {
@@ -203,6 +216,11 @@ impl DecoderLayer {
         push(&mut out, format!("{p}self_attn.k_proj"), &a.k_proj);
         push(&mut out, format!("{p}self_attn.v_proj"), &a.v_proj);
         push(&mut out, format!("{p}self_attn.o_proj"), &a.o_proj);
+        for (name, w) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+            if let Some(w) = w {
+                out.push((format!("{p}self_attn.{name}.weight"), w));
+            }
+        }
         out.push((
             format!("{p}post_attention_layernorm.weight"),
             &self.post_attention_layernorm,

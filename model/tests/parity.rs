@@ -8,7 +8,7 @@ use model::checkpoint::save_pretrained;
 use model::{token_logprobs, ForwardInput, KvCache, LogprobOptions, Transformer};
 use tch::{Device, Kind, Tensor};
 
-const MODELS: [&str; 2] = ["qwen2-tiny", "llama-tiny"];
+const MODELS: [&str; 3] = ["qwen2-tiny", "qwen3-tiny", "llama-tiny"];
 /// fp32 logits tolerance against transformers (max abs), as the issue states.
 const FP32_TOL: f64 = 1e-4;
 /// Our own paths against each other (cached vs full, batched vs alone): the same math
@@ -59,15 +59,28 @@ fn bf16_logits_match_transformers_within_bf16_rounding() {
                 d <= 0.02 * scale,
                 "{name} seq{i}: bf16 max abs diff {d} (scale {scale})"
             );
-            // And the bf16 model stays close to the fp32 reference's argmax decisions.
-            let agree = logits
-                .get(0)
-                .argmax(-1, false)
-                .eq_tensor(&reference.argmax(-1, false))
+            // Where the reference's top-2 margin exceeds twice the largest difference, no
+            // rounding can flip the argmax: there the decisions must agree exactly. The
+            // tiny random models have near ties elsewhere, so overall agreement of short
+            // sequences (6 tokens) is only required to be high, not total.
+            let (ours, theirs) = (logits.get(0).argmax(-1, false), reference.argmax(-1, false));
+            let (top, _) = reference.topk(2, -1, true, true);
+            let margin = top.select(1, 0) - top.select(1, 1);
+            let flipped = ours
+                .ne_tensor(&theirs)
+                .logical_and(&margin.gt(2.0 * d))
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            assert_eq!(
+                flipped, 0,
+                "{name} seq{i}: argmax differs where the margin is decisive"
+            );
+            let agree = ours
+                .eq_tensor(&theirs)
                 .to_kind(Kind::Float)
                 .mean(Kind::Float)
                 .double_value(&[]);
-            assert!(agree >= 0.9, "{name} seq{i}: argmax agreement {agree}");
+            assert!(agree >= 0.8, "{name} seq{i}: argmax agreement {agree}");
         }
     }
 }
@@ -359,5 +372,8 @@ fn zoo_of_shapes_matches_transformers() {
         assert_close(&logits, &r["logits"], FP32_TOL, &dir.display().to_string());
         n += 1;
     }
-    assert!(n >= 4, "expected the zoo fixtures, found {n}");
+    assert!(
+        n >= 6,
+        "expected the zoo fixtures (Qwen3 ones too), found {n}"
+    );
 }

@@ -33,7 +33,8 @@ struct ServeArgs {
     /// TOML file with WorkerConfig fields (model, device, dtype, [engine], [server]).
     #[arg(long, env = "ROLLOUT_CONFIG")]
     config: Option<PathBuf>,
-    /// Checkpoint directory; required here or in the file.
+    /// Checkpoint directory, or a Hugging Face Hub id found in the local cache
+    /// (HF_HUB_CACHE, HF_HOME); required here or in the file.
     #[arg(long, env = "ROLLOUT_MODEL")]
     model: Option<PathBuf>,
     #[arg(long, env = "ROLLOUT_SERVED_MODEL_NAME")]
@@ -110,6 +111,12 @@ fn worker_config(a: ServeArgs) -> anyhow::Result<WorkerConfig> {
     if a.max_model_len.is_some() {
         e.max_model_len = a.max_model_len;
     }
+    // A Hub id (`Qwen/Qwen3-0.6B`) serves the local cache's snapshot under its id, as vLLM
+    // names it; nothing is downloaded.
+    if !c.model.exists() && c.served_model_name.is_none() {
+        c.served_model_name = Some(c.model.to_string_lossy().into_owned());
+    }
+    c.model = model::hub::resolve_model(&c.model, None).context("--model")?;
     c.validate()?;
     Ok(c)
 }
@@ -165,7 +172,8 @@ async fn shutdown_signal() {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json), or a Hub id in the
+    /// local Hugging Face cache.
     #[arg(long)]
     model: PathBuf,
     /// A prompt; repeat for a batch.
@@ -207,9 +215,10 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let tok = Tokenizer::from_dir(&a.model)?;
-    let model = Transformer::from_pretrained(&a.model, device, kind)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let dir = model::hub::resolve_model(&a.model, None).context("--model")?;
+    let tok = Tokenizer::from_dir(&dir)?;
+    let model = Transformer::from_pretrained(&dir, device, kind)
+        .with_context(|| format!("loading {}", dir.display()))?;
     let mut prompts = vec![];
     for p in &a.prompt {
         let ids = if a.chat {

@@ -1,11 +1,13 @@
 //! Layered configuration of the trainer's commands: a file, then the environment, then
-//! command-line overrides, merged with the `config` crate and deserialised into a typed
-//! struct whose defaults fill what no layer sets.
+//! command-line overrides, merged with the `config` crate, carried over from TRL /
+//! Open-R1 recipe keys ([`recipe`]) and deserialised into a typed struct whose defaults
+//! fill what no layer sets.
 //!
 //! - File: TOML, YAML or JSON, chosen by extension (Open-R1's recipes are YAML).
-//! - Environment: variables named `TRAINER_<FIELD>`, nested tables joined by `__`
-//!   (`TRAINER_LEARNING_RATE=1e-5`, `TRAINER_ZERO__STAGE=3`,
-//!   `TRAINER_ROLLOUT__WORKERS=http://a:50051,http://b:50051`). Values are parsed as
+//! - Environment: variables named `TRAINER__<FIELD>` (two underscores after `TRAINER`,
+//!   so that no unrelated `TRAINER_...` variable is ever read), nested tables joined by
+//!   `__` as well (`TRAINER__LEARNING_RATE=1e-5`, `TRAINER__ZERO__STAGE=3`,
+//!   `TRAINER__ROLLOUT__WORKERS=http://a:50051,http://b:50051`). Values are parsed as
 //!   numbers or booleans when they look like one; the list fields below split on commas.
 //! - Flags: `--set key=value` (dotted keys for tables, values parsed as TOML, so
 //!   `--set reward_funcs='["accuracy","format"]'` works), applied last.
@@ -13,69 +15,113 @@
 //! Unknown keys are errors at every level: the top level is checked here against the
 //! keys of the config's serialised default (so a misspelt `lerning_rate` is named with
 //! the closest known keys), nested tables by `deny_unknown_fields`.
+pub mod intervals;
+pub mod recipe;
+
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use config::{Config, Environment, File, FileFormat};
 use serde::{de::DeserializeOwned, Serialize};
 
-/// Prefix of the environment variables read by [`load`].
-pub const ENV_PREFIX: &str = "TRAINER";
+pub use intervals::{Interval, IntervalStrategy, LogLevel};
+pub use recipe::{Command, RecipeWarning};
+
+/// Prefix of the environment variables read by [`load`], with its separator: a
+/// variable is a setting only if it starts with `TRAINER__`.
+pub const ENV_PREFIX: &str = "TRAINER__";
 
 /// Keys whose environment values are comma-separated lists.
 const LIST_KEYS: &[&str] = &["reward_funcs", "reward_weights", "rollout.workers", "stop"];
 
-/// A configuration that could not be loaded: the message names the source and field.
+/// A configuration that could not be loaded; each variant names the source and field.
 #[derive(Debug, thiserror::Error)]
-#[error("configuration: {0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    #[error("configuration: config file {} does not exist", path.display())]
+    MissingFile { path: PathBuf },
+    #[error("configuration: config file {}: unknown extension {extension:?} (allowed: .toml, .yaml, .yml, .json)", path.display())]
+    UnknownExtension { path: PathBuf, extension: String },
+    #[error("configuration: --set {set:?}: {reason}")]
+    BadSet { set: String, reason: String },
+    #[error("configuration: unknown field `{}`{}; known fields: {}", keys.join("`, `"),
+        suggestion.as_ref().map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default(),
+        known.join(", "))]
+    UnknownKeys {
+        keys: Vec<String>,
+        suggestion: Option<String>,
+        known: Vec<String>,
+    },
+    #[error("configuration: `{key}`: {message}")]
+    Recipe { key: String, message: String },
+    #[error("configuration: `{key}` and `{other}` disagree: {message}")]
+    Conflict {
+        key: String,
+        other: String,
+        message: String,
+    },
+    /// Reading, merging or deserialising failed (the message names the key).
+    #[error("configuration: {0}")]
+    Source(#[from] config::ConfigError),
+}
 
-/// Merges `file` (optional), the `TRAINER_*` environment and `sets` (`key=value`) into
+/// A configuration that can be loaded: which command it belongs to decides which
+/// recipe keys apply.
+pub trait Recipe: DeserializeOwned + Serialize + Default {
+    const COMMAND: Command;
+}
+
+/// A loaded configuration and the recipe keys that were accepted but handled another
+/// way (log each once: [`Loaded::log_warnings`]).
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub config: T,
+    pub warnings: Vec<RecipeWarning>,
+}
+
+impl<T> Loaded<T> {
+    pub fn log_warnings(&self) {
+        for w in &self.warnings {
+            tracing::warn!("{w}");
+        }
+    }
+}
+
+/// Merges `file` (optional), the `TRAINER__*` environment and `sets` (`key=value`) into
 /// `T`. `T` must have serde defaults for every field and serialise to a table.
-pub fn load<T>(file: Option<&Path>, sets: &[String]) -> Result<T, ConfigError>
-where
-    T: DeserializeOwned + Serialize + Default,
-{
+pub fn load<T: Recipe>(file: Option<&Path>, sets: &[String]) -> Result<Loaded<T>, ConfigError> {
     load_with_env(file, sets, std::env::vars())
 }
 
 /// [`load`] with an explicit environment (tests pass their own).
-pub fn load_with_env<T>(
+pub fn load_with_env<T: Recipe>(
     file: Option<&Path>,
     sets: &[String],
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<T, ConfigError>
-where
-    T: DeserializeOwned + Serialize + Default,
-{
+) -> Result<Loaded<T>, ConfigError> {
     let mut builder = Config::builder();
     if let Some(path) = file {
         if !path.is_file() {
-            return Err(ConfigError(format!(
-                "config file {} does not exist",
-                path.display()
-            )));
+            return Err(ConfigError::MissingFile { path: path.into() });
         }
         let format = match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => FileFormat::Toml,
             Some("yaml" | "yml") => FileFormat::Yaml,
             Some("json") => FileFormat::Json,
             other => {
-                return Err(ConfigError(format!(
-                    "config file {}: unknown extension {:?} (allowed: .toml, .yaml, .yml, .json)",
-                    path.display(),
-                    other.unwrap_or("")
-                )))
+                return Err(ConfigError::UnknownExtension {
+                    path: path.into(),
+                    extension: other.unwrap_or("").into(),
+                })
             }
         };
         builder = builder.add_source(File::from(path).format(format));
     }
     let vars: config::Map<String, String> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.len() > ENV_PREFIX.len())
         .collect();
-    let mut environment = Environment::with_prefix(ENV_PREFIX)
-        .prefix_separator("_")
+    let mut environment = Environment::with_prefix("TRAINER")
+        .prefix_separator("__")
         .separator("__")
         .try_parsing(true)
         .list_separator(",")
@@ -85,24 +131,32 @@ where
     }
     builder = builder.add_source(environment);
     for set in sets {
-        let (key, value) = set.split_once('=').ok_or_else(|| {
-            ConfigError(format!(
-                "--set {set:?}: expected key=value, e.g. --set learning_rate=1e-5"
-            ))
-        })?;
+        let bad = |reason: &str| ConfigError::BadSet {
+            set: set.clone(),
+            reason: reason.into(),
+        };
+        let (key, value) = set
+            .split_once('=')
+            .ok_or_else(|| bad("expected key=value, e.g. --set learning_rate=1e-5"))?;
         let key = key.trim();
         if key.is_empty() {
-            return Err(ConfigError(format!("--set {set:?}: empty key")));
+            return Err(bad("empty key"));
         }
         builder = builder
             .set_override(key, parse_value(value))
-            .map_err(|e| ConfigError(format!("--set {set:?}: {e}")))?;
+            .map_err(|e| bad(&e.to_string()))?;
     }
-    let merged = builder.build().map_err(|e| ConfigError(e.to_string()))?;
-    check_top_level_keys::<T>(&merged)?;
-    merged
-        .try_deserialize::<T>()
-        .map_err(|e| ConfigError(e.to_string()))
+    let merged = builder.build()?;
+    let mut table = merged.try_deserialize::<serde_json::Map<String, serde_json::Value>>()?;
+    let warnings = recipe::translate(&mut table, T::COMMAND)?;
+    check_top_level_keys::<T>(&table)?;
+    // Through the config crate again, so type errors name the key.
+    let text = serde_json::Value::Object(table).to_string();
+    let config = Config::builder()
+        .add_source(File::from_str(&text, FileFormat::Json))
+        .build()?
+        .try_deserialize::<T>()?;
+    Ok(Loaded { config, warnings })
 }
 
 /// A `--set` value: TOML when it parses as a TOML value (numbers, booleans, arrays,
@@ -135,29 +189,24 @@ fn toml_to_config(v: toml::Value) -> config::Value {
 }
 
 /// Refuses top-level keys that `T` does not have (nested tables deny their own).
-fn check_top_level_keys<T: Serialize + Default>(merged: &Config) -> Result<(), ConfigError> {
+fn check_top_level_keys<T: Serialize + Default>(
+    table: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ConfigError> {
     let known: BTreeSet<String> = match serde_json::to_value(T::default()) {
         Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
         _ => return Ok(()),
     };
-    let table = merged
-        .clone()
-        .try_deserialize::<config::Map<String, config::Value>>()
-        .map_err(|e| ConfigError(e.to_string()))?;
-    let unknown: Vec<&String> = table.keys().filter(|k| !known.contains(*k)).collect();
+    let unknown: Vec<String> = table
+        .keys()
+        .filter(|k| !known.contains(*k))
+        .cloned()
+        .collect();
     if let Some(first) = unknown.first() {
-        let near = closest(first, &known);
-        return Err(ConfigError(format!(
-            "unknown field `{}`{}; known fields: {}",
-            unknown
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("`, `"),
-            near.map(|n| format!(" (did you mean `{n}`?)"))
-                .unwrap_or_default(),
-            known.iter().cloned().collect::<Vec<_>>().join(", ")
-        )));
+        return Err(ConfigError::UnknownKeys {
+            suggestion: closest(first, &known).map(str::to_string),
+            keys: unknown,
+            known: known.into_iter().collect(),
+        });
     }
     Ok(())
 }
@@ -221,6 +270,18 @@ mod tests {
         }
     }
 
+    impl Recipe for Demo {
+        const COMMAND: Command = Command::Grpo;
+    }
+
+    fn load_demo(
+        file: Option<&Path>,
+        sets: &[String],
+        env: Vec<(String, String)>,
+    ) -> Result<Demo, ConfigError> {
+        load_with_env::<Demo>(file, sets, env).map(|l| l.config)
+    }
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
@@ -237,19 +298,23 @@ mod tests {
             "learning_rate: 0.001\nname: file\nzero:\n  stage: 1\nreward_funcs: [format]\n",
         )
         .unwrap();
-        let c: Demo = load_with_env(Some(&path), &[], env(&[])).unwrap();
+        let c: Demo = load_demo(Some(&path), &[], env(&[])).unwrap();
         assert_eq!(c.learning_rate, 0.001);
         assert_eq!(c.zero.stage, 1);
         assert_eq!(c.reward_funcs, vec!["format"]);
 
         let e = env(&[
-            ("TRAINER_LEARNING_RATE", "0.01"),
-            ("TRAINER_ZERO__STAGE", "2"),
-            ("TRAINER_ROLLOUT__WORKERS", "http://a:1,http://b:2"),
-            ("TRAINER_REWARD_FUNCS", "accuracy,format"),
+            ("TRAINER__LEARNING_RATE", "0.01"),
+            ("TRAINER__ZERO__STAGE", "2"),
+            ("TRAINER__ROLLOUT__WORKERS", "http://a:1,http://b:2"),
+            ("TRAINER__REWARD_FUNCS", "accuracy,format"),
             ("GRPO_PYTHON", "/usr/bin/python"),
+            // Unrelated variables that merely start with TRAINER_ are never settings.
+            ("TRAINER_ID", "7"),
+            ("TRAINER_NAME", "alice"),
+            ("TRAINER__", "x"),
         ]);
-        let c: Demo = load_with_env(Some(&path), &[], e.clone()).unwrap();
+        let c: Demo = load_demo(Some(&path), &[], e.clone()).unwrap();
         assert_eq!(c.learning_rate, 0.01);
         assert_eq!(c.zero.stage, 2);
         assert_eq!(c.rollout.workers, vec!["http://a:1", "http://b:2"]);
@@ -261,7 +326,7 @@ mod tests {
             "name=flag".to_string(),
             r#"reward_funcs=["length"]"#.to_string(),
         ];
-        let c: Demo = load_with_env(Some(&path), &sets, e).unwrap();
+        let c: Demo = load_demo(Some(&path), &sets, e).unwrap();
         assert_eq!(c.learning_rate, 0.5);
         assert_eq!(c.zero.stage, 3);
         assert_eq!(c.name.as_deref(), Some("flag"));
@@ -270,7 +335,7 @@ mod tests {
 
     #[test]
     fn defaults_fill_what_no_layer_sets() {
-        let c: Demo = load_with_env(None, &[], env(&[])).unwrap();
+        let c: Demo = load_demo(None, &[], env(&[])).unwrap();
         assert_eq!(c, Demo::default());
     }
 
@@ -279,27 +344,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "lerning_rate = 0.1\n").unwrap();
-        let e = load_with_env::<Demo>(Some(&path), &[], env(&[])).unwrap_err();
+        let e = load_demo(Some(&path), &[], env(&[])).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("unknown field `lerning_rate`"), "{msg}");
         assert!(msg.contains("did you mean `learning_rate`"), "{msg}");
 
-        let e = load_with_env::<Demo>(None, &["zero.stag=1".into()], env(&[])).unwrap_err();
+        let e = load_demo(None, &["zero.stag=1".into()], env(&[])).unwrap_err();
         assert!(e.to_string().contains("stag"), "{e}");
 
-        let e = load_with_env::<Demo>(None, &["learning_rate=fast".into()], env(&[])).unwrap_err();
+        let e = load_demo(None, &["learning_rate=fast".into()], env(&[])).unwrap_err();
         assert!(e.to_string().contains("learning_rate"), "{e}");
 
-        let e = load_with_env::<Demo>(None, &["novalue".into()], env(&[])).unwrap_err();
+        let e = load_demo(None, &["novalue".into()], env(&[])).unwrap_err();
         assert!(e.to_string().contains("key=value"), "{e}");
 
-        let e = load_with_env::<Demo>(Some(Path::new("/nonexistent/c.toml")), &[], env(&[]))
-            .unwrap_err();
+        let e = load_demo(Some(Path::new("/nonexistent/c.toml")), &[], env(&[])).unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
 
         let bad = dir.path().join("c.ini");
         std::fs::write(&bad, "").unwrap();
-        let e = load_with_env::<Demo>(Some(&bad), &[], env(&[])).unwrap_err();
+        let e = load_demo(Some(&bad), &[], env(&[])).unwrap_err();
         assert!(e.to_string().contains("allowed: .toml"), "{e}");
     }
 }

@@ -1,7 +1,7 @@
 //! The trainer binary: a thin command-line layer over the `trainer` library.
 //!
 //! `trainer sft --config FILE` and `trainer grpo --config FILE` train; settings come from
-//! the file, then `TRAINER_*` environment variables, then `--set key=value` flags (see
+//! the file, then `TRAINER__*` environment variables, then `--set key=value` flags (see
 //! docs/configuration.md). Launch one process per rank with torchrun or scripts/launch.
 //!
 //! `trainer eval --config FILE` and `trainer generate --config FILE` run against
@@ -67,34 +67,45 @@ struct DistCheckArgs {
 }
 
 fn main() -> Result<()> {
-    init_tracing();
     match Cli::parse().command {
         Command::Sft(args) => {
-            let cfg: trainer::sft::SftConfig =
+            let loaded: trainer::config::Loaded<trainer::sft::SftConfig> =
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
-            trainer::sft::run(&cfg)
+            init_tracing(loaded.config.args.log_level);
+            loaded.log_warnings();
+            trainer::sft::run(&loaded.config)
         }
         Command::Grpo(args) => {
-            let cfg: trainer::grpo::GrpoConfig =
+            let loaded: trainer::config::Loaded<trainer::grpo::GrpoConfig> =
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
-            trainer::grpo::trainer::run(&cfg)
+            init_tracing(loaded.config.args.log_level);
+            loaded.log_warnings();
+            trainer::grpo::trainer::run(&loaded.config)
         }
-        Command::DistCheck(args) => dist_check(&args),
+        Command::DistCheck(args) => {
+            init_tracing(trainer::config::LogLevel::Passive);
+            dist_check(&args)
+        }
         Command::Eval(args) => {
-            let cfg = trainer::config::load(args.config.as_deref(), &args.sets)?;
-            trainer::inference::eval::run(&cfg).map(drop)
+            init_tracing(trainer::config::LogLevel::Passive);
+            let loaded: trainer::config::Loaded<trainer::inference::eval::EvalConfig> =
+                trainer::config::load(args.config.as_deref(), &args.sets)?;
+            trainer::inference::eval::run(&loaded.config).map(drop)
         }
         Command::Generate(args) => {
-            let cfg = trainer::config::load(args.config.as_deref(), &args.sets)?;
-            trainer::inference::generate::run(&cfg).map(drop)
+            init_tracing(trainer::config::LogLevel::Passive);
+            let loaded: trainer::config::Loaded<trainer::inference::generate::GenerateConfig> =
+                trainer::config::load(args.config.as_deref(), &args.sets)?;
+            trainer::inference::generate::run(&loaded.config).map(drop)
         }
     }
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default: warnings, and info from the trainer).
-fn init_tracing() {
+/// Logs to stderr; `RUST_LOG` filters, else the recipe's `log_level` (default: warnings,
+/// and info from the trainer).
+fn init_tracing(level: trainer::config::LogLevel) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,trainer=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.filter()));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -9,10 +9,13 @@ use model::{ModelConfig, Tokenizer, Weights};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
+use crate::config::{Interval, IntervalStrategy, LogLevel};
 use crate::data::DatasetConfig;
 use crate::dist::{self, Communicator, DistConfig, RendezvousEnv};
 use crate::metrics::Metrics;
-use crate::zero::{checkpoint::latest_checkpoint, LrSchedulerType, OptimConfig, ZeroConfig};
+use crate::zero::{
+    checkpoint::latest_checkpoint, LrSchedulerKwargs, LrSchedulerType, OptimConfig, ZeroConfig,
+};
 
 /// Settings shared by `trainer sft` and `trainer grpo` (flattened into their configs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +39,14 @@ pub struct TrainingArgs {
     pub max_grad_norm: f64,
     pub lr_scheduler_type: LrSchedulerType,
     pub warmup_ratio: f64,
+    /// Warmup steps; when > 0 it replaces `warmup_ratio` (as transformers).
+    pub warmup_steps: u64,
+    /// `min_lr_rate` / `min_lr` of `cosine_with_min_lr`, `num_cycles` of the cosines.
+    pub lr_scheduler_kwargs: LrSchedulerKwargs,
+    /// A Jinja chat template replacing the tokenizer's own (Open-R1's `chat_template`).
+    pub chat_template: Option<String>,
+    /// Hub revision of `model_name_or_path` when it is a Hub id (TRL's `model_revision`).
+    pub model_revision: Option<String>,
     /// Passes over the dataset when `max_steps` is not set.
     pub num_train_epochs: f64,
     /// Optimizer steps to run; -1 derives them from `num_train_epochs`.
@@ -46,8 +57,16 @@ pub struct TrainingArgs {
     /// Write the full metrics line to the log every this many steps; the console
     /// progress line and the Prometheus gauges are updated every step regardless.
     pub logging_steps: u64,
+    /// `steps` (every `logging_steps`), `epoch` or `no` (transformers' `logging_strategy`).
+    pub logging_strategy: IntervalStrategy,
+    /// Also log the full metrics after the first step.
+    pub logging_first_step: bool,
+    /// Log filter when `RUST_LOG` is unset (transformers' `log_level`).
+    pub log_level: LogLevel,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_steps: u64,
+    /// `steps` (every `save_steps`), `epoch` or `no` (only the final checkpoint).
+    pub save_strategy: IntervalStrategy,
     /// Keep this many checkpoints (oldest pruned); unset keeps all.
     pub save_total_limit: Option<usize>,
     /// `latest` (the newest complete checkpoint under output_dir, if any) or a step
@@ -78,12 +97,20 @@ impl Default for TrainingArgs {
             max_grad_norm: optim.max_grad_norm,
             lr_scheduler_type: optim.lr_scheduler_type,
             warmup_ratio: optim.warmup_ratio,
+            warmup_steps: 0,
+            lr_scheduler_kwargs: LrSchedulerKwargs::default(),
+            chat_template: None,
+            model_revision: None,
             num_train_epochs: 3.0,
             max_steps: -1,
             per_device_train_batch_size: 8,
             gradient_accumulation_steps: 1,
             logging_steps: 10,
+            logging_strategy: IntervalStrategy::Steps,
+            logging_first_step: false,
+            log_level: LogLevel::Passive,
             save_steps: 500,
+            save_strategy: IntervalStrategy::Steps,
             save_total_limit: None,
             resume_from_checkpoint: None,
             num_threads: None,
@@ -105,7 +132,22 @@ impl TrainingArgs {
             max_grad_norm: self.max_grad_norm,
             lr_scheduler_type: self.lr_scheduler_type,
             warmup_ratio: self.warmup_ratio,
+            warmup_steps: self.warmup_steps,
+            lr_scheduler_kwargs: self.lr_scheduler_kwargs,
         }
+    }
+
+    /// When the full metrics line is logged (the last step is logged regardless).
+    pub fn log_interval(&self, steps_per_epoch: u64) -> Interval {
+        Interval {
+            first: self.logging_first_step,
+            ..Interval::new(self.logging_strategy, self.logging_steps, steps_per_epoch)
+        }
+    }
+
+    /// When checkpoints are written (the last step is saved regardless).
+    pub fn save_interval(&self, steps_per_epoch: u64) -> Interval {
+        Interval::new(self.save_strategy, self.save_steps, steps_per_epoch)
     }
 
     /// Field checks; errors name the field and what is allowed.
@@ -115,9 +157,6 @@ impl TrainingArgs {
         }
         if self.output_dir.as_os_str().is_empty() {
             return Err("output_dir is required".into());
-        }
-        if self.dataset.path.as_os_str().is_empty() {
-            return Err("dataset.path is required (a .jsonl or .parquet file or directory)".into());
         }
         self.dataset.validate().map_err(|e| e.to_string())?;
         self.optim().validate()?;
@@ -145,7 +184,7 @@ impl TrainingArgs {
                 self.num_train_epochs
             ));
         }
-        if self.logging_steps == 0 {
+        if self.logging_steps == 0 && self.logging_strategy == IntervalStrategy::Steps {
             return Err("logging_steps must be at least 1".into());
         }
         if self.save_total_limit == Some(0) {
@@ -197,6 +236,8 @@ pub struct Session {
     pub device: Device,
     pub tokenizer: Tokenizer,
     pub model_cfg: ModelConfig,
+    /// `model_name_or_path` resolved: the directory, or the Hub cache's snapshot.
+    pub model_dir: PathBuf,
     /// Initial weights in float32 on the host (taken by the engine).
     pub weights: Option<Weights>,
     pub comm: Option<Box<dyn Communicator>>,
@@ -245,15 +286,20 @@ impl Session {
                 .with_context(|| format!("binding the metrics endpoint on port {port}"))?;
             tracing::info!(rank = env.rank, %addr, "metrics endpoint");
         }
-        let tokenizer = Tokenizer::from_dir(&args.model_name_or_path).with_context(|| {
-            format!(
-                "loading the tokenizer of {}",
-                args.model_name_or_path.display()
-            )
-        })?;
+        // A Hub id (`Qwen/Qwen2.5-1.5B-Instruct`) is the cached snapshot; a path is itself.
+        let model_dir =
+            model::hub::resolve_model(&args.model_name_or_path, args.model_revision.as_deref())
+                .context("model_name_or_path")?;
+        let mut tokenizer = Tokenizer::from_dir(&model_dir)
+            .with_context(|| format!("loading the tokenizer of {}", model_dir.display()))?;
+        if let Some(template) = &args.chat_template {
+            tokenizer
+                .set_chat_template(template, Path::new("<chat_template setting>"))
+                .context("chat_template")?;
+        }
         let (model_cfg, weights) =
-            model::load_pretrained(&args.model_name_or_path, Device::Cpu, Some(Kind::Float))
-                .with_context(|| format!("loading {}", args.model_name_or_path.display()))?;
+            model::load_pretrained(&model_dir, Device::Cpu, Some(Kind::Float))
+                .with_context(|| format!("loading {}", model_dir.display()))?;
         let comm = dist::connect(&args.dist, &env, device)
             .with_context(|| format!("rank {}: joining {} ranks", env.rank, env.world_size))?;
         tracing::info!(
@@ -269,6 +315,7 @@ impl Session {
             device,
             tokenizer,
             model_cfg,
+            model_dir,
             weights: Some(weights),
             comm: Some(comm),
             rt,

@@ -31,6 +31,13 @@ pub struct SftConfig {
     pub max_length: usize,
     /// Positions per chunk when computing log-probs (peak memory `B * chunk * V`).
     pub logprob_chunk_size: i64,
+    /// The token that ends each completion, replacing the tokenizer's `eos_token` (TRL's
+    /// `SFTConfig.eos_token`, e.g. `<|im_end|>` for a base model's ChatML template).
+    pub eos_token: Option<String>,
+}
+
+impl crate::config::Recipe for SftConfig {
+    const COMMAND: crate::config::Command = crate::config::Command::Sft;
 }
 
 impl Default for SftConfig {
@@ -42,6 +49,7 @@ impl Default for SftConfig {
             },
             max_length: 1024,
             logprob_chunk_size: 512,
+            eos_token: None,
         }
     }
 }
@@ -69,8 +77,11 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     let args = &cfg.args;
     let mut sess = Session::start(args)?;
+    if let Some(eos) = &cfg.eos_token {
+        sess.tokenizer.set_eos_token(eos).context("eos_token")?;
+    }
     let (examples, report) = data::load_sft(&args.dataset, &sess.tokenizer, cfg.max_length)
-        .with_context(|| format!("loading {}", args.dataset.path.display()))?;
+        .with_context(|| format!("loading {}", args.dataset.label().display()))?;
     if sess.is_main() {
         println!("dataset: {}", report.summary());
     }
@@ -78,6 +89,11 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     let per_rank = args.per_device_train_batch_size * args.gradient_accumulation_steps;
     let per_step = per_rank * world;
     let total = args.total_steps(examples.len(), per_step);
+    let steps_per_epoch = examples.len().div_ceil(per_step.max(1)) as u64;
+    let (log_every, save_every) = (
+        args.log_interval(steps_per_epoch),
+        args.save_interval(steps_per_epoch),
+    );
     let mut engine = ZeroEngine::new(
         sess.model_cfg.clone(),
         &sess.weights.take().expect("weights are taken once"),
@@ -153,7 +169,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
                 secs
             );
         }
-        if step.is_multiple_of(args.logging_steps) || step == total {
+        if log_every.due(step) || step == total {
             let log: StepLog = [
                 ("loss", stats.loss),
                 ("grad_norm", stats.grad_norm),
@@ -169,9 +185,8 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
             tracing::info!(step, loss = stats.loss, grad_norm = stats.grad_norm, "sft");
         }
         let state = json!({ "command": "sft", "sampler": sampler.state() });
-        if step == total || (args.save_steps > 0 && step.is_multiple_of(args.save_steps)) {
-            let dir =
-                engine.save_checkpoint(&root, &state, keep, Some(&args.model_name_or_path))?;
+        if step == total || save_every.due(step) {
+            let dir = engine.save_checkpoint(&root, &state, keep, Some(&sess.model_dir))?;
             last_saved = Some(dir);
         }
     }

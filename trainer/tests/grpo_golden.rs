@@ -3,8 +3,11 @@
 //!
 //! One fixed toy micro-batch (B = 4, T = 6, seeded values, a partly masked, a fully masked
 //! and a holed sequence, garbage at masked positions, ratios beyond both clip bounds and
-//! sampler ratios beyond the TIS cap) is run through every loss type × beta {0, 0.04} ×
-//! TIS {off, on} × old log-probs {None, given}, in f32 and in f64. The loss
+//! sampler ratios beyond the correction's cap) is run through every loss type (grpo, bnpo,
+//! dr_grpo, dapo, cispo, sapo) × importance-sampling level {token, sequence (GSPO)} ×
+//! correction {off, token_truncate, token_mask, sequence_truncate, sequence_mask} × old
+//! log-probs {None, given}, with beta 0 or 0.04 and `delta` (two-sided clipping) off or
+//! 1.35 alternating, in f32 and in f64. The loss
 //! (`loss_sum / count`), d loss / d logprobs and the statistics must match the reference
 //! within an absolute tolerance of 1e-6 in f32 (single-precision rounding of ~24-term sums
 //! of O(1) values) and 1e-10 in f64. Group advantages for all three scalings must match
@@ -15,6 +18,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
+use trainer::grpo::loss::{ImportanceSamplingLevel, IsCorrection, IsCorrectionMode};
 use trainer::grpo::{
     group_advantages, policy_loss, LossType, PolicyBatch, PolicyLossConfig, ScaleRewards,
 };
@@ -165,38 +169,49 @@ fn tensor(rows: &[Vec<f64>], kind: Kind) -> Tensor {
         .to_kind(kind)
 }
 
-fn name(ty: LossType) -> &'static str {
-    match ty {
-        LossType::Grpo => "grpo",
-        LossType::Bnpo => "bnpo",
-        LossType::DrGrpo => "dr_grpo",
-        LossType::Dapo => "dapo",
-    }
-}
-
 struct Case {
     cfg: PolicyLossConfig,
     with_old: bool,
 }
 
+const MODES: [Option<IsCorrectionMode>; 5] = [
+    None,
+    Some(IsCorrectionMode::TokenTruncate),
+    Some(IsCorrectionMode::TokenMask),
+    Some(IsCorrectionMode::SequenceTruncate),
+    Some(IsCorrectionMode::SequenceMask),
+];
+
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
+    let mut i = 0usize;
     for ty in [
         LossType::Grpo,
         LossType::Bnpo,
         LossType::DrGrpo,
         LossType::Dapo,
+        LossType::Cispo,
+        LossType::Sapo,
     ] {
-        for beta in [0.0, 0.04] {
-            for tis_cap in [None, Some(1.5)] {
+        for level in [
+            ImportanceSamplingLevel::Token,
+            ImportanceSamplingLevel::Sequence,
+        ] {
+            for mode in MODES {
                 for with_old in [false, true] {
+                    i += 1;
                     let cfg = PolicyLossConfig {
                         epsilon: 0.2,
-                        epsilon_high: 0.28,
-                        beta,
+                        // cispo's cap of the ratio itself; the clip range otherwise.
+                        epsilon_high: if ty == LossType::Cispo { 1.3 } else { 0.28 },
+                        beta: if i.is_multiple_of(2) { 0.04 } else { 0.0 },
                         loss_type: ty,
                         max_completion_length: T as i64 + 2,
-                        tis_cap,
+                        importance_sampling_level: level,
+                        delta: i.is_multiple_of(3).then_some(1.35),
+                        sapo_temperature_pos: 1.0,
+                        sapo_temperature_neg: 1.05,
+                        correction: mode.map(|mode| IsCorrection { mode, cap: 1.5 }),
                     };
                     v.push(Case { cfg, with_old });
                 }
@@ -206,12 +221,21 @@ fn cases() -> Vec<Case> {
     v
 }
 
+fn level_name(l: ImportanceSamplingLevel) -> &'static str {
+    match l {
+        ImportanceSamplingLevel::Token => "token",
+        ImportanceSamplingLevel::Sequence => "sequence",
+    }
+}
+
 fn case_name(c: &Case) -> String {
     format!(
-        "{} beta={} tis={:?} old={}",
-        name(c.cfg.loss_type),
+        "{} {} beta={} delta={:?} corr={:?} old={}",
+        c.cfg.loss_type.name(),
+        level_name(c.cfg.importance_sampling_level),
         c.cfg.beta,
-        c.cfg.tis_cap,
+        c.cfg.delta,
+        c.cfg.correction.map(|x| x.mode.name()),
         c.with_old
     )
 }
@@ -229,7 +253,7 @@ fn run_rust(toy: &Toy, c: &Case, kind: Kind) -> (f64, Vec<Vec<f64>>, Vec<(String
         old_logprobs: c.with_old.then_some(&old),
         // Given only when used, as the reference computes the KL stat whenever it has one.
         ref_logprobs: (c.cfg.beta > 0.0).then_some(&refp),
-        sampler_logprobs: c.cfg.tis_cap.map(|_| &sampler),
+        sampler_logprobs: c.cfg.correction.map(|_| &sampler),
         advantages: &adv,
         mask: &mask,
     };
@@ -268,16 +292,20 @@ fn policy_loss_and_advantages_match_the_pytorch_reference() {
                 "logprobs": rows(&toy.logprobs),
                 "old": if c.with_old { rows(&toy.old) } else { Value::Null },
                 "ref": if c.cfg.beta > 0.0 { rows(&toy.refp) } else { Value::Null },
-                "sampler": if c.cfg.tis_cap.is_some() { rows(&toy.sampler) } else { Value::Null },
+                "sampler": if c.cfg.correction.is_some() { rows(&toy.sampler) } else { Value::Null },
                 "advantages": toy.advantages,
                 "mask": rows(&toy.mask),
                 "config": {
                     "epsilon": c.cfg.epsilon,
                     "epsilon_high": c.cfg.epsilon_high,
                     "beta": c.cfg.beta,
-                    "loss_type": name(c.cfg.loss_type),
+                    "loss_type": c.cfg.loss_type.name(),
                     "max_completion_length": c.cfg.max_completion_length,
-                    "tis_cap": c.cfg.tis_cap,
+                    "importance_sampling_level": level_name(c.cfg.importance_sampling_level),
+                    "delta": c.cfg.delta,
+                    "sapo_temperature_pos": c.cfg.sapo_temperature_pos,
+                    "sapo_temperature_neg": c.cfg.sapo_temperature_neg,
+                    "correction": c.cfg.correction.map(|x| json!({"mode": x.mode.name(), "cap": x.cap})),
                 },
             })
         })
@@ -343,14 +371,14 @@ fn policy_loss_and_advantages_match_the_pytorch_reference() {
         let s = &r["stats"];
         low_seen |= s["low_clipped"].as_f64().unwrap() > 0.0;
         high_seen |= s["high_clipped"].as_f64().unwrap() > 0.0;
-        if c.cfg.tis_cap.is_some() {
-            // Capped tokens make the sum smaller than the sum of uncapped ratios; the test
-            // below checks at least one token reached the cap.
-            let capped = (0..B)
-                .flat_map(|b| (0..T).map(move |t| (b, t)))
-                .filter(|&(b, t)| toy.mask[b][t] == 1.0)
-                .any(|(b, t)| (toy.old[b][t] - toy.sampler[b][t]).exp() > 1.5);
-            tis_capped |= capped && c.with_old;
+        if let (Some(corr), true) = (c.cfg.correction, c.with_old) {
+            // Some token (or sequence) is beyond the cap, so truncation and masking act.
+            let d = |b: usize, t: usize| (toy.old[b][t] - toy.sampler[b][t]) * toy.mask[b][t];
+            tis_capped |= match corr.mode {
+                IsCorrectionMode::TokenTruncate | IsCorrectionMode::TokenMask => (0..B)
+                    .any(|b| (0..T).any(|t| toy.mask[b][t] == 1.0 && d(b, t).exp() > corr.cap)),
+                _ => (0..B).any(|b| (0..T).map(|t| d(b, t)).sum::<f64>().exp() > corr.cap),
+            };
         }
     }
     // The fixture exercises what it claims to.

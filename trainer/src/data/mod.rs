@@ -11,6 +11,7 @@
 //! exceeds [`DatasetConfig::max_unusable_fraction`]. [`Sampler`] ([`sampler`]) then deals
 //! out example indices, one seeded permutation per epoch, resumable from a checkpoint.
 
+pub mod hub;
 pub mod prompts;
 pub mod reader;
 pub mod sampler;
@@ -48,8 +49,15 @@ pub enum DataFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct DatasetConfig {
     /// A file, or a directory of `*.parquet` / `*.jsonl` / `*.json` shards read in name
-    /// order (not recursive; hidden files are ignored).
+    /// order (not recursive; hidden files are ignored). Unset when `name` is given.
     pub path: PathBuf,
+    /// A Hugging Face dataset id (`open-r1/OpenR1-Math-220k`) resolved in the local Hub
+    /// cache, or a local dataset repository; TRL's `dataset_name` ([`hub`]).
+    pub name: Option<String>,
+    /// The dataset config of `name` (TRL's `dataset_config`); unset: the default one.
+    pub config: Option<String>,
+    /// The split of `name` (TRL's `dataset_train_split`).
+    pub split: String,
     pub format: DataFormat,
     /// The prompt: a string (standard) or a list of `{role, content}` messages
     /// (conversational).
@@ -74,6 +82,9 @@ impl Default for DatasetConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::new(),
+            name: None,
+            config: None,
+            split: "train".into(),
             format: DataFormat::Auto,
             prompt_column: "prompt".into(),
             completion_column: "completion".into(),
@@ -93,8 +104,27 @@ impl DatasetConfig {
             field: field.into(),
             message,
         };
-        if self.path.as_os_str().is_empty() {
-            return Err(bad("path", "no dataset path is set".into()));
+        match (self.path.as_os_str().is_empty(), &self.name) {
+            (true, None) => {
+                return Err(bad(
+                    "path",
+                    "no dataset is set: give path (a file or directory) or name (a Hub id, TRL's dataset_name)"
+                        .into(),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(bad(
+                    "name",
+                    "give either path or name (dataset_name), not both".into(),
+                ))
+            }
+            (_, Some(n)) if n.is_empty() => {
+                return Err(bad("name", "must not be empty".into()))
+            }
+            _ => {}
+        }
+        if self.split.is_empty() {
+            return Err(bad("split", "must name a split, e.g. train".into()));
         }
         for (field, column) in [
             ("prompt_column", &self.prompt_column),
@@ -114,6 +144,21 @@ impl DatasetConfig {
         }
         Ok(())
     }
+
+    /// What the dataset is called in messages: its path, or its name.
+    pub fn label(&self) -> PathBuf {
+        match &self.name {
+            Some(n) => PathBuf::from(format!(
+                "{n} ({}{})",
+                self.config
+                    .as_deref()
+                    .map(|c| format!("{c}, "))
+                    .unwrap_or_default(),
+                self.split
+            )),
+            None => self.path.clone(),
+        }
+    }
 }
 
 /// Why a dataset could not be read or loaded. Each variant names the file, and where it
@@ -122,6 +167,8 @@ impl DatasetConfig {
 pub enum DataError {
     #[error("dataset config: field {field:?}: {message}")]
     Config { field: String, message: String },
+    #[error("dataset {name:?}: {message}")]
+    Hub { name: String, message: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -262,7 +309,14 @@ pub(crate) fn load_with<T>(
     mut convert: impl FnMut(usize, &Map<String, Value>) -> Result<T, RowError>,
 ) -> Result<(Vec<T>, LoadReport), DataError> {
     cfg.validate()?;
-    let shards = reader::read_shards(&cfg.path, cfg.format)?;
+    let shards = match &cfg.name {
+        Some(name) => {
+            let cache = model::hub::HubCache::from_env();
+            let files = hub::dataset_files(&cache, name, cfg.config.as_deref(), &cfg.split)?;
+            reader::read_files(files, cfg.format)?
+        }
+        None => reader::read_shards(&cfg.path, cfg.format)?,
+    };
     let many = shards.len() > 1;
     let mut report = LoadReport::default();
     let mut examples = Vec::new();
@@ -291,9 +345,9 @@ pub(crate) fn load_with<T>(
             }
         }
     }
-    check_report(&cfg.path, &report, cfg.max_unusable_fraction)?;
+    check_report(&cfg.label(), &report, cfg.max_unusable_fraction)?;
     if report.unusable_rows() > 0 {
-        tracing::warn!(path = %cfg.path.display(), "dataset: {}", report.summary());
+        tracing::warn!(path = %cfg.label().display(), "dataset: {}", report.summary());
     }
     Ok((examples, report))
 }

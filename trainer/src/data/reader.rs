@@ -49,6 +49,19 @@ pub(crate) fn read_shards(path: &Path, format: DataFormat) -> Result<Vec<Shard>,
     } else {
         vec![(path.to_path_buf(), resolve_format(path, format)?)]
     };
+    read_listed(files)
+}
+
+/// The rows of each of `files` (e.g. the files of a Hub dataset's split), in order.
+pub(crate) fn read_files(files: Vec<PathBuf>, format: DataFormat) -> Result<Vec<Shard>, DataError> {
+    let listed = files
+        .into_iter()
+        .map(|f| resolve_format(&f, format).map(|k| (f, k)))
+        .collect::<Result<Vec<_>, _>>()?;
+    read_listed(listed)
+}
+
+fn read_listed(files: Vec<(PathBuf, DataFormat)>) -> Result<Vec<Shard>, DataError> {
     files
         .into_iter()
         .map(|(file, format)| {

@@ -29,9 +29,10 @@ pub const STD_EPS: f64 = 1e-4;
 /// leaves a std of order 1e-17, not exactly zero.
 pub const ZERO_STD_TOL: f64 = 1e-8;
 
-/// Which standard deviation divides the centred rewards (TRL's `scale_rewards`).
+/// Which standard deviation divides the centred rewards (TRL's `scale_rewards`; as in
+/// TRL, `true` means `group` and `false` means `none`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "ScaleRewardsValue")]
 pub enum ScaleRewards {
     /// Each group's own unbiased std (the GRPO paper).
     #[default]
@@ -41,6 +42,32 @@ pub enum ScaleRewards {
     Batch,
     /// No division: advantages are the centred rewards (Dr. GRPO).
     None,
+}
+
+/// `scale_rewards` as written: a name or TRL's booleans.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ScaleRewardsValue {
+    Bool(bool),
+    Name(String),
+}
+
+impl TryFrom<ScaleRewardsValue> for ScaleRewards {
+    type Error = String;
+    fn try_from(v: ScaleRewardsValue) -> Result<Self, String> {
+        match v {
+            ScaleRewardsValue::Bool(true) => Ok(ScaleRewards::Group),
+            ScaleRewardsValue::Bool(false) => Ok(ScaleRewards::None),
+            ScaleRewardsValue::Name(n) => match n.as_str() {
+                "group" | "true" => Ok(ScaleRewards::Group),
+                "batch" => Ok(ScaleRewards::Batch),
+                "none" | "false" => Ok(ScaleRewards::None),
+                other => Err(format!(
+                    "scale_rewards {other:?} is not one of group, batch, none, true, false"
+                )),
+            },
+        }
+    }
 }
 
 /// Per-sample advantages and the per-group statistics they were computed from.

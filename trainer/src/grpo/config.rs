@@ -3,7 +3,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::advantages::ScaleRewards;
-use super::loss::{LossType, PolicyLossConfig};
+use super::loss::{
+    ImportanceSamplingLevel, IsCorrection, IsCorrectionMode, LossType, PolicyLossConfig,
+};
+use crate::config::{Command, IntervalStrategy, Recipe};
 use crate::data::DatasetConfig;
 use crate::rewards::RewardsConfig;
 use crate::rollout::RolloutConfig;
@@ -29,18 +32,39 @@ pub struct GrpoConfig {
     pub beta: f64,
     /// Lower clip range: ratios below `1 - epsilon` are clipped.
     pub epsilon: f64,
-    /// Upper clip range (DAPO's clip-higher); unset means `epsilon`.
+    /// Upper clip range (DAPO's clip-higher); unset means `epsilon`. For `cispo`, the
+    /// cap of the detached ratio itself (ScaleRL recommends 5.0).
     pub epsilon_high: Option<f64>,
+    /// Two-sided clipping (INTELLECT-2): the unclipped ratio is also capped at `delta`.
+    pub delta: Option<f64>,
     pub loss_type: LossType,
+    /// `token` (GRPO) or `sequence` (GSPO: the length-normalised sequence log-ratio).
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    /// SAPO's gate temperatures for tokens with positive / non-positive advantage.
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
     pub scale_rewards: ScaleRewards,
     /// Optimizer steps taken on each generated batch (old log-probs are recorded first).
     pub num_iterations: usize,
     /// Truncated completions (no EOS within max_completion_length) are left out of the loss.
     pub mask_truncated_completions: bool,
-    /// Reweight each token by min(exp(old - sampler), cap): corrects for the workers and
-    /// the trainer being different engines (TRL's names).
+    /// Reweight the loss by the importance ratio exp(old - sampler) between the trainer's
+    /// and the workers' log-probs, truncated or masked at the cap: corrects for the two
+    /// being different engines (TRL's names and defaults).
     pub vllm_importance_sampling_correction: bool,
+    pub vllm_importance_sampling_mode: IsCorrectionMode,
     pub vllm_importance_sampling_cap: f64,
+    /// DAPO's dynamic sampling: groups whose rewards are all equal are dropped and more
+    /// prompts drawn until the batch is full.
+    pub dynamic_sampling: bool,
+    /// Bound on generation rounds per batch under dynamic sampling (verl's
+    /// `max_num_gen_batches`); when reached, the step trains on the groups it has.
+    pub max_num_gen_batches: usize,
+    /// Print `num_completions_to_print` (prompt, completion, reward) rows at each logging
+    /// step (TRL's `log_completions`).
+    pub log_completions: bool,
+    /// Unset: every completion of the step.
+    pub num_completions_to_print: Option<usize>,
     pub reward_funcs: Vec<String>,
     /// One weight per reward function; unset gives every function weight 1.
     pub reward_weights: Option<Vec<f64>>,
@@ -50,6 +74,8 @@ pub struct GrpoConfig {
     pub eval_dataset: Option<DatasetConfig>,
     /// Evaluate every this many steps (0: only before and after).
     pub eval_steps: u64,
+    /// `steps` (every `eval_steps`), `epoch`, or `no` (never, even with eval_dataset).
+    pub eval_strategy: IntervalStrategy,
     /// Sampled completions per held-out prompt (at `temperature`), besides one greedy.
     pub eval_num_generations: usize,
     /// Positions per chunk when computing log-probs (peak memory `B * chunk * V`).
@@ -74,22 +100,36 @@ impl Default for GrpoConfig {
             beta: 0.0,
             epsilon: 0.2,
             epsilon_high: None,
+            delta: None,
             loss_type: LossType::Dapo,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
             scale_rewards: ScaleRewards::Group,
             num_iterations: 1,
             mask_truncated_completions: false,
             vllm_importance_sampling_correction: true,
-            vllm_importance_sampling_cap: 2.0,
+            vllm_importance_sampling_mode: IsCorrectionMode::SequenceMask,
+            vllm_importance_sampling_cap: 3.0,
+            dynamic_sampling: false,
+            max_num_gen_batches: 4,
+            log_completions: false,
+            num_completions_to_print: None,
             reward_funcs: vec!["accuracy".into(), "format".into()],
             reward_weights: None,
             rewards: RewardsConfig::default(),
             eval_dataset: None,
             eval_steps: 0,
+            eval_strategy: IntervalStrategy::Steps,
             eval_num_generations: 4,
             logprob_chunk_size: 512,
             rollout: RolloutConfig::default(),
         }
     }
+}
+
+impl Recipe for GrpoConfig {
+    const COMMAND: Command = Command::Grpo;
 }
 
 impl GrpoConfig {
@@ -110,9 +150,16 @@ impl GrpoConfig {
             beta: self.beta,
             loss_type: self.loss_type,
             max_completion_length: self.max_completion_length as i64,
-            tis_cap: self
+            importance_sampling_level: self.importance_sampling_level,
+            delta: self.delta,
+            sapo_temperature_pos: self.sapo_temperature_pos,
+            sapo_temperature_neg: self.sapo_temperature_neg,
+            correction: self
                 .vllm_importance_sampling_correction
-                .then_some(self.vllm_importance_sampling_cap),
+                .then_some(IsCorrection {
+                    mode: self.vllm_importance_sampling_mode,
+                    cap: self.vllm_importance_sampling_cap,
+                }),
         }
     }
 
@@ -171,12 +218,45 @@ impl GrpoConfig {
                 return Err(format!("epsilon_high must be > 0, got {h}"));
             }
         }
+        if let Some(d) = self.delta {
+            if !(d.is_finite() && d > 1.0 + self.epsilon_high.unwrap_or(self.epsilon)) {
+                return Err(format!(
+                    "delta must be > 1 + epsilon_high (two-sided clipping caps the ratio above the clip range), got {d}"
+                ));
+            }
+        }
+        for (name, t) in [
+            ("sapo_temperature_pos", self.sapo_temperature_pos),
+            ("sapo_temperature_neg", self.sapo_temperature_neg),
+        ] {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(format!("{name} must be > 0, got {t}"));
+            }
+        }
+        if self.dynamic_sampling {
+            return Err(
+                "dynamic_sampling: true is not available yet: the group selection \
+                 (trainer/src/grpo/dynamic_sampling.rs) is not wired into the step loop"
+                    .into(),
+            );
+        }
+        if self.max_num_gen_batches == 0 {
+            return Err("max_num_gen_batches must be at least 1".into());
+        }
+        if self.num_completions_to_print == Some(0) {
+            return Err(
+                "num_completions_to_print must be at least 1 (unset prints every completion)"
+                    .into(),
+            );
+        }
         if self.num_iterations == 0 {
             return Err("num_iterations must be at least 1".into());
         }
-        if self.vllm_importance_sampling_cap.is_nan() || self.vllm_importance_sampling_cap < 1.0 {
+        if !(self.vllm_importance_sampling_cap.is_finite()
+            && self.vllm_importance_sampling_cap > 0.0)
+        {
             return Err(format!(
-                "vllm_importance_sampling_cap must be >= 1, got {}",
+                "vllm_importance_sampling_cap must be > 0, got {}",
                 self.vllm_importance_sampling_cap
             ));
         }

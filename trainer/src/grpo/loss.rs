@@ -4,9 +4,14 @@
 //! T completion positions) and one advantage per sequence `[B]`. Per token:
 //!
 //! ```text
-//! ratio  = exp(logp − old)                                   (old: the generating policy)
-//! l      = −min(ratio · A, clamp(ratio, 1 − epsilon, 1 + epsilon_high) · A)
-//! l      = l · min(exp(old − sampler), tis_cap)              (if tis_cap: truncated IS, detached)
+//! token level:     ratio = exp(logp − old)                               [B, T]
+//! sequence level:  ratio = exp(Σ_t (logp − old)·m / max(Σ_t m, 1))       [B, 1]  (GSPO)
+//! grpo, bnpo, dr_grpo, dapo:
+//!        l = −min(min(ratio, delta) · A, clamp(ratio, 1 − epsilon, 1 + epsilon_high) · A)
+//!            (min(·, delta) only with `delta` set: INTELLECT-2's two-sided clipping)
+//! cispo: l = −detach(min(ratio, epsilon_high)) · A · logp              (MiniMax-M1)
+//! sapo:  l = −σ(τ · (ratio − 1)) · 4/τ · A,  τ = τ_pos if A > 0 else τ_neg  (soft gate)
+//! l      = l · w                          (the workers' correction, detached: [`correction`])
 //! l      = l + beta · (exp(ref − logp) − (ref − logp) − 1)   (if beta > 0: the k3 KL estimator)
 //! ```
 //!
@@ -28,7 +33,8 @@
 //! | `grpo`      | `Σ_seq (Σ_t l·m / max(Σ_t m, 1))`             | `B`      | mean over all sequences of each sequence's token mean         |
 //! | `bnpo`      | `Σ l·m / max(Σ m, 1)`                         | `1`      | mean over micro-batches of each micro-batch's token mean      |
 //! | `dr_grpo`   | `Σ l·m / max_completion_length`               | `B`      | `Σ l·m / (num sequences · max_completion_length)`             |
-//! | `dapo`      | `Σ l·m`                                       | `Σ m`    | mean over all tokens of the step (TRL's `num_items_in_batch`) |
+//! | `dapo`, `cispo` | `Σ l·m`                                   | `Σ m`    | mean over all tokens of the step (TRL's `num_items_in_batch`) |
+//! | `sapo`      | as `grpo`                                     | `B`      | as `grpo` (TRL aggregates `sapo` like `grpo`)                 |
 //!
 //! `bnpo` matches TRL under gradient accumulation, where each micro-batch's token mean is
 //! divided by the number of accumulation steps. A fully masked sequence adds 0 to
@@ -42,6 +48,20 @@
 //! ranks combine by addition; they cost one device-to-host copy per call.
 
 use tch::{Device, Kind, Tensor};
+
+pub mod correction;
+
+pub use correction::{correction_weights, IsCorrection, IsCorrectionMode};
+
+/// Whether the importance ratio is per token (GRPO) or one length-normalised ratio per
+/// sequence (GSPO), TRL's `importance_sampling_level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceSamplingLevel {
+    #[default]
+    Token,
+    Sequence,
+}
 
 /// How the per-token losses are aggregated (TRL's `loss_type`; see the module docs for
 /// the exact denominators).
@@ -58,6 +78,66 @@ pub enum LossType {
     /// Token mean over the whole step across ranks and micro-batches (DAPO).
     #[default]
     Dapo,
+    /// Clipped, detached IS weight times the log-prob (MiniMax-M1); aggregated as `dapo`.
+    Cispo,
+    /// Soft, temperature-controlled gate instead of clipping (SAPO); aggregated as `grpo`.
+    Sapo,
+}
+
+impl LossType {
+    pub fn name(self) -> &'static str {
+        match self {
+            LossType::Grpo => "grpo",
+            LossType::Bnpo => "bnpo",
+            LossType::DrGrpo => "dr_grpo",
+            LossType::Dapo => "dapo",
+            LossType::Cispo => "cispo",
+            LossType::Sapo => "sapo",
+        }
+    }
+
+    fn is_clipped(self) -> bool {
+        matches!(
+            self,
+            LossType::Grpo | LossType::Bnpo | LossType::DrGrpo | LossType::Dapo
+        )
+    }
+}
+
+/// Why a policy loss could not be computed. `Config` names the setting; `Input` the
+/// tensor (`logprobs`, `mask`, `advantages`, `old_logprobs`, `ref_logprobs`,
+/// `sampler_logprobs`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LossError {
+    #[error("{field} {message}")]
+    Config { field: String, message: String },
+    #[error("{tensor} {message}")]
+    Input { tensor: String, message: String },
+    #[error("reading loss statistics: {0}")]
+    Readback(String),
+}
+
+impl LossError {
+    fn config(field: &str, message: String) -> Self {
+        LossError::Config {
+            field: field.into(),
+            message,
+        }
+    }
+
+    fn input(tensor: &str, message: String) -> Self {
+        LossError::Input {
+            tensor: tensor.into(),
+            message,
+        }
+    }
+}
+
+/// The loss runs inside closures whose error type is `String` (the engine's).
+impl From<LossError> for String {
+    fn from(e: LossError) -> String {
+        e.to_string()
+    }
 }
 
 /// Hyper-parameters of the policy loss (names as in TRL's `GRPOConfig`).
@@ -73,33 +153,84 @@ pub struct PolicyLossConfig {
     pub loss_type: LossType,
     /// The constant length denominator of `dr_grpo` (unused by the other types).
     pub max_completion_length: i64,
-    /// Truncated importance sampling cap (TRL's `vllm_importance_sampling_cap`): per-token
-    /// losses are weighted by `min(exp(old − sampler), tis_cap)`. `None` = off.
-    pub tis_cap: Option<f64>,
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    /// Two-sided clipping: the unclipped ratio is capped at `delta` (clipped types only).
+    pub delta: Option<f64>,
+    /// SAPO's temperatures (TRL defaults 1.0 and 1.05).
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
+    /// The correction for the workers' log-probs ([`correction`]); `None` = off.
+    pub correction: Option<IsCorrection>,
+}
+
+impl Default for PolicyLossConfig {
+    /// TRL's `GRPOConfig` defaults (`dapo`, epsilon 0.2, no KL, correction off).
+    fn default() -> Self {
+        PolicyLossConfig {
+            epsilon: 0.2,
+            epsilon_high: 0.2,
+            beta: 0.0,
+            loss_type: LossType::Dapo,
+            max_completion_length: 256,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
+            delta: None,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
+            correction: None,
+        }
+    }
 }
 
 impl PolicyLossConfig {
     /// Checks the ranges; errors name the field and the allowed values.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LossError> {
         let nonneg = |name: &str, v: f64| {
             if v.is_finite() && v >= 0.0 {
                 Ok(())
             } else {
-                Err(format!("{name} must be finite and >= 0, got {v}"))
+                Err(LossError::config(
+                    name,
+                    format!("must be finite and >= 0, got {v}"),
+                ))
             }
         };
         nonneg("epsilon", self.epsilon)?;
         nonneg("epsilon_high", self.epsilon_high)?;
         nonneg("beta", self.beta)?;
         if self.loss_type == LossType::DrGrpo && self.max_completion_length < 1 {
-            return Err(format!(
-                "max_completion_length must be >= 1 for loss_type dr_grpo, got {}",
-                self.max_completion_length
+            return Err(LossError::config(
+                "max_completion_length",
+                format!(
+                    "must be >= 1 for loss_type dr_grpo, got {}",
+                    self.max_completion_length
+                ),
             ));
         }
-        if let Some(c) = self.tis_cap {
-            if !(c.is_finite() && c > 0.0) {
-                return Err(format!("tis_cap must be finite and > 0 (or None), got {c}"));
+        if let Some(c) = self.correction {
+            if !(c.cap.is_finite() && c.cap > 0.0) {
+                return Err(LossError::config(
+                    "vllm_importance_sampling_cap",
+                    format!("must be finite and > 0, got {}", c.cap),
+                ));
+            }
+        }
+        if let Some(d) = self.delta {
+            if !(d.is_finite() && d > 0.0) {
+                return Err(LossError::config(
+                    "delta",
+                    format!("must be finite and > 0, got {d}"),
+                ));
+            }
+        }
+        for (name, t) in [
+            ("sapo_temperature_pos", self.sapo_temperature_pos),
+            ("sapo_temperature_neg", self.sapo_temperature_neg),
+        ] {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(LossError::config(
+                    name,
+                    format!("must be finite and > 0, got {t}"),
+                ));
             }
         }
         Ok(())
@@ -117,8 +248,8 @@ pub struct PolicyBatch<'a> {
     /// `[B, T]`: the reference model's log-probs; required when `beta > 0`, otherwise
     /// optional and used only for the KL statistic.
     pub ref_logprobs: Option<&'a Tensor>,
-    /// `[B, T]`: the rollout workers' log-probs; required when `tis_cap` is set, ignored
-    /// otherwise.
+    /// `[B, T]`: the rollout workers' log-probs; required when the correction is on,
+    /// ignored otherwise.
     pub sampler_logprobs: Option<&'a Tensor>,
     /// `[B]` float: one advantage per sequence.
     pub advantages: &'a Tensor,
@@ -134,13 +265,16 @@ pub struct LossStats {
     pub tokens: f64,
     /// `Σ k3(ref, logp)`; 0 when no reference log-probs were given.
     pub kl_sum: f64,
-    /// Tokens with `ratio < 1 − epsilon` and `A < 0` (TRL's `clip_ratio/low_*`).
+    /// Tokens with `ratio < 1 − epsilon` and `A < 0` (TRL's `clip_ratio/low_*`; 0 for
+    /// `cispo` and `sapo`). At the sequence level each token counts its sequence's ratio.
     pub low_clipped: f64,
-    /// Tokens with `ratio > 1 + epsilon_high` and `A > 0` (TRL's `clip_ratio/high_*`).
+    /// Tokens with `ratio > 1 + epsilon_high` and `A > 0` (TRL's `clip_ratio/high_*`);
+    /// for `cispo`, `ratio > epsilon_high` and `A > 0` (TRL's `cispo_clip_ratio`).
     pub high_clipped: f64,
     /// Tokens clipped on either side (TRL's `clip_ratio/region_mean`).
     pub region_clipped: f64,
-    /// `Σ min(exp(old − sampler), tis_cap)`; 0 when TIS is off.
+    /// `Σ w` over counted tokens of the correction weights (a sequence weight counts once
+    /// per token); 0 when the correction is off.
     pub tis_ratio_sum: f64,
 }
 
@@ -203,11 +337,11 @@ fn check(
     shape: &[i64],
     device: Device,
     any_kind: bool,
-) -> Result<(), String> {
+) -> Result<(), LossError> {
     if t.size() != shape {
-        return Err(format!(
-            "{name} has shape {:?}, expected {shape:?}",
-            t.size()
+        return Err(LossError::input(
+            name,
+            format!("has shape {:?}, expected {shape:?}", t.size()),
         ));
     }
     let k = t.kind();
@@ -218,14 +352,15 @@ fn check(
                 Kind::Bool | Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64
             ));
     if !kind_ok {
-        return Err(format!(
-            "{name} has kind {k:?}, expected a floating-point kind"
+        return Err(LossError::input(
+            name,
+            format!("has kind {k:?}, expected a floating-point kind"),
         ));
     }
     if t.device() != device {
-        return Err(format!(
-            "{name} is on {:?} but logprobs is on {device:?}",
-            t.device()
+        return Err(LossError::input(
+            name,
+            format!("is on {:?} but logprobs is on {device:?}", t.device()),
         ));
     }
     Ok(())
@@ -236,21 +371,24 @@ fn check(
 ///
 /// Computes in f64 if `logprobs` is f64, else in f32 (half-precision inputs are upcast).
 /// Errors on bad shapes, kinds or devices (naming the tensor), an invalid config, a
-/// missing reference (`beta > 0`) or sampler (`tis_cap` set), a mask value other than
+/// missing reference (`beta > 0`) or sampler (correction on), a mask value other than
 /// 0/1, or a non-finite input at a counted position.
-pub fn policy_loss(batch: &PolicyBatch, cfg: &PolicyLossConfig) -> Result<PolicyLoss, String> {
+pub fn policy_loss(batch: &PolicyBatch, cfg: &PolicyLossConfig) -> Result<PolicyLoss, LossError> {
     cfg.validate()?;
     let lp = batch.logprobs;
     let shape = lp.size();
     if shape.len() != 2 {
-        return Err(format!("logprobs must be [B, T], got shape {shape:?}"));
+        return Err(LossError::input(
+            "logprobs",
+            format!("must be [B, T], got shape {shape:?}"),
+        ));
     }
     let dev = lp.device();
     check("logprobs", lp, &shape, dev, false)?;
     check("mask", batch.mask, &shape, dev, true)?;
     check("advantages", batch.advantages, &shape[..1], dev, false)?;
-    // The sampler's log-probs are only looked at (and checked) when TIS is on.
-    let sampler = batch.sampler_logprobs.filter(|_| cfg.tis_cap.is_some());
+    // The sampler's log-probs are only looked at (and checked) when the correction is on.
+    let sampler = batch.sampler_logprobs.filter(|_| cfg.correction.is_some());
     let opt = [
         ("old_logprobs", batch.old_logprobs),
         ("ref_logprobs", batch.ref_logprobs),
@@ -262,13 +400,17 @@ pub fn policy_loss(batch: &PolicyBatch, cfg: &PolicyLossConfig) -> Result<Policy
         }
     }
     if cfg.beta > 0.0 && batch.ref_logprobs.is_none() {
-        return Err(format!(
-            "beta = {} > 0 needs ref_logprobs, which is None",
-            cfg.beta
+        return Err(LossError::input(
+            "ref_logprobs",
+            format!("is None, but beta = {} > 0 needs ref_logprobs", cfg.beta),
         ));
     }
-    if cfg.tis_cap.is_some() && sampler.is_none() {
-        return Err("tis_cap is set, which needs sampler_logprobs, but it is None".into());
+    if cfg.correction.is_some() && sampler.is_none() {
+        return Err(LossError::input(
+            "sampler_logprobs",
+            "is None, but the importance-sampling correction is on, which needs sampler_logprobs"
+                .into(),
+        ));
     }
 
     let ck = if lp.kind() == Kind::Double {
@@ -293,20 +435,45 @@ pub fn policy_loss(batch: &PolicyBatch, cfg: &PolicyLossConfig) -> Result<Policy
         .to_kind(ck)
         .where_scalarother(&any_token, 0.0)
         .unsqueeze(1);
-    let ratio = (&logp - &old).exp();
+    let log_ratio = &logp - &old;
+    let log_w = match cfg.importance_sampling_level {
+        ImportanceSamplingLevel::Token => log_ratio,
+        ImportanceSamplingLevel::Sequence => {
+            (log_ratio * &m).sum_dim_intlist(1, true, ck)
+                / m.sum_dim_intlist(1, true, ck).clamp_min(1.0)
+        }
+    };
+    // [B, T] or [B, 1] (sequence level); everything below broadcasts against [B, T].
+    let ratio = log_w.exp();
     let lo = 1.0 - cfg.epsilon;
     let hi = 1.0 + cfg.epsilon_high;
-    let unclipped = &ratio * &adv;
-    let clipped = ratio.clamp(lo, hi) * &adv;
-    let clip_loss = -unclipped.minimum(&clipped);
-    // The TIS weight is detached: `old` and `sampler` carry no gradient.
-    let tis = match (cfg.tis_cap, sampler) {
-        (Some(cap), Some(s)) => Some((&old - clean(&s.detach())).exp().clamp_max(cap)),
+    let policy_term = match cfg.loss_type {
+        LossType::Cispo => -(ratio.clamp_max(cfg.epsilon_high).detach() * &adv * &logp),
+        LossType::Sapo => {
+            let pos = adv.gt(0.0);
+            let tau = Tensor::full([1], cfg.sapo_temperature_pos, (ck, dev)).where_self(
+                &pos,
+                &Tensor::full([1], cfg.sapo_temperature_neg, (ck, dev)),
+            );
+            let gate = ((&ratio - 1.0) * &tau).sigmoid() * 4.0 / &tau;
+            -(gate * &adv)
+        }
+        _ => {
+            let clipped = ratio.clamp(lo, hi) * &adv;
+            let capped = match cfg.delta {
+                Some(d) => ratio.clamp_max(d),
+                None => ratio.shallow_clone(),
+            };
+            -(capped * &adv).minimum(&clipped)
+        }
+    };
+    let tis = match (cfg.correction, sampler) {
+        (Some(c), Some(s)) => Some(correction_weights(&old, &clean(&s.detach()), &m, c)),
         _ => None,
     };
     let weighted = match &tis {
-        Some(w) => clip_loss * w,
-        None => clip_loss,
+        Some(w) => policy_term * w,
+        None => policy_term,
     };
     let kl = batch.ref_logprobs.map(|r| {
         let d = clean(&r.detach()) - &logp;
@@ -327,8 +494,20 @@ pub fn policy_loss(batch: &PolicyBatch, cfg: &PolicyLossConfig) -> Result<Policy
             kl.as_ref()
                 .map_or_else(|| m.zeros_like().sum(Kind::Double), sum),
         );
-        let low = ratio.lt(lo).logical_and(&adv.lt(0.0));
-        let high = ratio.gt(hi).logical_and(&adv.gt(0.0));
+        let (low, high) = match cfg.loss_type {
+            t if t.is_clipped() => (
+                ratio.lt(lo).logical_and(&adv.lt(0.0)),
+                ratio.gt(hi).logical_and(&adv.gt(0.0)),
+            ),
+            LossType::Cispo => (
+                ratio.zeros_like().to_kind(Kind::Bool),
+                ratio.gt(cfg.epsilon_high).logical_and(&adv.gt(0.0)),
+            ),
+            _ => {
+                let none = ratio.zeros_like().to_kind(Kind::Bool);
+                (none.shallow_clone(), none)
+            }
+        };
         v.push(sum(&low.to_kind(ck)));
         v.push(sum(&high.to_kind(ck)));
         v.push(sum(&low.logical_or(&high).to_kind(ck)));
@@ -358,11 +537,11 @@ pub fn policy_loss(batch: &PolicyBatch, cfg: &PolicyLossConfig) -> Result<Policy
         }
         Tensor::stack(&v, 0).to_device(Device::Cpu)
     });
-    let s = Vec::<f64>::try_from(&stats_t).map_err(|e| format!("reading loss statistics: {e}"))?;
+    let s = Vec::<f64>::try_from(&stats_t).map_err(|e| LossError::Readback(e.to_string()))?;
     if s[6] > 0.0 {
-        return Err(format!(
-            "mask has {} values other than 0 and 1",
-            s[6] as i64
+        return Err(LossError::input(
+            "mask",
+            format!("has {} values other than 0 and 1", s[6] as i64),
         ));
     }
     let names = [
@@ -374,9 +553,12 @@ pub fn policy_loss(batch: &PolicyBatch, cfg: &PolicyLossConfig) -> Result<Policy
     ];
     for (name, n) in names.iter().zip(&s[7..]) {
         if *n > 0.0 {
-            return Err(format!(
-                "{name} has {} non-finite values at counted (mask = 1) positions",
-                *n as i64
+            return Err(LossError::input(
+                name,
+                format!(
+                    "has {} non-finite values at counted (mask = 1) positions",
+                    *n as i64
+                ),
             ));
         }
     }
@@ -384,14 +566,14 @@ pub fn policy_loss(batch: &PolicyBatch, cfg: &PolicyLossConfig) -> Result<Policy
 
     let b = shape[0];
     let (loss_sum, count) = match cfg.loss_type {
-        LossType::Grpo => {
+        LossType::Grpo | LossType::Sapo => {
             let per_seq = masked.sum_dim_intlist(1, false, ck)
                 / m.sum_dim_intlist(1, false, ck).clamp_min(1.0);
             (per_seq.sum(ck), b)
         }
         LossType::Bnpo => (masked.sum(ck) / m.sum(ck).clamp_min(1.0), 1),
         LossType::DrGrpo => (masked.sum(ck) / cfg.max_completion_length as f64, b),
-        LossType::Dapo => (masked.sum(ck), stats.tokens.round() as i64),
+        LossType::Dapo | LossType::Cispo => (masked.sum(ck), stats.tokens.round() as i64),
     };
     Ok(PolicyLoss {
         loss_sum,

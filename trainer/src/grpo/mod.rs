@@ -14,7 +14,9 @@
 //! over micro-batches and ranks → optimizer step → weights pushed to the workers.
 pub mod advantages;
 pub mod batch;
+pub mod completions;
 pub mod config;
+pub mod dynamic_sampling;
 pub mod eval;
 pub mod loss;
 pub mod stats;

@@ -20,6 +20,7 @@ use tch::{Kind, Tensor};
 
 use super::advantages::{combine_rewards, group_advantages, ScaleRewards};
 use super::batch::{pack, split_even, PackedBatch, Sample};
+use super::completions::{completion_rows, completions_table};
 use super::config::GrpoConfig;
 use super::eval::{evaluate, EvalSet, EvalSums};
 use super::loss::{policy_loss, PolicyBatch};
@@ -40,11 +41,13 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
     let mut sess = Session::start(args)?;
     let (prompts, report) =
         data::load_prompts(&args.dataset, &sess.tokenizer, cfg.max_prompt_length)
-            .with_context(|| format!("loading {}", args.dataset.path.display()))?;
-    let eval = match &cfg.eval_dataset {
+            .with_context(|| format!("loading {}", args.dataset.label().display()))?;
+    // eval_strategy `no` turns evaluation off even when eval_dataset is set.
+    let eval_on = cfg.eval_strategy != crate::config::IntervalStrategy::No;
+    let eval = match cfg.eval_dataset.as_ref().filter(|_| eval_on) {
         Some(d) => {
             let (examples, report) = data::load_prompts(d, &sess.tokenizer, cfg.max_prompt_length)
-                .with_context(|| format!("loading eval_dataset {}", d.path.display()))?;
+                .with_context(|| format!("loading eval_dataset {}", d.label().display()))?;
             if sess.is_main() {
                 println!("eval dataset: {}", report.summary());
             }
@@ -64,6 +67,8 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
     } else {
         args.total_steps(prompts.len(), prompts_per_round) * cfg.num_iterations as u64
     };
+    let steps_per_epoch =
+        prompts.len().div_ceil(prompts_per_round.max(1)) as u64 * cfg.num_iterations as u64;
     let weights = sess.weights.take().expect("weights are taken once");
     let comm = sess.comm.take().expect("communicator is taken once");
     // The reference model (beta > 0) is sharded like the policy and shares its ranks'
@@ -109,6 +114,7 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
         client,
         version: 0,
         total,
+        steps_per_epoch,
         eval,
         sess,
     };
@@ -133,6 +139,8 @@ struct Grpo<'a> {
     client: RolloutClient,
     /// The weight version the workers serve for the current policy.
     version: u64,
+    /// Optimizer steps per pass over the prompts (for the `epoch` strategies).
+    steps_per_epoch: u64,
     total: u64,
     eval: Option<EvalSet>,
     pad: i64,
@@ -405,8 +413,9 @@ impl Grpo<'_> {
         stats.all_reduce(self.engine.comm())?;
         self.report(&stats, &step, &times, t_round.elapsed().as_secs_f64());
         self.checkpoint_if_due(step.step)?;
-        if cfg.eval_steps > 0 && step.step.is_multiple_of(cfg.eval_steps) && step.step < self.total
-        {
+        let eval_every =
+            crate::config::Interval::new(cfg.eval_strategy, cfg.eval_steps, self.steps_per_epoch);
+        if eval_every.due(step.step) && step.step < self.total {
             self.evaluate("during training")?;
         }
         Ok(())
@@ -519,6 +528,17 @@ impl Grpo<'_> {
             .collect();
         let rewards: Vec<f64> = combined.iter().map(|r| r.unwrap_or(0.0)).collect();
         let adv = self.advantages(&rewards, &excluded)?;
+        let step = self.engine.steps_done() + 1;
+        if cfg.log_completions
+            && self.sess.is_main()
+            && cfg.args.log_interval(self.steps_per_epoch).due(step)
+        {
+            let rows = completion_rows(&self.prompts, mine, groups, &rewards, &adv);
+            print!(
+                "{}",
+                completions_table(step, &rows, cfg.num_completions_to_print)
+            );
+        }
 
         stats.groups += groups.len() as f64;
         let mut samples = Vec::with_capacity(groups.len() * n);
@@ -720,7 +740,13 @@ impl Grpo<'_> {
                 times.optimizer,
                 times.weight_push
             );
-            if step.step.is_multiple_of(self.cfg.args.logging_steps) || step.step == self.total {
+            if self
+                .cfg
+                .args
+                .log_interval(self.steps_per_epoch)
+                .due(step.step)
+                || step.step == self.total
+            {
                 let fields: Vec<String> = log.iter().map(|(k, v)| format!("{k}={v:.6}")).collect();
                 tracing::info!(step = step.step, "{}", fields.join(" "));
             }
@@ -730,7 +756,7 @@ impl Grpo<'_> {
     fn checkpoint_if_due(&mut self, step: u64) -> Result<()> {
         let args = &self.cfg.args;
         let last = step >= self.total;
-        if !(last || (args.save_steps > 0 && step.is_multiple_of(args.save_steps))) {
+        if !(last || args.save_interval(self.steps_per_epoch).due(step)) {
             return Ok(());
         }
         let state = json!({
@@ -743,7 +769,7 @@ impl Grpo<'_> {
             &args.checkpoint_root(),
             &state,
             keep,
-            Some(&args.model_name_or_path),
+            Some(&self.sess.model_dir),
         )?;
         if last && self.sess.is_main() {
             publish_final_model(&dir, &args.output_dir)?;

@@ -57,6 +57,10 @@ pub struct EvalConfig {
     pub retry_backoff_secs: f64,
 }
 
+impl crate::config::Recipe for EvalConfig {
+    const COMMAND: crate::config::Command = crate::config::Command::Eval;
+}
+
 impl Default for EvalConfig {
     fn default() -> Self {
         let c = ClientConfig::default();

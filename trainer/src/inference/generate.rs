@@ -60,6 +60,10 @@ pub struct GenerateConfig {
     pub retry_backoff_secs: f64,
 }
 
+impl crate::config::Recipe for GenerateConfig {
+    const COMMAND: crate::config::Command = crate::config::Command::Generate;
+}
+
 impl Default for GenerateConfig {
     fn default() -> Self {
         let c = ClientConfig::default();

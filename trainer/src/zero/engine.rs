@@ -253,12 +253,7 @@ impl ZeroEngine {
                 unit,
             });
         }
-        let scheduler = LrScheduler::new(
-            optim.lr_scheduler_type,
-            optim.learning_rate,
-            optim.warmup_ratio,
-            total_steps,
-        );
+        let scheduler = LrScheduler::from_optim(&optim, total_steps);
         // One rank has nothing to overlap: no thread.
         let background = zero.overlap_comm && world > 1;
         let comm = AsyncComm::new(comm, background)?;

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use engine::{LossOutput, MemoryReport, MicroBatch, StepStats, ZeroEngine};
 pub use optimizer::OptimConfig;
-pub use schedule::{LrScheduler, LrSchedulerType};
+pub use schedule::{LrScheduler, LrSchedulerKwargs, LrSchedulerType};
 
 /// What is sharded across ranks (DeepSpeed's `zero_optimization.stage`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

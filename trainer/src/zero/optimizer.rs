@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::schedule::LrSchedulerType;
+use super::schedule::{LrSchedulerKwargs, LrSchedulerType};
 
 /// Optimizer and schedule settings (names as in TRL / transformers' TrainingArguments).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,6 +23,9 @@ pub struct OptimConfig {
     pub max_grad_norm: f64,
     pub lr_scheduler_type: LrSchedulerType,
     pub warmup_ratio: f64,
+    /// Warmup length in steps; when > 0 it replaces `warmup_ratio` (as transformers).
+    pub warmup_steps: u64,
+    pub lr_scheduler_kwargs: LrSchedulerKwargs,
 }
 
 impl Default for OptimConfig {
@@ -37,6 +40,8 @@ impl Default for OptimConfig {
             max_grad_norm: 1.0,
             lr_scheduler_type: LrSchedulerType::Linear,
             warmup_ratio: 0.0,
+            warmup_steps: 0,
+            lr_scheduler_kwargs: LrSchedulerKwargs::default(),
         }
     }
 }
@@ -73,7 +78,9 @@ impl OptimConfig {
                 return Err(format!("{field} must be {allowed}"));
             }
         }
-        Ok(())
+        self.lr_scheduler_kwargs
+            .min_lr_rate(self.lr_scheduler_type, self.learning_rate)
+            .map(|_| ())
     }
 }
 

@@ -14,7 +14,7 @@ fn cfg(loss_type: LossType) -> PolicyLossConfig {
         beta: 0.0,
         loss_type,
         max_completion_length: 4,
-        tis_cap: None,
+        ..PolicyLossConfig::default()
     }
 }
 
@@ -73,6 +73,7 @@ fn clipped_loss_by_hand_for_each_type() {
             LossType::Grpo => [0.25, 0.5],
             LossType::Bnpo | LossType::Dapo => [1.0 / 3.0, 1.0 / 3.0],
             LossType::DrGrpo => [0.125, 0.125],
+            LossType::Cispo | LossType::Sapo => unreachable!("not in this table"),
         };
         close(g[0][1], -w[0]);
         close(g[1][0], 1.1 * w[1]);
@@ -134,7 +135,10 @@ fn kl_and_tis_terms() {
     let sampler = &lp.detach() - t2(&[&[0.1, 2.0], &[-0.2, 0.0]]);
     let mut c = cfg(LossType::Dapo);
     c.beta = 0.5;
-    c.tis_cap = Some(2.0);
+    c.correction = Some(IsCorrection {
+        mode: IsCorrectionMode::TokenTruncate,
+        cap: 2.0,
+    });
     let batch = PolicyBatch {
         logprobs: &lp,
         old_logprobs: None,
@@ -169,6 +173,8 @@ fn fully_masked_sequence_and_garbage_at_masked_positions() {
         LossType::Bnpo,
         LossType::DrGrpo,
         LossType::Dapo,
+        LossType::Cispo,
+        LossType::Sapo,
     ] {
         lp.zero_grad();
         let mut c = cfg(ty);
@@ -183,8 +189,8 @@ fn fully_masked_sequence_and_garbage_at_masked_positions() {
         };
         let out = policy_loss(&batch, &c).unwrap();
         let want_count = match ty {
-            LossType::Grpo | LossType::DrGrpo => 2,
-            LossType::Bnpo | LossType::Dapo => 1,
+            LossType::Grpo | LossType::DrGrpo | LossType::Sapo => 2,
+            LossType::Bnpo | LossType::Dapo | LossType::Cispo => 1,
         };
         assert_eq!(out.count, want_count, "{ty:?}");
         assert!(out.loss_sum.double_value(&[]).is_finite(), "{ty:?}");
@@ -228,7 +234,7 @@ fn bool_mask_and_f32_inputs() {
 }
 
 fn err(batch: &PolicyBatch, c: &PolicyLossConfig) -> String {
-    policy_loss(batch, c).unwrap_err()
+    policy_loss(batch, c).unwrap_err().to_string()
 }
 
 #[test]
@@ -292,11 +298,14 @@ fn bad_inputs_are_errors() {
     );
     assert!(e.contains("logprobs has kind Int64"), "{e}");
     let e = err(&base, &PolicyLossConfig { beta: 0.1, ..c });
-    assert!(e.contains("needs ref_logprobs"), "{e}");
+    assert!(e.contains("beta = 0.1 > 0 needs ref_logprobs"), "{e}");
     let e = err(
         &base,
         &PolicyLossConfig {
-            tis_cap: Some(2.0),
+            correction: Some(IsCorrection {
+                mode: IsCorrectionMode::TokenTruncate,
+                cap: 2.0,
+            }),
             ..c
         },
     );
@@ -347,29 +356,39 @@ fn config_validation() {
         ..c
     }
     .validate()
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("max_completion_length must be >= 1 for loss_type dr_grpo"),
         "{e}"
     );
     let e = PolicyLossConfig { epsilon: -0.1, ..c }
         .validate()
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("epsilon must be finite and >= 0"), "{e}");
     let e = PolicyLossConfig {
         beta: f64::NAN,
         ..c
     }
     .validate()
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("beta"), "{e}");
     let e = PolicyLossConfig {
-        tis_cap: Some(0.0),
+        correction: Some(IsCorrection {
+            mode: IsCorrectionMode::TokenTruncate,
+            cap: 0.0,
+        }),
         ..c
     }
     .validate()
-    .unwrap_err();
-    assert!(e.contains("tis_cap must be finite and > 0"), "{e}");
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("vllm_importance_sampling_cap must be finite and > 0"),
+        "{e}"
+    );
     let ok = PolicyLossConfig {
         max_completion_length: 0,
         loss_type: LossType::Dapo,
@@ -394,4 +413,82 @@ fn stats_add_up_and_loss_type_names_match_trl() {
     .collect();
     assert_eq!(names, ["\"grpo\"", "\"bnpo\"", "\"dr_grpo\"", "\"dapo\""]);
     assert_eq!(LossType::default(), LossType::Dapo);
+}
+
+/// GSPO, CISPO, SAPO and two-sided clipping on one sequence, by hand.
+#[test]
+fn sequence_level_cispo_sapo_and_delta_by_hand() {
+    // One sequence, A = 1, token log-ratios ln 2 and 0 (their mean: ln √2).
+    let old = t2(&[&[-1.0, -2.0]]);
+    let lp = leaf(&(&old + t2(&[&[2f64.ln(), 0.0]])));
+    let adv = Tensor::from_slice(&[1.0f64]);
+    let mask = t2(&[&[1.0, 1.0]]);
+    let run = |c: PolicyLossConfig| {
+        let lp = leaf(&lp);
+        let batch = PolicyBatch {
+            logprobs: &lp,
+            old_logprobs: Some(&old),
+            ref_logprobs: None,
+            sampler_logprobs: None,
+            advantages: &adv,
+            mask: &mask,
+        };
+        let out = policy_loss(&batch, &c).unwrap();
+        let loss = out.loss_sum.double_value(&[]) / out.count as f64;
+        (loss, grads(&out, &lp))
+    };
+    // GSPO: one ratio √2 ≈ 1.414 > 1.28, clipped for A > 0: every token's loss is -1.28.
+    let seq = PolicyLossConfig {
+        importance_sampling_level: ImportanceSamplingLevel::Sequence,
+        ..cfg(LossType::Dapo)
+    };
+    let (loss, g) = run(seq);
+    close(loss, -1.28);
+    assert_eq!(g[0], vec![0.0, 0.0]);
+    // Below the clip (epsilon_high 0.5), the gradient of -√2 per token through the mean
+    // log-ratio: d/dlogp_t = -√2 / 2 per token, averaged over 2 tokens, times 2 tokens.
+    let (loss, g) = run(PolicyLossConfig {
+        epsilon_high: 0.5,
+        ..seq
+    });
+    close(loss, -(2f64.sqrt()));
+    close(g[0][0], -(2f64.sqrt()) / 2.0);
+    close(g[0][1], -(2f64.sqrt()) / 2.0);
+    // delta caps the unclipped ratio of a negative advantage: token ratios 2 and 1 with
+    // A = -1: max(-r, -clip(r)) -> min(r, delta) = 1.5 on the first token.
+    let neg = Tensor::from_slice(&[-1.0f64]);
+    let lp2 = leaf(&lp);
+    let batch = PolicyBatch {
+        logprobs: &lp2,
+        old_logprobs: Some(&old),
+        ref_logprobs: None,
+        sampler_logprobs: None,
+        advantages: &neg,
+        mask: &mask,
+    };
+    let c = PolicyLossConfig {
+        delta: Some(1.5),
+        ..cfg(LossType::Dapo)
+    };
+    let out = policy_loss(&batch, &c).unwrap();
+    close(
+        out.loss_sum.double_value(&[]) / out.count as f64,
+        (1.5 + 1.0) / 2.0,
+    );
+    // CISPO: -min(r, epsilon_high) · A · logp, weight detached: d/dlogp = -min(r, 1.3).
+    let (_, g) = run(PolicyLossConfig {
+        epsilon_high: 1.3,
+        ..cfg(LossType::Cispo)
+    });
+    close(g[0][0], -1.3 / 2.0);
+    close(g[0][1], -1.0 / 2.0);
+    // SAPO: the gate 4σ(τ(r − 1))/τ; at r = 1 its slope in logp is 1 (the policy gradient).
+    let (loss, g) = run(PolicyLossConfig {
+        ..cfg(LossType::Sapo)
+    });
+    let gate = |r: f64, tau: f64| 4.0 / tau / (1.0 + (-(tau * (r - 1.0))).exp());
+    close(loss, -(gate(2.0, 1.0) + gate(1.0, 1.0)) / 2.0);
+    let s = 1.0 / (1.0 + (-1.0f64).exp());
+    close(g[0][0], -4.0 * s * (1.0 - s) * 2.0 / 2.0);
+    close(g[0][1], -1.0 / 2.0);
 }
