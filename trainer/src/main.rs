@@ -4,6 +4,8 @@
 //! the file, then `TRAINER_*` environment variables, then `--set key=value` flags (see
 //! docs/configuration.md). Launch one process per rank with torchrun or scripts/launch.
 //!
+//! `trainer plot OUTPUT_DIR` draws a run's `metrics.jsonl` into `metrics.png`.
+//!
 //! `trainer dist-check` joins the job described by the launcher's environment
 //! (torchrun or scripts/launch), runs each collective once on values whose result
 //! is known exactly, and exits non-zero on any mismatch or communication error.
@@ -28,6 +30,12 @@ enum Command {
     Grpo(TrainArgs),
     /// Rendezvous with the other ranks and verify every collective.
     DistCheck(DistCheckArgs),
+    /// Draw OUTPUT_DIR/metrics.jsonl into OUTPUT_DIR/metrics.png (done at the end of
+    /// every run too).
+    Plot {
+        /// A run's output_dir.
+        output_dir: std::path::PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -65,15 +73,30 @@ fn main() -> Result<()> {
         Command::Sft(args) => {
             let cfg: trainer::sft::SftConfig =
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
-            trainer::sft::run(&cfg)
+            trainer::sft::run(&cfg)?;
+            exit_after_sigterm(cfg.args.sigterm_exit_code)
         }
         Command::Grpo(args) => {
             let cfg: trainer::grpo::GrpoConfig =
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
-            trainer::grpo::trainer::run(&cfg)
+            trainer::grpo::trainer::run(&cfg)?;
+            exit_after_sigterm(cfg.args.sigterm_exit_code)
         }
         Command::DistCheck(args) => dist_check(&args),
+        Command::Plot { output_dir } => {
+            let png = trainer::plot::plot_run(&output_dir)?;
+            println!("{}", png.display());
+            Ok(())
+        }
     }
+}
+
+/// A run stopped by SIGTERM (at a checkpoint) exits with the configured status.
+fn exit_after_sigterm(code: u8) -> Result<()> {
+    if trainer::shutdown::stopped_by_signal() && code != 0 {
+        std::process::exit(code.into());
+    }
+    Ok(())
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default: warnings, and info from the trainer).
