@@ -65,3 +65,6 @@ OMP_NUM_THREADS=1 python3 scripts/launch --nproc-per-node 2 --master-port "${DEM
 echo
 echo "held-out accuracy (256 prompts), before -> after GRPO:"
 grep -oE "eval (before|after) .*" "$work/train.log" | sed "s/^/  /"
+echo
+echo "training curves (reward, accuracy, KL, length, time split): $work/grpo/metrics.png"
+echo "  (from $work/grpo/metrics.jsonl; redraw with: $bin/trainer plot $work/grpo)"

@@ -4,7 +4,8 @@
 #     scripts/requirements.txt, in ${XDG_CACHE_HOME:-$HOME/.cache}/grpo-rs/torch-2.11.0;
 #   - the ignored links `.libtorch` (the torch package: include/ and lib/) and `.venv`
 #     in the repository root, which .cargo/config.toml points the build at;
-#   - a libnccl.so link beside the wheel's libnccl.so.2 (cudarc opens libnccl.so).
+#   - a libnccl.so link beside the wheel's libnccl.so.2 (cudarc opens libnccl.so);
+#   - Debian's prometheus package (promtool, prometheus) for the deploy tests.
 # A second run with nothing changed takes well under a second.
 #
 # To build against a PyTorch you already have instead, export LIBTORCH=/path/to/torch
@@ -41,6 +42,22 @@ ln -sfn "$venv" "$root/.venv"
 nccl_dir=$(dirname "$torch_dir")/nvidia/nccl/lib
 if [ -e "$nccl_dir/libnccl.so.2" ] && [ ! -e "$nccl_dir/libnccl.so" ]; then
     ln -s libnccl.so.2 "$nccl_dir/libnccl.so"
+fi
+
+# promtool and prometheus for the deploy/monitoring tests: Debian's prometheus package,
+# installed when missing (CI may run on a fresh machine). The image build skips it
+# (GRPO_SKIP_TEST_TOOLS=1).
+if [ -z "${GRPO_SKIP_TEST_TOOLS:-}" ] \
+    && ! { command -v promtool && command -v prometheus; } >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian's prometheus package (promtool)" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            prometheus >/dev/null
+    else
+        echo "setup: promtool/prometheus missing and apt-get unavailable (not root?):" \
+             "install Debian's prometheus package, or the deploy tests fail" >&2
+    fi
 fi
 
 # protoc for the proto crate's build script comes from the protoc-bin-vendored crate;

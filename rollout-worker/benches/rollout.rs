@@ -91,7 +91,7 @@ async fn serve(dir: &Path) -> anyhow::Result<Served> {
     c.device = "cpu".into();
     c.engine.max_num_seqs = 64;
     c.engine.max_n = 64;
-    let engine = EngineHandle::load(&c, Arc::new(Metrics::new()))?;
+    let engine = EngineHandle::load(&c, Arc::new(Metrics::new(&c.model_name())))?;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", grpc.local_addr()?);

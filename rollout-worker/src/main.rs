@@ -123,7 +123,7 @@ fn worker_config(a: ServeArgs) -> anyhow::Result<WorkerConfig> {
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     let config = worker_config(a)?;
-    let engine = EngineHandle::load(&config, Arc::new(Metrics::new()))
+    let engine = EngineHandle::load(&config, Arc::new(Metrics::new(&config.model_name())))
         .with_context(|| format!("loading {}", config.model.display()))?;
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(async move {

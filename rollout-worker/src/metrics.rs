@@ -4,10 +4,12 @@
 //! tokens are sampled and groups finish; the gRPC service records weight updates; the
 //! HTTP `/metrics` route renders [`Metrics::render`] in the text exposition format.
 //! Names follow vLLM (`vllm:num_requests_running`, `vllm:time_to_first_token_seconds`,
-//! ...) where vLLM has the concept; the worker-specific ones (weight version and updates)
-//! use the `rollout:` prefix. vLLM counts requests where we count sequences for the
-//! running/waiting gauges (one request of n completions is n sequences); the help text
-//! says which.
+//! ...) where vLLM has the concept, with vLLM's `model_name` label (the served model
+//! name) that vLLM's Grafana dashboards filter on; the worker-specific ones (weight
+//! version and updates, rejections) follow Prometheus' conventions (`rollout_` prefix,
+//! no `:`, units in the name) and carry `model_name` too. vLLM counts requests where we
+//! count sequences for the running/waiting gauges (one request of n completions is n
+//! sequences); the help text says which.
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -64,21 +66,25 @@ fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
         .expect("valid histogram options")
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    /// Every metric, labelled `model_name = served_model_name` (what `/v1/models` lists:
+    /// [`crate::WorkerConfig::model_name`]).
+    pub fn new(served_model_name: &str) -> Self {
         let gauge = |n: &str, h: &str| IntGauge::new(n, h).expect("valid gauge");
         let counter = |n: &str, h: &str| IntCounter::new(n, h).expect("valid counter");
         let counter_vec = |n: &str, h: &str, l: &str| {
             IntCounterVec::new(Opts::new(n, h), &[l]).expect("valid counter")
         };
         let m = Metrics {
-            registry: Registry::new(),
+            registry: Registry::new_custom(
+                None,
+                Some(
+                    [("model_name".to_string(), served_model_name.to_string())]
+                        .into_iter()
+                        .collect(),
+                ),
+            )
+            .expect("a constant label is valid"),
             num_requests_running: gauge(
                 "vllm:num_requests_running",
                 "Number of sequences in the running batch (a request of n completions counts n).",
@@ -110,7 +116,7 @@ impl Metrics {
                 "finished_reason",
             ),
             requests_rejected_total: counter_vec(
-                "rollout:requests_rejected_total",
+                "rollout_requests_rejected_total",
                 "Requests refused before queueing, by reason (invalid_argument, overloaded, unavailable).",
                 "reason",
             ),
@@ -135,16 +141,16 @@ impl Metrics {
                 REQUEST_BUCKETS,
             ),
             weight_version: gauge(
-                "rollout:weight_version",
+                "rollout_weight_version",
                 "Version of the weights now serving (0: the checkpoint loaded at start).",
             ),
             weight_update_duration_seconds: histogram(
-                "rollout:weight_update_duration_seconds",
+                "rollout_weight_update_duration_seconds",
                 "Seconds from the first chunk of an applied update to the new weights serving (receive, assemble, drain, apply).",
                 UPDATE_BUCKETS,
             ),
             weight_updates_total: counter_vec(
-                "rollout:weight_updates_total",
+                "rollout_weight_updates_total",
                 "Weight updates by outcome (applied, rejected).",
                 "outcome",
             ),
@@ -198,7 +204,7 @@ mod tests {
 
     #[test]
     fn every_metric_has_help_and_histograms_have_buckets() {
-        let m = Metrics::new();
+        let m = Metrics::new("tiny");
         m.time_to_first_token_seconds.observe(0.03);
         m.request_success_total.with_label_values(&["stop"]).inc();
         let text = m.render();
@@ -212,8 +218,10 @@ mod tests {
             "vllm:inter_token_latency_seconds",
             "vllm:e2e_request_latency_seconds",
             "vllm:request_success_total",
-            "rollout:weight_version",
-            "rollout:weight_update_duration_seconds",
+            "rollout_weight_version",
+            "rollout_weight_update_duration_seconds",
+            "rollout_weight_updates_total",
+            "rollout_requests_rejected_total",
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} ")),
@@ -221,10 +229,25 @@ mod tests {
             );
         }
         assert!(
-            text.contains("vllm:time_to_first_token_seconds_bucket{le=\"0.04\"} 1"),
+            text.contains(
+                "vllm:time_to_first_token_seconds_bucket{model_name=\"tiny\",le=\"0.04\"} 1"
+            ),
             "{text}"
         );
-        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{le=\"0.02\"} 0"));
-        assert!(text.contains("vllm:request_success_total{finished_reason=\"stop\"} 1"));
+        assert!(text.contains(
+            "vllm:time_to_first_token_seconds_bucket{model_name=\"tiny\",le=\"0.02\"} 0"
+        ));
+        assert!(text.contains(
+            "vllm:request_success_total{finished_reason=\"stop\",model_name=\"tiny\"} 1"
+        ));
+        // Our own names follow Prometheus' conventions; only vLLM's keep the ':'.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                !name.contains(':') || name.starts_with("vllm:"),
+                "{name} is not vLLM's and has a ':'"
+            );
+            assert!(line.contains("model_name=\"tiny\""), "{line}");
+        }
     }
 }

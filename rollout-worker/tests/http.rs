@@ -236,6 +236,17 @@ async fn metrics_and_health_report_the_work_done() {
         .text()
         .await
         .unwrap();
+    // Every series carries vLLM's `model_name` label (the served model name); the
+    // lookups below then ignore it.
+    let model = w.engine.info().name.clone();
+    let label = format!("model_name=\"{model}\"");
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        assert!(line.contains(&label), "{line} lacks {label}");
+    }
+    let text = text
+        .replace(&format!("{{{label}}}"), "")
+        .replace(&format!(",{label}"), "")
+        .replace(&format!("{label},"), "");
     let value = |name: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -257,7 +268,7 @@ async fn metrics_and_health_report_the_work_done() {
     // 7 tokens per sequence: 6 gaps each.
     assert_eq!(value("vllm:inter_token_latency_seconds_count"), 18.0);
     assert_eq!(value("vllm:num_requests_running"), 0.0);
-    assert_eq!(value("rollout:weight_version"), 0.0);
+    assert_eq!(value("rollout_weight_version"), 0.0);
     assert!(text.contains("# HELP vllm:kv_cache_usage_perc "));
     assert!(text.contains("# TYPE vllm:time_to_first_token_seconds histogram"));
     w.stop().await;

@@ -12,6 +12,8 @@
 //!   backward, AdamW on f32 master shards, sharded checkpoints.
 //! - [`rewards`]: GRPO reward functions: the Open-R1 built-ins (accuracy, format, length,
 //!   cosine, ...) and external HTTP reward services.
+//! - [`metrics`], [`runlog`], [`plot`]: the Prometheus endpoint, `output_dir/metrics.jsonl`
+//!   and its PNG; [`shutdown`]: SIGTERM agreed by all ranks, then a checkpoint.
 
 pub mod config;
 pub mod data;
@@ -20,8 +22,11 @@ pub mod grpo;
 pub mod inference;
 pub mod metrics;
 pub mod objective;
+pub mod plot;
 pub mod rewards;
 pub mod rollout;
+pub mod runlog;
 pub mod session;
 pub mod sft;
+pub mod shutdown;
 pub mod zero;

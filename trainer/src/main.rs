@@ -7,6 +7,8 @@
 //! `trainer eval --config FILE` and `trainer generate --config FILE` run against
 //! OpenAI-compatible servers (docs/evaluation.md).
 //!
+//! `trainer plot OUTPUT_DIR` draws a run's `metrics.jsonl` into `metrics.png`.
+//!
 //! `trainer dist-check` joins the job described by the launcher's environment
 //! (torchrun or scripts/launch), runs each collective once on values whose result
 //! is known exactly, and exits non-zero on any mismatch or communication error.
@@ -35,6 +37,12 @@ enum Command {
     Eval(TrainArgs),
     /// Generate synthetic reasoning data through OpenAI-compatible servers.
     Generate(TrainArgs),
+    /// Draw OUTPUT_DIR/metrics.jsonl into OUTPUT_DIR/metrics.png (done at the end of
+    /// every run too).
+    Plot {
+        /// A run's output_dir.
+        output_dir: std::path::PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -73,14 +81,16 @@ fn main() -> Result<()> {
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
             init_tracing(loaded.config.args.log_level);
             loaded.log_warnings();
-            trainer::sft::run(&loaded.config)
+            trainer::sft::run(&loaded.config)?;
+            exit_after_sigterm(loaded.config.args.sigterm_exit_code)
         }
         Command::Grpo(args) => {
             let loaded: trainer::config::Loaded<trainer::grpo::GrpoConfig> =
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
             init_tracing(loaded.config.args.log_level);
             loaded.log_warnings();
-            trainer::grpo::trainer::run(&loaded.config)
+            trainer::grpo::trainer::run(&loaded.config)?;
+            exit_after_sigterm(loaded.config.args.sigterm_exit_code)
         }
         Command::DistCheck(args) => {
             init_tracing(trainer::config::LogLevel::Passive);
@@ -98,7 +108,20 @@ fn main() -> Result<()> {
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
             trainer::inference::generate::run(&loaded.config).map(drop)
         }
+        Command::Plot { output_dir } => {
+            let png = trainer::plot::plot_run(&output_dir)?;
+            println!("{}", png.display());
+            Ok(())
+        }
     }
+}
+
+/// A run stopped by SIGTERM (at a checkpoint) exits with the configured status.
+fn exit_after_sigterm(code: u8) -> Result<()> {
+    if trainer::shutdown::stopped_by_signal() && code != 0 {
+        std::process::exit(code.into());
+    }
+    Ok(())
 }
 
 /// Logs to stderr; `RUST_LOG` filters, else the recipe's `log_level` (default: warnings,

@@ -76,6 +76,10 @@ pub struct TrainingArgs {
     pub num_threads: Option<usize>,
     /// Serve Prometheus metrics on this port + LOCAL_RANK (0 picks a free port).
     pub metrics_port: Option<u16>,
+    /// Exit status after SIGTERM stopped the run at a checkpoint (see
+    /// [`crate::shutdown`]): 0 by default; Kubernetes Jobs that should replace the pods
+    /// and resume set a non-zero one matched by their podFailurePolicy (deploy/).
+    pub sigterm_exit_code: u8,
     pub zero: ZeroConfig,
     pub dist: DistConfig,
 }
@@ -115,6 +119,7 @@ impl Default for TrainingArgs {
             resume_from_checkpoint: None,
             num_threads: None,
             metrics_port: None,
+            sigterm_exit_code: 0,
             zero: ZeroConfig::default(),
             dist: DistConfig::default(),
         }

@@ -16,9 +16,10 @@ use tch::Kind;
 
 use crate::data::{self, Sampler, SamplerState, SftExample};
 use crate::grpo::batch::{pack, split_even, Sample};
-use crate::metrics::StepLog;
+use crate::metrics::{Phase, StepLog};
 use crate::objective::logprob_objective;
 use crate::session::{publish_final_model, record_memory, Session, TrainingArgs};
+use crate::shutdown::Shutdown;
 use crate::zero::{MicroBatch, ZeroEngine};
 
 /// The `trainer sft` configuration: the shared training settings plus SFT's own.
@@ -127,7 +128,9 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     let root = args.checkpoint_root();
     let keep = args.save_total_limit.unwrap_or(usize::MAX);
     let mut last_saved = None;
+    let shutdown = Shutdown::install(&sess.rt).context("listening for SIGTERM")?;
     while engine.steps_done() < total {
+        sess.metrics.enter_phase(Phase::ForwardBackward);
         let t0 = Instant::now();
         let batch = sampler.next_batch(per_step);
         let mine = &batch[split_even(per_step, world)[sess.env.rank].clone()];
@@ -169,27 +172,39 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
                 secs
             );
         }
+        let log: StepLog = [
+            ("loss", stats.loss),
+            ("grad_norm", stats.grad_norm),
+            ("learning_rate", stats.learning_rate),
+            ("num_tokens", stats.num_items as f64),
+            ("epoch", sampler.epoch() as f64),
+            ("time/step", secs),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        crate::runlog::publish_step(&sess.metrics, sess.is_main(), &args.output_dir, step, &log);
         if log_every.due(step) || step == total {
-            let log: StepLog = [
-                ("loss", stats.loss),
-                ("grad_norm", stats.grad_norm),
-                ("learning_rate", stats.learning_rate),
-                ("num_tokens", stats.num_items as f64),
-                ("epoch", sampler.epoch() as f64),
-                ("time/step", secs),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-            sess.metrics.record(&log);
             tracing::info!(step, loss = stats.loss, grad_norm = stats.grad_norm, "sft");
         }
+        let stop = shutdown.agreed(engine.comm(), sess.device)?;
         let state = json!({ "command": "sft", "sampler": sampler.state() });
-        if step == total || save_every.due(step) {
+        if stop || step == total || save_every.due(step) {
+            sess.metrics.enter_phase(Phase::Checkpoint);
             let dir = engine.save_checkpoint(&root, &state, keep, Some(&sess.model_dir))?;
             last_saved = Some(dir);
         }
+        if stop && step < total {
+            sess.metrics.enter_phase(Phase::Done);
+            if sess.is_main() {
+                println!("stopped by SIGTERM after step {step}: resume_from_checkpoint: latest continues");
+            }
+            crate::plot::at_end_of_run(sess.is_main(), &args.output_dir);
+            return Ok(());
+        }
     }
+    sess.metrics.enter_phase(Phase::Done);
+    crate::plot::at_end_of_run(sess.is_main(), &args.output_dir);
     if let Some(dir) = last_saved.filter(|_| sess.is_main()) {
         publish_final_model(&dir, &args.output_dir)?;
         println!("final model: {}", args.output_dir.display());

@@ -47,7 +47,8 @@ pub struct Worker {
 
 impl Worker {
     pub async fn start(config: WorkerConfig) -> Worker {
-        let engine = EngineHandle::load(&config, Arc::new(Metrics::new())).expect("engine starts");
+        let engine = EngineHandle::load(&config, Arc::new(Metrics::new(&config.model_name())))
+            .expect("engine starts");
         let grpc = tokio::net::TcpListener::bind(config.server.grpc_addr)
             .await
             .unwrap();

@@ -6,6 +6,12 @@
 //! `ROLE_*` and `TORCHELASTIC_*` are tolerated; `TORCHELASTIC_RESTART_COUNT` is
 //! reported). With none of them set the process is a world of one.
 //!
+//! One pod per rank (a Kubernetes Indexed Job): `RANK` may be left out and is then
+//! the Job's `JOB_COMPLETION_INDEX`; without `LOCAL_RANK` / `LOCAL_WORLD_SIZE` a rank
+//! is alone on its host (local rank 0 of 1), so it takes `cuda:0`, the metrics port
+//! itself and all the host's cores. Launchers that start several ranks per host
+//! (torchrun, `scripts/launch`) always set both.
+//!
 //! Rank 0 serves a [`StoreServer`] and every rank registers `rank/{r}` in it, then
 //! waits for all others; a rank that never arrives produces
 //! [`CommError::RendezvousTimeout`] listing the missing ranks.
@@ -73,13 +79,22 @@ impl RendezvousEnv {
 
     /// Parses the variables `get` returns; pure, so every rule is unit-tested.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<RendezvousEnv, CommError> {
-        match (get("RANK").is_some(), get("WORLD_SIZE").is_some()) {
+        // An Indexed Job's pod knows its rank as the completion index.
+        let rank_var = if get("RANK").is_none() && get("JOB_COMPLETION_INDEX").is_some() {
+            "JOB_COMPLETION_INDEX"
+        } else {
+            "RANK"
+        };
+        match (get(rank_var).is_some(), get("WORLD_SIZE").is_some()) {
             (false, false) => return Ok(Self::single()),
             (true, true) => {}
             (has_rank, _) => {
                 return Err(CommError::Env {
                     var: if has_rank { "WORLD_SIZE" } else { "RANK" },
-                    detail: "is not set although RANK/WORLD_SIZE is (a launcher sets both)".into(),
+                    detail: format!(
+                        "is not set although {} is (a launcher sets both)",
+                        if has_rank { rank_var } else { "WORLD_SIZE" }
+                    ),
                 })
             }
         }
@@ -99,7 +114,7 @@ impl RendezvousEnv {
                 detail: "is not set".into(),
             })
         };
-        let rank = required("RANK")?;
+        let rank = required(rank_var)?;
         let world_size = required("WORLD_SIZE")?;
         if world_size == 0 {
             return Err(CommError::Env {
@@ -109,13 +124,13 @@ impl RendezvousEnv {
         }
         if rank >= world_size {
             return Err(CommError::Env {
-                var: "RANK",
+                var: rank_var,
                 detail: format!("is {rank}, must be below WORLD_SIZE={world_size}"),
             });
         }
-        // Hand-written single-host scripts often omit the local variables.
-        let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
-        let local_world_size = num("LOCAL_WORLD_SIZE")?.unwrap_or(world_size);
+        // Without the local variables a rank is alone on its host (one pod per rank).
+        let local_rank = num("LOCAL_RANK")?.unwrap_or(0);
+        let local_world_size = num("LOCAL_WORLD_SIZE")?.unwrap_or(1);
         if local_rank >= local_world_size {
             return Err(CommError::Env {
                 var: "LOCAL_RANK",
@@ -329,8 +344,58 @@ mod tests {
         .unwrap();
         assert_eq!(
             (plain.store_port, plain.local_rank, plain.local_world_size),
-            (1234, 0, 2)
+            (1234, 0, 1)
         );
+    }
+
+    #[test]
+    fn one_pod_per_rank_is_local_rank_0_of_1_and_takes_the_completion_index() {
+        // What an Indexed Job pod of the pod-per-rank layout sees (deploy/overlays).
+        let env = parse(&[
+            ("JOB_COMPLETION_INDEX", "5"),
+            ("WORLD_SIZE", "8"),
+            ("MASTER_ADDR", "grpo-trainer-0.grpo-trainer"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                env.rank,
+                env.world_size,
+                env.local_rank,
+                env.local_world_size
+            ),
+            (5, 8, 0, 1)
+        );
+        assert_eq!(env.store_port, 29500);
+        // RANK wins (scripts/launch inside an Indexed Job pod of the pod-per-node layout).
+        let env = parse(&[
+            ("JOB_COMPLETION_INDEX", "1"),
+            ("RANK", "9"),
+            ("WORLD_SIZE", "16"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "8"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "29500"),
+        ])
+        .unwrap();
+        assert_eq!((env.rank, env.local_rank, env.local_world_size), (9, 1, 8));
+        for (vars, var) in [
+            (
+                &[("JOB_COMPLETION_INDEX", "8"), ("WORLD_SIZE", "8")][..],
+                "JOB_COMPLETION_INDEX",
+            ),
+            (
+                &[("JOB_COMPLETION_INDEX", "x"), ("WORLD_SIZE", "8")][..],
+                "JOB_COMPLETION_INDEX",
+            ),
+            (&[("JOB_COMPLETION_INDEX", "0")][..], "WORLD_SIZE"),
+        ] {
+            match parse(vars) {
+                Err(CommError::Env { var: got, .. }) => assert_eq!(got, var, "{vars:?}"),
+                other => panic!("{vars:?}: expected an error naming {var}, got {other:?}"),
+            }
+        }
     }
 
     #[test]

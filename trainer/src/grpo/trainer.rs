@@ -27,11 +27,12 @@ use super::loss::{policy_loss, PolicyBatch};
 use super::stats::RoundStats;
 use crate::data::{self, PromptExample, Sampler, SamplerState};
 use crate::dist::{Communicator, ReduceOp, SharedComm};
-use crate::metrics::StepLog;
+use crate::metrics::{Phase, StepLog};
 use crate::objective::logprob_objective;
 use crate::rewards::{build_reward_functions, RewardFunction, RewardInput};
 use crate::rollout::{PromptJob, RolloutClient, RolloutGroup};
 use crate::session::{publish_final_model, record_memory, Session};
+use crate::shutdown::Shutdown;
 use crate::zero::{MicroBatch, ZeroEngine};
 
 /// Runs GRPO on this rank until the last step.
@@ -121,10 +122,16 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
     run.resume()?;
     run.sync_workers()?;
     run.evaluate("before training")?;
+    let shutdown = Shutdown::install(&run.sess.rt).context("listening for SIGTERM")?;
     while run.engine.steps_done() < run.total {
         run.round()?;
+        if shutdown.agreed(run.engine.comm(), run.sess.device)? {
+            return run.stop_at_checkpoint();
+        }
     }
     run.evaluate("after training")?;
+    run.sess.metrics.enter_phase(Phase::Done);
+    crate::plot::at_end_of_run(run.sess.is_main(), &cfg.args.output_dir);
     Ok(())
 }
 
@@ -214,6 +221,7 @@ impl Grpo<'_> {
 
     /// Streams the policy to every worker under `version` (collective).
     fn push_weights(&mut self, version: u64) -> Result<f64> {
+        self.sess.metrics.enter_phase(Phase::WeightSync);
         let t0 = Instant::now();
         let main = self.sess.is_main();
         let rt = &self.sess.rt;
@@ -263,6 +271,7 @@ impl Grpo<'_> {
         let Some(eval) = &self.eval else {
             return Ok(());
         };
+        self.sess.metrics.enter_phase(Phase::Eval);
         let (rank, world) = (self.rank(), self.sess.env.world_size);
         let mine = split_even(eval.len(), world)[rank].clone();
         let sums = evaluate(
@@ -296,7 +305,13 @@ impl Grpo<'_> {
         let mut log = StepLog::new();
         log.insert("eval/accuracy_greedy".into(), result.greedy());
         log.insert("eval/accuracy_sampled".into(), result.sampled());
-        self.sess.metrics.record(&log);
+        crate::runlog::publish_eval(
+            &self.sess.metrics,
+            self.sess.is_main(),
+            &self.cfg.args.output_dir,
+            self.engine.steps_done(),
+            &log,
+        );
         Ok(())
     }
 
@@ -310,10 +325,12 @@ impl Grpo<'_> {
         let batch = self.sampler.next_batch(per_round);
         let mine: Vec<usize> = batch[split_even(per_round, world)[rank].clone()].to_vec();
 
+        self.sess.metrics.enter_phase(Phase::Rollout);
         let t = Instant::now();
         let groups = self.generate(&mine)?;
         times.generate = t.elapsed().as_secs_f64();
 
+        self.sess.metrics.enter_phase(Phase::Reward);
         let t = Instant::now();
         let mut stats = RoundStats::new(self.funcs.len());
         let samples = self.score(&mine, &groups, &mut stats)?;
@@ -332,6 +349,7 @@ impl Grpo<'_> {
             temperature: cfg.temperature,
             with_entropy: false,
         };
+        self.sess.metrics.enter_phase(Phase::ForwardBackward);
         let t = Instant::now();
         let old = if cfg.num_iterations > 1 {
             Some(self.logprobs_of(false, &parts, &opts)?)
@@ -398,6 +416,7 @@ impl Grpo<'_> {
                 })?;
             }
             times.forward_backward += t.elapsed().as_secs_f64();
+            self.sess.metrics.enter_phase(Phase::Optimizer);
             let t = Instant::now();
             let step = self.engine.step()?;
             times.optimizer += t.elapsed().as_secs_f64();
@@ -412,7 +431,7 @@ impl Grpo<'_> {
         times.weight_push = self.push_weights(self.version + 1)?;
         stats.all_reduce(self.engine.comm())?;
         self.report(&stats, &step, &times, t_round.elapsed().as_secs_f64());
-        self.checkpoint_if_due(step.step)?;
+        self.checkpoint_if_due(step.step, false)?;
         let eval_every =
             crate::config::Interval::new(cfg.eval_strategy, cfg.eval_steps, self.steps_per_epoch);
         if eval_every.due(step.step) && step.step < self.total {
@@ -694,6 +713,9 @@ impl Grpo<'_> {
         ] {
             log.insert(k.into(), v);
         }
+        // Only the live workers (elastic ones that left drop out of the series).
+        self.sess.metrics.worker_healthy.reset();
+        self.sess.metrics.worker_weight_version.reset();
         for w in self.client.status() {
             let healthy = if w.healthy { 1.0 } else { 0.0 };
             self.sess
@@ -710,7 +732,8 @@ impl Grpo<'_> {
             }
         }
         record_memory(&self.sess.metrics, self.engine.memory());
-        self.sess.metrics.record(&log);
+        let (main, out) = (self.sess.is_main(), &self.cfg.args.output_dir);
+        crate::runlog::publish_step(&self.sess.metrics, main, out, step.step, &log);
         if self.sess.is_main() {
             let first_func = self
                 .cfg
@@ -753,12 +776,32 @@ impl Grpo<'_> {
         }
     }
 
-    fn checkpoint_if_due(&mut self, step: u64) -> Result<()> {
+    /// SIGTERM: every rank agreed after a finished round; save it (unless the round
+    /// already did) and stop.
+    fn stop_at_checkpoint(&mut self) -> Result<()> {
+        let step = self.engine.steps_done();
+        let args = &self.cfg.args;
+        let saved = step >= self.total || args.save_interval(self.steps_per_epoch).due(step);
+        if !saved {
+            self.checkpoint_if_due(step, true)?;
+        }
+        self.sess.metrics.enter_phase(Phase::Done);
+        if self.sess.is_main() {
+            println!(
+                "stopped by SIGTERM after step {step}: resume_from_checkpoint: latest continues"
+            );
+        }
+        crate::plot::at_end_of_run(self.sess.is_main(), &args.output_dir);
+        Ok(())
+    }
+
+    fn checkpoint_if_due(&mut self, step: u64, force: bool) -> Result<()> {
         let args = &self.cfg.args;
         let last = step >= self.total;
-        if !(last || args.save_interval(self.steps_per_epoch).due(step)) {
+        if !(force || last || args.save_interval(self.steps_per_epoch).due(step)) {
             return Ok(());
         }
+        self.sess.metrics.enter_phase(Phase::Checkpoint);
         let state = json!({
             "command": "grpo",
             "sampler": self.sampler.state(),

@@ -15,8 +15,13 @@ pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutConfig {
-    /// gRPC addresses of the workers, e.g. `"http://127.0.0.1:50051"`.
+    /// gRPC addresses of the workers, e.g. `"http://127.0.0.1:50051"`, or DNS names
+    /// standing for every address they resolve to, re-resolved every
+    /// `dns_refresh_secs` (`"dns:///grpo-rollout-worker:50051"`, a Kubernetes headless
+    /// Service; see [`super::resolve`]).
     pub workers: Vec<String>,
+    /// How often `dns:///` entries are resolved again (workers added or removed).
+    pub dns_refresh_secs: f64,
     /// Prompts per `Generate` call (each gives one group of `n` completions).
     pub max_prompts_per_request: usize,
     /// Bound on the `Generate` calls in flight on one worker (over all `generate`
@@ -40,6 +45,7 @@ impl Default for RolloutConfig {
     fn default() -> Self {
         RolloutConfig {
             workers: vec![],
+            dns_refresh_secs: 30.0,
             max_prompts_per_request: 8,
             max_requests_per_worker: 2,
             request_timeout_secs: 600.0,
@@ -100,16 +106,8 @@ impl RolloutConfig {
             return Err("rollout.workers must list at least one worker url".into());
         }
         for (i, url) in self.workers.iter().enumerate() {
-            let rest = url.strip_prefix("http://").ok_or_else(|| {
-                format!(
-                    "rollout.workers[{i}] = {url:?} must start with http:// (TLS is not supported)"
-                )
-            })?;
-            if rest.is_empty() || url.parse::<tonic::transport::Uri>().is_err() {
-                return Err(format!(
-                    "rollout.workers[{i}] = {url:?} is not a valid http://host:port url"
-                ));
-            }
+            super::resolve::WorkerSource::parse(url)
+                .map_err(|why| format!("rollout.workers[{i}] = {url:?} {why}"))?;
             if self.workers[..i].contains(url) {
                 return Err(format!("rollout.workers[{i}] = {url:?} is listed twice"));
             }
@@ -123,6 +121,7 @@ impl RolloutConfig {
         positive_secs("request_timeout_secs", self.request_timeout_secs)?;
         positive_secs("connect_timeout_secs", self.connect_timeout_secs)?;
         positive_secs("retry_backoff_secs", self.retry_backoff_secs)?;
+        positive_secs("dns_refresh_secs", self.dns_refresh_secs)?;
         if self.weight_chunk_bytes < 4 || self.weight_chunk_bytes > MAX_WEIGHT_CHUNK_BYTES {
             return Err(format!(
                 "rollout.weight_chunk_bytes must be in 4..={MAX_WEIGHT_CHUNK_BYTES}, got {}",
@@ -150,6 +149,18 @@ impl RolloutConfig {
 
     pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.connect_timeout_secs)
+    }
+
+    /// The parsed `workers` entries (call after [`RolloutConfig::validate`]).
+    pub fn worker_sources(&self) -> Vec<super::resolve::WorkerSource> {
+        self.workers
+            .iter()
+            .filter_map(|w| super::resolve::WorkerSource::parse(w).ok())
+            .collect()
+    }
+
+    pub(crate) fn dns_refresh(&self) -> Duration {
+        Duration::from_secs_f64(self.dns_refresh_secs)
     }
 
     pub(crate) fn retry_backoff(&self) -> Duration {
@@ -221,6 +232,11 @@ mod tests {
                 "weight_chunk_bytes",
             ),
             (Box::new(|c| c.weight_dtype = "fp8".into()), "weight_dtype"),
+            (
+                Box::new(|c| c.workers[0] = "dns:///svc".into()),
+                "port is required",
+            ),
+            (Box::new(|c| c.dns_refresh_secs = 0.0), "dns_refresh_secs"),
         ];
         for (edit, field) in cases {
             let mut c = ok();

@@ -19,6 +19,7 @@ pub mod faults;
 mod generate;
 pub mod pool;
 pub mod push;
+pub mod resolve;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -71,6 +72,9 @@ struct Inner {
     /// Bumped whenever a request slot is released or a probe reports, so a waiting
     /// `generate` re-examines the pool (a watch never loses a change).
     changes: tokio::sync::watch::Sender<u64>,
+    /// The `workers` entries; `dns:///` ones are resolved again when `next_resolve` passes.
+    sources: Vec<resolve::WorkerSource>,
+    next_resolve: Mutex<Instant>,
 }
 
 type Pool = pool::Pool<Channel>;
@@ -100,6 +104,40 @@ impl Inner {
             }
         }
         self.bump();
+    }
+
+    /// Resolves the `dns:///` entries again if `dns_refresh_secs` passed since the last
+    /// time, and adds / retires workers accordingly (see [`resolve`]).
+    async fn resolve_if_due(&self) {
+        if !self.sources.iter().any(resolve::WorkerSource::is_dns) {
+            return;
+        }
+        {
+            let mut next = self.next_resolve.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if now < *next {
+                return;
+            }
+            *next = now + self.cfg.dns_refresh();
+        }
+        let (urls, errors) = resolve::resolve(&self.sources).await;
+        for e in &errors {
+            tracing::warn!(error = %e, "resolving rollout workers");
+        }
+        // A failed lookup keeps the workers known so far rather than retiring them all.
+        if !errors.is_empty() && urls.is_empty() {
+            return;
+        }
+        let (added, retired) = self.pool().sync_urls(&urls, Instant::now());
+        for url in &added {
+            tracing::info!(worker = %url, "rollout worker joined (serves once it has the current weights)");
+        }
+        for url in &retired {
+            tracing::info!(worker = %url, "rollout worker left");
+        }
+        if !(added.is_empty() && retired.is_empty()) {
+            self.bump();
+        }
     }
 
     /// Probes, in background tasks, the failed workers whose backoff has elapsed.
@@ -192,17 +230,28 @@ impl RolloutClient {
     pub async fn connect(cfg: RolloutConfig) -> Result<Self, RolloutError> {
         cfg.validate().map_err(RolloutError::Config)?;
         let wire = cfg.wire_dtype().map_err(RolloutError::Config)?;
+        let sources = cfg.worker_sources();
+        let (urls, errors) = resolve::resolve(&sources).await;
+        if urls.is_empty() {
+            return Err(RolloutError::NoWorker {
+                timeout_secs: cfg.connect_timeout_secs,
+                details: errors.join("; "),
+            });
+        }
         let pool = Pool::new(
-            &cfg.workers,
+            &urls,
             cfg.max_requests_per_worker,
             cfg.retry_backoff(),
             Instant::now(),
         );
+        let next_resolve = Mutex::new(Instant::now() + cfg.dns_refresh());
         let inner = Arc::new(Inner {
             cfg,
             wire,
             pool: Mutex::new(pool),
             changes: tokio::sync::watch::Sender::new(0),
+            sources,
+            next_resolve,
         });
         inner.probe_now(true).await;
         let pool = inner.pool();
@@ -225,6 +274,7 @@ impl RolloutClient {
     /// answers. Ranks that did not push learn the version rank 0 pushed this way; a
     /// worker that does not answer is failed and re-probed with backoff.
     pub async fn refresh(&self) {
+        self.inner.resolve_if_due().await;
         let targets = self.inner.pool().take_all_probes();
         let timeout = self.inner.cfg.connect_timeout();
         let results =

@@ -37,6 +37,26 @@ pub struct Slot<C> {
     backoff: Duration,
     next_probe: Instant,
     probing: bool,
+    /// Gone from the resolved worker set (elastic workers): never probed nor used.
+    retired: bool,
+}
+
+impl<C> Slot<C> {
+    fn fresh(url: &str, base_backoff: Duration, now: Instant) -> Self {
+        Slot {
+            url: url.to_string(),
+            conn: None,
+            version: None,
+            in_flight: 0,
+            failures: 0,
+            groups_done: 0,
+            last_error: Some("not probed yet".into()),
+            backoff: base_backoff,
+            next_probe: now,
+            probing: false,
+            retired: false,
+        }
+    }
 }
 
 /// All workers of a client.
@@ -60,23 +80,47 @@ impl<C: Clone> Pool<C> {
         Pool {
             slots: urls
                 .iter()
-                .map(|u| Slot {
-                    url: u.clone(),
-                    conn: None,
-                    version: None,
-                    in_flight: 0,
-                    failures: 0,
-                    groups_done: 0,
-                    last_error: Some("not probed yet".into()),
-                    backoff: base_backoff,
-                    next_probe: now,
-                    probing: false,
-                })
+                .map(|u| Slot::fresh(u, base_backoff, now))
                 .collect(),
             max_in_flight,
             base_backoff,
             cursor: 0,
         }
+    }
+
+    /// Makes the pool's workers `urls` (the newly resolved set): unknown ones are
+    /// appended with a probe due now, known retired ones come back the same way, and
+    /// live ones not in `urls` are retired (their connection dropped; a call in flight
+    /// finishes on its own). Slot indices never change. Returns (added, retired) urls.
+    pub fn sync_urls(&mut self, urls: &[String], now: Instant) -> (Vec<String>, Vec<String>) {
+        let (mut added, mut retired) = (vec![], vec![]);
+        for u in urls {
+            match self.slots.iter_mut().find(|s| &s.url == u) {
+                Some(s) if s.retired => {
+                    s.retired = false;
+                    s.conn = None;
+                    s.version = None;
+                    s.next_probe = now;
+                    s.backoff = self.base_backoff;
+                    s.last_error = Some("not probed yet".into());
+                    added.push(u.clone());
+                }
+                Some(_) => {}
+                None => {
+                    self.slots.push(Slot::fresh(u, self.base_backoff, now));
+                    added.push(u.clone());
+                }
+            }
+        }
+        for s in &mut self.slots {
+            if !s.retired && !urls.contains(&s.url) {
+                s.retired = true;
+                s.conn = None;
+                s.last_error = Some("no longer resolved".into());
+                retired.push(s.url.clone());
+            }
+        }
+        (added, retired)
     }
 
     pub fn healthy(&self, i: usize) -> bool {
@@ -142,7 +186,7 @@ impl<C: Clone> Pool<C> {
     pub fn take_due_probes(&mut self, now: Instant, force: bool) -> Vec<(usize, String)> {
         let mut due = vec![];
         for (i, s) in self.slots.iter_mut().enumerate() {
-            if s.conn.is_none() && !s.probing && (force || s.next_probe <= now) {
+            if s.conn.is_none() && !s.probing && !s.retired && (force || s.next_probe <= now) {
                 s.probing = true;
                 due.push((i, s.url.clone()));
             }
@@ -156,7 +200,7 @@ impl<C: Clone> Pool<C> {
     pub fn take_all_probes(&mut self) -> Vec<(usize, String)> {
         let mut all = vec![];
         for (i, s) in self.slots.iter_mut().enumerate() {
-            if !s.probing {
+            if !s.probing && !s.retired {
                 s.probing = true;
                 all.push((i, s.url.clone()));
             }
@@ -168,7 +212,7 @@ impl<C: Clone> Pool<C> {
     pub fn next_probe_at(&self) -> Option<Instant> {
         self.slots
             .iter()
-            .filter(|s| s.conn.is_none() && !s.probing)
+            .filter(|s| s.conn.is_none() && !s.probing && !s.retired)
             .map(|s| s.next_probe)
             .min()
     }
@@ -177,6 +221,9 @@ impl<C: Clone> Pool<C> {
     pub fn probe_succeeded(&mut self, i: usize, conn: C, version: u64) {
         let s = &mut self.slots[i];
         s.probing = false;
+        if s.retired {
+            return;
+        }
         s.conn = Some(conn);
         s.version = Some(version);
         s.last_error = None;
@@ -200,9 +247,11 @@ impl<C: Clone> Pool<C> {
         s.next_probe = now + s.backoff;
     }
 
+    /// The live workers (retired ones left out).
     pub fn status(&self) -> Vec<WorkerStatus> {
         self.slots
             .iter()
+            .filter(|s| !s.retired)
             .map(|s| WorkerStatus {
                 url: s.url.clone(),
                 healthy: s.conn.is_some(),
@@ -218,6 +267,7 @@ impl<C: Clone> Pool<C> {
     pub fn describe(&self) -> String {
         self.slots
             .iter()
+            .filter(|s| !s.retired)
             .map(|s| {
                 let version = s.version.map_or("unknown".into(), |v| v.to_string());
                 let state = if s.conn.is_some() {
@@ -323,6 +373,46 @@ mod tests {
         assert!(p
             .describe()
             .contains("http://w0:1 (failed, weight version 5"));
+    }
+
+    #[test]
+    fn resolved_workers_join_unusable_until_they_serve_the_version_and_leave() {
+        let now = Instant::now();
+        let mut p = pool(2, now);
+        p.observe_version(0, 4);
+        p.observe_version(1, 4);
+        let urls = |ids: &[usize]| -> Vec<String> {
+            ids.iter().map(|i| format!("http://w{i}:1")).collect()
+        };
+        // Scale up: w2 appears, probed at once, serving the starting checkpoint (0).
+        let (added, retired) = p.sync_urls(&urls(&[0, 1, 2]), now);
+        assert_eq!((added, retired), (urls(&[2]), vec![]));
+        assert_eq!(
+            p.take_due_probes(now, false),
+            vec![(2, "http://w2:1".into())]
+        );
+        p.probe_succeeded(2, (), 0);
+        assert!(
+            p.healthy(2) && !p.usable(2, 4),
+            "no group before the current weights"
+        );
+        let picks: Vec<usize> = (0..4).map(|_| p.acquire(4).unwrap().0).collect();
+        assert!(!picks.contains(&2), "{picks:?}");
+        // The next push gives it the new version; then it serves.
+        p.observe_version(2, 5);
+        assert!(p.usable(2, 5));
+        // Scale down: w0 vanishes; a call in flight on it still releases its slot.
+        let (added, retired) = p.sync_urls(&urls(&[1, 2]), now);
+        assert_eq!((added, retired), (vec![], urls(&[0])));
+        assert!(!p.usable(0, 0) && p.take_all_probes().iter().all(|(i, _)| *i != 0));
+        p.release(0);
+        assert_eq!(p.status().len(), 2);
+        assert!(!p.describe().contains("w0"));
+        assert!(p.take_due_probes(now, true).iter().all(|(i, _)| *i != 0));
+        // It comes back (same pod address): probed again as a new worker.
+        let (added, _) = p.sync_urls(&urls(&[0, 1, 2]), now);
+        assert_eq!(added, urls(&[0]));
+        assert_eq!(p.slots.len(), 3, "indices are stable");
     }
 
     #[test]

@@ -117,6 +117,8 @@ impl RolloutClient {
     /// take the push.
     pub async fn begin_push(&self, version: u64) -> Result<WeightPush, RolloutError> {
         let started = Instant::now();
+        // Workers that joined since the last resolution get this push before any group.
+        self.inner.resolve_if_due().await;
         self.inner.probe_now(true).await;
         let mut push = WeightPush {
             inner: self.inner.clone(),

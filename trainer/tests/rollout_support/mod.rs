@@ -49,7 +49,8 @@ impl Worker {
         c.engine.max_num_seqs = max_num_seqs;
         c.engine.max_n = 8;
         c.engine.max_waiting_seqs = 1024;
-        let engine = EngineHandle::load(&c, Arc::new(Metrics::new())).expect("engine starts");
+        let engine =
+            EngineHandle::load(&c, Arc::new(Metrics::new(&c.model_name()))).expect("engine starts");
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", grpc.local_addr().unwrap());
