@@ -23,4 +23,5 @@ pub mod rewards;
 pub mod rollout;
 pub mod session;
 pub mod sft;
+pub mod timeouts;
 pub mod zero;

@@ -12,7 +12,9 @@ use tch::{Device, Kind};
 use crate::data::DatasetConfig;
 use crate::dist::{self, Communicator, DistConfig, RendezvousEnv};
 use crate::metrics::Metrics;
-use crate::zero::{checkpoint::latest_checkpoint, LrSchedulerType, OptimConfig, ZeroConfig};
+use crate::zero::{
+    checkpoint::latest_checkpoint, LrSchedulerType, NonFinitePolicy, OptimConfig, ZeroConfig,
+};
 
 /// Settings shared by `trainer sft` and `trainer grpo` (flattened into their configs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +40,11 @@ pub struct TrainingArgs {
     pub warmup_ratio: f64,
     /// Passes over the dataset when `max_steps` is not set.
     pub num_train_epochs: f64,
+    /// A step with a NaN/inf loss or gradient norm: `skip` (dropped, counted, logged)
+    /// or `stop` (the run fails); it never reaches the weights.
+    pub on_nonfinite: NonFinitePolicy,
+    /// Under `skip`, this many skipped steps in a row stop the run.
+    pub max_consecutive_skipped_steps: u64,
     /// Optimizer steps to run; -1 derives them from `num_train_epochs`.
     pub max_steps: i64,
     /// Sequences per rank per micro-batch (GRPO: completions).
@@ -78,6 +85,8 @@ impl Default for TrainingArgs {
             max_grad_norm: optim.max_grad_norm,
             lr_scheduler_type: optim.lr_scheduler_type,
             warmup_ratio: optim.warmup_ratio,
+            on_nonfinite: optim.on_nonfinite,
+            max_consecutive_skipped_steps: optim.max_consecutive_skipped_steps,
             num_train_epochs: 3.0,
             max_steps: -1,
             per_device_train_batch_size: 8,
@@ -105,6 +114,8 @@ impl TrainingArgs {
             max_grad_norm: self.max_grad_norm,
             lr_scheduler_type: self.lr_scheduler_type,
             warmup_ratio: self.warmup_ratio,
+            on_nonfinite: self.on_nonfinite,
+            max_consecutive_skipped_steps: self.max_consecutive_skipped_steps,
         }
     }
 
@@ -172,11 +183,22 @@ impl TrainingArgs {
         self.output_dir.join("checkpoints")
     }
 
+    /// Whether a checkpoint that fails verification may give way to the previous one
+    /// (only when resuming from `latest`).
+    pub fn resume_falls_back(&self) -> bool {
+        self.resume_from_checkpoint.as_deref() == Some("latest")
+    }
+
     /// The checkpoint to resume from, if any.
     pub fn resume_dir(&self) -> Result<Option<PathBuf>> {
         match self.resume_from_checkpoint.as_deref() {
             None => Ok(None),
-            Some("latest") => Ok(latest_checkpoint(&self.checkpoint_root())),
+            Some("latest") => latest_checkpoint(&self.checkpoint_root()).with_context(|| {
+                format!(
+                    "resume_from_checkpoint: latest: listing {}",
+                    self.checkpoint_root().display()
+                )
+            }),
             Some(dir) => {
                 let p = PathBuf::from(dir);
                 if !p.join("manifest.json").is_file() {

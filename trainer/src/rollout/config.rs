@@ -1,5 +1,6 @@
 //! `RolloutConfig`: where the workers are and how the client talks to them.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,14 @@ pub struct RolloutConfig {
     pub weight_chunk_bytes: usize,
     /// Wire dtype of pushed weights: `"float32"` or `"bfloat16"`.
     pub weight_dtype: String,
+    /// File holding the workers' API key (sent as `authorization: Bearer`); or set
+    /// `ROLLOUT_API_KEY`. The key itself is never a config value.
+    pub api_key_file: Option<PathBuf>,
+    /// PEM CA certificates of the workers' TLS certificates (needed for `https://`).
+    pub ssl_ca_certs: Option<PathBuf>,
+    /// PEM client certificate and key, for workers that require mutual TLS.
+    pub ssl_certfile: Option<PathBuf>,
+    pub ssl_keyfile: Option<PathBuf>,
 }
 
 impl Default for RolloutConfig {
@@ -42,11 +51,16 @@ impl Default for RolloutConfig {
             workers: vec![],
             max_prompts_per_request: 8,
             max_requests_per_worker: 2,
-            request_timeout_secs: 600.0,
+            // Below dist.timeout_secs (300) with crate::timeouts::SLACK_SECS to spare.
+            request_timeout_secs: 240.0,
             connect_timeout_secs: 10.0,
             retry_backoff_secs: 1.0,
             weight_chunk_bytes: 4 << 20,
             weight_dtype: "float32".into(),
+            api_key_file: None,
+            ssl_ca_certs: None,
+            ssl_certfile: None,
+            ssl_keyfile: None,
         }
     }
 }
@@ -100,11 +114,17 @@ impl RolloutConfig {
             return Err("rollout.workers must list at least one worker url".into());
         }
         for (i, url) in self.workers.iter().enumerate() {
-            let rest = url.strip_prefix("http://").ok_or_else(|| {
-                format!(
-                    "rollout.workers[{i}] = {url:?} must start with http:// (TLS is not supported)"
-                )
-            })?;
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"))
+                .ok_or_else(|| {
+                    format!("rollout.workers[{i}] = {url:?} must start with http:// or https://")
+                })?;
+            if url.starts_with("https://") && self.ssl_ca_certs.is_none() {
+                return Err(format!(
+                    "rollout.workers[{i}] = {url:?} is https://: set rollout.ssl_ca_certs to the CA of its certificate"
+                ));
+            }
             if rest.is_empty() || url.parse::<tonic::transport::Uri>().is_err() {
                 return Err(format!(
                     "rollout.workers[{i}] = {url:?} is not a valid http://host:port url"
@@ -130,6 +150,12 @@ impl RolloutConfig {
             ));
         }
         self.wire_dtype()?;
+        if self.ssl_certfile.is_some() != self.ssl_keyfile.is_some() {
+            return Err("rollout.ssl_certfile and rollout.ssl_keyfile must be set together".into());
+        }
+        if self.ssl_certfile.is_some() && self.ssl_ca_certs.is_none() {
+            return Err("rollout.ssl_certfile (mutual TLS) needs rollout.ssl_ca_certs".into());
+        }
         Ok(())
     }
 
@@ -221,6 +247,14 @@ mod tests {
                 "weight_chunk_bytes",
             ),
             (Box::new(|c| c.weight_dtype = "fp8".into()), "weight_dtype"),
+            (
+                Box::new(|c| c.workers[0] = "https://w:1".into()),
+                "rollout.ssl_ca_certs",
+            ),
+            (
+                Box::new(|c| c.ssl_certfile = Some("c.pem".into())),
+                "rollout.ssl_keyfile",
+            ),
         ];
         for (edit, field) in cases {
             let mut c = ok();

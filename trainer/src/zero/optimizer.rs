@@ -23,6 +23,22 @@ pub struct OptimConfig {
     pub max_grad_norm: f64,
     pub lr_scheduler_type: LrSchedulerType,
     pub warmup_ratio: f64,
+    /// A step whose global loss or gradient norm is NaN or infinite: `skip` drops its
+    /// update (no weight, moment or schedule change; counted and logged, as DeepSpeed
+    /// skips overflowing fp16 steps) or `stop` fails it. Either way it never reaches the
+    /// weights.
+    pub on_nonfinite: NonFinitePolicy,
+    /// Under `skip`, this many skipped steps in a row stop the run all the same.
+    pub max_consecutive_skipped_steps: u64,
+}
+
+/// What [`OptimConfig::on_nonfinite`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    #[default]
+    Skip,
+    Stop,
 }
 
 impl Default for OptimConfig {
@@ -37,6 +53,8 @@ impl Default for OptimConfig {
             max_grad_norm: 1.0,
             lr_scheduler_type: LrSchedulerType::Linear,
             warmup_ratio: 0.0,
+            on_nonfinite: NonFinitePolicy::Skip,
+            max_consecutive_skipped_steps: 10,
         }
     }
 }
@@ -66,6 +84,11 @@ impl OptimConfig {
                 "warmup_ratio",
                 (0.0..=1.0).contains(&self.warmup_ratio),
                 "in [0, 1]",
+            ),
+            (
+                "max_consecutive_skipped_steps",
+                self.max_consecutive_skipped_steps >= 1,
+                ">= 1",
             ),
         ];
         for (field, ok, allowed) in checks {
