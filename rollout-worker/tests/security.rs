@@ -409,7 +409,7 @@ async fn oversized_requests_and_responses_are_refused_with_clear_errors() {
     assert!(e.message().contains("max_response_tokens"), "{e:?}");
     let mut big = generate_req(2);
     big.prompts[0].input = Some(pb::prompt::Input::TokenIds(pb::TokenIds {
-        ids: vec![1; 4000],
+        ids: vec![300; 4000],
     }));
     let e = generate(&mut client, big, None).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
