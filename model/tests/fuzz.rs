@@ -36,7 +36,7 @@ fn fuzz_safetensors_and_config() {
         let execs = if file == "config.json" { 400 } else { 150 };
         fuzz(
             &format!("load_{file}"),
-            &[original.clone()],
+            std::slice::from_ref(&original),
             execs,
             |bytes| {
                 std::fs::write(&path, bytes).unwrap();

@@ -1,7 +1,9 @@
 //! The job secret on real rendezvous and rings over loopback: ranks with the same secret
 //! form a ring; a rank with another secret (or none) is refused with a message naming
 //! the job secret; a process that connects to a rank's ring port posing as its
-//! predecessor, without the secret, is dropped and the real ring still forms.
+//! predecessor, without the secret, is dropped and the real ring still forms. (The
+//! test itself holds the secret to find the ring port in the store; the impostor's
+//! hello carries a forged MAC.)
 mod common;
 
 use std::io::Write;
@@ -70,6 +72,9 @@ fn an_impostor_predecessor_without_the_secret_is_dropped() {
             &JobSecret::new(secret),
         )
         .unwrap();
+        // Registering rank 1's arrival lets rank 0 publish its ring address before
+        // the real rank 1 starts, so the impostor is first in rank 0's accept queue.
+        store.set("rank/1", b"").unwrap();
         let published = store.get("ring/0", Duration::from_secs(10)).unwrap();
         let addr = String::from_utf8_lossy(&published[32..]).to_string();
         let mut impostor = std::net::TcpStream::connect(&addr).unwrap();
