@@ -25,6 +25,8 @@ fn worker_config() -> WorkerConfig {
 /// Serves a keyed worker (TLS when `tls` gives cert and key PEM); returns its gRPC url.
 async fn start(tls: Option<(&str, &str, &std::path::Path)>) -> String {
     let mut c = worker_config();
+    // Health needs the key too, so a client without it fails its probe.
+    c.server.open_health_and_metrics = false;
     if let Some((cert, key, dir)) = tls {
         let (cp, kp) = (dir.join("w.pem"), dir.join("w.key"));
         std::fs::write(&cp, cert).unwrap();
