@@ -241,6 +241,13 @@ impl View for &HostTensor {
     }
 }
 
+/// Flushes `path` (a file, or a directory's entries) to stable storage.
+fn sync_path(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| ModelError::io(path, e))
+}
+
 /// Writes `dir/config.json` and the weights in `kind`, as transformers'
 /// `save_pretrained` does: one `model.safetensors` when everything fits in
 /// `max_shard_bytes`, else `model-0000i-of-0000n.safetensors` shards and an index.
@@ -257,6 +264,7 @@ pub fn save_pretrained(
     let config_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&cfg.to_json(kind)).expect("a JSON value serialises");
     std::fs::write(&config_path, text + "\n").map_err(|e| ModelError::io(&config_path, e))?;
+    sync_path(&config_path)?;
     // Remove weight files of an earlier save so no stale shard is picked up.
     for entry in std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))? {
         let path = entry.map_err(|e| ModelError::io(dir, e))?.path();
@@ -307,14 +315,17 @@ pub fn save_pretrained(
                 path: path.clone(),
                 message: e.to_string(),
             })?;
+        sync_path(&path)?;
     }
     if n > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let path = dir.join(INDEX_FILE);
         let text = serde_json::to_string_pretty(&index).expect("a JSON value serialises");
         std::fs::write(&path, text + "\n").map_err(|e| ModelError::io(&path, e))?;
+        sync_path(&path)?;
     }
-    Ok(())
+    // Every file is durable; now the directory entries that name them.
+    sync_path(dir)
 }
 
 /// Copies tokenizer, chat-template and generation-config files from `src` to `dst`
@@ -323,8 +334,10 @@ pub fn copy_auxiliary_files(src: &Path, dst: &Path) -> Result<()> {
     for name in AUXILIARY_FILES {
         let from = src.join(name);
         if from.exists() {
-            std::fs::copy(&from, dst.join(name)).map_err(|e| ModelError::io(&from, e))?;
+            let to = dst.join(name);
+            std::fs::copy(&from, &to).map_err(|e| ModelError::io(&from, e))?;
+            sync_path(&to)?;
         }
     }
-    Ok(())
+    sync_path(dst)
 }

@@ -50,6 +50,10 @@ pub struct EngineConfig {
     pub max_model_len: Option<usize>,
     /// Most alternatives per token an HTTP request may ask for (`logprobs` / `top_logprobs`).
     pub max_top_logprobs: usize,
+    /// Bound on what one response can hold: prompts x n x max_tokens x (1 +
+    /// top_logprobs) entries. A request over it is refused (HTTP 400 / INVALID_ARGUMENT)
+    /// instead of being amplified into gigabytes.
+    pub max_response_tokens: u64,
 }
 
 impl Default for EngineConfig {
@@ -61,11 +65,14 @@ impl Default for EngineConfig {
             max_n: 64,
             max_model_len: None,
             max_top_logprobs: 20,
+            max_response_tokens: 1 << 23,
         }
     }
 }
 
-/// Listen addresses of the two front ends.
+/// Listen addresses, TLS files and connection limits of the two front ends. The API key
+/// itself is not here (it would end up in logs and dumps): it comes from `ROLLOUT_API_KEY`
+/// or the file `--api-key-file` names ([`crate::security::ApiKey`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -73,6 +80,28 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// OpenAI-compatible HTTP API, `/metrics` and `/health`.
     pub http_addr: SocketAddr,
+    /// With an API key: `/health`, `/metrics` and the gRPC `Health` call stay open to
+    /// clients without it (probes, Prometheus), as vLLM leaves them.
+    pub open_health_and_metrics: bool,
+    /// PEM certificate chain and private key: both front ends serve TLS only (vLLM's
+    /// `--ssl-certfile` / `--ssl-keyfile`).
+    pub ssl_certfile: Option<PathBuf>,
+    pub ssl_keyfile: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate they signed (mutual TLS).
+    pub ssl_ca_certs: Option<PathBuf>,
+    /// HTTP connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// An HTTP client must send its request headers (and a TLS client finish its
+    /// handshake) within this many seconds.
+    pub header_read_timeout_secs: f64,
+    /// HTTP/2 keepalive: a PING after this many idle seconds, the connection closed
+    /// when the answer takes longer than `keepalive_timeout_secs`.
+    pub keepalive_interval_secs: f64,
+    pub keepalive_timeout_secs: f64,
+    /// Largest gRPC request other than `UpdateWeights` (a `Generate` of token ids).
+    pub max_request_bytes: usize,
+    /// On shutdown, open streams get this long to finish before they are cut.
+    pub shutdown_timeout_secs: f64,
 }
 
 impl Default for ServerConfig {
@@ -80,7 +109,75 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_addr: "0.0.0.0:50051".parse().expect("a valid address"),
             http_addr: "0.0.0.0:8000".parse().expect("a valid address"),
+            open_health_and_metrics: true,
+            ssl_certfile: None,
+            ssl_keyfile: None,
+            ssl_ca_certs: None,
+            max_connections: 1024,
+            header_read_timeout_secs: 10.0,
+            keepalive_interval_secs: 30.0,
+            keepalive_timeout_secs: 20.0,
+            max_request_bytes: 4 << 20,
+            shutdown_timeout_secs: 10.0,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Checks that need no files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.grpc_addr == self.http_addr && self.grpc_addr.port() != 0 {
+            return Err(err(
+                "server.http_addr",
+                format!(
+                    "equals server.grpc_addr ({}); use two ports",
+                    self.grpc_addr
+                ),
+            ));
+        }
+        if self.ssl_certfile.is_some() != self.ssl_keyfile.is_some() {
+            return Err(err(
+                "server.ssl_keyfile",
+                "ssl_certfile and ssl_keyfile must be given together",
+            ));
+        }
+        if self.ssl_ca_certs.is_some() && self.ssl_certfile.is_none() {
+            return Err(err(
+                "server.ssl_ca_certs",
+                "mutual TLS needs ssl_certfile and ssl_keyfile too",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(err("server.max_connections", "must be >= 1"));
+        }
+        if self.max_request_bytes < 1024 {
+            return Err(err("server.max_request_bytes", "must be >= 1024"));
+        }
+        for (field, v) in [
+            (
+                "server.header_read_timeout_secs",
+                self.header_read_timeout_secs,
+            ),
+            (
+                "server.keepalive_interval_secs",
+                self.keepalive_interval_secs,
+            ),
+            ("server.keepalive_timeout_secs", self.keepalive_timeout_secs),
+            ("server.shutdown_timeout_secs", self.shutdown_timeout_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+                return Err(err(
+                    field,
+                    format!("must be seconds in (0, 86400], got {v}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether either front end listens beyond the loopback interface.
+    pub fn is_exposed(&self) -> bool {
+        !(self.grpc_addr.ip().is_loopback() && self.http_addr.ip().is_loopback())
     }
 }
 
@@ -136,16 +233,7 @@ impl WorkerConfig {
             return Err(err("served_model_name", "must not be empty"));
         }
         self.engine.validate()?;
-        if self.server.grpc_addr == self.server.http_addr && self.server.grpc_addr.port() != 0 {
-            return Err(err(
-                "server.http_addr",
-                format!(
-                    "equals server.grpc_addr ({}); use two ports",
-                    self.server.grpc_addr
-                ),
-            ));
-        }
-        Ok(())
+        self.server.validate()
     }
 
     /// The name served to clients.
@@ -167,6 +255,7 @@ pub struct EngineLimits {
     pub max_n: usize,
     pub max_model_len: usize,
     pub max_top_logprobs: usize,
+    pub max_response_tokens: u64,
     /// KV-cache budget in token positions (`kv_cache_bytes / bytes_per_token`).
     pub kv_cache_tokens: usize,
     /// Bytes one cached position takes: keys and values of every layer.
@@ -190,6 +279,9 @@ impl EngineConfig {
         }
         if self.kv_cache_bytes == 0 {
             return Err(err("engine.kv_cache_bytes", "must be > 0"));
+        }
+        if self.max_response_tokens == 0 {
+            return Err(err("engine.max_response_tokens", "must be >= 1"));
         }
         Ok(())
     }
@@ -232,6 +324,7 @@ impl EngineConfig {
             max_n: self.max_n,
             max_model_len,
             max_top_logprobs: self.max_top_logprobs,
+            max_response_tokens: self.max_response_tokens,
             kv_cache_tokens,
             kv_bytes_per_token,
         })

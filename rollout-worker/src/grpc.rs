@@ -26,6 +26,7 @@ use crate::error::EngineError;
 use crate::request::{
     CompletionOutput, Event, FinishReason, GenerateRequest, GroupOutput, PromptInput, PromptSpec,
 };
+use crate::security::{GrpcGuardLayer, ServeOptions};
 use crate::weights::{TensorChunk, WeightAssembler, WireDType};
 
 /// Largest message accepted (weight chunks); senders should stay well below it.
@@ -77,12 +78,29 @@ pub async fn serve(
     engine: EngineHandle,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with(listener, engine, &ServeOptions::default(), shutdown).await
+}
+
+/// [`serve`] with the API key, TLS, keepalive and request limits of `opts`.
+pub async fn serve_with(
+    listener: TcpListener,
+    engine: EngineHandle,
+    opts: &ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
     let incoming = TcpListenerStream::new(listener).map(|conn| {
         let conn = conn?;
         conn.set_nodelay(true)?;
         Ok::<_, std::io::Error>(conn)
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(opts.keepalive_interval))
+        .http2_keepalive_timeout(Some(opts.keepalive_timeout));
+    if let Some(tls) = &opts.tls {
+        builder = builder.tls_config(tls.tonic_config(opts.header_read_timeout))?;
+    }
+    builder
+        .layer(GrpcGuardLayer::new(opts))
         .add_service(GrpcService::new(engine).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -191,10 +209,12 @@ impl RolloutService for GrpcService {
         let _e = span.enter();
         let req = to_domain(req).map_err(status)?;
         let expected = req.prompts.len();
-        let sub = self.engine.submit(req).map_err(|e| {
-            tracing::debug!(error = %e, "generate refused");
-            status(e)
-        })?;
+        let sub = crate::http_server::submit_blocking(&self.engine, req)
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, "generate refused");
+                status(e)
+            })?;
         let stream =
             futures::stream::unfold((sub.events, 0usize), move |(mut rx, sent)| async move {
                 if sent == expected {

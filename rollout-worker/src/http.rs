@@ -11,6 +11,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -32,6 +33,7 @@ use crate::error::EngineError;
 use crate::request::{
     CompletionOutput, Event, FinishReason, GenerateRequest, GroupOutput, PromptInput, PromptSpec,
 };
+use crate::security::ServeOptions;
 
 /// An OpenAI-style error response.
 #[derive(Debug)]
@@ -70,6 +72,7 @@ fn error_body(status: StatusCode, message: &str) -> Value {
     let kind = match status {
         StatusCode::BAD_REQUEST => "invalid_request_error",
         StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::UNAUTHORIZED => "authentication_error",
         StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
         _ => "server_error",
     };
@@ -82,7 +85,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The HTTP routes over `engine`.
+/// The HTTP routes over `engine`, without authentication.
 pub fn router(engine: EngineHandle) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -93,15 +96,64 @@ pub fn router(engine: EngineHandle) -> Router {
         .with_state(engine)
 }
 
-/// Serves HTTP on `listener` until `shutdown` resolves.
+/// The routes behind the API key check of `opts` (when it has a key).
+pub fn router_with(engine: EngineHandle, opts: &ServeOptions) -> Router {
+    let app = router(engine);
+    match &opts.api_key {
+        None => app,
+        Some(_) => app.layer(axum::middleware::from_fn_with_state(
+            Arc::new(opts.clone()),
+            require_api_key,
+        )),
+    }
+}
+
+/// `Authorization: Bearer <key>` on every route but the open ones (vLLM's `--api-key`).
+async fn require_api_key(
+    State(opts): State<Arc<ServeOptions>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|h| h.as_bytes());
+    let ok =
+        opts.is_open(req.uri().path()) || opts.api_key.as_ref().is_some_and(|k| k.accepts(header));
+    if ok {
+        return next.run(req).await;
+    }
+    let message = if header.is_some() {
+        "the Authorization header does not hold this worker's API key"
+    } else {
+        "missing Authorization header: send `Authorization: Bearer <ROLLOUT_API_KEY>`"
+    };
+    let status = StatusCode::UNAUTHORIZED;
+    (
+        status,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(error_body(status, message)),
+    )
+        .into_response()
+}
+
+/// Serves HTTP on `listener` until `shutdown` resolves, without key or TLS.
 pub async fn serve(
     listener: TcpListener,
     engine: EngineHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(listener, engine, &ServeOptions::default(), shutdown).await
+}
+
+/// Serves HTTP on `listener` with the key, TLS and limits of `opts`.
+pub async fn serve_with(
+    listener: TcpListener,
+    engine: EngineHandle,
+    opts: &ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    crate::http_server::serve_router(listener, router_with(engine, opts), opts, shutdown).await
 }
 
 async fn health(State(engine): State<EngineHandle>) -> Response {
@@ -399,7 +451,7 @@ async fn respond(
     let stop = req.stop.clone();
     let span = tracing::info_span!("rollout", prompts = req.prompts.len(), n, stream);
     let _e = span.enter();
-    let sub = engine.submit(req)?;
+    let sub = crate::http_server::submit_blocking(&engine, req).await?;
     let ctx = Ctx {
         id: new_id(match api {
             Api::Completions { .. } => "cmpl",
@@ -412,7 +464,8 @@ async fn respond(
         stop,
     };
     if stream {
-        let s = sse_stream(engine, ctx, sub.events, sub.prompt_token_ids.len() * n);
+        let events = crate::http_server::bounded_events(sub.events);
+        let s = sse_stream(engine, ctx, events, sub.prompt_token_ids.len() * n);
         return Ok(Sse::new(s).into_response());
     }
     let mut events = sub.events;
@@ -640,13 +693,13 @@ impl ChoiceState {
 fn sse_stream(
     engine: EngineHandle,
     ctx: Ctx,
-    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    events: tokio::sync::mpsc::Receiver<Event>,
     num_choices: usize,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     struct St {
         engine: EngineHandle,
         ctx: Ctx,
-        events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+        events: tokio::sync::mpsc::Receiver<Event>,
         choices: Vec<ChoiceState>,
         queue: std::collections::VecDeque<String>,
         finished: bool,
@@ -720,7 +773,7 @@ fn sse_stream(
                     st.finished = true;
                 }
                 None => {
-                    let msg = "the engine stopped before the request finished";
+                    let msg = "the request ended early: the engine stopped, or this client fell too far behind";
                     st.queue
                         .push_back(error_body(StatusCode::SERVICE_UNAVAILABLE, msg).to_string());
                     st.finished = true;

@@ -11,7 +11,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use model::{parse_device, SamplingParams, Tokenizer, Transformer};
 use model::{ChatMessage, ChatTemplateOptions};
-use rollout_worker::{generate, EngineHandle, GenerateOptions, Metrics, WorkerConfig};
+use rollout_worker::{
+    generate, ApiKey, EngineHandle, GenerateOptions, Metrics, ServeOptions, WorkerConfig,
+};
 
 #[derive(Parser)]
 #[command(version, about = "Rollout worker of the GRPO trainer")]
@@ -59,9 +61,31 @@ struct ServeArgs {
     max_n: Option<usize>,
     #[arg(long, env = "ROLLOUT_MAX_MODEL_LEN")]
     max_model_len: Option<usize>,
+    /// File holding the API key clients must send (`Authorization: Bearer`); or set
+    /// ROLLOUT_API_KEY. There is deliberately no flag taking the key itself.
+    #[arg(long, env = "ROLLOUT_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// PEM certificate chain: both front ends serve TLS (with --ssl-keyfile).
+    #[arg(long, env = "ROLLOUT_SSL_CERTFILE")]
+    ssl_certfile: Option<PathBuf>,
+    #[arg(long, env = "ROLLOUT_SSL_KEYFILE")]
+    ssl_keyfile: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate they signed (mutual TLS).
+    #[arg(long, env = "ROLLOUT_SSL_CA_CERTS")]
+    ssl_ca_certs: Option<PathBuf>,
 }
 
-fn worker_config(a: ServeArgs) -> anyhow::Result<WorkerConfig> {
+/// The worker config and the API key (from ROLLOUT_API_KEY or --api-key-file).
+fn worker_config(a: ServeArgs) -> anyhow::Result<(WorkerConfig, Option<ApiKey>)> {
+    let env_key = std::env::var("ROLLOUT_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    let key = ApiKey::from_sources(env_key.as_deref(), a.api_key_file.as_deref())?;
+    let c = worker_settings(a)?;
+    Ok((c, key))
+}
+
+fn worker_settings(a: ServeArgs) -> anyhow::Result<WorkerConfig> {
     let mut c = match &a.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -95,6 +119,15 @@ fn worker_config(a: ServeArgs) -> anyhow::Result<WorkerConfig> {
     if let Some(v) = a.http_addr {
         c.server.http_addr = v;
     }
+    if a.ssl_certfile.is_some() {
+        c.server.ssl_certfile = a.ssl_certfile;
+    }
+    if a.ssl_keyfile.is_some() {
+        c.server.ssl_keyfile = a.ssl_keyfile;
+    }
+    if a.ssl_ca_certs.is_some() {
+        c.server.ssl_ca_certs = a.ssl_ca_certs;
+    }
     let e = &mut c.engine;
     if let Some(v) = a.max_num_seqs {
         e.max_num_seqs = v;
@@ -122,7 +155,8 @@ fn worker_config(a: ServeArgs) -> anyhow::Result<WorkerConfig> {
 }
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
-    let config = worker_config(a)?;
+    let (config, key) = worker_config(a)?;
+    let opts = ServeOptions::from_config(&config.server, key)?;
     let engine = EngineHandle::load(&config, Arc::new(Metrics::new(&config.model_name())))
         .with_context(|| format!("loading {}", config.model.display()))?;
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
@@ -139,13 +173,23 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             grpc = %grpc.local_addr()?, http = %http.local_addr()?,
             "rollout worker serving"
         );
+        let (g, h) = if opts.tls.is_some() {
+            ("grpcs", "https")
+        } else {
+            ("grpc", "http")
+        };
         println!(
-            "serving {} on grpc://{} and http://{}",
+            "serving {} on {g}://{} and {h}://{}{}",
             info.name,
             grpc.local_addr()?,
-            http.local_addr()?
+            http.local_addr()?,
+            if opts.api_key.is_some() {
+                " (API key required)"
+            } else {
+                ""
+            }
         );
-        rollout_worker::serve(grpc, http, engine, shutdown_signal()).await
+        rollout_worker::serve_with(grpc, http, engine, opts, shutdown_signal()).await
     })
 }
 

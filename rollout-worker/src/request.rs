@@ -15,6 +15,13 @@ use crate::config::EngineLimits;
 use crate::error::EngineError;
 pub use crate::generate::FinishReason;
 
+/// Most stop strings per request, and the longest one in bytes: each is searched for
+/// in the decoded tail after every token (OpenAI allows 4).
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
+/// Most `stop_token_ids` per request.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+
 /// How a prompt is given.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptInput {
@@ -121,6 +128,37 @@ impl GenerateRequest {
             return bad(format!(
                 "top_logprobs must be at most {}, got {}",
                 limits.max_top_logprobs, self.top_logprobs
+            ));
+        }
+        let entries = (self.num_seqs() as u64)
+            .saturating_mul(self.max_new_tokens as u64)
+            .saturating_mul(1 + self.top_logprobs as u64);
+        if entries > limits.max_response_tokens {
+            return bad(format!(
+                "the response would hold up to {} prompts x n = {} x max_tokens = {} x (1 + top_logprobs = {}) = {entries} token entries; this worker returns at most {} (engine.max_response_tokens): ask for fewer",
+                self.prompts.len(),
+                self.n,
+                self.max_new_tokens,
+                self.top_logprobs,
+                limits.max_response_tokens
+            ));
+        }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return bad(format!(
+                "stop has {} strings; at most {MAX_STOP_STRINGS} are allowed",
+                self.stop.len()
+            ));
+        }
+        if let Some(i) = self.stop.iter().position(|s| s.len() > MAX_STOP_BYTES) {
+            return bad(format!(
+                "stop[{i}] is {} bytes long; at most {MAX_STOP_BYTES} are allowed",
+                self.stop[i].len()
+            ));
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return bad(format!(
+                "stop_token_ids has {} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                self.stop_token_ids.len()
             ));
         }
         for (i, &id) in self.stop_token_ids.iter().enumerate() {

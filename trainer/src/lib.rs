@@ -29,4 +29,5 @@ pub mod runlog;
 pub mod session;
 pub mod sft;
 pub mod shutdown;
+pub mod timeouts;
 pub mod zero;

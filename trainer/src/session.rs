@@ -14,7 +14,8 @@ use crate::data::DatasetConfig;
 use crate::dist::{self, Communicator, DistConfig, RendezvousEnv};
 use crate::metrics::Metrics;
 use crate::zero::{
-    checkpoint::latest_checkpoint, LrSchedulerKwargs, LrSchedulerType, OptimConfig, ZeroConfig,
+    checkpoint::latest_checkpoint, LrSchedulerKwargs, LrSchedulerType, NonFinitePolicy, OptimConfig,
+    ZeroConfig,
 };
 
 /// Settings shared by `trainer sft` and `trainer grpo` (flattened into their configs).
@@ -49,6 +50,11 @@ pub struct TrainingArgs {
     pub model_revision: Option<String>,
     /// Passes over the dataset when `max_steps` is not set.
     pub num_train_epochs: f64,
+    /// A step with a NaN/inf loss or gradient norm: `skip` (dropped, counted, logged)
+    /// or `stop` (the run fails); it never reaches the weights.
+    pub on_nonfinite: NonFinitePolicy,
+    /// Under `skip`, this many skipped steps in a row stop the run.
+    pub max_consecutive_skipped_steps: u64,
     /// Optimizer steps to run; -1 derives them from `num_train_epochs`.
     pub max_steps: i64,
     /// Sequences per rank per micro-batch (GRPO: completions).
@@ -105,6 +111,8 @@ impl Default for TrainingArgs {
             lr_scheduler_kwargs: LrSchedulerKwargs::default(),
             chat_template: None,
             model_revision: None,
+            on_nonfinite: optim.on_nonfinite,
+            max_consecutive_skipped_steps: optim.max_consecutive_skipped_steps,
             num_train_epochs: 3.0,
             max_steps: -1,
             per_device_train_batch_size: 8,
@@ -139,6 +147,8 @@ impl TrainingArgs {
             warmup_ratio: self.warmup_ratio,
             warmup_steps: self.warmup_steps,
             lr_scheduler_kwargs: self.lr_scheduler_kwargs,
+            on_nonfinite: self.on_nonfinite,
+            max_consecutive_skipped_steps: self.max_consecutive_skipped_steps,
         }
     }
 
@@ -216,11 +226,22 @@ impl TrainingArgs {
         self.output_dir.join("checkpoints")
     }
 
+    /// Whether a checkpoint that fails verification may give way to the previous one
+    /// (only when resuming from `latest`).
+    pub fn resume_falls_back(&self) -> bool {
+        self.resume_from_checkpoint.as_deref() == Some("latest")
+    }
+
     /// The checkpoint to resume from, if any.
     pub fn resume_dir(&self) -> Result<Option<PathBuf>> {
         match self.resume_from_checkpoint.as_deref() {
             None => Ok(None),
-            Some("latest") => Ok(latest_checkpoint(&self.checkpoint_root())),
+            Some("latest") => latest_checkpoint(&self.checkpoint_root()).with_context(|| {
+                format!(
+                    "resume_from_checkpoint: latest: listing {}",
+                    self.checkpoint_root().display()
+                )
+            }),
             Some(dir) => {
                 let p = PathBuf::from(dir);
                 if !p.join("manifest.json").is_file() {

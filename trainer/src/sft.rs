@@ -107,7 +107,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     record_memory(&sess.metrics, engine.memory());
     let mut sampler = Sampler::new(examples.len(), args.seed);
     if let Some(dir) = args.resume_dir()? {
-        let state = engine.load_checkpoint(&dir)?;
+        let (dir, state) = engine.resume(&dir, args.resume_falls_back())?;
         let s: SamplerState = serde_json::from_value(state["sampler"].clone())
             .with_context(|| format!("{}: trainer state has no valid sampler", dir.display()))?;
         sampler.restore(&s)?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rollout_support::fake::{FakeWorker, Fault};
 use rollout_support::*;
-use trainer::rollout::faults::FaultProxy;
+use test_support::FaultProxy;
 use trainer::rollout::{RolloutClient, RolloutError, RolloutGroup};
 
 /// Generates `count` seeded jobs on `client` (any weight version), checking their shape.

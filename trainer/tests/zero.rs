@@ -428,7 +428,9 @@ fn train_save_continue(
 }
 
 fn resume(root: &Path, world: usize, stage: ZeroStage, total: u64) -> Vec<f64> {
-    let dir = trainer::zero::checkpoint::latest_checkpoint(root).expect("a checkpoint");
+    let dir = trainer::zero::checkpoint::latest_checkpoint(root)
+        .unwrap()
+        .expect("a checkpoint");
     run_world(world, |rank, port| {
         let mut e = make_engine(world, rank, port, &zero(stage, false), total);
         let state = e.load_checkpoint(&dir).unwrap();
@@ -443,7 +445,9 @@ fn resume(root: &Path, world: usize, stage: ZeroStage, total: u64) -> Vec<f64> {
 fn resume_is_exact_and_reshards_to_another_world_size() {
     let root = tmpdir("resume");
     let continued = train_save_continue(&root, 3, ZeroStage::Stage3, 2, 2);
-    let dir = trainer::zero::checkpoint::latest_checkpoint(&root).unwrap();
+    let dir = trainer::zero::checkpoint::latest_checkpoint(&root)
+        .unwrap()
+        .unwrap();
     // The HF export beside the shards loads and is a usable model.
     model::Transformer::from_pretrained(dir.join("hf"), Device::Cpu, None).unwrap();
 
@@ -516,7 +520,9 @@ fn corrupted_or_partial_checkpoints_are_refused_and_old_ones_pruned() {
 fn loading_reads_only_the_shards_it_needs() {
     let root = tmpdir("needed");
     let continued = train_save_continue(&root, 2, ZeroStage::Stage0, 2, 2);
-    let dir = trainer::zero::checkpoint::latest_checkpoint(&root).unwrap();
+    let dir = trainer::zero::checkpoint::latest_checkpoint(&root)
+        .unwrap()
+        .unwrap();
     for name in ["rank1.safetensors", "rank1.json"] {
         std::fs::remove_file(dir.join(name)).unwrap();
     }

@@ -13,6 +13,7 @@
 //! See docs/collectives.md for the protocols, timeouts and benchmark.
 
 pub mod async_comm;
+pub mod auth;
 pub mod comm;
 pub mod error;
 pub mod nccl;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 pub use async_comm::{AsyncComm, InFlight, Pending};
+pub use auth::JobSecret;
 pub use comm::{Communicator, Dtype, ReduceOp};
 pub use error::CommError;
 pub use nccl::NcclComm;

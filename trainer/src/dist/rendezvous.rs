@@ -16,6 +16,9 @@
 //! waits for all others; a rank that never arrives produces
 //! [`CommError::RendezvousTimeout`] listing the missing ranks.
 //!
+//! Job secret: `GRPO_JOB_SECRET` or `GRPO_JOB_SECRET_FILE` ([`JobSecret`]); the store
+//! and the ring admit only processes that prove they know it (see [`super::auth`]).
+//!
 //! Store port: torchrun's agent already serves its own c10d TCPStore on `MASTER_PORT`
 //! (and says so with `TORCHELASTIC_USE_AGENT_STORE=True`), so under torchrun ours
 //! listens on `MASTER_PORT + 1`; elsewhere on `MASTER_PORT`. `GRPO_STORE_PORT`
@@ -25,6 +28,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::auth::JobSecret;
 use super::error::CommError;
 use super::store::{StoreClient, StoreServer};
 
@@ -41,6 +45,8 @@ pub struct RendezvousEnv {
     pub store_port: u16,
     /// torchrun's restart counter (0 outside torchrun), for logs.
     pub restart_count: u32,
+    /// Shared by every rank of the job; authenticates store and ring connections.
+    pub job_secret: JobSecret,
 }
 
 impl RendezvousEnv {
@@ -60,6 +66,7 @@ impl RendezvousEnv {
             master_port: 0,
             store_port: 0,
             restart_count: 0,
+            job_secret: JobSecret::none(),
         }
     }
 
@@ -74,6 +81,7 @@ impl RendezvousEnv {
             master_port: port,
             store_port: port,
             restart_count: 0,
+            job_secret: JobSecret::none(),
         }
     }
 
@@ -180,6 +188,7 @@ impl RendezvousEnv {
         let restart_count = get("TORCHELASTIC_RESTART_COUNT")
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
+        let job_secret = JobSecret::from_vars(&get)?;
         Ok(RendezvousEnv {
             rank,
             world_size,
@@ -189,6 +198,7 @@ impl RendezvousEnv {
             master_port,
             store_port,
             restart_count,
+            job_secret,
         })
     }
 }
@@ -207,23 +217,36 @@ impl Rendezvous {
     /// `env.store_port`; every rank registers and waits up to `timeout` for the rest.
     pub fn join(env: &RendezvousEnv, timeout: Duration) -> Result<Rendezvous, CommError> {
         let server = if env.rank == 0 {
-            Some(StoreServer::bind(SocketAddr::from((
-                [0, 0, 0, 0],
-                env.store_port,
-            )))?)
+            if !env.job_secret.is_set() && env.world_size > 1 {
+                tracing::warn!(
+                    port = env.store_port,
+                    "no job secret (GRPO_JOB_SECRET / GRPO_JOB_SECRET_FILE): any process that \
+                     reaches the store port can join this job, read or write its keys"
+                );
+            }
+            Some(StoreServer::bind(
+                SocketAddr::from(([0, 0, 0, 0], env.store_port)),
+                env.job_secret.clone(),
+            )?)
         } else {
             None
         };
         let port = server.as_ref().map_or(env.store_port, |s| s.addr().port());
-        let store = StoreClient::connect(&env.master_addr, port, timeout).map_err(|e| match e {
-            // Only rank 0 serves the store: not reaching it means rank 0 is missing.
-            CommError::Store { .. } if env.rank != 0 => CommError::RendezvousTimeout {
-                missing: vec![0],
-                world_size: env.world_size,
-                timeout,
-            },
-            other => other,
-        })?;
+        let store = StoreClient::connect(&env.master_addr, port, timeout, &env.job_secret)
+            .map_err(|e| match e {
+                // Only rank 0 serves the store: not reaching it means rank 0 is missing
+                // (a refused job secret is reported as it is).
+                CommError::Store { ref detail, .. }
+                    if env.rank != 0 && !detail.contains("job secret") =>
+                {
+                    CommError::RendezvousTimeout {
+                        missing: vec![0],
+                        world_size: env.world_size,
+                        timeout,
+                    }
+                }
+                other => other,
+            })?;
         store.set(&format!("rank/{}", env.rank), b"")?;
         let keys: Vec<String> = (0..env.world_size).map(|r| format!("rank/{r}")).collect();
         match store.wait(&keys, timeout) {
@@ -326,8 +349,12 @@ mod tests {
                 master_port: 29500,
                 store_port: 29501,
                 restart_count: 2,
+                job_secret: JobSecret::none(),
             }
         );
+        let mut vars = TORCHRUN.to_vec();
+        vars.push(("GRPO_JOB_SECRET", "s"));
+        assert_eq!(parse(&vars).unwrap().job_secret, JobSecret::new("s"));
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! addresses, the NCCL unique id and failure reports here.
 //!
 //! Wire protocol (little endian; `str`/`bytes` are a u32 length then the bytes):
-//! the client opens with the 8-byte magic `GRPOKV01`, which the server echoes, so a
+//! the client opens with the 8-byte magic `GRPOKV02`, which the server echoes, so a
 //! client pointed at a different service (say torchrun's own TCPStore) fails with a
-//! clear message instead of waiting forever. Requests are a u8 opcode and fields:
+//! clear message instead of waiting forever. The job-secret handshake follows
+//! ([`super::auth`]): the server's 32-byte nonce, the client's nonce and MAC, the
+//! server's MAC; a client without the secret is disconnected before any request.
+//! Requests are a u8 opcode and fields:
 //! - `SET key value` → `0`
 //! - `GET key timeout_ms` → `0 value` | `1` (not set before the timeout)
 //! - `WAIT n key*n timeout_ms` → `0` | `1 n key*n` (the keys still missing)
@@ -21,9 +24,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::auth::{self, JobSecret, MAC_LEN, NONCE_LEN};
 use super::error::CommError;
 
-const MAGIC: &[u8; 8] = b"GRPOKV01";
+const MAGIC: &[u8; 8] = b"GRPOKV02";
+const LABEL_CLIENT: &[u8] = b"grpo-store-client";
+const LABEL_SERVER: &[u8] = b"grpo-store-server";
+/// A connection that has not completed the handshake within this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const OP_SET: u8 = 1;
 const OP_GET: u8 = 2;
 const OP_WAIT: u8 = 3;
@@ -76,8 +84,9 @@ pub struct StoreServer {
 }
 
 impl StoreServer {
-    /// Listens on `bind` (e.g. `0.0.0.0:29500`, or port 0 for any free port).
-    pub fn bind(bind: SocketAddr) -> Result<StoreServer, CommError> {
+    /// Listens on `bind` (e.g. `0.0.0.0:29500`, or port 0 for any free port); only
+    /// clients proving knowledge of `secret` get past the handshake.
+    pub fn bind(bind: SocketAddr, secret: JobSecret) -> Result<StoreServer, CommError> {
         let listener = TcpListener::bind(bind).map_err(|source| CommError::Io {
             context: format!("store: cannot listen on {bind}"),
             source,
@@ -98,11 +107,12 @@ impl StoreServer {
                     }
                     let Ok(conn) = conn else { continue };
                     let state = state.clone();
+                    let secret = secret.clone();
                     // A failing connection only ends its own thread.
                     let _ = thread::Builder::new()
                         .name("kv-store-conn".into())
                         .spawn(move || {
-                            let _ = serve_connection(conn, &state);
+                            let _ = serve_connection(conn, &state, &secret);
                         });
                 }
             })
@@ -144,14 +154,39 @@ impl Drop for StoreServer {
     }
 }
 
-fn serve_connection(mut conn: TcpStream, state: &State) -> io::Result<()> {
-    conn.set_nodelay(true)?;
+/// The server side of the handshake: magic, then the job-secret challenge.
+fn accept_handshake(conn: &mut TcpStream, secret: &JobSecret) -> io::Result<()> {
+    conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    conn.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut magic = [0u8; 8];
     conn.read_exact(&mut magic)?;
     if &magic != MAGIC {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "bad magic"));
     }
-    conn.write_all(MAGIC)?;
+    let ns = auth::nonce()?;
+    let mut hello = MAGIC.to_vec();
+    hello.extend_from_slice(&ns);
+    conn.write_all(&hello)?;
+    let mut answer = [0u8; NONCE_LEN + MAC_LEN];
+    conn.read_exact(&mut answer)?;
+    let (nc, tag) = answer.split_at(NONCE_LEN);
+    if !secret.verify(tag, LABEL_CLIENT, &[&ns, nc]) {
+        let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::warn!(%peer, "store: refused a connection that does not know the job secret");
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "wrong job secret",
+        ));
+    }
+    conn.write_all(&secret.mac(LABEL_SERVER, &[&ns, nc]))?;
+    // Authenticated: requests may be far apart (ranks wait in the store for minutes).
+    conn.set_read_timeout(None)?;
+    conn.set_write_timeout(None)
+}
+
+fn serve_connection(mut conn: TcpStream, state: &State, secret: &JobSecret) -> io::Result<()> {
+    conn.set_nodelay(true)?;
+    accept_handshake(&mut conn, secret)?;
     loop {
         let mut op = [0u8; 1];
         match conn.read_exact(&mut op) {
@@ -259,8 +294,13 @@ pub struct StoreClient {
 
 impl StoreClient {
     /// Connects to `host:port`, retrying until `timeout` while the server is not up
-    /// yet (rank 0 may start after the others).
-    pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<StoreClient, CommError> {
+    /// yet (rank 0 may start after the others), and proves knowledge of `secret`.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        secret: &JobSecret,
+    ) -> Result<StoreClient, CommError> {
         let addr = format!("{host}:{port}");
         let deadline = Instant::now() + timeout;
         let mut delay = Duration::from_millis(10);
@@ -280,7 +320,7 @@ impl StoreClient {
                     TcpStream::connect_timeout(&sa, left)
                 });
             match attempt {
-                Ok(conn) => return Self::handshake(&addr, conn, timeout),
+                Ok(conn) => return Self::handshake(&addr, conn, timeout, secret),
                 // Not up yet (or not resolvable yet): retry with backoff until the deadline.
                 Err(_) if Instant::now() + delay < deadline => {
                     thread::sleep(delay);
@@ -296,28 +336,60 @@ impl StoreClient {
         }
     }
 
-    fn handshake(addr: &str, mut conn: TcpStream, timeout: Duration) -> Result<Self, CommError> {
+    fn handshake(
+        addr: &str,
+        mut conn: TcpStream,
+        timeout: Duration,
+        secret: &JobSecret,
+    ) -> Result<Self, CommError> {
         let err = |detail: String| CommError::Store {
             addr: addr.to_string(),
             detail,
         };
         conn.set_nodelay(true)
-            .and_then(|_| conn.set_read_timeout(Some(timeout + REPLY_SLACK)))
+            .and_then(|_| conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT)))
             .and_then(|_| conn.set_write_timeout(Some(timeout + REPLY_SLACK)))
             .and_then(|_| conn.write_all(MAGIC))
             .map_err(|e| err(format!("handshake: {e}")))?;
-        let mut magic = [0u8; 8];
-        match conn.read_exact(&mut magic) {
-            Ok(()) if &magic == MAGIC => Ok(StoreClient {
-                addr: addr.to_string(),
-                conn: Mutex::new(conn),
-            }),
-            Ok(()) | Err(_) => Err(err(
-                "did not answer the store handshake: is this port served by something else, \
-                 e.g. torchrun's own TCPStore? (see GRPO_STORE_PORT in docs/collectives.md)"
-                    .into(),
-            )),
+        let mut hello = [0u8; 8 + NONCE_LEN];
+        match conn.read_exact(&mut hello) {
+            Ok(()) if &hello[..8] == MAGIC => {}
+            Ok(()) | Err(_) => {
+                return Err(err(
+                    "did not answer the store handshake: is this port served by something else, \
+                     e.g. torchrun's own TCPStore, or a rank of another version? \
+                     (see GRPO_STORE_PORT in docs/collectives.md)"
+                        .into(),
+                ))
+            }
         }
+        let ns = &hello[8..];
+        let nc = auth::nonce().map_err(|e| err(format!("handshake: {e}")))?;
+        let mut answer = nc.to_vec();
+        answer.extend_from_slice(&secret.mac(LABEL_CLIENT, &[ns, &nc]));
+        let mut tag = [0u8; MAC_LEN];
+        conn.write_all(&answer)
+            .and_then(|_| conn.read_exact(&mut tag))
+            .map_err(|_| {
+                err(
+                    "the store refused this rank's job secret: GRPO_JOB_SECRET (or \
+                     GRPO_JOB_SECRET_FILE) must be the same on every rank"
+                        .into(),
+                )
+            })?;
+        if !secret.verify(&tag, LABEL_SERVER, &[ns, &nc]) {
+            return Err(err(
+                "the store did not prove it knows the job secret: another process may \
+                 be listening on the store port"
+                    .into(),
+            ));
+        }
+        conn.set_read_timeout(Some(timeout + REPLY_SLACK))
+            .map_err(|e| err(format!("handshake: {e}")))?;
+        Ok(StoreClient {
+            addr: addr.to_string(),
+            conn: Mutex::new(conn),
+        })
     }
 
     /// The local address of the connection: the interface this host uses to reach
@@ -423,16 +495,24 @@ fn millis(d: Duration) -> u64 {
 mod tests {
     use super::*;
 
+    fn secret() -> JobSecret {
+        JobSecret::new("test-job-secret")
+    }
+
     fn server() -> StoreServer {
-        StoreServer::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap()
+        StoreServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), secret()).unwrap()
+    }
+
+    fn client(port: u16, timeout: Duration) -> Result<StoreClient, CommError> {
+        StoreClient::connect("127.0.0.1", port, timeout, &secret())
     }
 
     #[test]
     fn set_get_and_wait() {
         let s = server();
         let port = s.addr().port();
-        let a = StoreClient::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
-        let b = StoreClient::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
+        let a = client(port, Duration::from_secs(5)).unwrap();
+        let b = client(port, Duration::from_secs(5)).unwrap();
         a.set("x", b"hello").unwrap();
         assert_eq!(b.get("x", Duration::ZERO).unwrap(), b"hello");
         a.set("x", b"").unwrap();
@@ -452,9 +532,9 @@ mod tests {
     fn get_waits_for_a_later_set() {
         let s = server();
         let port = s.addr().port();
-        let a = StoreClient::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
+        let a = client(port, Duration::from_secs(5)).unwrap();
         let setter = thread::spawn(move || {
-            let b = StoreClient::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
+            let b = client(port, Duration::from_secs(5)).unwrap();
             thread::sleep(Duration::from_millis(50));
             b.set("late", b"v").unwrap();
         });
@@ -472,7 +552,7 @@ mod tests {
             let (c, _) = foreign.accept().unwrap();
             drop(c);
         });
-        let err = StoreClient::connect("127.0.0.1", port, Duration::from_secs(2))
+        let err = client(port, Duration::from_secs(2))
             .err()
             .expect("handshake must fail");
         assert!(err.to_string().contains("handshake"), "{err}");
@@ -480,9 +560,8 @@ mod tests {
 
         let s = server();
         let mut raw = TcpStream::connect(s.addr()).unwrap();
-        raw.write_all(b"GRPOKV01\xff\xff\xff\xff").unwrap();
-        let good =
-            StoreClient::connect("127.0.0.1", s.addr().port(), Duration::from_secs(2)).unwrap();
+        raw.write_all(b"GRPOKV02\xff\xff\xff\xff").unwrap();
+        let good = client(s.addr().port(), Duration::from_secs(2)).unwrap();
         good.set("k", b"v").unwrap();
         assert_eq!(good.get("k", Duration::ZERO).unwrap(), b"v");
     }
@@ -493,9 +572,48 @@ mod tests {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let err = StoreClient::connect("127.0.0.1", port, Duration::from_millis(200))
+        let err = client(port, Duration::from_millis(200))
             .err()
             .expect("nothing listens");
         assert!(matches!(err, CommError::Store { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_process_without_the_job_secret_cannot_read_or_write_keys() {
+        let s = server();
+        let port = s.addr().port();
+        let good = client(port, Duration::from_secs(2)).unwrap();
+        good.set("rank/0", b"addr").unwrap();
+        for wrong in [JobSecret::none(), JobSecret::new("another-job")] {
+            let err = StoreClient::connect("127.0.0.1", port, Duration::from_secs(2), &wrong)
+                .err()
+                .expect("a wrong secret must be refused");
+            assert!(err.to_string().contains("job secret"), "{err}");
+        }
+        // A raw client that skips the MAC and sends a SET is cut off before the SET.
+        let mut raw = TcpStream::connect(s.addr()).unwrap();
+        raw.write_all(MAGIC).unwrap();
+        let mut hello = [0u8; 8 + NONCE_LEN];
+        raw.read_exact(&mut hello).unwrap();
+        let mut forged = vec![0u8; NONCE_LEN + MAC_LEN];
+        forged.push(OP_SET);
+        put_bytes(&mut forged, b"rank/0");
+        put_bytes(&mut forged, b"evil");
+        let _ = raw.write_all(&forged);
+        let mut rest = vec![];
+        let _ = raw.read_to_end(&mut rest);
+        assert!(
+            rest.is_empty(),
+            "the server answered a forged client: {rest:?}"
+        );
+        assert_eq!(good.get("rank/0", Duration::ZERO).unwrap(), b"addr");
+
+        // A server with another secret cannot pose as the store.
+        let impostor =
+            StoreServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), JobSecret::new("x")).unwrap();
+        let err = client(impostor.addr().port(), Duration::from_secs(2))
+            .err()
+            .expect("the impostor must not be trusted");
+        assert!(err.to_string().contains("job secret"), "{err}");
     }
 }

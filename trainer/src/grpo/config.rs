@@ -287,6 +287,7 @@ impl GrpoConfig {
         }
         // The rollout table's messages already name `rollout.<field>`.
         self.rollout.validate()?;
+        crate::timeouts::check(&self.args.dist, &self.rollout, &self.rewards)?;
         if self.rollout.workers.is_empty() {
             return Err(
                 "rollout.workers must list at least one worker URL (e.g. http://127.0.0.1:50051)"

@@ -172,7 +172,9 @@ impl Grpo<'_> {
         let Some(dir) = self.cfg.args.resume_dir()? else {
             return Ok(());
         };
-        let state = self.engine.load_checkpoint(&dir)?;
+        let (dir, state) = self
+            .engine
+            .resume(&dir, self.cfg.args.resume_falls_back())?;
         let s: SamplerState = serde_json::from_value(state["sampler"].clone())
             .with_context(|| format!("{}: trainer state has no valid sampler", dir.display()))?;
         self.sampler.restore(&s)?;

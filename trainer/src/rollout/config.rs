@@ -1,5 +1,6 @@
 //! `RolloutConfig`: where the workers are and how the client talks to them.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,14 @@ pub struct RolloutConfig {
     pub weight_chunk_bytes: usize,
     /// Wire dtype of pushed weights: `"float32"` or `"bfloat16"`.
     pub weight_dtype: String,
+    /// File holding the workers' API key (sent as `authorization: Bearer`); or set
+    /// `ROLLOUT_API_KEY`. The key itself is never a config value.
+    pub api_key_file: Option<PathBuf>,
+    /// PEM CA certificates of the workers' TLS certificates (needed for `https://`).
+    pub ssl_ca_certs: Option<PathBuf>,
+    /// PEM client certificate and key, for workers that require mutual TLS.
+    pub ssl_certfile: Option<PathBuf>,
+    pub ssl_keyfile: Option<PathBuf>,
 }
 
 impl Default for RolloutConfig {
@@ -48,11 +57,16 @@ impl Default for RolloutConfig {
             dns_refresh_secs: 30.0,
             max_prompts_per_request: 8,
             max_requests_per_worker: 2,
-            request_timeout_secs: 600.0,
+            // Below dist.timeout_secs (300) with crate::timeouts::SLACK_SECS to spare.
+            request_timeout_secs: 240.0,
             connect_timeout_secs: 10.0,
             retry_backoff_secs: 1.0,
             weight_chunk_bytes: 4 << 20,
             weight_dtype: "float32".into(),
+            api_key_file: None,
+            ssl_ca_certs: None,
+            ssl_certfile: None,
+            ssl_keyfile: None,
         }
     }
 }
@@ -108,6 +122,11 @@ impl RolloutConfig {
         for (i, url) in self.workers.iter().enumerate() {
             super::resolve::WorkerSource::parse(url)
                 .map_err(|why| format!("rollout.workers[{i}] = {url:?} {why}"))?;
+            if url.starts_with("https://") && self.ssl_ca_certs.is_none() {
+                return Err(format!(
+                    "rollout.workers[{i}] = {url:?} is https://: set rollout.ssl_ca_certs to the CA of its certificate"
+                ));
+            }
             if self.workers[..i].contains(url) {
                 return Err(format!("rollout.workers[{i}] = {url:?} is listed twice"));
             }
@@ -129,6 +148,12 @@ impl RolloutConfig {
             ));
         }
         self.wire_dtype()?;
+        if self.ssl_certfile.is_some() != self.ssl_keyfile.is_some() {
+            return Err("rollout.ssl_certfile and rollout.ssl_keyfile must be set together".into());
+        }
+        if self.ssl_certfile.is_some() && self.ssl_ca_certs.is_none() {
+            return Err("rollout.ssl_certfile (mutual TLS) needs rollout.ssl_ca_certs".into());
+        }
         Ok(())
     }
 
@@ -237,6 +262,13 @@ mod tests {
                 "port is required",
             ),
             (Box::new(|c| c.dns_refresh_secs = 0.0), "dns_refresh_secs"),
+                Box::new(|c| c.workers[0] = "https://w:1".into()),
+                "rollout.ssl_ca_certs",
+            ),
+            (
+                Box::new(|c| c.ssl_certfile = Some("c.pem".into())),
+                "rollout.ssl_keyfile",
+            ),
         ];
         for (edit, field) in cases {
             let mut c = ok();

@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use proto::v1::rollout_service_client::RolloutServiceClient;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
-use tonic::transport::Channel;
 use tracing::Instrument;
 
 use super::dispatch::{Dispatch, FlightId, Lookup};
@@ -61,7 +59,7 @@ impl Drop for Running {
 /// Runs one `Generate` call to its end, forwarding each group.
 async fn run_flight(
     id: FlightId,
-    mut client: RolloutServiceClient<Channel>,
+    mut client: super::WorkerClient,
     req: pb::GenerateRequest,
     timeout: Duration,
     tx: mpsc::Sender<FlightEvent>,

@@ -8,30 +8,29 @@
 //! breaks or stays silent is marked failed and the groups it still owed are re-sent
 //! elsewhere. [`RolloutClient::begin_push`] opens a client-streaming `UpdateWeights` per
 //! worker; [`WeightPush::send`] streams each tensor to all of them in chunks and
-//! [`WeightPush::commit`] commits the new version. [`faults::FaultProxy`] is a TCP proxy
-//! that cuts or stalls connections, for failure tests. docs/rollout-client.md states the
-//! failure semantics.
+//! [`WeightPush::commit`] commits the new version. The failure tests' fault-injecting
+//! proxy lives in the `test-support` crate. docs/rollout-client.md states the failure
+//! semantics.
 
 pub mod config;
 pub mod dispatch;
 pub mod error;
-pub mod faults;
 mod generate;
 pub mod pool;
 pub mod push;
 pub mod resolve;
+pub mod transport;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use proto::v1 as pb;
-use proto::v1::rollout_service_client::RolloutServiceClient;
-use tonic::transport::{Channel, Endpoint};
 
 pub use config::{RolloutConfig, WireDtype};
 pub use error::RolloutError;
 pub use pool::WorkerStatus;
 pub use push::{PushReport, WeightPush};
+pub use transport::{Conn, Transport, WorkerClient};
 
 /// Largest message either side sends (the worker's own limit).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -67,6 +66,7 @@ pub struct RolloutClient {
 
 struct Inner {
     cfg: RolloutConfig,
+    transport: Transport,
     wire: WireDtype,
     pool: Mutex<Pool>,
     /// Bumped whenever a request slot is released or a probe reports, so a waiting
@@ -77,7 +77,7 @@ struct Inner {
     next_resolve: Mutex<Instant>,
 }
 
-type Pool = pool::Pool<Channel>;
+type Pool = pool::Pool<Conn>;
 
 impl Inner {
     fn pool(&self) -> MutexGuard<'_, Pool> {
@@ -89,7 +89,7 @@ impl Inner {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    fn apply_probe(&self, i: usize, result: Result<(Channel, u64), String>) {
+    fn apply_probe(&self, i: usize, result: Result<(Conn, u64), String>) {
         {
             let mut pool = self.pool();
             match result {
@@ -146,7 +146,7 @@ impl Inner {
         for (i, url) in due {
             let inner = self.clone();
             tokio::spawn(async move {
-                let r = probe(url, inner.cfg.connect_timeout()).await;
+                let r = probe(&inner.transport, url, inner.cfg.connect_timeout()).await;
                 inner.apply_probe(i, r);
             });
         }
@@ -157,8 +157,11 @@ impl Inner {
     async fn probe_now(&self, force: bool) {
         let due = self.pool().take_due_probes(Instant::now(), force);
         let timeout = self.cfg.connect_timeout();
-        let results =
-            futures::future::join_all(due.iter().map(|(_, url)| probe(url.clone(), timeout))).await;
+        let results = futures::future::join_all(
+            due.iter()
+                .map(|(_, url)| probe(&self.transport, url.clone(), timeout)),
+        )
+        .await;
         for ((i, _), r) in due.into_iter().zip(results) {
             self.apply_probe(i, r);
         }
@@ -185,24 +188,21 @@ fn status_text(s: &tonic::Status) -> String {
     text
 }
 
-fn grpc_client(channel: Channel) -> RolloutServiceClient<Channel> {
-    RolloutServiceClient::new(channel)
+fn grpc_client(conn: Conn) -> WorkerClient {
+    conn.client()
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Connects to `url` afresh and asks `Health`, all within `timeout`. Returns the
 /// connection and the version the worker serves.
-async fn probe(url: String, timeout: Duration) -> Result<(Channel, u64), String> {
+async fn probe(
+    transport: &Transport,
+    url: String,
+    timeout: Duration,
+) -> Result<(Conn, u64), String> {
     let attempt = async {
-        let endpoint = Endpoint::from_shared(url)
-            .map_err(|e| error_chain(&e))?
-            .connect_timeout(timeout)
-            .tcp_nodelay(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {}", error_chain(&e)))?;
+        let channel = transport.connect(url, timeout).await?;
         let health = grpc_client(channel.clone())
             .health(pb::HealthRequest {})
             .await
@@ -245,8 +245,14 @@ impl RolloutClient {
             Instant::now(),
         );
         let next_resolve = Mutex::new(Instant::now() + cfg.dns_refresh());
+        let env_key = std::env::var("ROLLOUT_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
+        let transport =
+            Transport::from_config(&cfg, env_key.as_deref()).map_err(RolloutError::Config)?;
         let inner = Arc::new(Inner {
             cfg,
+            transport,
             wire,
             pool: Mutex::new(pool),
             changes: tokio::sync::watch::Sender::new(0),
@@ -277,9 +283,12 @@ impl RolloutClient {
         self.inner.resolve_if_due().await;
         let targets = self.inner.pool().take_all_probes();
         let timeout = self.inner.cfg.connect_timeout();
-        let results =
-            futures::future::join_all(targets.iter().map(|(_, url)| probe(url.clone(), timeout)))
-                .await;
+        let results = futures::future::join_all(
+            targets
+                .iter()
+                .map(|(_, url)| probe(&self.inner.transport, url.clone(), timeout)),
+        )
+        .await;
         for ((i, _), r) in targets.into_iter().zip(results) {
             match r {
                 Ok(_) => self.inner.apply_probe(i, r),

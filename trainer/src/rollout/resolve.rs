@@ -43,13 +43,15 @@ impl WorkerSource {
                 port,
             });
         }
-        let rest = entry.strip_prefix("http://").ok_or_else(|| {
-            "must start with http:// (TLS is not supported) or dns:/// (a name resolving to \
-             every worker)"
-                .to_string()
-        })?;
+        let rest = entry
+            .strip_prefix("http://")
+            .or_else(|| entry.strip_prefix("https://"))
+            .ok_or_else(|| {
+                "must start with http://, https:// or dns:/// (a name resolving to every worker)"
+                    .to_string()
+            })?;
         if rest.is_empty() || entry.parse::<tonic::transport::Uri>().is_err() {
-            return Err("is not a valid http://host:port url".into());
+            return Err("is not a valid http(s)://host:port url".into());
         }
         Ok(WorkerSource::Url(entry.to_string()))
     }

@@ -9,9 +9,19 @@
 //! - `manifest.json`, written last by rank 0: world size, step and the SHA-256 of every
 //!   file. A directory without a manifest, or whose files do not match it, is refused.
 //!
-//! Every rank writes into `root/.tmp-step-00000042/` and fsyncs; after a barrier rank 0
-//! writes the manifest and renames the directory into place (atomic on POSIX), then
-//! removes all but the newest `keep_last` step directories.
+//! Saving: rank 0 first removes stale temporaries of an earlier crashed save
+//! ([`prune_stale`]), then every rank writes into `root/.tmp-step-00000042/` and fsyncs
+//! each file; the ranks agree on the outcome (a rank that could not write makes every
+//! rank fail, naming it). Rank 0 writes the manifest, fsyncs the temporary directories,
+//! and puts the new directory in place without ever deleting the existing copy first: an
+//! existing `step-…` is renamed aside to `.old-step-…`, the new one renamed in, the
+//! root fsynced, and only then the old copy removed (a crash in between leaves the old
+//! copy, which [`prune_stale`] renames back). Then all but the newest `keep_last` step
+//! directories are removed, and the ranks agree again.
+//!
+//! Resuming from `latest` ([`checkpoints`]) fails loudly on I/O errors; a newest
+//! checkpoint that fails verification falls back to the one before it, with a warning
+//! ([`ZeroEngine::resume`]).
 //!
 //! Loading: the manifest's world size and stage give every saving rank's range of each
 //! unit ([`ShardLayout`], the same function that sharded them); [`plan_unit`] picks,
@@ -76,6 +86,11 @@ fn fsync_file(path: &Path) -> Result<()> {
         .map_err(|e| io(path, e))
 }
 
+/// Makes a directory's entries (creations, renames) durable.
+fn fsync_dir(path: &Path) -> Result<()> {
+    fsync_file(path)
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| io(path, e))?;
     f.write_all(bytes)
@@ -116,20 +131,111 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-/// The newest complete checkpoint under `root` (one with a manifest), if any.
-pub fn latest_checkpoint(root: &Path) -> Option<PathBuf> {
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(root)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step-"))
-                && p.join("manifest.json").exists()
-        })
-        .collect();
+/// Complete checkpoints under `root` (step directories with a manifest), oldest first.
+/// A missing `root` has none; any other I/O error is returned, never read as "none".
+pub fn checkpoints(root: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(io(root, e)),
+    };
+    let mut steps = vec![];
+    for entry in entries {
+        let p = entry.map_err(|e| io(root, e))?.path();
+        let is_step = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("step-"));
+        if !is_step {
+            continue;
+        }
+        let manifest = p.join("manifest.json");
+        match std::fs::metadata(&manifest) {
+            Ok(_) => steps.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&manifest, e)),
+        }
+    }
     steps.sort();
-    steps.pop()
+    Ok(steps)
+}
+
+/// The newest complete checkpoint under `root`, if any (I/O errors are errors).
+pub fn latest_checkpoint(root: &Path) -> Result<Option<PathBuf>> {
+    Ok(checkpoints(root)?.pop())
+}
+
+/// Cleans up after a save that crashed: removes `.tmp-step-…` directories, and for each
+/// `.old-step-…` either removes it (its replacement is in place) or renames it back
+/// (the crash came between the two renames). Rank 0 runs it before each save.
+pub fn prune_stale(root: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(root, e)),
+    };
+    for entry in entries {
+        let p = entry.map_err(|e| io(root, e))?.path();
+        let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+            continue;
+        };
+        if name.starts_with(".tmp-step-") {
+            tracing::info!(dir = %p.display(), "removing the temporary of an unfinished save");
+            std::fs::remove_dir_all(&p).map_err(|e| io(&p, e))?;
+        } else if let Some(step) = name.strip_prefix(".old-") {
+            let current = root.join(step);
+            if current.join("manifest.json").exists() {
+                std::fs::remove_dir_all(&p).map_err(|e| io(&p, e))?;
+            } else {
+                tracing::warn!(dir = %current.display(), "restoring the copy an interrupted save had set aside");
+                let _ = std::fs::remove_dir_all(&current);
+                std::fs::rename(&p, &current).map_err(|e| io(&current, e))?;
+            }
+        }
+    }
+    fsync_dir(root)
+}
+
+/// Rank 0's part of a save once every rank's files are written: the manifest, the
+/// fsyncs, and the rename into place that never deletes the existing copy first.
+fn commit(
+    root: &Path,
+    tmp: &Path,
+    dst: &Path,
+    mut manifest: Manifest,
+    keep_last: usize,
+) -> Result<()> {
+    let mut names = vec![];
+    list_files(tmp, "", &mut names)?;
+    for n in names {
+        manifest
+            .files
+            .insert(n.clone(), sha256_file(&tmp.join(&n))?);
+    }
+    let hf = tmp.join("hf");
+    if hf.is_dir() {
+        fsync_dir(&hf)?;
+    }
+    write_synced(
+        &tmp.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)
+            .expect("serialisable")
+            .as_bytes(),
+    )?;
+    fsync_dir(tmp)?;
+    let name = dst.file_name().and_then(|n| n.to_str()).unwrap_or("step");
+    let aside = root.join(format!(".old-{name}"));
+    let had_old = dst.exists();
+    if had_old {
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(dst, &aside).map_err(|e| io(dst, e))?;
+    }
+    std::fs::rename(tmp, dst).map_err(|e| io(dst, e))?;
+    fsync_dir(root)?;
+    if had_old {
+        std::fs::remove_dir_all(&aside).map_err(|e| io(&aside, e))?;
+    }
+    prune(root, keep_last)
 }
 
 impl ZeroEngine {
@@ -147,12 +253,57 @@ impl ZeroEngine {
         let name = step_dir_name(self.step);
         let tmp = root.join(format!(".tmp-{name}"));
         let dst = root.join(&name);
-        if rank == 0 {
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        }
-        self.comm.barrier()?;
+        let prepared = if rank == 0 {
+            std::fs::create_dir_all(root)
+                .map_err(|e| io(root, e))
+                .and_then(|_| prune_stale(root))
+                .and_then(|_| std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e)))
+        } else {
+            Ok(())
+        };
+        self.agree_save(&tmp, prepared)?;
+        let written = self.write_own_files(&tmp, trainer_state);
+        self.agree_save(&tmp, written)?;
 
+        if let Some(src) = hf_export {
+            // A collective: every rank takes part, rank 0 writes.
+            let weights = self.full_weights()?;
+            let exported = if rank == 0 {
+                let hf = tmp.join("hf");
+                model::save_pretrained(
+                    &hf,
+                    &self.cfg,
+                    &weights,
+                    self.cfg.dtype,
+                    model::checkpoint::DEFAULT_MAX_SHARD_BYTES,
+                )
+                .and_then(|_| model::checkpoint::copy_auxiliary_files(src, &hf))
+                .map_err(EngineError::from)
+            } else {
+                Ok(())
+            };
+            self.agree_save(&tmp, exported)?;
+        }
+
+        let committed = if rank == 0 {
+            let manifest = Manifest {
+                format_version: FORMAT_VERSION,
+                step: self.step,
+                world_size: self.world_size(),
+                stage: self.zero.stage.number(),
+                files: Default::default(),
+            };
+            commit(root, &tmp, &dst, manifest, keep_last)
+        } else {
+            Ok(())
+        };
+        self.agree_save(&dst, committed)?;
+        Ok(dst)
+    }
+
+    /// This rank's shards and metadata, each file fsynced.
+    fn write_own_files(&self, tmp: &Path, trainer_state: &Value) -> Result<()> {
+        let rank = self.rank();
         let mut tensors: Vec<(String, Tensor)> = vec![];
         let mut ranges = vec![];
         for st in &self.units {
@@ -169,7 +320,7 @@ impl ZeroEngine {
             ranges.push((n.clone(), st.range.start, st.range.end));
         }
         let file = tmp.join(format!("rank{rank}.safetensors"));
-        Tensor::write_safetensors(&tensors, &file)?;
+        Tensor::write_safetensors(&tensors, &file).map_err(|e| err(&file, e.to_string()))?;
         fsync_file(&file)?;
         let meta = RankMeta {
             format_version: FORMAT_VERSION,
@@ -180,58 +331,51 @@ impl ZeroEngine {
             ranges,
             trainer_state: trainer_state.clone(),
         };
-        let meta_path = tmp.join(format!("rank{rank}.json"));
         write_synced(
-            &meta_path,
+            &tmp.join(format!("rank{rank}.json")),
             serde_json::to_string_pretty(&meta)
                 .expect("serialisable")
                 .as_bytes(),
-        )?;
+        )
+    }
 
-        if let Some(src) = hf_export {
-            let weights = self.full_weights()?;
-            if rank == 0 {
-                let hf = tmp.join("hf");
-                model::save_pretrained(
-                    &hf,
-                    &self.cfg,
-                    &weights,
-                    self.cfg.dtype,
-                    model::checkpoint::DEFAULT_MAX_SHARD_BYTES,
-                )?;
-                model::checkpoint::copy_auxiliary_files(src, &hf)?;
+    /// [`Self::agree`] for a save: every rank fails if one could not write, the others
+    /// naming it.
+    fn agree_save(&mut self, dir: &Path, local: Result<()>) -> Result<()> {
+        self.agree_with(dir, local, "could not save it")
+    }
+
+    /// Loads `dir`; with `fall_back` (resuming from `latest`), a checkpoint that fails
+    /// verification on any rank is skipped with a warning for the newest older one under
+    /// the same root. Returns the directory loaded and its trainer state.
+    pub fn resume(&mut self, dir: &Path, fall_back: bool) -> Result<(PathBuf, Value)> {
+        let mut candidates = vec![dir.to_path_buf()];
+        if fall_back {
+            if let Some(root) = dir.parent() {
+                let mut older: Vec<PathBuf> = checkpoints(root)?
+                    .into_iter()
+                    .filter(|p| p.file_name() < dir.file_name())
+                    .collect();
+                older.reverse();
+                candidates.extend(older);
             }
         }
-        self.comm.barrier()?;
-
-        if rank == 0 {
-            let mut names = vec![];
-            list_files(&tmp, "", &mut names)?;
-            let mut files = std::collections::BTreeMap::new();
-            for n in names {
-                files.insert(n.clone(), sha256_file(&tmp.join(&n))?);
+        let mut last = None;
+        for (i, c) in candidates.iter().enumerate() {
+            match self.load_checkpoint(c) {
+                Ok(state) => return Ok((c.clone(), state)),
+                Err(e @ EngineError::Checkpoint { .. }) if i + 1 < candidates.len() => {
+                    tracing::warn!(
+                        dir = %c.display(), error = %e,
+                        next = %candidates[i + 1].display(),
+                        "checkpoint failed verification; falling back to the previous one"
+                    );
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
             }
-            let manifest = Manifest {
-                format_version: FORMAT_VERSION,
-                step: self.step,
-                world_size: self.world_size(),
-                stage: self.zero.stage.number(),
-                files,
-            };
-            let mpath = tmp.join("manifest.json");
-            write_synced(
-                &mpath,
-                serde_json::to_string_pretty(&manifest)
-                    .expect("serialisable")
-                    .as_bytes(),
-            )?;
-            let _ = std::fs::remove_dir_all(&dst);
-            std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
-            fsync_file(root)?;
-            prune(root, keep_last)?;
         }
-        self.comm.barrier()?;
-        Ok(dst)
+        Err(last.unwrap_or_else(|| err(dir, "no checkpoint to resume from")))
     }
 
     /// Restores master weights, Adam moments and the step from `dir` (collective),
@@ -369,6 +513,10 @@ impl ZeroEngine {
     /// the lowest failing rank's message, so no rank goes on to a collective its peers
     /// never enter.
     fn agree<T>(&mut self, dir: &Path, local: Result<T>) -> Result<T> {
+        self.agree_with(dir, local, "could not load it")
+    }
+
+    fn agree_with<T>(&mut self, dir: &Path, local: Result<T>, what: &str) -> Result<T> {
         let (rank, world) = (self.rank(), self.world_size());
         // The lowest failing rank r contributes world - r, the largest value.
         let mut flag = Tensor::from_slice(&[match &local {
@@ -395,7 +543,7 @@ impl ZeroEngine {
             Ok(_) => {
                 let words = Vec::<i64>::try_from(&words)?;
                 let text = String::from_utf8_lossy(&unpack_bytes(&words, len)).into_owned();
-                Err(err(dir, format!("rank {root} could not load it: {text}")))
+                Err(err(dir, format!("rank {root} {what}: {text}")))
             }
         }
     }

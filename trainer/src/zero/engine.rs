@@ -80,8 +80,13 @@ pub struct StepStats {
     pub learning_rate: f64,
     /// Items (tokens) in the step, over all ranks.
     pub num_items: i64,
-    /// Optimizer steps done, this one included.
+    /// Optimizer steps done, this one included (a skipped step is not one).
     pub step: u64,
+    /// The loss or gradient norm was not finite and the update was dropped
+    /// ([`super::NonFinitePolicy::Skip`]).
+    pub skipped: bool,
+    /// Steps skipped so far in this process.
+    pub skipped_steps: u64,
 }
 
 /// Bytes of model state this rank holds.
@@ -112,6 +117,14 @@ pub enum EngineError {
     Loss(String),
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: String, message: String },
+    /// The global loss or gradient norm was NaN or infinite; no weight was changed.
+    #[error("step {step}: non-finite loss {loss} or gradient norm {grad_norm}; the update was not applied ({reason})")]
+    NonFinite {
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+        reason: String,
+    },
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -149,6 +162,9 @@ pub struct ZeroEngine {
     pub(crate) step: u64,
     loss_sum: f64,
     count: i64,
+    /// Steps dropped for a non-finite loss or gradient norm: in all, and in a row.
+    skipped_steps: u64,
+    consecutive_skips: u64,
 }
 
 /// A unit's full flat parameters on their way: resident, or an all-gather in flight.
@@ -272,6 +288,8 @@ impl ZeroEngine {
             step: 0,
             loss_sum: 0.0,
             count: 0,
+            skipped_steps: 0,
+            consecutive_skips: 0,
         };
         let m = engine.memory();
         tracing::info!(
@@ -572,6 +590,13 @@ impl ZeroEngine {
             t.double_value(&[0])
         };
         let grad_norm = norm_sq.sqrt();
+        let mean_loss = loss.double_value(&[0]) / denom;
+        // Both values come out of collectives (stage 0's gradients are all-reduced), so
+        // every rank takes the same branch: no rank updates while another skips.
+        if !(mean_loss.is_finite() && grad_norm.is_finite()) {
+            return self.skip_nonfinite(mean_loss, grad_norm, count);
+        }
+        self.consecutive_skips = 0;
         let coef = clip_coefficient(grad_norm, self.optim.max_grad_norm);
         let lr = self.scheduler.lr(self.step);
         self.step += 1;
@@ -596,15 +621,63 @@ impl ZeroEngine {
         }
         self.finish_publish(published)?;
         let stats = StepStats {
-            loss: loss.double_value(&[0]) / denom,
+            loss: mean_loss,
             grad_norm,
             learning_rate: lr,
             num_items: count,
             step: self.step,
+            skipped: false,
+            skipped_steps: self.skipped_steps,
         };
         self.loss_sum = 0.0;
         self.count = 0;
         Ok(stats)
+    }
+
+    /// Drops the accumulated gradients of a step whose loss or norm is not finite:
+    /// master weights, moments, compute parameters and the schedule stay as they were.
+    fn skip_nonfinite(&mut self, loss: f64, grad_norm: f64, count: i64) -> Result<StepStats> {
+        for st in &mut self.units {
+            let _ = st.grad.zero_();
+        }
+        self.loss_sum = 0.0;
+        self.count = 0;
+        let step = self.step + 1;
+        let stop = |reason: String| EngineError::NonFinite {
+            step,
+            loss,
+            grad_norm,
+            reason,
+        };
+        if self.optim.on_nonfinite == super::NonFinitePolicy::Stop {
+            return Err(stop("on_nonfinite = stop".into()));
+        }
+        self.skipped_steps += 1;
+        self.consecutive_skips += 1;
+        if self.consecutive_skips >= self.optim.max_consecutive_skipped_steps {
+            return Err(stop(format!(
+                "{} steps in a row were not finite (max_consecutive_skipped_steps)",
+                self.consecutive_skips
+            )));
+        }
+        if self.rank() == 0 {
+            tracing::warn!(
+                step,
+                loss,
+                grad_norm,
+                skipped_steps = self.skipped_steps,
+                "non-finite loss or gradient norm: step skipped, weights unchanged"
+            );
+        }
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            learning_rate: self.scheduler.lr(self.step),
+            num_items: count,
+            step: self.step,
+            skipped: true,
+            skipped_steps: self.skipped_steps,
+        })
     }
 
     /// The window of parameter all-gathers [`Self::publish_unit`] keeps in flight.

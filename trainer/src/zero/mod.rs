@@ -23,7 +23,7 @@ pub mod units;
 use serde::{Deserialize, Serialize};
 
 pub use engine::{LossOutput, MemoryReport, MicroBatch, StepStats, ZeroEngine};
-pub use optimizer::OptimConfig;
+pub use optimizer::{NonFinitePolicy, OptimConfig};
 pub use schedule::{LrScheduler, LrSchedulerKwargs, LrSchedulerType};
 
 /// What is sharded across ranks (DeepSpeed's `zero_optimization.stage`).

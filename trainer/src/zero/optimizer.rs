@@ -26,6 +26,22 @@ pub struct OptimConfig {
     /// Warmup length in steps; when > 0 it replaces `warmup_ratio` (as transformers).
     pub warmup_steps: u64,
     pub lr_scheduler_kwargs: LrSchedulerKwargs,
+    /// A step whose global loss or gradient norm is NaN or infinite: `skip` drops its
+    /// update (no weight, moment or schedule change; counted and logged, as DeepSpeed
+    /// skips overflowing fp16 steps) or `stop` fails it. Either way it never reaches the
+    /// weights.
+    pub on_nonfinite: NonFinitePolicy,
+    /// Under `skip`, this many skipped steps in a row stop the run all the same.
+    pub max_consecutive_skipped_steps: u64,
+}
+
+/// What [`OptimConfig::on_nonfinite`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    #[default]
+    Skip,
+    Stop,
 }
 
 impl Default for OptimConfig {
@@ -42,6 +58,8 @@ impl Default for OptimConfig {
             warmup_ratio: 0.0,
             warmup_steps: 0,
             lr_scheduler_kwargs: LrSchedulerKwargs::default(),
+            on_nonfinite: NonFinitePolicy::Skip,
+            max_consecutive_skipped_steps: 10,
         }
     }
 }
@@ -71,6 +89,11 @@ impl OptimConfig {
                 "warmup_ratio",
                 (0.0..=1.0).contains(&self.warmup_ratio),
                 "in [0, 1]",
+            ),
+            (
+                "max_consecutive_skipped_steps",
+                self.max_consecutive_skipped_steps >= 1,
+                ">= 1",
             ),
         ];
         for (field, ok, allowed) in checks {

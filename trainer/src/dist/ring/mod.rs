@@ -38,12 +38,18 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Tensor};
 
+use super::auth::{self, MAC_LEN, NONCE_LEN};
 use super::comm::{check_out, check_root, check_shard, copy_into, Communicator, Dtype, ReduceOp};
 use super::error::CommError;
 use super::rendezvous::Rendezvous;
 use super::shard::ShardLayout;
 use pass::{configure, Geometry, Links};
 use wire::{link_error, op_code, parse_record, record, Collective, Header, PassError, LINK_MAGIC};
+
+/// Label of the ring hello's MAC (dist::auth).
+const LINK_LABEL: &[u8] = b"grpo-ring-link";
+/// Magic, rank, world size, MAC.
+const HELLO_LEN: usize = 12 + MAC_LEN;
 
 /// The CPU ring communicator.
 pub struct RingComm {
@@ -105,7 +111,13 @@ impl RingComm {
             .local_addr()
             .map_err(io_err("ring: listener address".into()))?;
         let store = &self.rdzv.store;
-        store.set(&format!("ring/{rank}"), addr.to_string().as_bytes())?;
+        let secret = &self.rdzv.env.job_secret;
+        // A fresh nonce beside the address: the predecessor's hello must carry a MAC of
+        // it under the job secret (dist::auth), so no other process can take its place.
+        let nonce = auth::nonce().map_err(io_err("ring: nonce".into()))?;
+        let mut published = nonce.to_vec();
+        published.extend_from_slice(addr.to_string().as_bytes());
+        store.set(&format!("ring/{rank}"), &published)?;
         let setup_failed = |peer: usize, detail: String| CommError::PeerFailed {
             op: "ring setup".into(),
             rank,
@@ -116,7 +128,14 @@ impl RingComm {
         let next_addr = store
             .get(&format!("ring/{next}"), timeout)
             .map_err(|e| setup_failed(next, format!("did not publish its ring address: {e}")))?;
-        let next_addr: SocketAddr = String::from_utf8_lossy(&next_addr)
+        if next_addr.len() <= NONCE_LEN {
+            return Err(setup_failed(
+                next,
+                "published a truncated ring address".into(),
+            ));
+        }
+        let (next_nonce, next_addr) = next_addr.split_at(NONCE_LEN);
+        let next_addr: SocketAddr = String::from_utf8_lossy(next_addr)
             .parse()
             .map_err(|_| setup_failed(next, "published an unparsable ring address".into()))?;
 
@@ -132,10 +151,12 @@ impl RingComm {
                 Err(_) => thread::sleep(Duration::from_millis(20)),
             }
         };
-        let mut hello = [0u8; 12];
+        let mut hello = [0u8; HELLO_LEN];
         hello[0..4].copy_from_slice(&LINK_MAGIC.to_le_bytes());
         hello[4..8].copy_from_slice(&(rank as u32).to_le_bytes());
         hello[8..12].copy_from_slice(&(w as u32).to_le_bytes());
+        let tag = secret.mac(LINK_LABEL, &[&hello[4..12], next_nonce]);
+        hello[12..].copy_from_slice(&tag);
         configure(&to_next, timeout)
             .and_then(|_| to_next.write_all(&hello))
             .map_err(|e| setup_failed(next, format!("handshake: {e}")))?;
@@ -146,7 +167,7 @@ impl RingComm {
         let from_prev = loop {
             match listener.accept() {
                 Ok((mut s, _)) => {
-                    let mut got = [0u8; 12];
+                    let mut got = [0u8; HELLO_LEN];
                     let ok = s
                         .set_nonblocking(false)
                         .and_then(|_| configure(&s, timeout))
@@ -154,13 +175,20 @@ impl RingComm {
                         .is_ok();
                     let field =
                         |i: usize| u32::from_le_bytes([got[i], got[i + 1], got[i + 2], got[i + 3]]);
-                    // Anything but our predecessor's hello is dropped.
+                    // Anything but our predecessor's authenticated hello is dropped.
                     if ok
                         && field(0) == LINK_MAGIC
                         && field(4) as usize == prev
                         && field(8) as usize == w
+                        && secret.verify(&got[12..], LINK_LABEL, &[&got[4..12], &nonce])
                     {
                         break s;
+                    }
+                    if ok {
+                        tracing::warn!(
+                            rank,
+                            "ring: dropped a connection that is not rank {prev}'s authenticated hello"
+                        );
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
