@@ -325,7 +325,9 @@ async fn a_failed_update_keeps_the_old_version_serving() {
     bad_cases.push((dtype, "dtype"));
     let mut overflow = good.clone();
     if let Some(pb::weight_update_message::Kind::Chunk(ch)) = &mut overflow[0].kind {
-        ch.data.extend_from_slice(&vec![0u8; 1 << 18]);
+        let mut data = ch.data.to_vec();
+        data.extend_from_slice(&vec![0u8; 1 << 18]);
+        ch.data = data.into();
     }
     overflow.push(commit(1));
     bad_cases.push((overflow, "exceed"));

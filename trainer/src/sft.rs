@@ -14,11 +14,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::Kind;
 
-use crate::data::{self, Sampler, SamplerState, SftExample};
+use crate::data::{self, Sampler, SftExample};
 use crate::grpo::batch::{pack, split_even, Sample};
 use crate::metrics::StepLog;
 use crate::objective::logprob_objective;
-use crate::session::{publish_final_model, record_memory, Session, TrainingArgs};
+use crate::session::{record_memory, RunSkeleton, Session, TrainingArgs};
 use crate::zero::{MicroBatch, ZeroEngine};
 
 /// The `trainer sft` configuration: the shared training settings plus SFT's own.
@@ -89,29 +89,15 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     )?;
     record_memory(&sess.metrics, engine.memory());
     let mut sampler = Sampler::new(examples.len(), args.seed);
-    if let Some(dir) = args.resume_dir()? {
-        let state = engine.load_checkpoint(&dir)?;
-        let s: SamplerState = serde_json::from_value(state["sampler"].clone())
-            .with_context(|| format!("{}: trainer state has no valid sampler", dir.display()))?;
-        sampler.restore(&s)?;
-        if sess.is_main() {
-            println!(
-                "resumed from {} at step {}",
-                dir.display(),
-                engine.steps_done()
-            );
-        }
-    }
+    let run = RunSkeleton::new(args, total);
+    run.resume(&mut engine, &mut sampler, sess.is_main())?;
     let pad = sess.tokenizer.pad_token_id().unwrap_or(0) as i64;
     let opts = LogprobOptions {
         chunk_size: cfg.logprob_chunk_size,
         temperature: 1.0,
         with_entropy: false,
     };
-    let root = args.checkpoint_root();
-    let keep = args.save_total_limit.unwrap_or(usize::MAX);
-    let mut last_saved = None;
-    while engine.steps_done() < total {
+    while engine.steps_done() < total && !run.should_stop() {
         let t0 = Instant::now();
         let batch = sampler.next_batch(per_step);
         let mine = &batch[split_even(per_step, world)[sess.env.rank].clone()];
@@ -168,16 +154,12 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
             sess.metrics.record(&log);
             tracing::info!(step, loss = stats.loss, grad_norm = stats.grad_norm, "sft");
         }
-        let state = json!({ "command": "sft", "sampler": sampler.state() });
-        if step == total || (args.save_steps > 0 && step.is_multiple_of(args.save_steps)) {
-            let dir =
-                engine.save_checkpoint(&root, &state, keep, Some(&args.model_name_or_path))?;
-            last_saved = Some(dir);
-        }
-    }
-    if let Some(dir) = last_saved.filter(|_| sess.is_main()) {
-        publish_final_model(&dir, &args.output_dir)?;
-        println!("final model: {}", args.output_dir.display());
+        run.save_if_due(
+            &mut engine,
+            step,
+            || json!({ "command": "sft", "sampler": sampler.state() }),
+            sess.is_main(),
+        )?;
     }
     Ok(())
 }

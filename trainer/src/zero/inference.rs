@@ -45,6 +45,7 @@ impl ZeroEngine {
     where
         F: FnMut(&str, &Tensor) -> std::result::Result<(), String>,
     {
+        self.refuse_if_frozen("visit_full_weights")?;
         let mut first_err = None;
         for u in 0..self.units.len() {
             let st = &self.units[u];
