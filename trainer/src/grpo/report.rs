@@ -97,7 +97,7 @@ impl Grpo<'_> {
             String::new()
         };
         let line = format!(
-            "step {}/{} | reward {:.3} ± {:.3} | {first_func} {:.3} | len {:.1} | clipped {:.2} | loss {:+.4} | grad {:.3} | workers {healthy}/{}{stale} | {:.1} s (gen {:.1}, reward {:.2}, train {:.1}, opt {:.2}, push {:.2})",
+            "step {}/{} | reward {:.3} ± {:.3} | {first_func} {:.3} | len {:.1} | clipped {:.2} | loss {:+.4} | grad {:.3} | groups {} | workers {healthy}/{}{stale} | {:.1} s (gen {:.1}, reward {:.2}, train {:.1}, opt {:.2}, push {:.2})",
             step.step,
             self.total,
             log["reward"],
@@ -107,6 +107,7 @@ impl Grpo<'_> {
             log["completions/clipped_ratio"],
             step.loss,
             step.grad_norm,
+            stats.groups,
             workers.len(),
             secs,
             times.rollout,

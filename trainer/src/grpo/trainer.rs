@@ -101,9 +101,15 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
     )?;
     drop(weights);
     record_memory(&sess.metrics, engine.memory());
+    let compute = args
+        .zero
+        .compute_kind()
+        .map_err(|e| anyhow!("configuration: {e}"))?;
     let client = sess
         .rt
-        .block_on(RolloutClient::connect(cfg.rollout.clone()))
+        .block_on(RolloutClient::connect(
+            cfg.rollout.clone().with_compute_dtype(compute),
+        ))
         .context("connecting to the rollout workers")?;
     let skeleton = RunSkeleton::new(args, total);
     let mut run = Grpo {
@@ -696,9 +702,10 @@ impl Grpo<'_> {
                 Err(e) => failure = Some(e.to_string()),
             }
         }
+        let wire = self.client.wire_dtype().kind();
         let visited = self
             .engine
-            .visit_full_weights(|name, t| match push.as_mut() {
+            .visit_weights(wire, |name, t| match push.as_mut() {
                 Some(p) => rt.block_on(p.send(name, t)).map_err(|e| e.to_string()),
                 None => Ok(()),
             });

@@ -308,6 +308,11 @@ impl RolloutClient {
         Ok(RolloutClient { inner })
     }
 
+    /// The dtype weight pushes carry on the wire.
+    pub fn wire_dtype(&self) -> WireDtype {
+        self.inner.wire
+    }
+
     /// The settings this client runs with.
     pub fn config(&self) -> &RolloutConfig {
         &self.inner.cfg

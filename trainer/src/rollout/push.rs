@@ -333,9 +333,11 @@ impl WeightPush {
                 // Ends the request stream; the worker answers once the new weights serve.
                 drop(tx);
                 let outcome = tokio::time::timeout(timeout, &mut call).await;
-                call.abort();
-                // The task (and the chunks still queued in it) is gone once this returns.
-                let _ = call.await;
+                if outcome.is_err() {
+                    call.abort();
+                    // The task (and the chunks still queued in it) is gone once this returns.
+                    let _ = call.await;
+                }
                 (worker, url, outcome)
             });
         let outcomes = futures::future::join_all(waits).await;
