@@ -119,7 +119,7 @@ fn main() -> anyhow::Result<()> {
         let mut c = WorkerConfig::new(&dir);
         c.device = "cpu".into();
         c.engine.max_num_seqs = 4;
-        c.engine.kv_cache_bytes = 16 << 20;
+        c.engine.kv_cache_bytes = 64 << 20;
         let engine = EngineHandle::load(&c, Arc::new(Metrics::new()))?;
         let (grpc, http) = servers.block_on(async {
             anyhow::Ok((
