@@ -8,6 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Weight chunks as `Bytes`: the sender slices one buffer per tensor into chunks
+        // and shares them between workers without copying; the receiver decodes them as
+        // views of the frame buffer.
+        .bytes(".rollout.v1.TensorChunk.data")
         .compile_protos(&["rollout/v1/rollout.proto"], &["."])?;
     Ok(())
 }

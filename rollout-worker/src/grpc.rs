@@ -3,13 +3,17 @@
 //! Data flow: wire requests are converted to domain types here ([`GenerateRequest`],
 //! [`TensorChunk`]), handed to the [`EngineHandle`], and the engine's [`Event`]s are
 //! converted back to wire messages. Weight chunks are assembled in this task
-//! ([`WeightAssembler`]) while they stream in; only a complete, validated update reaches
-//! the engine. Updates are serialized by a lock so at most one staging copy exists.
+//! ([`WeightAssembler`]) while they stream in, while the engine keeps generating; only a
+//! complete, validated update reaches the engine. At most [`MAX_STAGED_UPDATES`] updates
+//! assemble at once (a further one is refused, never queued), a stream that sends
+//! nothing for [`UPDATE_IDLE_TIMEOUT`] is rejected, and the lock that serializes
+//! applying updates is taken only once an update is complete, never while waiting on a
+//! client, so an idle or dead sender cannot block later pushes.
 //! Domain errors become [`Status`] in one place, [`status`].
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use model::tokenizer::ChatMessage;
@@ -29,8 +33,22 @@ use crate::request::{
 use crate::security::{GrpcGuardLayer, ServeOptions};
 use crate::weights::{TensorChunk, WeightAssembler, WireDType};
 
-/// Largest message accepted (weight chunks); senders should stay well below it.
+/// Largest message accepted: one weight chunk (the trainer's chunks are at most 48 MiB
+/// plus name and shape); every other message is far smaller.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Updates assembling at once; each holds at most one copy of the model on the host.
+pub const MAX_STAGED_UPDATES: usize = 2;
+
+/// An `UpdateWeights` stream that delivers no message for this long is rejected.
+pub const UPDATE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// HTTP/2 receive windows and frame size: a weight push streams hundreds of megabytes
+/// on one stream; with hyper's defaults (1 MiB windows, 16 KiB frames) the sender waits
+/// for window updates every megabyte and the receiver handles 64 frames per MiB.
+const STREAM_WINDOW_BYTES: u32 = 64 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 128 << 20;
+const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
 
 /// The one mapping from domain errors to gRPC statuses.
 pub fn status(e: EngineError) -> Status {
@@ -48,7 +66,11 @@ pub fn status(e: EngineError) -> Status {
 #[derive(Debug, Clone)]
 pub struct GrpcService {
     engine: EngineHandle,
+    /// Serializes applying complete updates (never held while reading a stream).
     update_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Permits to assemble an update (bounds the staging memory).
+    staging: Arc<tokio::sync::Semaphore>,
+    idle_timeout: Duration,
 }
 
 impl GrpcService {
@@ -56,7 +78,15 @@ impl GrpcService {
         GrpcService {
             engine,
             update_lock: Arc::new(tokio::sync::Mutex::new(())),
+            staging: Arc::new(tokio::sync::Semaphore::new(MAX_STAGED_UPDATES)),
+            idle_timeout: UPDATE_IDLE_TIMEOUT,
         }
+    }
+
+    /// Rejects an `UpdateWeights` stream idle for `t` (default [`UPDATE_IDLE_TIMEOUT`]).
+    pub fn with_update_idle_timeout(mut self, t: Duration) -> Self {
+        self.idle_timeout = t;
+        self
     }
 
     /// The tonic server wrapper with the message size limits set.
@@ -94,6 +124,9 @@ pub async fn serve_with(
         Ok::<_, std::io::Error>(conn)
     });
     let mut builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .http2_keepalive_interval(Some(opts.keepalive_interval))
         .http2_keepalive_timeout(Some(opts.keepalive_timeout));
     if let Some(tls) = &opts.tls {
@@ -245,13 +278,25 @@ impl RolloutService for GrpcService {
         request: Request<Streaming<pb::WeightUpdateMessage>>,
     ) -> Result<Response<pb::UpdateWeightsResponse>, Status> {
         let mut stream = request.into_inner();
-        let _guard = self.update_lock.lock().await;
+        let Ok(_permit) = self.staging.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_STAGED_UPDATES} weight updates are already being received; retry later"
+            )));
+        };
         let started = Instant::now();
         let metrics = self.engine.metrics().clone();
+        let idle = self.idle_timeout;
         let result = async {
             let mut asm = WeightAssembler::new(self.engine.param_specs());
             let mut num_tensors = 0u64;
-            while let Some(msg) = stream.next().await {
+            loop {
+                let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
+                    return Err(invalid(format!(
+                        "the update stream sent nothing for {:.0}s; nothing was applied",
+                        idle.as_secs_f64()
+                    )));
+                };
+                let Some(msg) = next else { break };
                 let msg =
                     msg.map_err(|s| invalid(format!("update stream failed: {}", s.message())))?;
                 match msg.kind {
@@ -266,6 +311,8 @@ impl RolloutService for GrpcService {
                         let staged = asm.finish()?;
                         let span =
                             tracing::info_span!("weight_sync", version = c.version, num_bytes);
+                        // Taken only now: the update is complete, nothing waits on the client.
+                        let _guard = self.update_lock.lock().await;
                         let outcome = self
                             .engine
                             .update_weights(staged, c.version)

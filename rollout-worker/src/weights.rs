@@ -2,9 +2,10 @@
 //!
 //! Data flow: the gRPC `UpdateWeights` handler feeds every [`TensorChunk`] to a
 //! [`WeightAssembler`], which checks it against the architecture's parameter list
-//! (`model::param_specs`: name, shape) and copies its bytes into that tensor's host
-//! buffer. A tensor's chunks arrive in order; a complete tensor becomes a host
-//! [`Tensor`] in the chunks' dtype and its byte buffer is freed. [`WeightAssembler::finish`]
+//! (`model::param_specs`: name, shape) and copies its bytes straight into that tensor's
+//! host buffer (a [`Tensor`] in the chunks' dtype allocated at its first chunk: the one
+//! copy between the network buffer and the tensor). A tensor's chunks arrive in order.
+//! [`WeightAssembler::finish`]
 //! requires every parameter and yields [`StagedWeights`], which the engine thread applies
 //! with [`apply`] between two decode steps (an in-place `copy_`, converting dtype and
 //! device), so the model is never seen half-updated.
@@ -14,6 +15,7 @@
 //! whole staging dropped on the first error, leaving the serving weights untouched.
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use model::{ParamSpec, Weights};
 use tch::{Kind, Tensor};
 
@@ -59,7 +61,7 @@ pub struct TensorChunk {
     pub dtype: Option<WireDType>,
     pub shape: Vec<i64>,
     pub offset: u64,
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 /// Why an update was rejected. Every variant names the tensor at fault.
@@ -79,10 +81,25 @@ pub enum WeightError {
     Incomplete { count: usize, names: Vec<String> },
 }
 
+/// A tensor being filled: `filled` of its `total` bytes have arrived.
 struct Partial {
     dtype: WireDType,
     total: usize,
-    bytes: Vec<u8>,
+    filled: usize,
+    tensor: Tensor,
+}
+
+/// Copies `data` into the bytes `offset..offset + data.len()` of `t`, a contiguous CPU
+/// tensor of at least that many bytes that nothing else references.
+fn write_bytes(t: &Tensor, offset: usize, data: &[u8]) {
+    let len = t.numel() * t.kind().elt_size_in_bytes();
+    assert!(offset + data.len() <= len, "write within the tensor");
+    // SAFETY: `t` is a freshly allocated, contiguous CPU tensor owned by the assembler
+    // (never shared before it is complete), and the range was checked above.
+    unsafe {
+        let dst = (t.data_ptr() as *mut u8).add(offset);
+        std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
+    }
 }
 
 /// Collects the chunks of one update.
@@ -147,28 +164,36 @@ impl WeightAssembler {
         }
         let numel: i64 = expected.iter().product();
         let total = numel as usize * dtype.size();
-        let p = self.partial.entry(name.clone()).or_insert_with(|| Partial {
-            dtype,
-            total,
-            bytes: Vec::new(),
-        });
+        if !self.partial.contains_key(&name) {
+            let tensor = Tensor::f_empty(expected.as_slice(), (dtype.kind(), tch::Device::Cpu))
+                .map_err(|e| malformed(format!("allocating {total} bytes: {e}")))?;
+            self.partial.insert(
+                name.clone(),
+                Partial {
+                    dtype,
+                    total,
+                    filled: 0,
+                    tensor,
+                },
+            );
+        }
+        let p = self.partial.get_mut(&name).expect("inserted above");
         if p.dtype != dtype {
             return Err(malformed(format!(
                 "dtype {dtype:?} differs from its earlier chunks' {:?}",
                 p.dtype
             )));
         }
-        if chunk.offset != p.bytes.len() as u64 {
+        if chunk.offset != p.filled as u64 {
             return Err(malformed(format!(
                 "offset {} but {} bytes were received so far (chunks must arrive in order)",
-                chunk.offset,
-                p.bytes.len()
+                chunk.offset, p.filled
             )));
         }
-        if chunk.data.is_empty() {
+        if chunk.data.is_empty() && p.total > 0 {
             return Err(malformed("empty data".into()));
         }
-        let end = p.bytes.len() + chunk.data.len();
+        let end = p.filled + chunk.data.len();
         if end > p.total {
             return Err(malformed(format!(
                 "bytes up to {end} exceed the tensor's {} ({numel} x {} bytes)",
@@ -176,16 +201,12 @@ impl WeightAssembler {
                 dtype.size()
             )));
         }
-        if p.bytes.capacity() == 0 {
-            p.bytes.reserve_exact(p.total);
-        }
-        p.bytes.extend_from_slice(&chunk.data);
+        write_bytes(&p.tensor, p.filled, &chunk.data);
+        p.filled = end;
         self.num_bytes += chunk.data.len() as u64;
         if end == p.total {
             let p = self.partial.remove(&name).expect("present above");
-            let t = Tensor::f_from_data_size(&p.bytes, expected, p.dtype.kind())
-                .map_err(|e| malformed(e.to_string()))?;
-            self.done.insert(name, t);
+            self.done.insert(name, p.tensor);
         }
         Ok(())
     }
@@ -248,7 +269,7 @@ pub fn chunks_of(weights: &Weights, dtype: WireDType, chunk_bytes: usize) -> Vec
                 dtype: Some(dtype),
                 shape: t.size(),
                 offset: (i * chunk_bytes.max(1)) as u64,
-                data: part.to_vec(),
+                data: Bytes::copy_from_slice(part),
             });
         }
     }
@@ -278,7 +299,11 @@ mod tests {
             dtype: Some(WireDType::F32),
             shape: shape.to_vec(),
             offset,
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data: values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
         }
     }
 
@@ -341,7 +366,7 @@ mod tests {
             dtype: Some(WireDType::BF16),
             shape: vec![4],
             offset: 0,
-            data: bytes,
+            data: bytes.into(),
         })
         .unwrap();
         let s = a.finish().unwrap();

@@ -325,7 +325,9 @@ async fn a_failed_update_keeps_the_old_version_serving() {
     bad_cases.push((dtype, "dtype"));
     let mut overflow = good.clone();
     if let Some(pb::weight_update_message::Kind::Chunk(ch)) = &mut overflow[0].kind {
-        ch.data.extend_from_slice(&vec![0u8; 1 << 18]);
+        let mut data = ch.data.to_vec();
+        data.extend_from_slice(&vec![0u8; 1 << 18]);
+        ch.data = data.into();
     }
     overflow.push(commit(1));
     bad_cases.push((overflow, "exceed"));
@@ -483,4 +485,40 @@ fn spawn_generate(
             .unwrap();
         generate(&mut c, r).await.unwrap()
     })
+}
+
+/// An update stream that stops sending mid-update holds no lock: a second push commits
+/// while it idles, and when the idle one's client goes away it is rejected and the
+/// committed version keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_update_stream_blocks_no_other_push() {
+    let w = Worker::start(tiny_config()).await;
+    let mut c = w.client().await;
+    let new = perturbed_model();
+    let good = chunk_msgs(&new, rollout_worker::weights::WireDType::F32, 4096);
+    // The first stream sends half the update, then waits (its sender is kept open).
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for m in &good[..good.len() / 2] {
+        tx.send(m.clone()).unwrap();
+    }
+    let mut idle_client = w.client().await;
+    let idle = tokio::spawn(async move {
+        idle_client
+            .update_weights(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut msgs = good.clone();
+    msgs.push(commit(1));
+    let r = tokio::time::timeout(std::time::Duration::from_secs(30), push(&mut c, msgs))
+        .await
+        .expect("the second push is not blocked by the idle one")
+        .unwrap();
+    assert_eq!(r.version, 1);
+    drop(tx);
+    let e = idle.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let h = c.health(pb::HealthRequest {}).await.unwrap().into_inner();
+    assert_eq!(h.weight_version, 1);
+    w.stop().await;
 }

@@ -4,7 +4,7 @@
 #   bash scripts/bench/grpo_vs_trl.sh [--ranks 1] [--workers 1] [--threads-per-process 1]
 #        [--trl-threads N] [--prompts-per-step 16] [--num-generations 8]
 #        [--max-completion-length 16] [--steps 12] [--warmup 2] [--learning-rate 3e-4]
-#        [--temperature 1.0] [--repeat 1] [--no-build] [--work DIR]
+#        [--temperature 1.0] [--max-staleness 1] [--repeat 1] [--no-build] [--work DIR]
 #
 # What runs. Both sides train the shipped demo model (demo/checkpoint, 0.6M-parameter
 # Qwen2) on the demo task (scripts/demo/make_task.py --no-model, seed 0: two-digit
@@ -33,6 +33,11 @@
 # other and TRL's steps got up to 15x slower (docs/benchmarks.md). The first --warmup
 # steps of each side are left out (one-off allocation, first gRPC calls, lazy init).
 #
+# Overlap. Ours runs with --max-staleness (default 1, TRL AsyncGRPO's name): the workers
+# generate the next step's groups while the ranks train this one (one version old, with
+# the truncated importance-sampling correction); --max-staleness 0 is the sequential
+# round. TRL's GRPOTrainer is sequential either way.
+#
 # Figures (scripts/bench/grpo_vs_trl.py, same reduction on both sides): step time; generated
 # tokens/s = completion tokens / generation seconds; training tokens/s = (prompt +
 # completion) tokens, unpadded / (step - generation) seconds; their ratio ours / TRL. Our
@@ -50,7 +55,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 
 ranks=1 workers=1 tpp=1 trl_threads="" prompts=16 gens=8 max_len=16 steps=12 warmup=2
-lr=3e-4 temperature=1.0 repeat=1 build=1 work=$root/target/bench-grpo-vs-trl
+lr=3e-4 temperature=1.0 staleness=1 repeat=1 build=1 work=$root/target/bench-grpo-vs-trl
 while [ $# -gt 0 ]; do
     case $1 in
         --ranks) ranks=$2; shift 2 ;;
@@ -64,6 +69,7 @@ while [ $# -gt 0 ]; do
         --warmup) warmup=$2; shift 2 ;;
         --learning-rate) lr=$2; shift 2 ;;
         --temperature) temperature=$2; shift 2 ;;
+        --max-staleness) staleness=$2; shift 2 ;;
         --repeat) repeat=$2; shift 2 ;;
         --no-build) build=0; shift ;;
         --work) work=$2; shift 2 ;;
@@ -74,6 +80,7 @@ done
 for v in ranks workers tpp prompts gens max_len steps repeat; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "grpo_vs_trl.sh: $v must be a positive integer, got '${!v}'" >&2; exit 2; }
 done
+[[ $staleness =~ ^[0-9]+$ ]] || { echo "grpo_vs_trl.sh: --max-staleness must be >= 0, got '$staleness'" >&2; exit 2; }
 [[ $warmup =~ ^[0-9]+$ ]] || { echo "grpo_vs_trl.sh: --warmup must be >= 0, got '$warmup'" >&2; exit 2; }
 ((steps > warmup)) || { echo "grpo_vs_trl.sh: --steps ($steps) must exceed --warmup ($warmup)" >&2; exit 2; }
 ((gens >= 2)) || { echo "grpo_vs_trl.sh: --num-generations must be at least 2" >&2; exit 2; }
@@ -157,6 +164,7 @@ run_ours() {
         --set "max_steps=$steps" \
         --set "learning_rate=$lr" \
         --set "temperature=$temperature" \
+        --set "max_staleness=$staleness" \
         --set logging_steps=1 --set save_steps=0 >"$dir/ours.log" 2>&1 ||
         { tail -30 "$dir/ours.log"; echo "trainer failed (log: $dir/ours.log)" >&2; exit 1; }
     stop_workers

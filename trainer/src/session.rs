@@ -2,6 +2,7 @@
 //! transformers' `TrainingArguments`, and the start-up of a rank (launcher environment,
 //! threads, device, communicator, tokenizer, initial weights, metrics endpoint, resume).
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -10,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 use crate::config::{Interval, IntervalStrategy, LogLevel};
-use crate::data::DatasetConfig;
+use crate::data::{DatasetConfig, Sampler, SamplerState};
 use crate::dist::{self, Communicator, DistConfig, RendezvousEnv};
 use crate::metrics::Metrics;
 use crate::zero::{
     checkpoint::latest_checkpoint, LrSchedulerKwargs, LrSchedulerType, NonFinitePolicy, OptimConfig,
-    ZeroConfig,
+    ZeroConfig, ZeroEngine,
 };
 
 /// Settings shared by `trainer sft` and `trainer grpo` (flattened into their configs).
@@ -351,6 +352,116 @@ impl Session {
 
     pub fn is_main(&self) -> bool {
         self.env.rank == 0
+    }
+}
+
+/// The skeleton of a training run that `trainer sft` and `trainer grpo` share: resume
+/// from a checkpoint, save when due (every `save_steps` and after the last step), publish
+/// the final model, and the one place a loop asks whether it should stop early.
+///
+/// A loop reads:
+///
+/// ```text
+/// let state = run.resume(&mut engine, is_main)?;            // trainer state, if resumed
+/// while engine.steps_done() < run.total() && !run.should_stop() {
+///     ... one step ...
+///     run.save_if_due(&mut engine, step, || state_json, is_main)?;
+/// }
+/// ```
+pub struct RunSkeleton {
+    total: u64,
+    save_every: Interval,
+    keep: usize,
+    root: PathBuf,
+    output_dir: PathBuf,
+    model_dir: PathBuf,
+    args: TrainingArgs,
+    stop: Arc<AtomicBool>,
+}
+
+impl RunSkeleton {
+    /// A run of `total` optimizer steps with `args`' checkpoint settings; `model_dir` is
+    /// the resolved checkpoint directory (its tokenizer files go into each export) and
+    /// `steps_per_epoch` sizes `save_strategy: epoch`.
+    pub fn new(args: &TrainingArgs, total: u64, model_dir: &Path, steps_per_epoch: u64) -> Self {
+        RunSkeleton {
+            total,
+            save_every: args.save_interval(steps_per_epoch),
+            keep: args.save_total_limit.unwrap_or(usize::MAX),
+            root: args.checkpoint_root(),
+            output_dir: args.output_dir.clone(),
+            model_dir: model_dir.to_path_buf(),
+            args: args.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Set to end the run at the next step boundary (a signal handler holds a clone).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Whether the loop should end before its next step (a stop was requested).
+    pub fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Loads `resume_from_checkpoint` into `engine` (with `latest`, a newest checkpoint
+    /// that fails verification falls back to the previous one) and restores `sampler`
+    /// from it; returns the checkpoint's trainer state (`None` on a fresh start).
+    pub fn resume(
+        &self,
+        engine: &mut ZeroEngine,
+        sampler: &mut Sampler,
+        is_main: bool,
+    ) -> Result<Option<serde_json::Value>> {
+        let Some(dir) = self.args.resume_dir()? else {
+            return Ok(None);
+        };
+        let (dir, state) = engine.resume(&dir, self.args.resume_falls_back())?;
+        let s: SamplerState = serde_json::from_value(state["sampler"].clone())
+            .with_context(|| format!("{}: trainer state has no valid sampler", dir.display()))?;
+        sampler.restore(&s)?;
+        if is_main {
+            println!(
+                "resumed from {} at step {}",
+                dir.display(),
+                engine.steps_done()
+            );
+        }
+        Ok(Some(state))
+    }
+
+    /// Whether `step` ends with a checkpoint.
+    pub fn save_due(&self, step: u64) -> bool {
+        step >= self.total || self.save_every.due(step)
+    }
+
+    /// Saves a checkpoint (collective) when `step` is due or `force` (a stop agreed by
+    /// every rank), with the trainer state from `state`; after the last step rank 0 also
+    /// publishes the final model into `output_dir`. Returns the checkpoint directory when
+    /// one was written.
+    pub fn save_if_due(
+        &self,
+        engine: &mut ZeroEngine,
+        step: u64,
+        force: bool,
+        state: impl FnOnce() -> serde_json::Value,
+        is_main: bool,
+    ) -> Result<Option<PathBuf>> {
+        if !(force || self.save_due(step)) {
+            return Ok(None);
+        }
+        let dir = engine.save_checkpoint(&self.root, &state(), self.keep, Some(&self.model_dir))?;
+        if step >= self.total && is_main {
+            publish_final_model(&dir, &self.output_dir)?;
+            println!("final model: {}", self.output_dir.display());
+        }
+        Ok(Some(dir))
     }
 }
 

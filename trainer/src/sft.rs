@@ -14,11 +14,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::Kind;
 
-use crate::data::{self, Sampler, SamplerState, SftExample};
+use crate::data::{self, Sampler, SftExample};
 use crate::grpo::batch::{pack, split_even, Sample};
 use crate::metrics::{Phase, StepLog};
 use crate::objective::logprob_objective;
-use crate::session::{publish_final_model, record_memory, Session, TrainingArgs};
+use crate::session::{record_memory, RunSkeleton, Session, TrainingArgs};
 use crate::shutdown::Shutdown;
 use crate::zero::{MicroBatch, ZeroEngine};
 
@@ -91,10 +91,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     let per_step = per_rank * world;
     let total = args.total_steps(examples.len(), per_step);
     let steps_per_epoch = examples.len().div_ceil(per_step.max(1)) as u64;
-    let (log_every, save_every) = (
-        args.log_interval(steps_per_epoch),
-        args.save_interval(steps_per_epoch),
-    );
+    let log_every = args.log_interval(steps_per_epoch);
     let mut engine = ZeroEngine::new(
         sess.model_cfg.clone(),
         &sess.weights.take().expect("weights are taken once"),
@@ -106,30 +103,16 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     )?;
     record_memory(&sess.metrics, engine.memory());
     let mut sampler = Sampler::new(examples.len(), args.seed);
-    if let Some(dir) = args.resume_dir()? {
-        let (dir, state) = engine.resume(&dir, args.resume_falls_back())?;
-        let s: SamplerState = serde_json::from_value(state["sampler"].clone())
-            .with_context(|| format!("{}: trainer state has no valid sampler", dir.display()))?;
-        sampler.restore(&s)?;
-        if sess.is_main() {
-            println!(
-                "resumed from {} at step {}",
-                dir.display(),
-                engine.steps_done()
-            );
-        }
-    }
+    let run = RunSkeleton::new(args, total, &sess.model_dir, steps_per_epoch);
+    run.resume(&mut engine, &mut sampler, sess.is_main())?;
     let pad = sess.tokenizer.pad_token_id().unwrap_or(0) as i64;
     let opts = LogprobOptions {
         chunk_size: cfg.logprob_chunk_size,
         temperature: 1.0,
         with_entropy: false,
     };
-    let root = args.checkpoint_root();
-    let keep = args.save_total_limit.unwrap_or(usize::MAX);
-    let mut last_saved = None;
     let shutdown = Shutdown::install(&sess.rt).context("listening for SIGTERM")?;
-    while engine.steps_done() < total {
+    while engine.steps_done() < total && !run.should_stop() {
         sess.metrics.enter_phase(Phase::ForwardBackward);
         let t0 = Instant::now();
         let batch = sampler.next_batch(per_step);
@@ -188,12 +171,16 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
             tracing::info!(step, loss = stats.loss, grad_norm = stats.grad_norm, "sft");
         }
         let stop = shutdown.agreed(engine.comm(), sess.device)?;
-        let state = json!({ "command": "sft", "sampler": sampler.state() });
-        if stop || step == total || save_every.due(step) {
+        if stop || run.save_due(step) {
             sess.metrics.enter_phase(Phase::Checkpoint);
-            let dir = engine.save_checkpoint(&root, &state, keep, Some(&sess.model_dir))?;
-            last_saved = Some(dir);
         }
+        run.save_if_due(
+            &mut engine,
+            step,
+            stop,
+            || json!({ "command": "sft", "sampler": sampler.state() }),
+            sess.is_main(),
+        )?;
         if stop && step < total {
             sess.metrics.enter_phase(Phase::Done);
             if sess.is_main() {
@@ -205,10 +192,6 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     }
     sess.metrics.enter_phase(Phase::Done);
     crate::plot::at_end_of_run(sess.is_main(), &args.output_dir);
-    if let Some(dir) = last_saved.filter(|_| sess.is_main()) {
-        publish_final_model(&dir, &args.output_dir)?;
-        println!("final model: {}", args.output_dir.display());
-    }
     Ok(())
 }
 

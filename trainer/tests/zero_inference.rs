@@ -201,3 +201,62 @@ fn an_error_in_the_visitor_is_returned_without_desynchronising_ranks() {
     assert!(results[0].0 && !results[1].0);
     assert_eq!(results[0].1, results[1].1);
 }
+
+/// The reference model (`ZeroEngine::new_frozen`) holds only its stage's compute
+/// parameters: no gradients, master weights or optimizer state; its log-probs equal the
+/// unsharded model's (stages 2 and 3, 2 ranks), and training on it is refused.
+#[test]
+fn a_frozen_engine_holds_parameters_only_and_matches_the_model() {
+    for stage in [ZeroStage::Stage2, ZeroStage::Stage3] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::thread::scope(|s| {
+            for rank in 0..2 {
+                s.spawn(move || {
+                    let (expected, _) = reference();
+                    let cfg = DistConfig {
+                        backend: Backend::Ring,
+                        timeout_secs: 60,
+                        ..DistConfig::default()
+                    };
+                    let comm =
+                        dist::connect(&cfg, &RendezvousEnv::loopback(rank, 2, port), Device::Cpu)
+                            .unwrap();
+                    let (mcfg, w) = load();
+                    let numel: usize = w.named().iter().map(|(_, t)| t.numel()).sum();
+                    let zero = ZeroConfig {
+                        stage,
+                        ..ZeroConfig::default()
+                    };
+                    let mut e = ZeroEngine::new_frozen(mcfg, &w, zero, Device::Cpu, comm).unwrap();
+                    let m = e.memory();
+                    assert_eq!(
+                        (m.grad_bytes, m.optimizer_bytes),
+                        (0, 0),
+                        "{stage:?}: {m:?}"
+                    );
+                    let full = numel * 4;
+                    match stage {
+                        ZeroStage::Stage3 => assert!(m.param_bytes <= full / 2 + 4096, "{m:?}"),
+                        _ => assert_eq!(m.param_bytes, full),
+                    }
+                    let ids = &ids();
+                    let mb = MicroBatch {
+                        input_ids: ids.shallow_clone(),
+                        attention_mask: None,
+                        position_ids: None,
+                    };
+                    let lp = e
+                        .forward_no_grad(&mb, |h, head| logprobs(h, head, ids))
+                        .unwrap();
+                    assert!(max_abs(&lp, &expected) < 1e-5, "{stage:?}");
+                    let err = e.step().unwrap_err().to_string();
+                    assert!(err.contains("frozen"), "{err}");
+                });
+            }
+        });
+    }
+}

@@ -229,6 +229,106 @@ pub fn combine_rewards(
         .collect())
 }
 
+/// Moments of the included rewards of a batch: what ranks add up to get one std over
+/// the global batch (`scale_rewards = batch`). Plain `f64` sums, reduced across ranks in
+/// `f64` by the caller.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RewardMoments {
+    pub count: f64,
+    pub sum: f64,
+    pub sum_sq: f64,
+}
+
+impl RewardMoments {
+    /// The moments of the rewards of groups not `excluded` (`rewards` holds
+    /// `excluded.len() * num_generations` values, groups contiguous).
+    pub fn of(rewards: &[f64], num_generations: usize, excluded: &[bool]) -> Self {
+        let mut m = RewardMoments::default();
+        for (rs, _) in rewards
+            .chunks(num_generations.max(1))
+            .zip(excluded)
+            .filter(|(_, ex)| !**ex)
+        {
+            for &r in rs {
+                m.count += 1.0;
+                m.sum += r;
+                m.sum_sq += r * r;
+            }
+        }
+        m
+    }
+
+    /// Unbiased std (`n − 1`), 0 for fewer than two rewards.
+    pub fn std(&self) -> f64 {
+        if self.count <= 1.0 {
+            return 0.0;
+        }
+        let mean = self.sum / self.count;
+        ((self.sum_sq - self.count * mean * mean) / (self.count - 1.0))
+            .max(0.0)
+            .sqrt()
+    }
+}
+
+/// One rank's advantages for a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepAdvantages {
+    /// `[groups * num_generations]`; zero for every sample of an excluded group.
+    pub values: Vec<f64>,
+    /// Included groups whose rewards are all equal (std at most [`ZERO_STD_TOL`]).
+    pub zero_std_groups: usize,
+}
+
+/// Group-relative advantages of one rank's groups, where some groups are `excluded`
+/// (left out of the loss: their advantages are 0 and they neither count as zero-std nor
+/// enter the batch std).
+///
+/// `Group` and `None` scaling are per group ([`group_advantages`]). `Batch` divides the
+/// centred rewards by the unbiased std of every included reward of the *global* batch,
+/// as TRL does after gathering: `reduce` turns this rank's [`RewardMoments`] into the sum
+/// over all ranks (the identity on one rank).
+pub fn step_advantages(
+    rewards: &[f64],
+    excluded: &[bool],
+    num_generations: usize,
+    scale: ScaleRewards,
+    reduce: impl FnOnce(RewardMoments) -> Result<RewardMoments, String>,
+) -> Result<StepAdvantages, String> {
+    if excluded.len() * num_generations != rewards.len() {
+        return Err(format!(
+            "{} rewards for {} groups of num_generations = {num_generations}",
+            rewards.len(),
+            excluded.len()
+        ));
+    }
+    let per_group = if scale == ScaleRewards::Batch {
+        ScaleRewards::None
+    } else {
+        scale
+    };
+    let local = group_advantages(rewards, num_generations, per_group)?;
+    let mut values = local.values;
+    if scale == ScaleRewards::Batch {
+        let global = reduce(RewardMoments::of(rewards, num_generations, excluded))?;
+        let std = global.std();
+        for v in &mut values {
+            *v /= std + STD_EPS;
+        }
+    }
+    let mut zero_std_groups = 0;
+    for (g, ex) in excluded.iter().enumerate() {
+        if *ex {
+            values[g * num_generations..(g + 1) * num_generations].fill(0.0);
+        } else if local.group_std[g] <= ZERO_STD_TOL {
+            zero_std_groups += 1;
+        }
+    }
+    Ok(StepAdvantages {
+        values,
+        zero_std_groups,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,5 +457,46 @@ mod tests {
             combine_rewards(&per_func, &[1.0, 0.0]).unwrap(),
             vec![Some(1.0), Some(2.0)]
         );
+    }
+
+    #[test]
+    fn step_advantages_exclude_groups_and_scale_by_the_global_batch_std() {
+        // Two groups of 3 on this rank; the second is excluded.
+        let rewards = [1.0, 0.0, 0.0, 5.0, 5.0, 7.0];
+        let excluded = [false, true];
+        let a = step_advantages(&rewards, &excluded, 3, ScaleRewards::Group, Ok).unwrap();
+        assert_eq!(&a.values[3..], &[0.0, 0.0, 0.0]);
+        assert_eq!(a.zero_std_groups, 0);
+        // Another rank contributed rewards 1, 1, 1 (a zero-std group there).
+        let other = RewardMoments::of(&[1.0, 1.0, 1.0], 3, &[false]);
+        let a = step_advantages(&rewards, &excluded, 3, ScaleRewards::Batch, |m| {
+            assert_eq!(m.count, 3.0, "excluded groups stay out of the batch std");
+            Ok(RewardMoments {
+                count: m.count + other.count,
+                sum: m.sum + other.sum,
+                sum_sq: m.sum_sq + other.sum_sq,
+            })
+        })
+        .unwrap();
+        // Global included rewards 1,0,0,1,1,1: mean 2/3, unbiased var = (6*(1/9)... ) computed directly.
+        let all = [1.0f64, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let mean = all.iter().sum::<f64>() / 6.0;
+        let std = (all.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / 5.0).sqrt();
+        let expect = (1.0 - 1.0 / 3.0) / (std + STD_EPS);
+        assert!(
+            (a.values[0] - expect).abs() < 1e-12,
+            "{} vs {expect}",
+            a.values[0]
+        );
+        let flat = step_advantages(
+            &[2.0, 2.0, 1.0, 3.0],
+            &[false, false],
+            2,
+            ScaleRewards::None,
+            Ok,
+        )
+        .unwrap();
+        assert_eq!(flat.zero_std_groups, 1);
+        assert!(step_advantages(&rewards, &[false], 3, ScaleRewards::Group, Ok).is_err());
     }
 }

@@ -105,6 +105,75 @@ pub fn split_even(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// Padded tokens of a micro-batch of these lengths: rows × the longest.
+fn padded(lengths: &[usize], rows: &[usize]) -> usize {
+    rows.iter().map(|&i| lengths[i]).max().unwrap_or(0) * rows.len()
+}
+
+/// Consecutive runs of `order` (sample indices, longest first) each of at most `budget`
+/// padded tokens (a sample longer than the budget gets a run of its own).
+fn greedy_runs(lengths: &[usize], order: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut runs: Vec<Vec<usize>> = vec![];
+    for &i in order {
+        match runs.last_mut() {
+            // Longest first: the run's first sample sets its padded length.
+            Some(run) if lengths[run[0]] * (run.len() + 1) <= budget => run.push(i),
+            _ => runs.push(vec![i]),
+        }
+    }
+    runs
+}
+
+fn longest_first(lengths: &[usize]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    // Stable: equal lengths keep their input order, so the plan is deterministic.
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]));
+    order
+}
+
+/// How many micro-batches of at most `max_tokens` padded tokens the samples of
+/// `lengths` (prompt + completion tokens) need when packed longest first (verl's dynamic
+/// batch size). Ranks take the maximum of their counts, as every rank must run the same
+/// number of micro-batches.
+pub fn micro_batches_needed(lengths: &[usize], max_tokens: usize) -> usize {
+    greedy_runs(lengths, &longest_first(lengths), max_tokens.max(1)).len()
+}
+
+/// Cuts the samples into exactly `parts` micro-batches (`1 <= parts <= lengths.len()`)
+/// of similar length, longest first, with as little padding per micro-batch as the
+/// count allows: the smallest token budget that greedy packing meets with at most
+/// `parts` runs, then the runs with the most rows split until there are `parts`.
+/// Returns the sample indices of each micro-batch.
+pub fn partition_by_tokens(lengths: &[usize], parts: usize) -> Vec<Vec<usize>> {
+    let order = longest_first(lengths);
+    let parts = parts.clamp(1, lengths.len().max(1));
+    if lengths.is_empty() {
+        return vec![];
+    }
+    let (mut lo, mut hi) = (1usize, padded(lengths, &order).max(1));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if greedy_runs(lengths, &order, mid).len() <= parts {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let mut runs = greedy_runs(lengths, &order, lo);
+    while runs.len() < parts {
+        let (k, _) = runs
+            .iter()
+            .enumerate()
+            .max_by_key(|(k, r)| (r.len(), std::cmp::Reverse(*k)))
+            .expect("at least one run");
+        let run = runs.remove(k);
+        let (a, b) = run.split_at(run.len() / 2);
+        runs.insert(k, b.to_vec());
+        runs.insert(k, a.to_vec());
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +241,38 @@ mod tests {
         assert_eq!(split_even(7, 3), vec![0..3, 3..5, 5..7]);
         assert_eq!(split_even(2, 3), vec![0..1, 1..2, 2..2]);
         assert_eq!(split_even(6, 2), vec![0..3, 3..6]);
+    }
+
+    #[test]
+    fn token_budget_partitions_sort_by_length_and_cover_every_sample() {
+        let lengths = [5, 30, 8, 31, 7, 6, 29, 9];
+        // Longest first: 31, 30, 29 | 9, 8, 7, 6, 5 with a budget of 96.
+        assert_eq!(micro_batches_needed(&lengths, 96), 2);
+        assert_eq!(micro_batches_needed(&lengths, 31), 5);
+        assert_eq!(
+            micro_batches_needed(&lengths, 10),
+            8,
+            "one sample per run beyond the budget"
+        );
+        let parts = partition_by_tokens(&lengths, 2);
+        assert_eq!(parts, vec![vec![3, 1, 6], vec![7, 2, 4, 5, 0]]);
+        for n in 1..=8 {
+            let parts = partition_by_tokens(&lengths, n);
+            assert_eq!(parts.len(), n);
+            let mut all: Vec<usize> = parts.concat();
+            all.sort();
+            assert_eq!(all, (0..8).collect::<Vec<_>>());
+            assert!(parts.iter().all(|p| !p.is_empty()));
+        }
+        // Sorting by length packs less padding than the even split in input order.
+        let even: usize = split_even(8, 2)
+            .into_iter()
+            .map(|r| padded(&lengths, &r.collect::<Vec<_>>()))
+            .sum();
+        let sorted: usize = partition_by_tokens(&lengths, 2)
+            .iter()
+            .map(|p| padded(&lengths, p))
+            .sum();
+        assert!(sorted < even, "{sorted} vs {even}");
     }
 }

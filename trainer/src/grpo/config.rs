@@ -9,8 +9,11 @@ use super::loss::{
 use crate::config::{Command, IntervalStrategy, Recipe};
 use crate::data::DatasetConfig;
 use crate::rewards::RewardsConfig;
-use crate::rollout::RolloutConfig;
+use crate::rollout::{RolloutConfig, Sampling};
 use crate::session::TrainingArgs;
+
+/// Largest `max_staleness`: each round ahead holds a batch of groups in memory.
+pub const MAX_STALENESS: usize = 16;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -81,6 +84,16 @@ pub struct GrpoConfig {
     /// Positions per chunk when computing log-probs (peak memory `B * chunk * V`).
     pub logprob_chunk_size: i64,
     pub rollout: RolloutConfig,
+    /// Rounds of rollouts requested ahead while the ranks train (TRL's AsyncGRPO
+    /// `max_staleness`): every trained group is at most this many weight versions older
+    /// than the policy; older ones are dropped, counted and regenerated. 0 is on-policy:
+    /// generate, then train.
+    pub max_staleness: usize,
+    /// Dynamic micro-batches (verl's `use_dynamic_bsz` with `ppo_max_token_len_per_gpu`):
+    /// a round's completions are sorted by length and cut into micro-batches of at most
+    /// this many padded tokens (every rank runs as many as the rank needing most), instead
+    /// of `gradient_accumulation_steps` equal-count ones. Unset: equal-count split.
+    pub micro_batch_max_tokens: Option<usize>,
 }
 
 impl Default for GrpoConfig {
@@ -124,6 +137,8 @@ impl Default for GrpoConfig {
             eval_num_generations: 4,
             logprob_chunk_size: 512,
             rollout: RolloutConfig::default(),
+            max_staleness: 0,
+            micro_batch_max_tokens: None,
         }
     }
 }
@@ -141,6 +156,20 @@ impl GrpoConfig {
     /// Prompts each rank sends per generation round.
     pub fn prompts_per_rank(&self) -> usize {
         self.completions_per_rank() / self.num_generations.max(1)
+    }
+
+    /// How the workers sample training (and evaluation) completions, built once from
+    /// the settings; `seed` picks the streams.
+    pub fn sampling(&self, seed: Option<u64>) -> Sampling {
+        Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            max_new_tokens: self.max_completion_length as u32,
+            seed,
+            ignore_eos: false,
+        }
     }
 
     pub fn loss_config(&self) -> PolicyLossConfig {
@@ -251,6 +280,18 @@ impl GrpoConfig {
         }
         if self.num_iterations == 0 {
             return Err("num_iterations must be at least 1".into());
+        }
+        if self.micro_batch_max_tokens == Some(0) {
+            return Err(
+                "micro_batch_max_tokens must be at least 1 (unset: equal-count micro-batches)"
+                    .into(),
+            );
+        }
+        if self.max_staleness > MAX_STALENESS {
+            return Err(format!(
+                "max_staleness must be in 0..={MAX_STALENESS} (rounds generated ahead), got {}",
+                self.max_staleness
+            ));
         }
         if !(self.vllm_importance_sampling_cap.is_finite()
             && self.vllm_importance_sampling_cap > 0.0)

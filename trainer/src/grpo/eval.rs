@@ -3,7 +3,6 @@
 //! the training temperature, scored by the accuracy reward. Prompts whose gold answer
 //! cannot be parsed are left out and counted.
 use anyhow::{anyhow, Result};
-use proto::v1 as pb;
 
 use super::config::GrpoConfig;
 use crate::data::PromptExample;
@@ -105,32 +104,13 @@ pub fn evaluate(
             })
             .collect()
     };
-    let base = pb::SamplingParams {
-        max_new_tokens: cfg.max_completion_length as u32,
-        seed: Some(cfg.args.seed),
-        ..Default::default()
-    };
-    let greedy = rt.block_on(client.generate(
-        jobs(),
-        1,
-        pb::SamplingParams {
-            temperature: Some(0.0),
-            ..base.clone()
-        },
-        true,
-        version,
-        |_| {},
-    ))?;
+    let sampling = cfg.sampling(Some(cfg.args.seed));
+    let greedy =
+        rt.block_on(client.generate(jobs(), 1, sampling.greedy(), true, version, |_| {}))?;
     let sampled = rt.block_on(client.generate(
         jobs(),
         cfg.eval_num_generations as u32,
-        pb::SamplingParams {
-            temperature: Some(cfg.temperature),
-            top_p: Some(cfg.top_p),
-            top_k: cfg.top_k,
-            min_p: cfg.min_p,
-            ..base
-        },
+        sampling,
         true,
         version,
         |_| {},
@@ -164,7 +144,7 @@ fn score(set: &EvalSet, offset: usize, groups: &[RolloutGroup]) -> Result<Vec<Ve
                 prompt: &e.prompt_text,
                 completion: &c.text,
                 completion_tokens: c.token_ids.len(),
-                truncated: c.finish_reason == pb::FinishReason::Length as i32,
+                truncated: c.truncated(),
                 group: g.key as usize,
                 fields: &e.fields,
             });

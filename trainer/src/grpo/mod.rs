@@ -6,7 +6,8 @@
 //!   an independent PyTorch implementation that the `grpo_golden` test compares against.
 //! - [`batch`] packs completions into micro-batches; [`stats`] sums a round's statistics
 //!   over ranks; [`eval`] scores held-out prompts; [`trainer`] is the loop of one rank
-//!   and [`config`] its settings.
+//!   (its phases and their timings in [`phases`], the rollouts requested ahead with
+//!   bounded staleness in [`pipeline`]) and [`config`] its settings.
 //!
 //! Data flow of a step: rollouts from the workers → reward functions score each
 //! completion → [`combine_rewards`] → [`group_advantages`] per prompt group →
@@ -19,9 +20,14 @@ pub mod config;
 pub mod dynamic_sampling;
 pub mod eval;
 pub mod loss;
+pub mod phases;
+pub mod pipeline;
+mod report;
 pub mod stats;
 pub mod trainer;
 
-pub use advantages::{combine_rewards, group_advantages, Advantages, ScaleRewards};
+pub use advantages::{
+    combine_rewards, group_advantages, step_advantages, Advantages, RewardMoments, ScaleRewards,
+};
 pub use config::GrpoConfig;
 pub use loss::{policy_loss, LossStats, LossType, PolicyBatch, PolicyLoss, PolicyLossConfig};

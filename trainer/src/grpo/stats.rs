@@ -32,14 +32,61 @@ pub struct RoundStats {
     /// Prompt tokens of every completion's sample, unpadded (a prompt counts once per
     /// completion, as in the trained batch).
     pub prompt_tokens: f64,
+    /// Positions of the trained micro-batches that are padding.
+    pub padding_tokens: f64,
+    /// Trained groups by staleness (`[j]`: generated `j` versions before the policy).
+    pub staleness: Vec<f64>,
+    /// Groups dropped for being more than `max_staleness` versions old (regenerated).
+    pub stale_dropped: f64,
+    /// Seconds this rank waited for its groups (summed over ranks).
+    pub rollout_wait: f64,
+    /// Seconds of the round during which this rank had no generation running; the
+    /// minimum over ranks is an upper bound of the time the workers sat idle.
+    pub workers_idle: f64,
+}
+
+/// Sums `values` over the ranks in (nearly) f64 precision: each value travels as an f32
+/// pair (rounded value + remainder), so sums keep about 48 bits of precision on backends
+/// that reduce f32 only. Collective.
+pub fn all_reduce_f64(comm: &mut dyn Communicator, values: &mut [f64]) -> Result<(), CommError> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    let hi: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    let lo: Vec<f32> = values
+        .iter()
+        .zip(&hi)
+        .map(|(&x, &h)| (x - h as f64) as f32)
+        .collect();
+    let mut t = Tensor::from_slice(&[hi, lo].concat());
+    comm.all_reduce(&mut t, ReduceOp::Sum)?;
+    let v: Vec<f32> = Vec::try_from(&t).map_err(|source| CommError::Torch {
+        op: "all_reduce_f64",
+        source,
+    })?;
+    let n = values.len();
+    for (i, x) in values.iter_mut().enumerate() {
+        *x = v[i] as f64 + v[n + i] as f64;
+    }
+    Ok(())
 }
 
 impl RoundStats {
-    pub fn new(num_funcs: usize) -> RoundStats {
+    pub fn new(num_funcs: usize, max_staleness: usize) -> RoundStats {
         RoundStats {
             per_func: vec![[0.0; 4]; num_funcs],
+            staleness: vec![0.0; max_staleness + 1],
             ..RoundStats::default()
         }
+    }
+
+    /// Adds one micro-batch's loss statistics.
+    pub fn add_loss(&mut self, s: &super::loss::LossStats) {
+        self.loss_tokens += s.tokens;
+        self.kl_sum += s.kl_sum;
+        self.low_clipped += s.low_clipped;
+        self.high_clipped += s.high_clipped;
+        self.region_clipped += s.region_clipped;
     }
 
     fn flat(&self) -> Vec<f64> {
@@ -61,7 +108,11 @@ impl RoundStats {
             self.entropy_tokens,
             self.train_tokens,
             self.prompt_tokens,
+            self.padding_tokens,
+            self.stale_dropped,
+            self.rollout_wait,
         ]);
+        v.extend(&self.staleness);
         v
     }
 
@@ -88,31 +139,28 @@ impl RoundStats {
         self.entropy_tokens = next();
         self.train_tokens = next();
         self.prompt_tokens = next();
+        self.padding_tokens = next();
+        self.stale_dropped = next();
+        self.rollout_wait = next();
+        for x in &mut self.staleness {
+            *x = next();
+        }
     }
 
-    /// Sums every field over the ranks (the maximum for `max_completion_tokens`).
-    /// Collective. Each value travels as an f32 pair (rounded value + remainder), so
-    /// sums keep about 48 bits of precision on backends that reduce f32 only.
+    /// Sums every field over the ranks (the maximum for `max_completion_tokens`, the
+    /// minimum for `workers_idle`). Collective.
     pub fn all_reduce(&mut self, comm: &mut dyn Communicator) -> Result<(), CommError> {
         if comm.world_size() == 1 {
             return Ok(());
         }
-        let flat = self.flat();
-        let hi: Vec<f32> = flat.iter().map(|&x| x as f32).collect();
-        let lo: Vec<f32> = flat
-            .iter()
-            .zip(&hi)
-            .map(|(&x, &h)| (x - h as f64) as f32)
-            .collect();
-        let mut t = Tensor::from_slice(&[hi, lo].concat());
-        comm.all_reduce(&mut t, ReduceOp::Sum)?;
-        let v: Vec<f32> = Vec::try_from(&t).expect("f32 tensor");
-        let n = flat.len();
-        let summed: Vec<f64> = (0..n).map(|i| v[i] as f64 + v[n + i] as f64).collect();
-        self.set_flat(&summed);
-        let mut m = Tensor::from_slice(&[self.max_completion_tokens as f32]);
+        let mut flat = self.flat();
+        all_reduce_f64(comm, &mut flat)?;
+        self.set_flat(&flat);
+        let mut m =
+            Tensor::from_slice(&[self.max_completion_tokens as f32, -self.workers_idle as f32]);
         comm.all_reduce(&mut m, ReduceOp::Max)?;
         self.max_completion_tokens = m.double_value(&[0]);
+        self.workers_idle = -m.double_value(&[1]);
         Ok(())
     }
 
@@ -177,6 +225,24 @@ impl RoundStats {
         // Unpadded token counts of the step (TRL's `num_tokens` is their running sum).
         log.insert("tokens/prompt".into(), self.prompt_tokens);
         log.insert("tokens/completion".into(), self.completion_tokens);
+        log.insert(
+            "tokens/padding_share".into(),
+            ratio(self.padding_tokens, self.train_tokens),
+        );
+        let trained: f64 = self.staleness.iter().sum();
+        let weighted: f64 = self
+            .staleness
+            .iter()
+            .enumerate()
+            .map(|(j, c)| j as f64 * c)
+            .sum();
+        log.insert("staleness/mean".into(), ratio(weighted, trained));
+        let max = self.staleness.iter().rposition(|c| *c > 0.0).unwrap_or(0);
+        log.insert("staleness/max".into(), max as f64);
+        for (j, c) in self.staleness.iter().enumerate() {
+            log.insert(format!("staleness/frac_{j}"), ratio(*c, trained));
+        }
+        log.insert("groups/stale_dropped".into(), self.stale_dropped);
     }
 }
 
@@ -186,7 +252,8 @@ mod tests {
 
     #[test]
     fn flat_layout_round_trips_and_metrics_follow_the_sums() {
-        let mut s = RoundStats::new(2);
+        let mut s = RoundStats::new(2, 1);
+        s.staleness = vec![3.0, 1.0];
         s.per_func = vec![[3.0, 5.0, 4.0, 1.0], [1.0, 1.0, 4.0, 0.0]];
         s.reward = [2.0, 2.0, 4.0];
         s.groups = 2.0;
@@ -197,7 +264,7 @@ mod tests {
         s.loss_tokens = 20.0;
         s.low_clipped = 2.0;
         s.prompt_tokens = 24.0;
-        let mut t = RoundStats::new(2);
+        let mut t = RoundStats::new(2, 1);
         t.set_flat(&s.flat());
         assert_eq!(t.flat(), s.flat());
         let mut log = StepLog::new();
@@ -213,5 +280,8 @@ mod tests {
         assert_eq!(log["clip_ratio/low_mean"], 0.1);
         assert_eq!(log["tokens/prompt"], 24.0);
         assert_eq!(log["tokens/completion"], 40.0);
+        assert_eq!(log["staleness/mean"], 0.25);
+        assert_eq!(log["staleness/max"], 1.0);
+        assert_eq!(log["staleness/frac_0"], 0.75);
     }
 }

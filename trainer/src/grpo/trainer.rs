@@ -1,39 +1,48 @@
 //! `trainer grpo`: the training loop of one rank.
 //!
-//! A round: every rank draws the same global prompt batch from the seeded sampler and
-//! takes its contiguous slice (whole groups), asks the rollout workers for
-//! `num_generations` completions per prompt at the current weight version, scores them
-//! with the reward functions, turns rewards into group-relative advantages, packs the
-//! completions into `gradient_accumulation_steps` micro-batches and runs
-//! `num_iterations` optimizer steps on them (recording the old log-probs first when
-//! reusing the batch). Then the new weights are streamed to every worker unit by unit
-//! (rank 0 sends, every rank takes part in the gathers) under the next version, which
-//! the next round's rollouts must carry. Statistics are summed over ranks and logged
-//! under TRL's names.
+//! A round reads like the algorithm ([`Grpo::round`]): take this round's groups from
+//! the rollout [`Pipeline`] (`rollout`), score them (`reward`), turn rewards into
+//! group-relative advantages and micro-batches (`advantage`), run `num_iterations`
+//! optimizer steps on them (`forward_backward`, `optimizer`; old log-probs are recorded
+//! first when the batch is reused), and hand the new weights to the workers
+//! (`weight_sync`, streamed unit by unit: rank 0 sends, every rank takes part in the
+//! gathers). Each phase is a tracing span and fills the round's [`Timings`].
+//!
+//! Every rank draws the same global prompt batch from the seeded sampler and takes its
+//! contiguous slice (whole groups). With `max_staleness = 0` a round generates its
+//! groups from the weights of the previous step; with `k >= 1` the next `k` rounds' groups
+//! are generated while this one trains, and the push of new weights waits until the
+//! oldest batch in flight has arrived (for `k = 1` the workers are then idle, so which
+//! version produced each group does not depend on timing). Statistics are summed over
+//! ranks and logged under TRL's names; the run skeleton (resume, save when due, publish)
+//! is [`RunSkeleton`], shared with `trainer sft`.
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use model::LogprobOptions;
-use proto::v1 as pb;
 use serde_json::json;
 use tch::{Kind, Tensor};
 
-use super::advantages::{combine_rewards, group_advantages, ScaleRewards};
-use super::batch::{pack, split_even, PackedBatch, Sample};
+use super::advantages::{combine_rewards, step_advantages, RewardMoments};
+use super::batch::{
+    micro_batches_needed, pack, partition_by_tokens, split_even, PackedBatch, Sample,
+};
 use super::completions::{completion_rows, completions_table};
 use super::config::GrpoConfig;
 use super::eval::{evaluate, EvalSet, EvalSums};
 use super::loss::{policy_loss, PolicyBatch};
-use super::stats::RoundStats;
-use crate::data::{self, PromptExample, Sampler, SamplerState};
+use super::phases::{Phase, Timings};
+use super::pipeline::{staleness, Pipeline, Request};
+use super::stats::{all_reduce_f64, RoundStats};
+use crate::data::{self, PromptExample, Sampler};
 use crate::dist::{Communicator, ReduceOp, SharedComm};
-use crate::metrics::{Phase, StepLog};
+use crate::metrics::{Phase as RunPhase, StepLog};
 use crate::objective::logprob_objective;
 use crate::rewards::{build_reward_functions, RewardFunction, RewardInput};
 use crate::rollout::{PromptJob, RolloutClient, RolloutGroup};
-use crate::session::{publish_final_model, record_memory, Session};
+use crate::session::{record_memory, RunSkeleton, Session};
 use crate::shutdown::Shutdown;
-use crate::zero::{MicroBatch, ZeroEngine};
+use crate::zero::{MicroBatch, StepStats, ZeroEngine};
 
 /// Runs GRPO on this rank until the last step.
 pub fn run(cfg: &GrpoConfig) -> Result<()> {
@@ -73,15 +82,13 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
     let weights = sess.weights.take().expect("weights are taken once");
     let comm = sess.comm.take().expect("communicator is taken once");
     // The reference model (beta > 0) is sharded like the policy and shares its ranks'
-    // connection; it never steps, so its optimizer state is never touched.
+    // connection; it never steps, so it holds parameters only.
     let (policy_comm, ref_engine): (Box<dyn Communicator>, Option<ZeroEngine>) = if cfg.beta > 0.0 {
         let shared = SharedComm::new(comm);
-        let reference = ZeroEngine::new(
+        let reference = ZeroEngine::new_frozen(
             sess.model_cfg.clone(),
             &weights,
             args.zero.clone(),
-            args.optim(),
-            total,
             sess.device,
             Box::new(shared.clone()),
         )?;
@@ -100,10 +107,17 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
     )?;
     drop(weights);
     record_memory(&sess.metrics, engine.memory());
+    let compute = args
+        .zero
+        .compute_kind()
+        .map_err(|e| anyhow!("configuration: {e}"))?;
     let client = sess
         .rt
-        .block_on(RolloutClient::connect(cfg.rollout.clone()))
+        .block_on(RolloutClient::connect(
+            cfg.rollout.clone().with_compute_dtype(compute),
+        ))
         .context("connecting to the rollout workers")?;
+    let skeleton = RunSkeleton::new(args, total, &sess.model_dir, steps_per_epoch);
     let mut run = Grpo {
         cfg,
         pad: sess.tokenizer.pad_token_id().unwrap_or(0) as i64,
@@ -114,53 +128,68 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
         ref_engine,
         client,
         version: 0,
+        pending_push: false,
+        pipeline: Pipeline::default(),
+        next_round: 0,
         total,
         steps_per_epoch,
         eval,
+        stale_seen: 0,
+        started: Instant::now(),
+        steps_at_start: 0,
         sess,
     };
-    run.resume()?;
+    let is_main = run.sess.is_main();
+    if let Some(state) = skeleton.resume(&mut run.engine, &mut run.sampler, is_main)? {
+        run.version = state["weight_version"].as_u64().unwrap_or(0);
+    }
+    run.steps_at_start = run.engine.steps_done();
+    run.next_round = run.engine.steps_done() / cfg.num_iterations as u64;
     run.sync_workers()?;
     run.evaluate("before training")?;
+    run.started = Instant::now();
     let shutdown = Shutdown::install(&run.sess.rt).context("listening for SIGTERM")?;
-    while run.engine.steps_done() < run.total {
-        run.round()?;
+    while run.engine.steps_done() < run.total && !skeleton.should_stop() {
+        run.round(&skeleton)?;
         if shutdown.agreed(run.engine.comm(), run.sess.device)? {
-            return run.stop_at_checkpoint();
+            return run.stop_at_checkpoint(&skeleton);
         }
     }
+    run.pipeline = Pipeline::default(); // cancels rollouts requested beyond the last step
+    run.sync_pending(&mut Timings::default())?;
     run.evaluate("after training")?;
-    run.sess.metrics.enter_phase(Phase::Done);
+    run.sess.metrics.enter_phase(RunPhase::Done);
     crate::plot::at_end_of_run(run.sess.is_main(), &cfg.args.output_dir);
     Ok(())
 }
 
-struct Grpo<'a> {
-    cfg: &'a GrpoConfig,
-    sess: Session,
+pub(super) struct Grpo<'a> {
+    pub(super) cfg: &'a GrpoConfig,
+    pub(super) sess: Session,
     prompts: Vec<PromptExample>,
-    sampler: Sampler,
+    pub(super) sampler: Sampler,
     funcs: Vec<Box<dyn RewardFunction>>,
-    engine: ZeroEngine,
+    pub(super) engine: ZeroEngine,
     ref_engine: Option<ZeroEngine>,
-    client: RolloutClient,
-    /// The weight version the workers serve for the current policy.
-    version: u64,
+    pub(super) client: RolloutClient,
+    /// The weight version the workers serve (the last one pushed).
+    pub(super) version: u64,
+    /// The policy has stepped since the last push.
+    pending_push: bool,
+    /// Rollouts requested and not yet trained on.
+    pipeline: Pipeline,
+    /// The generation round the next requested batch belongs to.
+    next_round: u64,
+    pub(super) total: u64,
     /// Optimizer steps per pass over the prompts (for the `epoch` strategies).
-    steps_per_epoch: u64,
-    total: u64,
+    pub(super) steps_per_epoch: u64,
     eval: Option<EvalSet>,
     pad: i64,
-}
-
-/// Wall-clock split of a round, in seconds.
-#[derive(Default)]
-struct Timings {
-    generate: f64,
-    reward: f64,
-    forward_backward: f64,
-    optimizer: f64,
-    weight_push: f64,
+    /// Stale groups the rollout client dropped so far (its counter at the last round).
+    stale_seen: u64,
+    /// When the training loop started (for the ETA), and the step it started from.
+    pub(super) started: Instant,
+    pub(super) steps_at_start: u64,
 }
 
 impl Grpo<'_> {
@@ -168,24 +197,514 @@ impl Grpo<'_> {
         self.sess.env.rank
     }
 
-    fn resume(&mut self) -> Result<()> {
-        let Some(dir) = self.cfg.args.resume_dir()? else {
-            return Ok(());
-        };
-        let (dir, state) = self
-            .engine
-            .resume(&dir, self.cfg.args.resume_falls_back())?;
-        let s: SamplerState = serde_json::from_value(state["sampler"].clone())
-            .with_context(|| format!("{}: trainer state has no valid sampler", dir.display()))?;
-        self.sampler.restore(&s)?;
-        self.version = state["weight_version"].as_u64().unwrap_or(0);
-        if self.sess.is_main() {
-            println!(
-                "resumed from {} at step {}",
-                dir.display(),
-                self.engine.steps_done()
+    /// One generation round: rollouts, rewards, advantages, `num_iterations` optimizer
+    /// steps; the new weights go to the workers before the next rollouts need them.
+    fn round(&mut self, skeleton: &RunSkeleton) -> Result<()> {
+        let t_round = Instant::now();
+        let mut times = Timings::default();
+        let mut stats = RoundStats::new(self.funcs.len(), self.cfg.max_staleness);
+
+        self.sess.metrics.enter_phase(RunPhase::Rollout);
+        let (prompts, groups) = self.rollouts(&mut times, &mut stats)?;
+        self.sess.metrics.enter_phase(RunPhase::Reward);
+        let scores = times.time(Phase::Reward, || {
+            self.rewards(&prompts, &groups, &mut stats)
+        })?;
+        let parts = times.time(Phase::Advantage, || {
+            self.advantages(&prompts, &groups, &scores, &mut stats)
+        })?;
+        self.sess.metrics.enter_phase(RunPhase::ForwardBackward);
+        let step = self.train(&parts, &mut times, &mut stats)?;
+        self.pending_push = true;
+
+        let now = Instant::now();
+        stats.workers_idle =
+            (now - t_round).as_secs_f64() - self.pipeline.busy_within(t_round, now);
+        stats.all_reduce(self.engine.comm())?;
+        self.report(&stats, &step, &times, t_round.elapsed().as_secs_f64());
+        let state = self.trainer_state();
+        if skeleton.save_due(step.step) {
+            self.sess.metrics.enter_phase(RunPhase::Checkpoint);
+        }
+        skeleton.save_if_due(&mut self.engine, step.step, false, || state, self.sess.is_main())?;
+        let cfg = self.cfg;
+        let eval_every =
+            crate::config::Interval::new(cfg.eval_strategy, cfg.eval_steps, self.steps_per_epoch);
+        if eval_every.due(step.step) && step.step < self.total {
+            self.pipeline.settle(&self.sess.rt);
+            self.sync_pending(&mut Timings::default())?;
+            self.evaluate("during training")?;
+        }
+        Ok(())
+    }
+
+    /// This round's groups (in prompt order) with their prompt indices, each at most
+    /// `max_staleness` versions behind the policy. Pushes the previous step's weights
+    /// once the oldest batch has arrived and requests the rounds ahead.
+    fn rollouts(
+        &mut self,
+        times: &mut Timings,
+        stats: &mut RoundStats,
+    ) -> Result<(Vec<usize>, Vec<RolloutGroup>)> {
+        if self.pipeline.is_empty() {
+            self.sync_pending(times)?;
+            self.request_next();
+        }
+        let t = Instant::now();
+        let (batch, groups) = times
+            .time(Phase::Rollout, || self.pipeline.next(&self.sess.rt))
+            .expect("a batch was requested");
+        stats.rollout_wait += t.elapsed().as_secs_f64();
+        let mut groups = groups?;
+        self.sync_pending(times)?;
+        let rounds = self.total.div_ceil(self.cfg.num_iterations as u64);
+        while self.pipeline.len() < self.cfg.max_staleness && self.next_round < rounds {
+            self.request_next();
+        }
+        times.time(Phase::Rollout, || {
+            self.drop_stale(batch.round, &batch.prompts, &mut groups, stats)
+        })?;
+        Ok((batch.prompts.clone(), groups))
+    }
+
+    /// Draws the next round's prompts and requests their groups at the served version.
+    fn request_next(&mut self) {
+        let cfg = self.cfg;
+        let (rank, world) = (self.rank(), self.sess.env.world_size);
+        let per_round = cfg.prompts_per_rank() * world;
+        let sampler_before = self.sampler.state();
+        let batch = self.sampler.next_batch(per_round);
+        let prompts: Vec<usize> = batch[split_even(per_round, world)[rank].clone()].to_vec();
+        let round = self.next_round;
+        self.next_round += 1;
+        let jobs = self.jobs(&prompts);
+        self.pipeline.request(
+            &self.sess.rt,
+            Request {
+                round,
+                prompts,
+                jobs,
+                sampler_before,
+                n: cfg.num_generations as u32,
+                sampling: cfg.sampling(Some(self.round_seed(round))),
+                min_version: self.version,
+                client: &self.client,
+            },
+        );
+    }
+
+    fn jobs(&self, prompts: &[usize]) -> Vec<PromptJob> {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| PromptJob {
+                key: k as u64,
+                token_ids: self.prompts[i].prompt_ids.clone(),
+            })
+            .collect()
+    }
+
+    /// The sampling seed of this rank's groups of generation round `round`.
+    fn round_seed(&self, round: u64) -> u64 {
+        self.cfg
+            .args
+            .seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(round * self.sess.env.world_size as u64 + self.rank() as u64)
+            .wrapping_mul(0x9E37_79B9)
+    }
+
+    /// Refuses groups from a version above the one pushed (naming the worker), replaces
+    /// groups more than `max_staleness` versions old by fresh ones, and counts both the
+    /// staleness of what is trained and the groups dropped.
+    fn drop_stale(
+        &mut self,
+        round: u64,
+        prompts: &[usize],
+        groups: &mut [RolloutGroup],
+        stats: &mut RoundStats,
+    ) -> Result<()> {
+        let k = self.cfg.max_staleness as u64;
+        let mut stale = vec![];
+        for (i, g) in groups.iter().enumerate() {
+            match staleness(self.version, g.weight_version) {
+                Err(v) => bail!(
+                    "worker {} returned a group of weight version {v}, above version {} that \
+                     this trainer pushed last: its weights do not come from this run",
+                    g.worker,
+                    self.version
+                ),
+                Ok(s) if s > k => stale.push(i),
+                Ok(_) => {}
+            }
+        }
+        // Groups the client itself dropped (a worker below the batch's minimum version).
+        let seen = self.client.stale_groups_dropped();
+        stats.stale_dropped += (seen - self.stale_seen) as f64 + stale.len() as f64;
+        self.stale_seen = seen;
+        if !stale.is_empty() {
+            tracing::debug!(round, count = stale.len(), "regenerating stale groups");
+            let idx: Vec<usize> = stale.iter().map(|&i| prompts[i]).collect();
+            let cfg = self.cfg;
+            let fresh = self.sess.rt.block_on(self.client.generate(
+                self.jobs(&idx),
+                cfg.num_generations as u32,
+                cfg.sampling(Some(self.round_seed(round) ^ 0x5EED)),
+                true,
+                self.version,
+                |_| {},
+            ))?;
+            for (i, mut g) in stale.into_iter().zip(fresh) {
+                g.key = i as u64;
+                groups[i] = g;
+            }
+        }
+        for g in groups.iter() {
+            let s = self.version.saturating_sub(g.weight_version) as usize;
+            if let Some(c) = stats.staleness.get_mut(s) {
+                *c += 1.0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every reward function's score of every completion; fills the reward statistics.
+    fn rewards(
+        &self,
+        prompts: &[usize],
+        groups: &[RolloutGroup],
+        stats: &mut RoundStats,
+    ) -> Result<Vec<Vec<Option<f64>>>> {
+        let mut inputs = vec![];
+        for (g, group) in groups.iter().enumerate() {
+            let ex = &self.prompts[prompts[g]];
+            for c in &group.completions {
+                inputs.push(RewardInput {
+                    prompt: &ex.prompt_text,
+                    completion: &c.text,
+                    completion_tokens: c.token_ids.len(),
+                    truncated: c.truncated(),
+                    group: g,
+                    fields: &ex.fields,
+                });
+            }
+        }
+        let mut per_func = vec![];
+        for f in &self.funcs {
+            let scores = f.score(&inputs)?;
+            if scores.len() != inputs.len() {
+                bail!(
+                    "reward function {} returned {} scores for {} completions",
+                    f.name(),
+                    scores.len(),
+                    inputs.len()
+                );
+            }
+            per_func.push(scores);
+        }
+        for (acc, scores) in stats.per_func.iter_mut().zip(&per_func) {
+            for s in scores {
+                match s {
+                    Some(x) => {
+                        acc[0] += x;
+                        acc[1] += x * x;
+                        acc[2] += 1.0;
+                    }
+                    None => acc[3] += 1.0,
+                }
+            }
+        }
+        Ok(per_func)
+    }
+
+    /// Group-relative advantages (the batch std reduced over ranks in f64) and the
+    /// micro-batches to train on. A group with any unscorable completion is left out of
+    /// the loss entirely.
+    fn advantages(
+        &mut self,
+        prompts: &[usize],
+        groups: &[RolloutGroup],
+        per_func: &[Vec<Option<f64>>],
+        stats: &mut RoundStats,
+    ) -> Result<Vec<PackedBatch>> {
+        let cfg = self.cfg;
+        let n = cfg.num_generations;
+        let combined =
+            combine_rewards(per_func, &cfg.reward_weights()).map_err(anyhow::Error::msg)?;
+        let excluded: Vec<bool> = combined
+            .chunks(n)
+            .map(|g| g.iter().any(Option::is_none))
+            .collect();
+        let rewards: Vec<f64> = combined.iter().map(|r| r.unwrap_or(0.0)).collect();
+        let comm = self.engine.comm();
+        let adv = step_advantages(&rewards, &excluded, n, cfg.scale_rewards, |m| {
+            let mut v = [m.count, m.sum, m.sum_sq];
+            all_reduce_f64(comm, &mut v).map_err(|e| e.to_string())?;
+            Ok(RewardMoments {
+                count: v[0],
+                sum: v[1],
+                sum_sq: v[2],
+            })
+        })
+        .map_err(anyhow::Error::msg)?;
+        let step = self.engine.steps_done() + 1;
+        if cfg.log_completions
+            && self.sess.is_main()
+            && cfg.args.log_interval(self.steps_per_epoch).due(step)
+        {
+            let rows = completion_rows(&self.prompts, prompts, groups, &rewards, &adv.values);
+            print!(
+                "{}",
+                completions_table(step, &rows, cfg.num_completions_to_print)
             );
         }
+
+        stats.groups += groups.len() as f64;
+        stats.zero_std_groups += adv.zero_std_groups as f64;
+        let mut samples = Vec::with_capacity(groups.len() * n);
+        for (g, group) in groups.iter().enumerate() {
+            if excluded[g] {
+                stats.excluded_groups += 1.0;
+            } else {
+                for &r in &rewards[g * n..(g + 1) * n] {
+                    stats.reward[0] += r;
+                    stats.reward[1] += r * r;
+                    stats.reward[2] += 1.0;
+                }
+            }
+            for (j, c) in group.completions.iter().enumerate() {
+                let truncated = c.truncated();
+                stats.completions += 1.0;
+                stats.completion_tokens += c.token_ids.len() as f64;
+                stats.prompt_tokens += group.prompt_ids.len() as f64;
+                stats.truncated += f64::from(u8::from(truncated));
+                stats.max_completion_tokens =
+                    stats.max_completion_tokens.max(c.token_ids.len() as f64);
+                samples.push(Sample {
+                    prompt_ids: group.prompt_ids.clone(),
+                    completion_ids: c.token_ids.clone(),
+                    sampler_logprobs: c.logprobs.clone(),
+                    advantage: adv.values[g * n + j] as f32,
+                    in_loss: !(excluded[g] || (cfg.mask_truncated_completions && truncated)),
+                });
+            }
+        }
+        let parts: Vec<PackedBatch> = self
+            .micro_batches(&samples)?
+            .iter()
+            .map(|rows| {
+                let part: Vec<Sample> = rows.iter().map(|&i| samples[i].clone()).collect();
+                pack(&part, self.pad)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?;
+        stats.train_tokens = parts.iter().map(|p| p.input_ids.numel() as f64).sum();
+        stats.padding_tokens = stats.train_tokens - stats.prompt_tokens - stats.completion_tokens;
+        Ok(parts)
+    }
+
+    /// The samples of each micro-batch: `gradient_accumulation_steps` equal-count runs,
+    /// or with `micro_batch_max_tokens` runs of similar length within the token budget
+    /// (as many on every rank as the rank needing most: collective).
+    fn micro_batches(&mut self, samples: &[Sample]) -> Result<Vec<Vec<usize>>> {
+        let Some(budget) = self.cfg.micro_batch_max_tokens else {
+            return Ok(
+                split_even(samples.len(), self.cfg.args.gradient_accumulation_steps)
+                    .into_iter()
+                    .filter(|r| !r.is_empty())
+                    .map(|r| r.collect())
+                    .collect(),
+            );
+        };
+        let lengths: Vec<usize> = samples
+            .iter()
+            .map(|s| s.prompt_ids.len() + s.completion_ids.len())
+            .collect();
+        let mut need = Tensor::from_slice(&[micro_batches_needed(&lengths, budget) as i64]);
+        self.engine.comm().all_reduce(&mut need, ReduceOp::Max)?;
+        Ok(partition_by_tokens(
+            &lengths,
+            need.int64_value(&[0]) as usize,
+        ))
+    }
+
+    /// `num_iterations` optimizer steps on `parts`; returns the last step's statistics.
+    fn train(
+        &mut self,
+        parts: &[PackedBatch],
+        times: &mut Timings,
+        stats: &mut RoundStats,
+    ) -> Result<StepStats> {
+        let cfg = self.cfg;
+        let opts = LogprobOptions {
+            chunk_size: cfg.logprob_chunk_size,
+            temperature: cfg.temperature,
+            with_entropy: false,
+        };
+        let old = if cfg.num_iterations > 1 {
+            Some(times.time(Phase::ForwardBackward, || {
+                self.logprobs_of(false, parts, &opts)
+            })?)
+        } else {
+            None
+        };
+        let reference = if self.ref_engine.is_some() {
+            Some(times.time(Phase::ForwardBackward, || {
+                self.logprobs_of(true, parts, &opts)
+            })?)
+        } else {
+            None
+        };
+        let mut last = None;
+        for iteration in 0..cfg.num_iterations {
+            let first = iteration == 0;
+            times.time(Phase::ForwardBackward, || -> Result<()> {
+                for (i, part) in parts.iter().enumerate() {
+                    let old = old.as_ref().map(|o| &o[i]);
+                    let reference = reference.as_ref().map(|r| &r[i]);
+                    let stats = first.then_some(&mut *stats);
+                    self.micro_batch(part, old, reference, &opts, stats)?;
+                }
+                Ok(())
+            })?;
+            self.sess.metrics.enter_phase(RunPhase::Optimizer);
+            let step = times.time(Phase::Optimizer, || self.engine.step())?;
+            self.sess.metrics.steps_total.inc();
+            last = Some(step);
+            if self.engine.steps_done() >= self.total {
+                break;
+            }
+        }
+        Ok(last.expect("num_iterations >= 1"))
+    }
+
+    /// Forward and backward of one micro-batch through the policy loss; `stats` (first
+    /// iteration only) receives the loss statistics and the entropy.
+    fn micro_batch(
+        &mut self,
+        part: &PackedBatch,
+        old: Option<&Tensor>,
+        reference: Option<&Tensor>,
+        opts: &LogprobOptions,
+        mut stats: Option<&mut RoundStats>,
+    ) -> Result<()> {
+        let loss_cfg = self.cfg.loss_config();
+        let opts = LogprobOptions {
+            with_entropy: stats.is_some(),
+            ..*opts
+        };
+        let mb = MicroBatch {
+            input_ids: part.input_ids.shallow_clone(),
+            attention_mask: None,
+            position_ids: None,
+        };
+        self.engine.forward_backward(&mb, |hidden, head| {
+            logprob_objective(hidden, head, &part.targets, &opts, |view| {
+                let loss = policy_loss(
+                    &PolicyBatch {
+                        logprobs: view.logprobs,
+                        old_logprobs: old,
+                        ref_logprobs: reference,
+                        sampler_logprobs: Some(&part.sampler_logprobs),
+                        advantages: &part.advantages,
+                        mask: &part.loss_mask,
+                    },
+                    &loss_cfg,
+                )?;
+                if let Some(stats) = stats.as_deref_mut() {
+                    stats.add_loss(&loss.stats);
+                    if let Some(ent) = view.entropy {
+                        stats.entropy_sum += (ent * &part.completion_mask)
+                            .sum(Kind::Float)
+                            .double_value(&[]);
+                        stats.entropy_tokens +=
+                            part.completion_mask.sum(Kind::Float).double_value(&[]);
+                    }
+                }
+                Ok((loss.loss_sum, loss.count))
+            })
+        })?;
+        Ok(())
+    }
+
+    /// Log-probs of every micro-batch's targets under the policy (`reference = false`,
+    /// the "old" log-probs of a reused batch) or the reference model.
+    fn logprobs_of(
+        &mut self,
+        reference: bool,
+        parts: &[PackedBatch],
+        opts: &LogprobOptions,
+    ) -> Result<Vec<Tensor>> {
+        let engine = if reference {
+            self.ref_engine
+                .as_mut()
+                .expect("reference engine exists when beta > 0")
+        } else {
+            &mut self.engine
+        };
+        let mut out = vec![];
+        for part in parts {
+            let mb = MicroBatch {
+                input_ids: part.input_ids.shallow_clone(),
+                attention_mask: None,
+                position_ids: None,
+            };
+            let lp = engine.forward_no_grad(&mb, |hidden, head| {
+                let t = part.targets.size()[1];
+                model::token_logprobs(&hidden.narrow(1, 0, t), head, &part.targets, opts)
+                    .map(|l| l.logprobs)
+                    .map_err(|e| e.to_string())
+            })?;
+            out.push(lp);
+        }
+        Ok(out)
+    }
+
+    /// What a checkpoint records besides the engine: the sampler position before the
+    /// oldest batch not yet trained, and the version the workers serve.
+    /// SIGTERM: every rank agreed after a finished round; save it (unless the round
+    /// already did) and stop.
+    fn stop_at_checkpoint(&mut self, skeleton: &RunSkeleton) -> Result<()> {
+        let step = self.engine.steps_done();
+        if !skeleton.save_due(step) {
+            self.sess.metrics.enter_phase(RunPhase::Checkpoint);
+            let state = self.trainer_state();
+            skeleton.save_if_due(&mut self.engine, step, true, || state, self.sess.is_main())?;
+        }
+        self.sess.metrics.enter_phase(RunPhase::Done);
+        if self.sess.is_main() {
+            println!(
+                "stopped by SIGTERM after step {step}: resume_from_checkpoint: latest continues"
+            );
+        }
+        crate::plot::at_end_of_run(self.sess.is_main(), &self.cfg.args.output_dir);
+        Ok(())
+    }
+
+    fn trainer_state(&self) -> serde_json::Value {
+        let sampler = self
+            .pipeline
+            .oldest_sampler_state()
+            .cloned()
+            .unwrap_or_else(|| self.sampler.state());
+        json!({
+            "command": "grpo",
+            "sampler": sampler,
+            "weight_version": self.version,
+        })
+    }
+
+    /// Pushes the policy if it stepped since the last push (collective).
+    fn sync_pending(&mut self, times: &mut Timings) -> Result<()> {
+        if !self.pending_push {
+            return Ok(());
+        }
+        let next = self
+            .version
+            .checked_add(1)
+            .ok_or_else(|| anyhow!("weight version {} cannot be incremented", self.version))?;
+        times.time(Phase::WeightSync, || self.push_weights(next))?;
+        self.pending_push = false;
         Ok(())
     }
 
@@ -204,14 +723,17 @@ impl Grpo<'_> {
             let resumed = self.engine.steps_done() > 0;
             let differs = versions.iter().any(|&v| v != self.version);
             if resumed || differs {
-                let next = versions
+                let highest = versions
                     .iter()
                     .copied()
                     .max()
                     .unwrap_or(0)
-                    .max(self.version)
-                    + 1;
-                decision = Tensor::from_slice(&[1i64, next as i64]);
+                    .max(self.version);
+                // Versions travel as i64 between ranks; one that large is not ours.
+                if highest >= i64::MAX as u64 {
+                    bail!("a rollout worker serves weight version {highest}, beyond any this trainer pushes; restart it");
+                }
+                decision = Tensor::from_slice(&[1i64, highest as i64 + 1]);
             }
         }
         self.engine.comm().broadcast(&mut decision, 0)?;
@@ -223,7 +745,7 @@ impl Grpo<'_> {
 
     /// Streams the policy to every worker under `version` (collective).
     fn push_weights(&mut self, version: u64) -> Result<f64> {
-        self.sess.metrics.enter_phase(Phase::WeightSync);
+        self.sess.metrics.enter_phase(RunPhase::WeightSync);
         let t0 = Instant::now();
         let main = self.sess.is_main();
         let rt = &self.sess.rt;
@@ -235,9 +757,10 @@ impl Grpo<'_> {
                 Err(e) => failure = Some(e.to_string()),
             }
         }
+        let wire = self.client.wire_dtype().kind();
         let visited = self
             .engine
-            .visit_full_weights(|name, t| match push.as_mut() {
+            .visit_weights(wire, |name, t| match push.as_mut() {
                 Some(p) => rt.block_on(p.send(name, t)).map_err(|e| e.to_string()),
                 None => Ok(()),
             });
@@ -273,7 +796,7 @@ impl Grpo<'_> {
         let Some(eval) = &self.eval else {
             return Ok(());
         };
-        self.sess.metrics.enter_phase(Phase::Eval);
+        self.sess.metrics.enter_phase(RunPhase::Eval);
         let (rank, world) = (self.rank(), self.sess.env.world_size);
         let mine = split_even(eval.len(), world)[rank].clone();
         let sums = evaluate(
@@ -314,512 +837,6 @@ impl Grpo<'_> {
             self.engine.steps_done(),
             &log,
         );
-        Ok(())
-    }
-
-    /// One generation round: rollouts, rewards, `num_iterations` optimizer steps, push.
-    fn round(&mut self) -> Result<()> {
-        let cfg = self.cfg;
-        let t_round = Instant::now();
-        let mut times = Timings::default();
-        let (rank, world) = (self.rank(), self.sess.env.world_size);
-        let per_round = cfg.prompts_per_rank() * world;
-        let batch = self.sampler.next_batch(per_round);
-        let mine: Vec<usize> = batch[split_even(per_round, world)[rank].clone()].to_vec();
-
-        self.sess.metrics.enter_phase(Phase::Rollout);
-        let t = Instant::now();
-        let groups = self.generate(&mine)?;
-        times.generate = t.elapsed().as_secs_f64();
-
-        self.sess.metrics.enter_phase(Phase::Reward);
-        let t = Instant::now();
-        let mut stats = RoundStats::new(self.funcs.len());
-        let samples = self.score(&mine, &groups, &mut stats)?;
-        times.reward = t.elapsed().as_secs_f64();
-
-        let parts: Vec<PackedBatch> =
-            split_even(samples.len(), cfg.args.gradient_accumulation_steps)
-                .into_iter()
-                .filter(|r| !r.is_empty())
-                .map(|r| pack(&samples[r], self.pad))
-                .collect::<Result<_, _>>()
-                .map_err(anyhow::Error::msg)?;
-        stats.train_tokens = parts.iter().map(|p| p.input_ids.numel() as f64).sum();
-        let opts = LogprobOptions {
-            chunk_size: cfg.logprob_chunk_size,
-            temperature: cfg.temperature,
-            with_entropy: false,
-        };
-        self.sess.metrics.enter_phase(Phase::ForwardBackward);
-        let t = Instant::now();
-        let old = if cfg.num_iterations > 1 {
-            Some(self.logprobs_of(false, &parts, &opts)?)
-        } else {
-            None
-        };
-        let reference = if self.ref_engine.is_some() {
-            Some(self.logprobs_of(true, &parts, &opts)?)
-        } else {
-            None
-        };
-        times.forward_backward += t.elapsed().as_secs_f64();
-
-        let loss_cfg = cfg.loss_config();
-        let mut last = None;
-        for iteration in 0..cfg.num_iterations {
-            let t = Instant::now();
-            for (i, part) in parts.iter().enumerate() {
-                let mb = MicroBatch {
-                    input_ids: part.input_ids.shallow_clone(),
-                    attention_mask: None,
-                    position_ids: None,
-                };
-                let first = iteration == 0;
-                let opts = LogprobOptions {
-                    with_entropy: first,
-                    ..opts
-                };
-                let stats = &mut stats;
-                let (old, reference) = (
-                    old.as_ref().map(|o| &o[i]),
-                    reference.as_ref().map(|r| &r[i]),
-                );
-                self.engine.forward_backward(&mb, |hidden, head| {
-                    logprob_objective(hidden, head, &part.targets, &opts, |view| {
-                        let loss = policy_loss(
-                            &PolicyBatch {
-                                logprobs: view.logprobs,
-                                old_logprobs: old,
-                                ref_logprobs: reference,
-                                sampler_logprobs: Some(&part.sampler_logprobs),
-                                advantages: &part.advantages,
-                                mask: &part.loss_mask,
-                            },
-                            &loss_cfg,
-                        )?;
-                        if first {
-                            let s = &loss.stats;
-                            stats.loss_tokens += s.tokens;
-                            stats.kl_sum += s.kl_sum;
-                            stats.low_clipped += s.low_clipped;
-                            stats.high_clipped += s.high_clipped;
-                            stats.region_clipped += s.region_clipped;
-                            if let Some(ent) = view.entropy {
-                                stats.entropy_sum += (ent * &part.completion_mask)
-                                    .sum(Kind::Float)
-                                    .double_value(&[]);
-                                stats.entropy_tokens +=
-                                    part.completion_mask.sum(Kind::Float).double_value(&[]);
-                            }
-                        }
-                        Ok((loss.loss_sum, loss.count))
-                    })
-                })?;
-            }
-            times.forward_backward += t.elapsed().as_secs_f64();
-            self.sess.metrics.enter_phase(Phase::Optimizer);
-            let t = Instant::now();
-            let step = self.engine.step()?;
-            times.optimizer += t.elapsed().as_secs_f64();
-            self.sess.metrics.steps_total.inc();
-            last = Some(step);
-            if self.engine.steps_done() >= self.total {
-                break;
-            }
-        }
-        let step = last.expect("num_iterations >= 1");
-
-        times.weight_push = self.push_weights(self.version + 1)?;
-        stats.all_reduce(self.engine.comm())?;
-        self.report(&stats, &step, &times, t_round.elapsed().as_secs_f64());
-        self.checkpoint_if_due(step.step, false)?;
-        let eval_every =
-            crate::config::Interval::new(cfg.eval_strategy, cfg.eval_steps, self.steps_per_epoch);
-        if eval_every.due(step.step) && step.step < self.total {
-            self.evaluate("during training")?;
-        }
-        Ok(())
-    }
-
-    /// Generates this rank's groups (in prompt order) at the current version.
-    fn generate(&mut self, mine: &[usize]) -> Result<Vec<RolloutGroup>> {
-        let cfg = self.cfg;
-        let jobs: Vec<PromptJob> = mine
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| PromptJob {
-                key: k as u64,
-                token_ids: self.prompts[i].prompt_ids.clone(),
-            })
-            .collect();
-        let round = self.engine.steps_done() / cfg.num_iterations as u64;
-        let seed = cfg
-            .args
-            .seed
-            .wrapping_mul(1_000_003)
-            .wrapping_add(round * self.sess.env.world_size as u64 + self.rank() as u64)
-            .wrapping_mul(0x9E37_79B9);
-        let sampling = pb::SamplingParams {
-            temperature: Some(cfg.temperature),
-            top_p: Some(cfg.top_p),
-            top_k: cfg.top_k,
-            min_p: cfg.min_p,
-            max_new_tokens: cfg.max_completion_length as u32,
-            seed: Some(seed),
-            ..Default::default()
-        };
-        let groups = self.sess.rt.block_on(self.client.generate(
-            jobs,
-            cfg.num_generations as u32,
-            sampling,
-            true,
-            self.version,
-            |_| {},
-        ))?;
-        for g in &groups {
-            if g.weight_version < self.version {
-                bail!(
-                    "worker {} returned a group of weight version {} while the policy is at {}",
-                    g.worker,
-                    g.weight_version,
-                    self.version
-                );
-            }
-        }
-        Ok(groups)
-    }
-
-    /// Rewards, advantages and the samples to train on; fills the reward statistics.
-    fn score(
-        &mut self,
-        mine: &[usize],
-        groups: &[RolloutGroup],
-        stats: &mut RoundStats,
-    ) -> Result<Vec<Sample>> {
-        let cfg = self.cfg;
-        let n = cfg.num_generations;
-        let length = pb::FinishReason::Length as i32;
-        let mut inputs = vec![];
-        for (g, group) in groups.iter().enumerate() {
-            let ex = &self.prompts[mine[g]];
-            for c in &group.completions {
-                inputs.push(RewardInput {
-                    prompt: &ex.prompt_text,
-                    completion: &c.text,
-                    completion_tokens: c.token_ids.len(),
-                    truncated: c.finish_reason == length,
-                    group: g,
-                    fields: &ex.fields,
-                });
-            }
-        }
-        let mut per_func = vec![];
-        for f in &self.funcs {
-            let scores = f.score(&inputs)?;
-            if scores.len() != inputs.len() {
-                bail!(
-                    "reward function {} returned {} scores for {} completions",
-                    f.name(),
-                    scores.len(),
-                    inputs.len()
-                );
-            }
-            per_func.push(scores);
-        }
-        for (acc, scores) in stats.per_func.iter_mut().zip(&per_func) {
-            for s in scores {
-                match s {
-                    Some(x) => {
-                        acc[0] += x;
-                        acc[1] += x * x;
-                        acc[2] += 1.0;
-                    }
-                    None => acc[3] += 1.0,
-                }
-            }
-        }
-        drop(inputs);
-        let combined =
-            combine_rewards(&per_func, &cfg.reward_weights()).map_err(anyhow::Error::msg)?;
-        // A group with any unscorable completion is left out of the loss entirely.
-        let excluded: Vec<bool> = combined
-            .chunks(n)
-            .map(|g| g.iter().any(Option::is_none))
-            .collect();
-        let rewards: Vec<f64> = combined.iter().map(|r| r.unwrap_or(0.0)).collect();
-        let adv = self.advantages(&rewards, &excluded)?;
-        let step = self.engine.steps_done() + 1;
-        if cfg.log_completions
-            && self.sess.is_main()
-            && cfg.args.log_interval(self.steps_per_epoch).due(step)
-        {
-            let rows = completion_rows(&self.prompts, mine, groups, &rewards, &adv);
-            print!(
-                "{}",
-                completions_table(step, &rows, cfg.num_completions_to_print)
-            );
-        }
-
-        stats.groups += groups.len() as f64;
-        let mut samples = Vec::with_capacity(groups.len() * n);
-        for (g, group) in groups.iter().enumerate() {
-            if excluded[g] {
-                stats.excluded_groups += 1.0;
-            } else {
-                let rs = &rewards[g * n..(g + 1) * n];
-                if rs.iter().all(|&r| r == rs[0]) {
-                    stats.zero_std_groups += 1.0;
-                }
-                for &r in rs {
-                    stats.reward[0] += r;
-                    stats.reward[1] += r * r;
-                    stats.reward[2] += 1.0;
-                }
-            }
-            for (j, c) in group.completions.iter().enumerate() {
-                let truncated = c.finish_reason == length;
-                stats.completions += 1.0;
-                stats.completion_tokens += c.token_ids.len() as f64;
-                stats.prompt_tokens += group.prompt_ids.len() as f64;
-                stats.truncated += f64::from(u8::from(truncated));
-                stats.max_completion_tokens =
-                    stats.max_completion_tokens.max(c.token_ids.len() as f64);
-                samples.push(Sample {
-                    prompt_ids: group.prompt_ids.clone(),
-                    completion_ids: c.token_ids.clone(),
-                    sampler_logprobs: c.logprobs.clone(),
-                    advantage: adv[g * n + j] as f32,
-                    in_loss: !(excluded[g] || (cfg.mask_truncated_completions && truncated)),
-                });
-            }
-        }
-        Ok(samples)
-    }
-
-    /// Group-relative advantages; `batch` scaling divides by the std of every included
-    /// reward of the global batch (all ranks), as TRL does after gathering.
-    fn advantages(&mut self, rewards: &[f64], excluded: &[bool]) -> Result<Vec<f64>> {
-        let n = self.cfg.num_generations;
-        let scale = self.cfg.scale_rewards;
-        let local = group_advantages(
-            rewards,
-            n,
-            if scale == ScaleRewards::Batch {
-                ScaleRewards::None
-            } else {
-                scale
-            },
-        )
-        .map_err(anyhow::Error::msg)?;
-        let mut values = local.values;
-        if scale == ScaleRewards::Batch {
-            let (mut s, mut sq, mut c) = (0.0, 0.0, 0.0);
-            for (g, rs) in rewards.chunks(n).enumerate() {
-                if !excluded[g] {
-                    for &r in rs {
-                        s += r;
-                        sq += r * r;
-                        c += 1.0;
-                    }
-                }
-            }
-            let mut t = Tensor::from_slice(&[s, sq, c]).to_kind(Kind::Float);
-            self.engine.comm().all_reduce(&mut t, ReduceOp::Sum)?;
-            let (s, sq, c) = (
-                t.double_value(&[0]),
-                t.double_value(&[1]),
-                t.double_value(&[2]),
-            );
-            let std = if c > 1.0 {
-                let mean = s / c;
-                ((sq - c * mean * mean) / (c - 1.0)).max(0.0).sqrt()
-            } else {
-                0.0
-            };
-            for v in &mut values {
-                *v /= std + 1e-4;
-            }
-        }
-        for (g, ex) in excluded.iter().enumerate() {
-            if *ex {
-                values[g * n..(g + 1) * n].fill(0.0);
-            }
-        }
-        Ok(values)
-    }
-
-    /// Log-probs of every micro-batch's targets under the policy (`reference = false`,
-    /// the "old" log-probs of a reused batch) or the reference model.
-    fn logprobs_of(
-        &mut self,
-        reference: bool,
-        parts: &[PackedBatch],
-        opts: &LogprobOptions,
-    ) -> Result<Vec<Tensor>> {
-        let engine = if reference {
-            self.ref_engine
-                .as_mut()
-                .expect("reference engine exists when beta > 0")
-        } else {
-            &mut self.engine
-        };
-        let mut out = vec![];
-        for part in parts {
-            let mb = MicroBatch {
-                input_ids: part.input_ids.shallow_clone(),
-                attention_mask: None,
-                position_ids: None,
-            };
-            let lp = engine.forward_no_grad(&mb, |hidden, head| {
-                let t = part.targets.size()[1];
-                model::token_logprobs(&hidden.narrow(1, 0, t), head, &part.targets, opts)
-                    .map(|l| l.logprobs)
-                    .map_err(|e| e.to_string())
-            })?;
-            out.push(lp);
-        }
-        Ok(out)
-    }
-
-    fn report(
-        &self,
-        stats: &RoundStats,
-        step: &crate::zero::StepStats,
-        times: &Timings,
-        secs: f64,
-    ) {
-        let mut log = StepLog::new();
-        stats.finish(&self.cfg.reward_funcs, &mut log);
-        let train_secs = times.forward_backward + times.optimizer;
-        for (k, v) in [
-            ("loss", step.loss),
-            ("grad_norm", step.grad_norm),
-            ("learning_rate", step.learning_rate),
-            ("epoch", self.sampler.epoch() as f64),
-            ("weight_version", self.version as f64),
-            ("time/step", secs),
-            ("time/generate", times.generate),
-            ("time/reward", times.reward),
-            ("time/forward_backward", times.forward_backward),
-            ("time/optimizer", times.optimizer),
-            ("time/weight_push", times.weight_push),
-            (
-                "tokens_per_second/generation",
-                stats.completion_tokens / times.generate.max(1e-9),
-            ),
-            (
-                "tokens_per_second/train",
-                stats.train_tokens * self.cfg.num_iterations as f64 / train_secs.max(1e-9),
-            ),
-        ] {
-            log.insert(k.into(), v);
-        }
-        // Only the live workers (elastic ones that left drop out of the series).
-        self.sess.metrics.worker_healthy.reset();
-        self.sess.metrics.worker_weight_version.reset();
-        for w in self.client.status() {
-            let healthy = if w.healthy { 1.0 } else { 0.0 };
-            self.sess
-                .metrics
-                .worker_healthy
-                .with_label_values(&[w.url.as_str()])
-                .set(healthy);
-            if let Some(v) = w.weight_version {
-                self.sess
-                    .metrics
-                    .worker_weight_version
-                    .with_label_values(&[w.url.as_str()])
-                    .set(v as f64);
-            }
-        }
-        record_memory(&self.sess.metrics, self.engine.memory());
-        let (main, out) = (self.sess.is_main(), &self.cfg.args.output_dir);
-        crate::runlog::publish_step(&self.sess.metrics, main, out, step.step, &log);
-        if self.sess.is_main() {
-            let first_func = self
-                .cfg
-                .reward_funcs
-                .first()
-                .map(String::as_str)
-                .unwrap_or("");
-            let workers = self.client.status();
-            let healthy = workers.iter().filter(|w| w.healthy).count();
-            println!(
-                "step {}/{} | reward {:.3} ± {:.3} | {first_func} {:.3} | len {:.1} | clipped {:.2} | loss {:+.4} | grad {:.3} | groups {} | workers {healthy}/{} | {:.1} s (gen {:.1}, reward {:.2}, train {:.1}, opt {:.2}, push {:.2})",
-                step.step,
-                self.total,
-                log["reward"],
-                log["reward_std"],
-                log.get(&format!("rewards/{first_func}/mean")).copied().unwrap_or(0.0),
-                log["completions/mean_length"],
-                log["completions/clipped_ratio"],
-                step.loss,
-                step.grad_norm,
-                stats.groups,
-                workers.len(),
-                secs,
-                times.generate,
-                times.reward,
-                times.forward_backward,
-                times.optimizer,
-                times.weight_push
-            );
-            if self
-                .cfg
-                .args
-                .log_interval(self.steps_per_epoch)
-                .due(step.step)
-                || step.step == self.total
-            {
-                let fields: Vec<String> = log.iter().map(|(k, v)| format!("{k}={v:.6}")).collect();
-                tracing::info!(step = step.step, "{}", fields.join(" "));
-            }
-        }
-    }
-
-    /// SIGTERM: every rank agreed after a finished round; save it (unless the round
-    /// already did) and stop.
-    fn stop_at_checkpoint(&mut self) -> Result<()> {
-        let step = self.engine.steps_done();
-        let args = &self.cfg.args;
-        let saved = step >= self.total || args.save_interval(self.steps_per_epoch).due(step);
-        if !saved {
-            self.checkpoint_if_due(step, true)?;
-        }
-        self.sess.metrics.enter_phase(Phase::Done);
-        if self.sess.is_main() {
-            println!(
-                "stopped by SIGTERM after step {step}: resume_from_checkpoint: latest continues"
-            );
-        }
-        crate::plot::at_end_of_run(self.sess.is_main(), &args.output_dir);
-        Ok(())
-    }
-
-    fn checkpoint_if_due(&mut self, step: u64, force: bool) -> Result<()> {
-        let args = &self.cfg.args;
-        let last = step >= self.total;
-        if !(force || last || args.save_interval(self.steps_per_epoch).due(step)) {
-            return Ok(());
-        }
-        self.sess.metrics.enter_phase(Phase::Checkpoint);
-        let state = json!({
-            "command": "grpo",
-            "sampler": self.sampler.state(),
-            "weight_version": self.version,
-        });
-        let keep = args.save_total_limit.unwrap_or(usize::MAX);
-        let dir = self.engine.save_checkpoint(
-            &args.checkpoint_root(),
-            &state,
-            keep,
-            Some(&self.sess.model_dir),
-        )?;
-        if last && self.sess.is_main() {
-            publish_final_model(&dir, &args.output_dir)?;
-            println!("final model: {}", args.output_dir.display());
-        }
         Ok(())
     }
 }

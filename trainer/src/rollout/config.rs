@@ -38,7 +38,8 @@ pub struct RolloutConfig {
     pub retry_backoff_secs: f64,
     /// Payload bytes per `TensorChunk` of a weight push (rounded down to whole elements).
     pub weight_chunk_bytes: usize,
-    /// Wire dtype of pushed weights: `"float32"` or `"bfloat16"`.
+    /// Wire dtype of pushed weights: `"float32"`, `"bfloat16"`, or `"auto"` (the
+    /// trainer's compute dtype: bfloat16 when the policy computes in bfloat16).
     pub weight_dtype: String,
     /// File holding the workers' API key (sent as `authorization: Bearer`); or set
     /// `ROLLOUT_API_KEY`. The key itself is never a config value.
@@ -62,7 +63,7 @@ impl Default for RolloutConfig {
             connect_timeout_secs: 10.0,
             retry_backoff_secs: 1.0,
             weight_chunk_bytes: 4 << 20,
-            weight_dtype: "float32".into(),
+            weight_dtype: "auto".into(),
             api_key_file: None,
             ssl_ca_certs: None,
             ssl_certfile: None,
@@ -157,13 +158,28 @@ impl RolloutConfig {
         Ok(())
     }
 
-    /// The parsed `weight_dtype`.
+    /// This config with `weight_dtype = "auto"` resolved for a policy computing in
+    /// `compute` (bfloat16 on the wire for a bfloat16 policy, else float32).
+    pub fn with_compute_dtype(mut self, compute: tch::Kind) -> Self {
+        if self.weight_dtype == "auto" {
+            self.weight_dtype = if compute == tch::Kind::BFloat16 {
+                "bfloat16"
+            } else {
+                "float32"
+            }
+            .into();
+        }
+        self
+    }
+
+    /// The parsed `weight_dtype` (`"auto"` not resolved by
+    /// [`RolloutConfig::with_compute_dtype`] means float32).
     pub fn wire_dtype(&self) -> Result<WireDtype, String> {
         match self.weight_dtype.as_str() {
-            "float32" => Ok(WireDtype::Float32),
+            "float32" | "auto" => Ok(WireDtype::Float32),
             "bfloat16" => Ok(WireDtype::BFloat16),
             other => Err(format!(
-                "rollout.weight_dtype = {other:?}; allowed: \"float32\", \"bfloat16\""
+                "rollout.weight_dtype = {other:?}; allowed: \"auto\", \"float32\", \"bfloat16\""
             )),
         }
     }

@@ -13,7 +13,8 @@ use tracing::Instrument;
 
 use super::dispatch::{Dispatch, FlightId, Lookup};
 use super::{
-    grpc_client, status_text, Inner, PromptJob, RolloutClient, RolloutError, RolloutGroup,
+    grpc_client, status_text, Completion, FinishReason, Inner, PromptJob, RolloutClient,
+    RolloutError, RolloutGroup, Sampling,
 };
 
 /// What a flight task reports.
@@ -92,10 +93,10 @@ fn request(
     all: &[PromptJob],
     jobs: &[usize],
     n: u32,
-    sampling: &pb::SamplingParams,
+    sampling: &Sampling,
     return_text: bool,
 ) -> pb::GenerateRequest {
-    let mut sampling = sampling.clone();
+    let mut sampling = sampling.to_wire();
     sampling.seed = sampling
         .seed
         .map(|s| s.wrapping_add(jobs[0] as u64 * u64::from(n)));
@@ -145,7 +146,28 @@ fn check_group(g: &pb::GroupResult, job: &PromptJob, n: u32) -> Result<(), Strin
             c.logprobs.len()
         ));
     }
+    if let Some((j, c)) = g
+        .completions
+        .iter()
+        .enumerate()
+        .find(|(_, c)| FinishReason::from_wire(c.finish_reason).is_none())
+    {
+        return Err(format!(
+            "group for key {}: completion {j} has finish_reason {} (neither stop nor length)",
+            job.key, c.finish_reason
+        ));
+    }
     Ok(())
+}
+
+/// The wire completion as the domain type (its finish reason was checked).
+fn completion_from_wire(c: pb::Completion) -> Completion {
+    Completion {
+        finish_reason: FinishReason::from_wire(c.finish_reason).unwrap_or(FinishReason::Length),
+        token_ids: c.token_ids,
+        logprobs: c.logprobs,
+        text: c.text,
+    }
 }
 
 /// State of one `generate` call besides the pure [`Dispatch`].
@@ -202,7 +224,7 @@ impl RolloutClient {
         &self,
         jobs: Vec<PromptJob>,
         n: u32,
-        sampling: pb::SamplingParams,
+        sampling: Sampling,
         return_text: bool,
         min_version: u64,
         on_group: impl FnMut(&RolloutGroup) + Send,
@@ -233,7 +255,7 @@ impl RolloutClient {
         &self,
         jobs: Vec<PromptJob>,
         n: u32,
-        sampling: pb::SamplingParams,
+        sampling: Sampling,
         return_text: bool,
         min_version: u64,
         mut on_group: impl FnMut(&RolloutGroup) + Send,
@@ -330,6 +352,9 @@ impl RolloutClient {
                         continue;
                     }
                     if g.weight_version < min_version {
+                        inner
+                            .stale_dropped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         // Only a restart lowers a worker's version: skip it until a push.
                         let url = {
                             let mut pool = inner.pool();
@@ -356,7 +381,11 @@ impl RolloutClient {
                     let group = RolloutGroup {
                         key: jobs[job].key,
                         prompt_ids: g.prompt_token_ids,
-                        completions: g.completions,
+                        completions: g
+                            .completions
+                            .into_iter()
+                            .map(completion_from_wire)
+                            .collect(),
                         weight_version: g.weight_version,
                         worker: url,
                     };

@@ -43,6 +43,91 @@ pub struct PromptJob {
     pub token_ids: Vec<i64>,
 }
 
+/// Why a completion ended (the domain form of `rollout.v1.FinishReason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string ended it.
+    Stop,
+    /// `max_new_tokens` (or the context length) was reached: the completion is truncated.
+    Length,
+}
+
+impl FinishReason {
+    /// The wire value; `None` for `UNSPECIFIED` or an unknown number (a protocol violation).
+    pub fn from_wire(v: i32) -> Option<Self> {
+        match pb::FinishReason::try_from(v) {
+            Ok(pb::FinishReason::Stop) => Some(FinishReason::Stop),
+            Ok(pb::FinishReason::Length) => Some(FinishReason::Length),
+            _ => None,
+        }
+    }
+}
+
+/// One sampled completion with the worker's policy log-probs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Sampled token ids, a stop token included.
+    pub token_ids: Vec<i64>,
+    /// One per token: `log_softmax(logits / temperature)[token]` under the weights that
+    /// produced the group (before top-k/top-p/min-p truncation).
+    pub logprobs: Vec<f32>,
+    /// Decoded text when asked for (`return_text`), else empty.
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+impl Completion {
+    /// Ended by the length limit, not by a stop token.
+    pub fn truncated(&self) -> bool {
+        self.finish_reason == FinishReason::Length
+    }
+}
+
+/// How to sample (the domain form of `rollout.v1.SamplingParams`); built once from the
+/// trainer's settings and mapped to the wire in one place.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f64,
+    /// 1 disables.
+    pub top_p: f64,
+    /// 0 disables.
+    pub top_k: i64,
+    /// 0 disables.
+    pub min_p: f64,
+    pub max_new_tokens: u32,
+    /// Completion `j` of job `g` draws from stream `seed + g * n + j`; `None`: entropy.
+    pub seed: Option<u64>,
+    /// Keep generating past the model's end-of-sequence tokens (benchmarks, tests).
+    pub ignore_eos: bool,
+}
+
+impl Sampling {
+    /// Greedy decoding with the same length limit and seed.
+    pub fn greedy(self) -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            ..self
+        }
+    }
+
+    pub(crate) fn to_wire(self) -> pb::SamplingParams {
+        pb::SamplingParams {
+            temperature: Some(self.temperature),
+            top_p: Some(self.top_p),
+            top_k: self.top_k,
+            min_p: self.min_p,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            ignore_eos: self.ignore_eos,
+            ..Default::default()
+        }
+    }
+}
+
 /// The `n` completions of one job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutGroup {
@@ -51,7 +136,7 @@ pub struct RolloutGroup {
     /// The prompt as the worker saw it (equals the job's token ids).
     pub prompt_ids: Vec<i64>,
     /// Exactly `n` completions with their policy log-probs.
-    pub completions: Vec<pb::Completion>,
+    pub completions: Vec<Completion>,
     /// The weight version that produced every token of the group.
     pub weight_version: u64,
     /// Url of the worker that produced it.
@@ -75,6 +160,8 @@ struct Inner {
     /// The `workers` entries; `dns:///` ones are resolved again when `next_resolve` passes.
     sources: Vec<resolve::WorkerSource>,
     next_resolve: Mutex<Instant>,
+    /// Groups dropped because their weight version was below the call's minimum.
+    stale_dropped: std::sync::atomic::AtomicU64,
 }
 
 type Pool = pool::Pool<Conn>;
@@ -94,7 +181,11 @@ impl Inner {
             let mut pool = self.pool();
             match result {
                 Ok((channel, version)) => {
-                    tracing::info!(worker = %pool.slots[i].url, version, "rollout worker healthy");
+                    if pool.healthy(i) {
+                        tracing::debug!(worker = %pool.slots[i].url, version, "rollout worker healthy");
+                    } else {
+                        tracing::info!(worker = %pool.slots[i].url, version, "rollout worker healthy");
+                    }
                     pool.probe_succeeded(i, channel, version);
                 }
                 Err(e) => {
@@ -258,6 +349,7 @@ impl RolloutClient {
             changes: tokio::sync::watch::Sender::new(0),
             sources,
             next_resolve,
+            stale_dropped: Default::default(),
         });
         inner.probe_now(true).await;
         let pool = inner.pool();
@@ -269,6 +361,11 @@ impl RolloutClient {
         }
         drop(pool);
         Ok(RolloutClient { inner })
+    }
+
+    /// The dtype weight pushes carry on the wire.
+    pub fn wire_dtype(&self) -> WireDtype {
+        self.inner.wire
     }
 
     /// The settings this client runs with.
@@ -298,6 +395,14 @@ impl RolloutClient {
                 }
             }
         }
+    }
+
+    /// Groups dropped so far (by every `generate` of this client and its clones) because
+    /// they came from a weight version below the call's `min_version`; each was re-sent.
+    pub fn stale_groups_dropped(&self) -> u64 {
+        self.inner
+            .stale_dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What the client knows about each worker, in config order.

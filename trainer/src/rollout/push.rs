@@ -1,27 +1,32 @@
-//! Versioned weight pushes: one client-streaming `UpdateWeights` call per worker, fed the
-//! same chunks in lockstep so the push runs at the pace of the slowest worker, with at
-//! most two chunks queued per worker (host memory: one tensor in the wire dtype plus a
-//! few chunks per worker).
+//! Versioned weight pushes: one client-streaming `UpdateWeights` call per worker, all
+//! fed concurrently from per-worker queues, so a slow worker never slows the others
+//! (it finishes later, or is dropped at the commit's timeout and re-synced by a later
+//! push).
+//!
+//! No copies on the sender's side: each tensor's bytes in the wire dtype are one
+//! [`Bytes`] buffer (the tensor's own memory when it already is a contiguous host
+//! tensor of the wire dtype, else one conversion), chunks are slices of it and every
+//! worker's queue shares them; protobuf encoding is the one copy, into the HTTP/2 frames.
+//! Host memory: at most one copy of the model in the wire dtype, shared by all workers
+//! (the buffers live until the slowest worker's stream has taken them).
 
 use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use proto::v1 as pb;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{grpc_client, status_text, Inner, RolloutClient, RolloutError, WireDtype};
 
 // Chunks carry the tensors' bytes as the host lays them out; the protocol says little-endian.
 #[cfg(target_endian = "big")]
 compile_error!("weight pushes send host-order bytes; the protocol requires little-endian");
-
-/// Chunks queued per worker before `send` waits for it.
-const QUEUED_CHUNKS: usize = 2;
 
 /// Outcome of a committed push.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +45,7 @@ pub struct PushReport {
 struct PushStream {
     worker: usize,
     url: String,
-    tx: mpsc::Sender<pb::WeightUpdateMessage>,
+    tx: mpsc::UnboundedSender<pb::WeightUpdateMessage>,
     call: JoinHandle<Result<pb::UpdateWeightsResponse, tonic::Status>>,
 }
 
@@ -69,9 +74,27 @@ pub fn chunk_ranges(total: usize, chunk: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// The little-endian bytes of `t` in `wire` dtype, on the host. Narrowing conversions
-/// run on the tensor's device (less to copy), widening ones on the host.
-fn tensor_bytes(t: &Tensor, wire: WireDtype) -> Result<Vec<u8>, String> {
+/// A contiguous host tensor viewed as its bytes (kept alive by the [`Bytes`] it backs).
+struct TensorBytes(Tensor);
+
+impl AsRef<[u8]> for TensorBytes {
+    fn as_ref(&self) -> &[u8] {
+        let len = self.0.numel() * self.0.kind().elt_size_in_bytes();
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: the tensor is contiguous, on the CPU and owned by `self` (a shallow
+        // clone keeps its storage alive); its memory holds `len` initialised bytes. The
+        // trainer does not write the weights while a push is in progress (the push is
+        // committed before the next optimizer step).
+        unsafe { std::slice::from_raw_parts(self.0.data_ptr() as *const u8, len) }
+    }
+}
+
+/// The little-endian bytes of `t` in `wire` dtype, on the host, without a copy when `t`
+/// already is a contiguous host tensor of that dtype. Narrowing conversions run on the
+/// tensor's device (less to copy), widening ones on the host.
+fn wire_bytes(t: &Tensor, wire: WireDtype) -> Result<Bytes, String> {
     if !t.defined() {
         return Err("undefined tensor".into());
     }
@@ -84,7 +107,9 @@ fn tensor_bytes(t: &Tensor, wire: WireDtype) -> Result<Vec<u8>, String> {
     };
     let _g = tch::no_grad_guard();
     let t = t.detach();
-    let host = if wire.size() <= size {
+    let host = if kind == wire.kind() {
+        t.f_to_device(Device::Cpu)
+    } else if wire.size() <= size {
         t.f_to_kind(wire.kind())
             .and_then(|x| x.f_to_device(Device::Cpu))
     } else {
@@ -93,11 +118,7 @@ fn tensor_bytes(t: &Tensor, wire: WireDtype) -> Result<Vec<u8>, String> {
     }
     .and_then(|x| x.f_contiguous())
     .map_err(|e| format!("conversion to {wire:?} on the host failed: {e}"))?;
-    let numel = host.numel();
-    let mut bytes = vec![0u8; numel * wire.size()];
-    host.f_copy_data_u8(&mut bytes, numel)
-        .map_err(|e| format!("copy to host failed: {e}"))?;
-    Ok(bytes)
+    Ok(Bytes::from_owner(TensorBytes(host)))
 }
 
 /// A rejection by the worker (bad chunk, stale version) leaves it healthy; anything
@@ -158,11 +179,11 @@ impl RolloutClient {
                 ));
                 continue;
             }
-            let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
+            let (tx, rx) = mpsc::unbounded_channel();
             let mut client = grpc_client(channel);
             let call = tokio::spawn(async move {
                 client
-                    .update_weights(ReceiverStream::new(rx))
+                    .update_weights(UnboundedReceiverStream::new(rx))
                     .await
                     .map(|r| r.into_inner())
             });
@@ -176,7 +197,7 @@ impl RolloutClient {
         if push.streams.is_empty() {
             return Err(push.all_failed());
         }
-        tracing::info!(version, workers = push.streams.len(), "weight push started");
+        tracing::debug!(version, workers = push.streams.len(), "weight push started");
         Ok(push)
     }
 }
@@ -237,30 +258,16 @@ impl WeightPush {
         }
     }
 
-    /// Sends `msg` to every worker still in the push; waits for the slowest. A worker
-    /// that ended its call or accepted nothing for `request_timeout_secs` is dropped.
+    /// Queues `msg` on every worker still in the push (returns at once). A worker whose
+    /// call has ended is dropped, with the reason its call gives.
     async fn broadcast(&mut self, msg: pb::WeightUpdateMessage) -> Result<(), RolloutError> {
-        let timeout = self.inner.cfg.request_timeout();
-        let sends = self.streams.iter().map(|s| {
-            let m = msg.clone();
-            async move { tokio::time::timeout(timeout, s.tx.send(m)).await }
-        });
-        let results = futures::future::join_all(sends).await;
         let streams = std::mem::take(&mut self.streams);
-        for (mut s, r) in streams.into_iter().zip(results) {
-            match r {
-                Ok(Ok(())) => self.streams.push(s),
-                Ok(Err(_)) => {
-                    let (why, rejection) = self.ended_call(&mut s).await;
-                    self.drop_stream(s, why, rejection);
-                }
-                Err(_) => {
-                    let why = format!(
-                        "stalled: accepted no data for {:.1}s",
-                        timeout.as_secs_f64()
-                    );
-                    self.drop_stream(s, why, false);
-                }
+        for mut s in streams {
+            if s.tx.send(msg.clone()).is_ok() {
+                self.streams.push(s);
+            } else {
+                let (why, rejection) = self.ended_call(&mut s).await;
+                self.drop_stream(s, why, rejection);
             }
         }
         if self.streams.is_empty() {
@@ -271,9 +278,10 @@ impl WeightPush {
 
     /// Sends one named Hugging Face tensor (any float kind, any device) to every worker
     /// in chunks of `weight_chunk_bytes` (whole elements), converted to `weight_dtype`.
-    /// Back-pressure: awaits the slowest worker's stream. A worker that fails is dropped
-    /// from this push (reported at commit); errors if none is left, or if the tensor
-    /// cannot be sent (not a float kind, or a name sent twice).
+    /// Queues the chunks on every worker and returns without waiting for any (each
+    /// worker's stream drains its own queue). A worker that fails is dropped from this
+    /// push (reported at commit); errors if none is left, or if the tensor cannot be sent
+    /// (not a float kind, or a name sent twice).
     pub async fn send(&mut self, name: &str, tensor: &Tensor) -> Result<(), RolloutError> {
         let tensor_err = |message: String| RolloutError::Tensor {
             name: name.to_string(),
@@ -283,7 +291,7 @@ impl WeightPush {
             return Err(tensor_err("sent twice in one push".into()));
         }
         let wire = self.inner.wire;
-        let bytes = tensor_bytes(tensor, wire).map_err(tensor_err)?;
+        let bytes = wire_bytes(tensor, wire).map_err(tensor_err)?;
         self.names.insert(name.to_string());
         let shape = tensor.size();
         let chunk = (self.inner.cfg.weight_chunk_bytes / wire.size()).max(1) * wire.size();
@@ -294,7 +302,7 @@ impl WeightPush {
                     dtype: wire.wire() as i32,
                     shape: shape.clone(),
                     offset: range.start as u64,
-                    data: bytes[range].to_vec(),
+                    data: bytes.slice(range),
                 })),
             };
             self.broadcast(msg).await?;
@@ -314,18 +322,29 @@ impl WeightPush {
         };
         self.broadcast(commit).await?;
         let timeout = self.inner.cfg.request_timeout();
+        // Every worker's answer is awaited at once: the push ends with the slowest.
+        let waits = std::mem::take(&mut self.streams)
+            .into_iter()
+            .map(|s| async move {
+                let PushStream {
+                    worker,
+                    url,
+                    tx,
+                    mut call,
+                } = s;
+                // Ends the request stream; the worker answers once the new weights serve.
+                drop(tx);
+                let outcome = tokio::time::timeout(timeout, &mut call).await;
+                if outcome.is_err() {
+                    call.abort();
+                    // The task (and the chunks still queued in it) is gone once this returns.
+                    let _ = call.await;
+                }
+                (worker, url, outcome)
+            });
+        let outcomes = futures::future::join_all(waits).await;
         let mut updated = vec![];
-        for s in std::mem::take(&mut self.streams) {
-            let PushStream {
-                worker,
-                url,
-                tx,
-                mut call,
-            } = s;
-            // Ends the request stream; the worker answers once the new weights serve.
-            drop(tx);
-            let outcome = tokio::time::timeout(timeout, &mut call).await;
-            call.abort();
+        for (worker, url, outcome) in outcomes {
             match outcome {
                 Ok(Ok(Ok(r))) => {
                     self.inner.pool().observe_version(worker, r.version);
@@ -361,7 +380,7 @@ impl WeightPush {
             updated,
             failed: std::mem::take(&mut self.failed),
         };
-        tracing::info!(
+        tracing::debug!(
             version = report.version,
             bytes = report.bytes,
             seconds = report.seconds,
@@ -395,15 +414,15 @@ mod tests {
     }
 
     #[test]
-    fn tensor_bytes_converts_and_rejects_non_floats() {
+    fn wire_bytes_converts_and_rejects_non_floats() {
         let t = Tensor::from_slice(&[1.0f64, -2.5, 3.25]).view([3, 1]);
-        let b = tensor_bytes(&t, WireDtype::Float32).unwrap();
+        let b = wire_bytes(&t, WireDtype::Float32).unwrap();
         let back: Vec<f32> = b
             .chunks(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(back, vec![1.0, -2.5, 3.25]);
-        let b = tensor_bytes(&t.to_kind(Kind::Half), WireDtype::BFloat16).unwrap();
+        let b = wire_bytes(&t.to_kind(Kind::Half), WireDtype::BFloat16).unwrap();
         let back: Vec<f32> = b
             .chunks(2)
             .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
@@ -413,9 +432,9 @@ mod tests {
         let m = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
             .view([2, 2])
             .tr();
-        let b = tensor_bytes(&m, WireDtype::Float32).unwrap();
+        let b = wire_bytes(&m, WireDtype::Float32).unwrap();
         assert_eq!(f32::from_le_bytes(b[4..8].try_into().unwrap()), 3.0);
-        let e = tensor_bytes(&Tensor::from_slice(&[1i64]), WireDtype::Float32).unwrap_err();
+        let e = wire_bytes(&Tensor::from_slice(&[1i64]), WireDtype::Float32).unwrap_err();
         assert!(e.contains("Int64"), "{e}");
     }
 }

@@ -165,6 +165,9 @@ pub struct ZeroEngine {
     /// Steps dropped for a non-finite loss or gradient norm: in all, and in a row.
     skipped_steps: u64,
     consecutive_skips: u64,
+    /// Built by [`ZeroEngine::new_frozen`]: parameters only, no gradients, master
+    /// weights or optimizer state; `forward_backward` and `step` refuse to run.
+    frozen: bool,
 }
 
 /// A unit's full flat parameters on their way: resident, or an all-gather in flight.
@@ -219,6 +222,45 @@ impl ZeroEngine {
         device: Device,
         comm: Box<dyn Communicator>,
     ) -> Result<Self> {
+        Self::build(cfg, weights, zero, optim, total_steps, device, comm, false)
+    }
+
+    /// A model that never trains (GRPO's reference model, `beta > 0`): each rank holds
+    /// only its stage's compute parameters (full under stages 0-2, a `1/N` shard under
+    /// stage 3), in the compute dtype; no gradient buffers, f32 master weights or Adam
+    /// moments. For a 7B model under ZeRO-2 on 2 ranks that is `2P` bytes instead of
+    /// `2P + 2P/N + 12P/N` (~100 GB / N saved). Only the gradient-free paths
+    /// ([`ZeroEngine::forward_no_grad`]) may be used.
+    pub fn new_frozen(
+        cfg: ModelConfig,
+        weights: &Weights,
+        zero: ZeroConfig,
+        device: Device,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        Self::build(
+            cfg,
+            weights,
+            zero,
+            OptimConfig::default(),
+            1,
+            device,
+            comm,
+            true,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        cfg: ModelConfig,
+        weights: &Weights,
+        zero: ZeroConfig,
+        optim: OptimConfig,
+        total_steps: u64,
+        device: Device,
+        comm: Box<dyn Communicator>,
+        frozen: bool,
+    ) -> Result<Self> {
         zero.validate().map_err(EngineError::Config)?;
         optim.validate().map_err(EngineError::Config)?;
         let kind = zero.compute_kind().map_err(EngineError::Config)?;
@@ -254,6 +296,22 @@ impl ZeroEngine {
             } else {
                 (Some(full32.to_kind(kind)), None)
             };
+            drop(full32);
+            if frozen {
+                let none = || Tensor::zeros([0], (Kind::Float, device));
+                units.push(UnitState {
+                    range,
+                    params,
+                    param_shard,
+                    grad: Tensor::zeros([0], (kind, device)),
+                    exp_avg: none(),
+                    exp_avg_sq: none(),
+                    decay: none(),
+                    master: none(),
+                    unit,
+                });
+                continue;
+            }
             units.push(UnitState {
                 range: range.clone(),
                 params,
@@ -290,6 +348,7 @@ impl ZeroEngine {
             count: 0,
             skipped_steps: 0,
             consecutive_skips: 0,
+            frozen,
         };
         let m = engine.memory();
         tracing::info!(
@@ -345,6 +404,20 @@ impl ZeroEngine {
             r.optimizer_bytes += bytes(&u.master) + bytes(&u.exp_avg) + bytes(&u.exp_avg_sq);
         }
         r
+    }
+
+    pub(super) fn refuse_if_frozen(&self, what: &str) -> Result<()> {
+        if self.frozen {
+            return Err(EngineError::Config(format!(
+                "{what} on a frozen engine (a reference model holds no gradients or optimizer state)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether this engine was built by [`ZeroEngine::new_frozen`].
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
     }
 
     /// Starts getting unit `u`'s full flat parameters: an alias of the resident
@@ -469,6 +542,7 @@ impl ZeroEngine {
     where
         F: FnMut(&Tensor, &Tensor) -> std::result::Result<LossOutput, String>,
     {
+        self.refuse_if_frozen("forward_backward")?;
         let (ids, ctx) = self.prepare(mb)?;
         let n_layers = self.cfg.num_hidden_layers;
         let recompute = self.zero.recompute();
@@ -549,6 +623,7 @@ impl ZeroEngine {
 
     /// Normalises, clips and applies the accumulated gradients; collective.
     pub fn step(&mut self) -> Result<StepStats> {
+        self.refuse_if_frozen("step")?;
         self.settle_grads()?;
         // Issued in one go, waited in order: the counts, the loss, and (stages 0-1)
         // every unit's gradient reduction. A gradient handed to a collective is not

@@ -41,16 +41,35 @@ impl ZeroEngine {
     /// second full copy of the model. Every rank must call this; `f` may do nothing on
     /// ranks other than the one that ships the weights. An error from `f` stops further
     /// calls of `f` but not the collectives, and is returned at the end.
-    pub fn visit_full_weights<F>(&mut self, mut f: F) -> Result<()>
+    pub fn visit_full_weights<F>(&mut self, f: F) -> Result<()>
     where
         F: FnMut(&str, &Tensor) -> std::result::Result<(), String>,
     {
+        self.visit_weights(Kind::Float, f)
+    }
+
+    /// As [`ZeroEngine::visit_full_weights`], for a consumer that wants `want` (a weight
+    /// push in the wire dtype): when the compute dtype is `want`, the compute parameters
+    /// are used as they are (resident under stages 1-2, their shards gathered under
+    /// stage 3: half the bytes of the f32 master for bfloat16), which equal the master
+    /// weights rounded to `want`.
+    pub fn visit_weights<F>(&mut self, want: Kind, mut f: F) -> Result<()>
+    where
+        F: FnMut(&str, &Tensor) -> std::result::Result<(), String>,
+    {
+        self.refuse_if_frozen("visit_full_weights")?;
         let mut first_err = None;
         for u in 0..self.units.len() {
             let st = &self.units[u];
-            let full = match (&st.params, self.zero.stage) {
-                (_, ZeroStage::Stage0) => st.master.shallow_clone(),
-                (Some(p), _) if self.kind == Kind::Float => p.shallow_clone(),
+            let compute_wanted = self.kind == Kind::Float || self.kind == want;
+            let full = match (&st.params, &st.param_shard, self.zero.stage) {
+                (_, _, ZeroStage::Stage0) if self.kind == Kind::Float || want == Kind::Float => {
+                    st.master.shallow_clone()
+                }
+                (Some(p), _, _) if compute_wanted => p.shallow_clone(),
+                (None, Some(shard), _) if compute_wanted => {
+                    self.comm.all_gather(shard, st.unit.len)?
+                }
                 _ => self.comm.all_gather(&st.master, st.unit.len)?,
             };
             if first_err.is_some() {

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use model::{ForwardInput, Transformer};
-use proto::v1 as pb;
 use rollout_worker::{EngineHandle, Metrics, WorkerConfig};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
-use trainer::rollout::{PromptJob, RolloutConfig, RolloutGroup};
+use trainer::rollout::{PromptJob, RolloutConfig, RolloutGroup, Sampling};
 
 pub fn fixture(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -109,13 +108,15 @@ pub fn jobs(count: usize) -> Vec<PromptJob> {
 }
 
 /// Seeded sampling at temperature 1, fixed length (EOS ignored).
-pub fn sampling(max_new_tokens: u32, seed: Option<u64>) -> pb::SamplingParams {
-    pb::SamplingParams {
-        temperature: Some(if seed.is_some() { 1.0 } else { 0.0 }),
+pub fn sampling(max_new_tokens: u32, seed: Option<u64>) -> Sampling {
+    Sampling {
+        temperature: if seed.is_some() { 1.0 } else { 0.0 },
+        top_p: 1.0,
+        top_k: 0,
+        min_p: 0.0,
         max_new_tokens,
         seed,
         ignore_eos: true,
-        ..Default::default()
     }
 }
 

@@ -1,0 +1,190 @@
+//! Weight-push benchmark (numbers, not a test): the trainer's `WeightPush` streaming a
+//! ~50M-parameter f32 Qwen2 (~203 MB) to 1, 2 and 4 rollout workers on loopback, with
+//! float32 and bfloat16 on the wire, against the reference measured in the same run: the
+//! same bytes through one plain loopback TCP stream (the wire's ceiling on this machine).
+//!
+//! Data flow: writes the model once under `target/bench-models/push-50m`, starts the
+//! workers in-process on a runtime of their own (each holds the model and its staging
+//! copy), connects a `RolloutClient` and times `begin_push` → `send` of every tensor →
+//! `commit` (every worker serving the new version), best of `BENCH_REPEAT` (default 3).
+//!
+//!   bash scripts/bench/push.sh            # BENCH_WORKERS=1,2,4 BENCH_REPEAT=3
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use model::{ModelConfig, Weights};
+use rollout_worker::{EngineHandle, Metrics, WorkerConfig};
+use tch::{Device, Kind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trainer::rollout::{RolloutClient, RolloutConfig};
+
+fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A Qwen2 of H 512, 10 layers, 8 heads, I 1536, V 32000, tied: 50.5M parameters.
+fn write_model(dir: &Path) -> anyhow::Result<(ModelConfig, Weights)> {
+    let tiny = root().join("fixtures/generated/qwen2-tiny");
+    let mut raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json"))?)?;
+    for (k, v) in [
+        ("hidden_size", 512),
+        ("num_hidden_layers", 10),
+        ("num_attention_heads", 8),
+        ("num_key_value_heads", 8),
+        ("intermediate_size", 1536),
+        ("vocab_size", 32000),
+        ("max_position_embeddings", 512),
+    ] {
+        raw[k] = serde_json::json!(v);
+    }
+    raw["tie_word_embeddings"] = serde_json::json!(true);
+    raw["layer_types"] = serde_json::json!(vec!["full_attention"; 10]);
+    std::fs::create_dir_all(dir)?;
+    let cfg = ModelConfig::from_json(raw, &dir.join("config.json"))?;
+    tch::manual_seed(0);
+    let w = Weights::random(&cfg, Kind::Float, Device::Cpu);
+    if !dir.join("config.json").exists() {
+        model::save_pretrained(
+            dir,
+            &cfg,
+            &w,
+            Kind::Float,
+            model::checkpoint::DEFAULT_MAX_SHARD_BYTES,
+        )?;
+        model::checkpoint::copy_auxiliary_files(&tiny, dir)?;
+    }
+    Ok((cfg, w))
+}
+
+/// Seconds to move `bytes` through one loopback TCP stream in 4 MiB writes.
+async fn tcp_reference(bytes: usize) -> anyhow::Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let sink = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut got = 0;
+        while got < bytes {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        anyhow::Ok(got)
+    });
+    let data = vec![7u8; 4 << 20];
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let mut sent = 0;
+    while sent < bytes {
+        let n = (bytes - sent).min(data.len());
+        s.write_all(&data[..n]).await?;
+        sent += n;
+    }
+    s.flush().await?;
+    let got = sink.await??;
+    anyhow::ensure!(got == bytes, "sink got {got} of {bytes} bytes");
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn main() -> anyhow::Result<()> {
+    let dir = root().join("target/bench-models/push-50m");
+    let (_cfg, weights) = write_model(&dir)?;
+    let params: i64 = weights.named().iter().map(|(_, t)| t.numel() as i64).sum();
+    let counts = env_list("BENCH_WORKERS", &[1, 2, 4]);
+    let repeat = env_list("BENCH_REPEAT", &[3])[0].max(1);
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let max = counts.iter().copied().max().unwrap_or(1);
+    let mut urls = vec![];
+    let mut keep = vec![];
+    for _ in 0..max {
+        let mut c = WorkerConfig::new(&dir);
+        c.device = "cpu".into();
+        c.engine.max_num_seqs = 4;
+        c.engine.kv_cache_bytes = 64 << 20;
+        let engine = EngineHandle::load(&c, Arc::new(Metrics::new()))?;
+        let (grpc, http) = servers.block_on(async {
+            anyhow::Ok((
+                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            ))
+        })?;
+        urls.push(format!("http://{}", grpc.local_addr()?));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        servers.spawn(rollout_worker::serve(grpc, http, engine, async move {
+            let _ = rx.await;
+        }));
+        keep.push(tx);
+    }
+    let f32_bytes = params as usize * 4;
+    let reference = (0..repeat)
+        .map(|_| client_rt.block_on(tcp_reference(f32_bytes)))
+        .collect::<anyhow::Result<Vec<f64>>>()?
+        .into_iter()
+        .fold(f64::INFINITY, f64::min);
+    let ref_gbs = f32_bytes as f64 / reference / 1e9;
+    println!(
+        "model: {:.1}M parameters, {:.0} MB in f32; reference: one loopback TCP stream {ref_gbs:.2} GB/s",
+        params as f64 / 1e6,
+        f32_bytes as f64 / 1e6
+    );
+    let mut version = 0u64;
+    for wire in ["float32", "bfloat16"] {
+        for &n in &counts {
+            let cfg = RolloutConfig {
+                workers: urls[..n].to_vec(),
+                weight_dtype: wire.into(),
+                request_timeout_secs: 120.0,
+                ..RolloutConfig::default()
+            };
+            let client = client_rt.block_on(RolloutClient::connect(cfg))?;
+            let mut best = f64::INFINITY;
+            let mut bytes = 0;
+            for _ in 0..repeat {
+                version += 1;
+                let t = Instant::now();
+                let report = client_rt.block_on(async {
+                    let mut push = client.begin_push(version).await?;
+                    for (name, t) in weights.named() {
+                        push.send(&name, t).await?;
+                    }
+                    push.commit().await
+                })?;
+                anyhow::ensure!(
+                    report.updated.len() == n,
+                    "workers missed the push: {:?}",
+                    report.failed
+                );
+                best = best.min(t.elapsed().as_secs_f64());
+                bytes = report.bytes;
+            }
+            let per_worker = bytes as f64 / best / 1e9;
+            println!(
+                "push {wire:>8} to {n} worker(s): {best:.3} s | {per_worker:.2} GB/s per worker ({:.2} x reference) | {:.2} GB/s aggregate ({:.2} x reference)",
+                per_worker / ref_gbs,
+                per_worker * n as f64,
+                per_worker * n as f64 / ref_gbs
+            );
+        }
+    }
+    drop(keep);
+    Ok(())
+}
