@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod kv_cache;
 pub mod logprobs;
+pub mod paged;
 pub mod sampling;
 pub mod tokenizer;
 pub mod transformer;
