@@ -6,11 +6,11 @@
 //! [`request::GenerateRequest`] and submit it through an [`engine::EngineHandle`]; the
 //! engine thread validates nothing further, asks the pure [`scheduler::Scheduler`] which
 //! sequences run each step (continuous batching under a row limit and a KV-cache budget),
-//! runs the model with one shared KV cache, and streams each group back when its `n`
+//! runs the model over one paged KV cache (`model::paged`), and streams each group back when its `n`
 //! completions are done. Weight chunks are assembled by [`weights`] and applied by the
 //! engine between steps. [`metrics`] exposes Prometheus counters under vLLM's names;
-//! [`config`] holds the worker's settings. [`generate`] is the offline batch loop of
-//! the `generate` command.
+//! [`config`] holds the worker's settings. [`generate`] runs the same engine in-process
+//! for the `generate` command.
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -43,11 +43,20 @@ pub async fn serve(
     };
     let grpc = tokio::spawn(grpc::serve(grpc_listener, engine.clone(), wait(rx.clone())));
     let http = tokio::spawn(http::serve(http_listener, engine.clone(), wait(rx)));
-    shutdown.await;
+    // A dead engine (a panic it could not recover from) ends the process with an
+    // error, so an orchestrator restarts it instead of keeping a worker that fails
+    // every request.
+    let died = tokio::select! {
+        _ = shutdown => false,
+        _ = engine.stopped() => true,
+    };
     let _ = tx.send(true);
     let (g, h) = (grpc.await, http.await);
     engine.shutdown();
     g??;
     h??;
+    if died {
+        anyhow::bail!("the engine thread stopped (see the log above); exiting");
+    }
     Ok(())
 }
