@@ -65,7 +65,7 @@ fn step(
     let bs = pool.block_size();
     for (s, &c) in seqs.iter_mut().zip(chunks) {
         // Copy-on-write: the partial block we are about to write into is shared.
-        if s.computed % bs != 0 {
+        if !s.computed.is_multiple_of(bs) {
             let i = s.computed / bs;
             let b = s.blocks[i];
             if pool.refcount(b) > 1 {
@@ -227,16 +227,11 @@ fn paged_steps_equal_the_full_forward_f32() {
     }
 }
 
-fn random_case(
-    kind: Kind,
-    seed: i64,
-) -> (
-    Geometry,
-    Tensor,
-    Tensor,
-    Tensor,
-    Vec<(usize, usize, Vec<u32>)>,
-) {
+/// `(q_len, ctx_len, blocks)` per sequence.
+type Seqs = Vec<(usize, usize, Vec<u32>)>;
+
+/// Geometry, key pool, value pool, packed queries, sequences.
+fn random_case(kind: Kind, seed: i64) -> (Geometry, Tensor, Tensor, Tensor, Seqs) {
     tch::manual_seed(seed);
     let geo = Geometry {
         num_heads: 4,

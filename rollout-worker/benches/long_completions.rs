@@ -163,7 +163,7 @@ fn main() -> anyhow::Result<()> {
     };
     let weight_bytes = (num_params * 4) as f64;
     let kv_per_token =
-        (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4) as f64;
+        (2 * cfg.num_hidden_layers as i64 * cfg.num_key_value_heads * cfg.head_dim * 4) as f64;
     println!(
         "threads 1, {num_params} parameters, memcpy bandwidth {:.2} GB/s, KV {kv_per_token} B/token",
         bw / 1e9

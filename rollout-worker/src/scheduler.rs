@@ -259,7 +259,8 @@ impl Scheduler {
     fn grow(&mut self, id: SeqId, chunk: usize, copies: &mut Vec<(BlockId, BlockId)>) -> bool {
         let bs = self.limits.block_size;
         let s = &self.seqs[&id];
-        let cow = s.computed % bs != 0 && self.pool.refcount(s.blocks[s.computed / bs]) > 1;
+        let cow =
+            !s.computed.is_multiple_of(bs) && self.pool.refcount(s.blocks[s.computed / bs]) > 1;
         let new = (s.computed + chunk)
             .div_ceil(bs)
             .saturating_sub(s.blocks.len());

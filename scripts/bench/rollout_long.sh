@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 export BENCH_LENGTHS=${BENCH_LENGTHS:-256,1024,2048}
-cargo bench -p rollout-worker --bench long_completions
+# BENCH_CARGO_FLAGS adds cargo flags (e.g. --profile dev on a machine without a release build).
+cargo bench -p rollout-worker --bench long_completions ${BENCH_CARGO_FLAGS:-}
 out=target/bench-models
 .venv/bin/python scripts/bench/rollout_hf_long_ratio.py "$out" \
     "$(.venv/bin/python scripts/bench/rollout_long_hf.py "$out")"

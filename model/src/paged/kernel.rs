@@ -270,10 +270,10 @@ pub fn paged_attention<T: Elem>(
         geo.head_dim,
         geo.block_size,
     );
-    if nkv == 0 || nh % nkv != 0 || d == 0 || bs == 0 {
+    if nkv == 0 || !nh.is_multiple_of(nkv) || d == 0 || bs == 0 {
         return Err(KernelError(format!("bad geometry {geo:?}")));
     }
-    if q.len() != out.len() || q.len() % (nh * d) != 0 {
+    if q.len() != out.len() || !q.len().is_multiple_of(nh * d) {
         return Err(KernelError(format!(
             "q has {} elements and out {}; both must be N x {nh} x {d}",
             q.len(),
