@@ -49,7 +49,7 @@ def main():
     results = []
     for new in lengths:
         tps, secs = run(new)
-        print(f"transformers {new:5} new tokens: {tps:9.1} tokens/s ({secs:.2f}s)", file=sys.stderr)
+        print(f"transformers {new:5} new tokens: {tps:9.1f} tokens/s ({secs:.2f}s)", file=sys.stderr)
         results.append({"new_tokens": new, "tokens_per_s": tps, "seconds": secs})
     print(json.dumps({"threads": torch.get_num_threads(), "long": results}))
 
