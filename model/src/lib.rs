@@ -16,6 +16,7 @@ pub mod error;
 pub mod hub;
 pub mod kv_cache;
 pub mod logprobs;
+pub mod paged;
 pub mod pycompat;
 pub mod sampling;
 pub mod tokenizer;

@@ -164,20 +164,27 @@ pub fn layer_forward(
     ctx: &AttentionContext,
     kv: Option<(&mut KvCache, usize)>,
 ) -> Result<Tensor> {
-    let (b, t) = (h.size()[0], h.size()[1]);
+    decoder_layer(cfg, layer, h, &ctx.cos, &ctx.sin, |q, k, v| {
+        contiguous_attention(cfg, q, k, v, ctx, kv)
+    })
+}
+
+/// Attention over the left-padded contiguous cache: appends `k`, `v` and runs SDPA.
+/// `q` is `[B, nh, T, d]`, `k`/`v` `[B, nkv, T, d]`; returns `[B, T, nh * d]`.
+fn contiguous_attention(
+    cfg: &ModelConfig,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ctx: &AttentionContext,
+    kv: Option<(&mut KvCache, usize)>,
+) -> Result<Tensor> {
+    let (b, t) = (q.size()[0], q.size()[2]);
     let (nh, nkv, d) = (
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
-    let a = &layer.self_attn;
-    let x = rms_norm(h, &layer.input_layernorm, cfg.rms_norm_eps);
-    let q = head_norm(a.q_proj.forward(&x).view([b, t, nh, d]), &a.q_norm, cfg).transpose(1, 2);
-    let k = head_norm(a.k_proj.forward(&x).view([b, t, nkv, d]), &a.k_norm, cfg).transpose(1, 2);
-    let v = a.v_proj.forward(&x).view([b, t, nkv, d]).transpose(1, 2);
-    let (cos, sin) = (ctx.cos.unsqueeze(1), ctx.sin.unsqueeze(1));
-    let q = apply_rope(&q, &cos, &sin);
-    let k = apply_rope(&k, &cos, &sin);
     let (k, v) = match kv {
         Some((cache, i)) => cache.append(i, k, v),
         None => (k, v),
@@ -192,7 +199,36 @@ pub fn layer_forward(
         None,
         nh != nkv,
     )?;
-    let attn = attn.transpose(1, 2).reshape([b, t, nh * d]);
+    Ok(attn.transpose(1, 2).reshape([b, t, nh * d]))
+}
+
+/// A decoder block with the attention given as `attend(q, k, v)`: `q` `[B, nh, T, d]`,
+/// `k`/`v` `[B, nkv, T, d]` after RoPE, returning `[B, T, nh * d]`. `cos`/`sin` are
+/// `[B, T, d]`. Shared by the contiguous cache ([`layer_forward`]) and the paged one
+/// ([`crate::paged`]).
+pub(crate) fn decoder_layer(
+    cfg: &ModelConfig,
+    layer: &DecoderLayer,
+    h: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    attend: impl FnOnce(Tensor, Tensor, Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (b, t) = (h.size()[0], h.size()[1]);
+    let (nh, nkv, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let a = &layer.self_attn;
+    let x = rms_norm(h, &layer.input_layernorm, cfg.rms_norm_eps);
+    let q = head_norm(a.q_proj.forward(&x).view([b, t, nh, d]), &a.q_norm, cfg).transpose(1, 2);
+    let k = head_norm(a.k_proj.forward(&x).view([b, t, nkv, d]), &a.k_norm, cfg).transpose(1, 2);
+    let v = a.v_proj.forward(&x).view([b, t, nkv, d]).transpose(1, 2);
+    let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
+    let q = apply_rope(&q, &cos, &sin);
+    let k = apply_rope(&k, &cos, &sin);
+    let attn = attend(q, k, v)?;
     let h = h + a.o_proj.forward(&attn);
     let x = rms_norm(&h, &layer.post_attention_layernorm, cfg.rms_norm_eps);
     let m = &layer.mlp;

@@ -38,9 +38,33 @@ pub struct WorkerConfig {
 pub struct EngineConfig {
     /// Sequences decoded together in one batch (vLLM's `max_num_seqs`).
     pub max_num_seqs: usize,
-    /// Bytes the KV cache may use, padding included. Must hold at least one sequence
-    /// of `max_model_len` tokens.
+    /// Bytes the paged KV cache may use (blocks of `block_size` positions, allocated
+    /// once, at most what `max_num_seqs` sequences of `max_model_len` can fill). Must
+    /// hold at least one sequence of `max_model_len` tokens.
     pub kv_cache_bytes: u64,
+    /// When set, the KV budget is this fraction of the memory available at start
+    /// (MemAvailable, CPU only) instead of `kv_cache_bytes` (vLLM's
+    /// `gpu_memory_utilization`, for the host).
+    pub kv_cache_memory_fraction: Option<f64>,
+    /// Positions per KV block (vLLM's `block_size`).
+    pub block_size: usize,
+    /// Tokens computed per engine step, decode and prefill chunks together (vLLM's
+    /// `max_num_batched_tokens`): a long prompt is prefilled in chunks of at most this
+    /// many tokens, so it never stalls decoding.
+    pub max_num_batched_tokens: usize,
+    /// Reuse the KV blocks of identical prompt prefixes across requests (vLLM's
+    /// `enable_prefix_caching`). The n completions of a group share their prompt's
+    /// blocks either way.
+    pub enable_prefix_caching: bool,
+    /// The n completions of a group prefill their prompt once and share its blocks
+    /// (copy-on-write). Off only to measure what sharing saves.
+    pub share_group_prompts: bool,
+    /// Seconds between the progress messages a running group sends on the Generate
+    /// stream (liveness for long generations); 0 disables them.
+    pub progress_interval_secs: f64,
+    /// Sleep after each engine step, in milliseconds: a slowed engine for liveness
+    /// tests and fault drills. 0 in production.
+    pub step_delay_ms: u64,
     /// Sequences accepted beyond the running ones before requests are refused with
     /// RESOURCE_EXHAUSTED (HTTP 429).
     pub max_waiting_seqs: usize,
@@ -61,6 +85,13 @@ impl Default for EngineConfig {
         EngineConfig {
             max_num_seqs: 64,
             kv_cache_bytes: 1 << 30,
+            kv_cache_memory_fraction: None,
+            block_size: 16,
+            max_num_batched_tokens: 2048,
+            enable_prefix_caching: true,
+            share_group_prompts: true,
+            progress_interval_secs: 5.0,
+            step_delay_ms: 0,
             max_waiting_seqs: 4096,
             max_n: 64,
             max_model_len: None,
@@ -256,8 +287,15 @@ pub struct EngineLimits {
     pub max_model_len: usize,
     pub max_top_logprobs: usize,
     pub max_response_tokens: u64,
-    /// KV-cache budget in token positions (`kv_cache_bytes / bytes_per_token`).
+    /// KV-cache budget in token positions (`num_blocks * block_size`).
     pub kv_cache_tokens: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    pub share_group_prompts: bool,
+    pub progress_interval: Option<std::time::Duration>,
+    pub step_delay: std::time::Duration,
     /// Bytes one cached position takes: keys and values of every layer.
     pub kv_bytes_per_token: usize,
 }
@@ -283,6 +321,35 @@ impl EngineConfig {
         if self.max_response_tokens == 0 {
             return Err(err("engine.max_response_tokens", "must be >= 1"));
         }
+        if let Some(f) = self.kv_cache_memory_fraction {
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(err(
+                    "engine.kv_cache_memory_fraction",
+                    format!("must be in (0, 1], got {f}"),
+                ));
+            }
+        }
+        if self.block_size == 0 || self.block_size > 1024 {
+            return Err(err(
+                "engine.block_size",
+                format!("must be in [1, 1024], got {}", self.block_size),
+            ));
+        }
+        if self.max_num_batched_tokens < self.max_num_seqs {
+            return Err(err(
+                "engine.max_num_batched_tokens",
+                format!(
+                    "{} is below max_num_seqs = {}: every running sequence needs a token per step",
+                    self.max_num_batched_tokens, self.max_num_seqs
+                ),
+            ));
+        }
+        if !(self.progress_interval_secs.is_finite() && self.progress_interval_secs >= 0.0) {
+            return Err(err(
+                "engine.progress_interval_secs",
+                "must be >= 0 (0 disables)",
+            ));
+        }
         Ok(())
     }
 
@@ -307,17 +374,34 @@ impl EngineConfig {
             * model.num_hidden_layers
             * (model.num_key_value_heads * model.head_dim).max(1) as usize
             * elt_size;
-        let kv_cache_tokens = (self.kv_cache_bytes / kv_bytes_per_token as u64) as usize;
-        if kv_cache_tokens < max_model_len {
+        let budget = match self.kv_cache_memory_fraction {
+            None => self.kv_cache_bytes,
+            Some(f) => {
+                (available_memory().ok_or_else(|| {
+                    err(
+                        "engine.kv_cache_memory_fraction",
+                        "MemAvailable is not readable from /proc/meminfo; give kv_cache_bytes",
+                    )
+                })? as f64
+                    * f) as u64
+            }
+        };
+        let bs = self.block_size;
+        let block_bytes = (kv_bytes_per_token * bs) as u64;
+        let blocks_per_seq = max_model_len.div_ceil(bs);
+        // More than every row at max_model_len can never be used.
+        let num_blocks = ((budget / block_bytes) as usize).min(blocks_per_seq * self.max_num_seqs);
+        if num_blocks < blocks_per_seq {
             return Err(err(
                 "engine.kv_cache_bytes",
                 format!(
-                    "{} bytes hold {kv_cache_tokens} tokens ({kv_bytes_per_token} bytes each); at least max_model_len = {max_model_len} are needed, i.e. {} bytes",
-                    self.kv_cache_bytes,
-                    max_model_len * kv_bytes_per_token
+                    "{budget} bytes hold {} tokens ({kv_bytes_per_token} bytes each, in blocks of {bs}); at least max_model_len = {max_model_len} are needed, i.e. {} bytes",
+                    (budget / block_bytes) as usize * bs,
+                    blocks_per_seq as u64 * block_bytes
                 ),
             ));
         }
+        let kv_cache_tokens = num_blocks * bs;
         Ok(EngineLimits {
             max_num_seqs: self.max_num_seqs,
             max_waiting_seqs: self.max_waiting_seqs,
@@ -327,8 +411,24 @@ impl EngineConfig {
             max_response_tokens: self.max_response_tokens,
             kv_cache_tokens,
             kv_bytes_per_token,
+            num_blocks,
+            block_size: bs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            enable_prefix_caching: self.enable_prefix_caching,
+            share_group_prompts: self.share_group_prompts,
+            progress_interval: (self.progress_interval_secs > 0.0)
+                .then(|| std::time::Duration::from_secs_f64(self.progress_interval_secs)),
+            step_delay: std::time::Duration::from_millis(self.step_delay_ms),
         })
     }
+}
+
+/// MemAvailable of /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(test)]

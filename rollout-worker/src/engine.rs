@@ -7,12 +7,20 @@
 //!    scheduler), committed weight updates, pause/shutdown.
 //! 2. Drop groups whose client went away.
 //! 3. If an update is pending and no started group is left, apply it (see below).
-//! 4. One step: the scheduler preempts (LIFO) and admits; running rows decode one token
-//!    each from their pending token through the shared left-padded [`KvCache`]; admitted
-//!    rows are prefilled (prompt + tokens kept over a preemption) in one padded batch,
-//!    sample their next token from the last position and join the cache
-//!    ([`KvCache::concat`]). Finished rows leave ([`KvCache::select`] + `compact`), and a
-//!    group is sent as soon as its last completion finishes.
+//! 4. One step: the [`Scheduler`] gives every running sequence a slot for its pending
+//!    token (preempting LIFO when the block pool is short), continues chunked prefills
+//!    and admits waiting sequences under `max_num_batched_tokens`; the n completions of
+//!    a group prefill their prompt once and share its blocks. All scheduled tokens run as
+//!    one packed forward over the paged KV cache (`model::paged`: keys and values written
+//!    in place, attention through block tables, nothing padded or copied), then one
+//!    sampling pass with one device-to-host transfer. Finished sequences free their
+//!    blocks, and a group is sent as soon as its last completion finishes.
+//! 5. Started groups quiet for `progress_interval_secs` get an [`Event::Progress`].
+//!
+//! Failure: a step that returns an error (e.g. out of memory) fails the started groups
+//! and frees their blocks; the engine keeps serving (it recovered cleanly). A panic
+//! fails every request, marks the engine dead (health NOT_SERVING) and stops the
+//! thread; [`EngineHandle::stopped`] resolves, and `serve` exits non-zero.
 //!
 //! Weight updates never mix versions within a group: once an update is committed, groups
 //! that already started finish on the old weights (tagged with the old version) and new
@@ -32,9 +40,12 @@ use crate::config::{EngineLimits, WorkerConfig};
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::request::{Event, GenerateRequest, Job};
+#[allow(unused_imports)]
+use crate::scheduler::Scheduler;
 use crate::weights::StagedWeights;
 
 mod batching;
+pub mod sampler;
 
 /// Facts about the served model that do not change.
 #[derive(Debug, Clone)]
@@ -57,6 +68,12 @@ pub struct Stats {
     pub num_running: usize,
     pub num_waiting: usize,
     pub alive: bool,
+    /// Prompt tokens computed (prefill, recomputation after preemption), shared
+    /// prefixes not counted.
+    pub prefill_tokens: u64,
+    /// Most KV blocks in use at once, and the bytes of one block.
+    pub kv_blocks_peak: usize,
+    pub kv_block_bytes: usize,
 }
 
 /// Result of an applied update.
@@ -86,7 +103,17 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<UpdateOutcome, EngineError>>,
     },
     SetPaused(bool),
+    InjectFault(Fault),
     Shutdown,
+}
+
+/// A failure to inject into the next engine step (fault drills and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The step returns an error, as an out-of-memory step does.
+    StepError,
+    /// The step panics.
+    Panic,
 }
 
 pub(crate) struct Shared {
@@ -100,6 +127,10 @@ pub(crate) struct Shared {
     /// Sequences accepted and not yet finished; bounds the queue.
     pub(crate) outstanding: AtomicUsize,
     pub(crate) alive: AtomicBool,
+    pub(crate) prefill_tokens: AtomicU64,
+    pub(crate) kv_blocks_peak: AtomicUsize,
+    /// Becomes true when the engine thread has stopped.
+    pub(crate) stopped: tokio::sync::watch::Sender<bool>,
 }
 
 /// The cloneable front of the engine thread.
@@ -179,9 +210,12 @@ impl EngineHandle {
             waiting: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
+            prefill_tokens: AtomicU64::new(0),
+            kv_blocks_peak: AtomicUsize::new(0),
+            stopped: tokio::sync::watch::Sender::new(false),
         });
         let (tx, rx) = std::sync::mpsc::channel();
-        let engine = batching::Engine::new(model, shared.clone());
+        let engine = batching::Engine::new(model, shared.clone())?;
         std::thread::Builder::new()
             .name("rollout-engine".into())
             .spawn(move || engine.run(rx))?;
@@ -211,7 +245,18 @@ impl EngineHandle {
             num_running: self.shared.running.load(Ordering::SeqCst),
             num_waiting: self.shared.waiting.load(Ordering::SeqCst),
             alive: self.shared.alive.load(Ordering::SeqCst),
+            prefill_tokens: self.shared.prefill_tokens.load(Ordering::SeqCst),
+            kv_blocks_peak: self.shared.kv_blocks_peak.load(Ordering::SeqCst),
+            kv_block_bytes: self.shared.info.limits.kv_bytes_per_token
+                * self.shared.info.limits.block_size,
         }
+    }
+
+    /// Resolves once the engine thread has stopped (shutdown, or a panic it could not
+    /// recover from).
+    pub async fn stopped(&self) {
+        let mut rx = self.shared.stopped.subscribe();
+        let _ = rx.wait_for(|&s| s).await;
     }
 
     /// Validates `req`, reserves queue room for its sequences and queues it. Fails fast
@@ -307,6 +352,12 @@ impl EngineHandle {
     /// that does not drain.
     pub fn set_paused(&self, paused: bool) {
         let _ = self.tx.send(Command::SetPaused(paused));
+    }
+
+    /// Makes the next step fail with `fault` (fault drills and tests).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) {
+        let _ = self.tx.send(Command::InjectFault(fault));
     }
 
     /// Stops the engine thread; accepted requests end without their results.

@@ -1,12 +1,18 @@
-//! Offline batch generation: left-padded prefill, then cached decode steps until every
-//! sequence stops. This is the loop the `generate` command runs; the gRPC engine with
-//! continuous batching builds on the same model calls.
+//! Offline batch generation, the `generate` command: the prompts go through the same
+//! engine as the server (paged KV cache, continuous batching, one prefill per group,
+//! the same sampling and finish decision), submitted in-process instead of over gRPC.
 //!
 //! Log-probs returned are the policy's: `log_softmax(logits / temperature)` of the
 //! sampled token, before top-k/top-p/min-p truncation (temperature 1 when greedy), which
 //! is what the trainer recomputes (TRL's convention).
-use model::{sample, ForwardInput, KvCache, SamplingParams, SeqRng, Transformer};
-use tch::{Kind, Tensor};
+use std::sync::Arc;
+
+use model::{SamplingParams, Tokenizer, Transformer};
+
+use crate::config::{EngineConfig, WorkerConfig};
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+use crate::request::{Event, GenerateRequest, PromptInput, PromptSpec};
 
 /// Why a completion ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,10 +26,17 @@ pub enum FinishReason {
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     pub sampling: SamplingParams,
+    /// Completions per prompt.
+    pub n: usize,
     pub max_new_tokens: usize,
+    /// Extra stop ids; the model's end-of-sequence ids always stop (unless `ignore_eos`).
     pub stop_token_ids: Vec<i64>,
-    /// Sequence `i` uses seed `seed + i`; `None` draws from OS entropy.
+    pub ignore_eos: bool,
+    /// Completion `j` of prompt `i` uses seed `seed + i * n + j`; `None` draws from OS
+    /// entropy.
     pub seed: Option<u64>,
+    /// Engine capacity (rows, KV budget, block size, chunked prefill).
+    pub engine: EngineConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -33,95 +46,58 @@ pub struct Completion {
     pub finish_reason: FinishReason,
 }
 
-/// Generates one completion per prompt.
+/// Generates `opts.n` completions per prompt (prompt-major order) with an engine that
+/// lives for this call.
 pub fn generate(
-    model: &Transformer,
+    model: Transformer,
+    tokenizer: Tokenizer,
     prompts: &[Vec<i64>],
     opts: &GenerateOptions,
 ) -> anyhow::Result<Vec<Completion>> {
-    opts.sampling.validate()?;
     anyhow::ensure!(!prompts.is_empty(), "no prompts");
-    anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "empty prompt");
-    let device = model.device();
-    let b = prompts.len();
-    let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = vec![0i64; b * t];
-    let mut mask = vec![0i64; b * t];
-    for (i, p) in prompts.iter().enumerate() {
-        let off = i * t + (t - p.len());
-        ids[off..off + p.len()].copy_from_slice(p);
-        mask[off..off + p.len()].fill(1);
-    }
-    let shape = [b as i64, t as i64];
-    let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
-    let mask = Tensor::from_slice(&mask).view(shape).to_device(device);
-
-    let mut rngs: Vec<SeqRng> = (0..b)
-        .map(|i| match opts.seed {
-            Some(s) => SeqRng::seeded(s.wrapping_add(i as u64)),
-            None => SeqRng::from_entropy(),
-        })
-        .collect();
-    let params = vec![opts.sampling; b];
-    let temperature = if opts.sampling.is_greedy() {
-        1.0
-    } else {
-        opts.sampling.temperature
-    };
-    let mut out: Vec<Option<Completion>> = vec![None; b];
-    let mut tokens: Vec<Vec<i64>> = vec![vec![]; b];
-    let mut logprobs: Vec<Vec<f32>> = vec![vec![]; b];
-
-    let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let mut logits = model
-        .forward(&ForwardInput::new(&ids).with_mask(&mask), Some(&mut cache))?
-        .select(1, -1);
-    for step in 0..opts.max_new_tokens {
-        let logits32 = logits.to_kind(Kind::Float);
-        // Log-probs before sampling, from a tensor `sample` never sees (it may scale its
-        // fp32 input in place).
-        let logp_all = (&logits32 / temperature).log_softmax(-1, Kind::Float);
-        let next = sample(&logits32, &params, &mut rngs)?;
-        let next_t = Tensor::from_slice(&next).to_device(device);
-        let lp = logp_all
-            .gather(-1, &next_t.unsqueeze(-1), false)
-            .squeeze_dim(-1);
-        let lp = Vec::<f32>::try_from(lp.to_device(tch::Device::Cpu))?;
-        for i in 0..b {
-            if out[i].is_some() {
-                continue;
-            }
-            tokens[i].push(next[i]);
-            logprobs[i].push(lp[i]);
-            let stopped = opts.stop_token_ids.contains(&next[i]);
-            if stopped || step + 1 == opts.max_new_tokens {
-                out[i] = Some(Completion {
-                    tokens: std::mem::take(&mut tokens[i]),
-                    logprobs: std::mem::take(&mut logprobs[i]),
-                    finish_reason: if stopped {
-                        FinishReason::Stop
-                    } else {
-                        FinishReason::Length
-                    },
-                });
-            }
-        }
-        if out.iter().all(Option::is_some) {
-            break;
-        }
-        // Finished rows keep decoding their last token; their outputs are ignored.
-        logits = model
-            .forward(&ForwardInput::new(&next_t.unsqueeze(1)), Some(&mut cache))?
-            .select(1, -1);
-    }
-    Ok(out
-        .into_iter()
-        .map(|c| {
-            c.unwrap_or(Completion {
-                tokens: vec![],
-                logprobs: vec![],
-                finish_reason: FinishReason::Length,
+    let mut config = WorkerConfig::new("in-process");
+    config.engine = opts.engine.clone();
+    config.engine.max_n = config.engine.max_n.max(opts.n);
+    config.engine.max_waiting_seqs = config.engine.max_waiting_seqs.max(prompts.len() * opts.n);
+    let engine = EngineHandle::start(model, tokenizer, &config, Arc::new(Metrics::new()))?;
+    let mut req = GenerateRequest::new(
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PromptSpec {
+                id: i.to_string(),
+                input: PromptInput::Tokens(p.clone()),
             })
+            .collect(),
+        opts.max_new_tokens,
+    );
+    req.n = opts.n;
+    req.sampling = opts.sampling;
+    req.stop_token_ids = opts.stop_token_ids.clone();
+    req.ignore_eos = opts.ignore_eos;
+    req.seed = opts.seed;
+    let mut sub = engine.submit(req)?;
+    let mut groups = vec![];
+    while groups.len() < prompts.len() {
+        match sub.events.blocking_recv() {
+            Some(Event::Group(g)) => groups.push(g),
+            Some(Event::Token { .. } | Event::Progress { .. }) => {}
+            Some(Event::Error(e)) => {
+                engine.shutdown();
+                return Err(e.into());
+            }
+            None => anyhow::bail!("the engine stopped before the generation finished"),
+        }
+    }
+    engine.shutdown();
+    groups.sort_by_key(|g| g.prompt_index);
+    Ok(groups
+        .into_iter()
+        .flat_map(|g| g.completions)
+        .map(|c| Completion {
+            tokens: c.tokens,
+            logprobs: c.logprobs,
+            finish_reason: c.finish_reason,
         })
         .collect())
 }

@@ -208,6 +208,7 @@ fn group_to_wire(g: GroupOutput) -> pb::GroupResult {
             time_to_first_token_seconds: g.timings.time_to_first_token.as_secs_f64(),
             total_seconds: g.timings.total.as_secs_f64(),
         }),
+        progress: None,
     }
 }
 
@@ -259,6 +260,19 @@ impl RolloutService for GrpcService {
                             return Some((Ok(group_to_wire(g)), (rx, sent + 1)))
                         }
                         Some(Event::Token { .. }) => continue,
+                        Some(Event::Progress {
+                            prompt_index,
+                            tokens_generated,
+                        }) => {
+                            let p = pb::GroupResult {
+                                progress: Some(pb::Progress {
+                                    prompt_index: prompt_index as u32,
+                                    tokens_generated: tokens_generated as u64,
+                                }),
+                                ..Default::default()
+                            };
+                            return Some((Ok(p), (rx, sent)));
+                        }
                         // An error ends the request: report it and stop.
                         Some(Event::Error(e)) => return Some((Err(status(e)), (rx, expected))),
                         None => {

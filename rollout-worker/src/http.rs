@@ -473,7 +473,7 @@ async fn respond(
     while groups.len() < sub.prompt_token_ids.len() {
         match events.recv().await {
             Some(Event::Group(g)) => groups.push(g),
-            Some(Event::Token { .. }) => {}
+            Some(Event::Token { .. } | Event::Progress { .. }) => {}
             Some(Event::Error(e)) => return Err(e.into()),
             None => return Err(EngineError::Unavailable("the engine stopped".into()).into()),
         }
@@ -766,6 +766,7 @@ fn sse_stream(
                         st.finished = true;
                     }
                 }
+                Some(Event::Progress { .. }) => {}
                 Some(Event::Error(e)) => {
                     let e = ApiError::from(e);
                     st.queue

@@ -6,11 +6,11 @@
 //! [`request::GenerateRequest`] and submit it through an [`engine::EngineHandle`]; the
 //! engine thread validates nothing further, asks the pure [`scheduler::Scheduler`] which
 //! sequences run each step (continuous batching under a row limit and a KV-cache budget),
-//! runs the model with one shared KV cache, and streams each group back when its `n`
+//! runs the model over one paged KV cache (`model::paged`), and streams each group back when its `n`
 //! completions are done. Weight chunks are assembled by [`weights`] and applied by the
 //! engine between steps. [`metrics`] exposes Prometheus counters under vLLM's names;
-//! [`config`] holds the worker's settings. [`generate`] is the offline batch loop of
-//! the `generate` command. [`security`] holds the API key, TLS material and server
+//! [`config`] holds the worker's settings. [`generate`] runs the same engine in-process
+//! for the `generate` command. [`security`] holds the API key, TLS material and server
 //! limits ([`ServeOptions`]); [`http_server`] is the HTTP connection loop.
 pub mod config;
 pub mod engine;
@@ -82,7 +82,13 @@ pub async fn serve_with(
         tokio::spawn(async move { grpc::serve_with(grpc_listener, e1, &o1, wait(grpc_rx)).await });
     let mut http =
         tokio::spawn(async move { http::serve_with(http_listener, e2, &o2, wait(rx)).await });
-    shutdown.await;
+    // A dead engine (a panic it could not recover from) ends the process with an
+    // error, so an orchestrator restarts it instead of keeping a worker that fails
+    // every request.
+    let died = tokio::select! {
+        _ = shutdown => false,
+        _ = engine.stopped() => true,
+    };
     let _ = tx.send(true);
     let grace = opts.shutdown_timeout;
     let both = async {
@@ -114,5 +120,8 @@ pub async fn serve_with(
     engine.shutdown();
     g??;
     h??;
+    if died {
+        anyhow::bail!("the engine thread stopped (see the log above); exiting");
+    }
     Ok(())
 }

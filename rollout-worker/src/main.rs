@@ -231,6 +231,15 @@ struct GenerateArgs {
     n: usize,
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
+    /// Keep generating past end-of-sequence tokens (exactly max_new_tokens each).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Sequences decoded together (vLLM's max_num_seqs).
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// KV-cache budget in bytes (paged blocks).
+    #[arg(long, default_value_t = 1 << 30)]
+    kv_cache_bytes: u64,
     /// 0 for greedy decoding.
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
@@ -274,12 +283,9 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         } else {
             tok.encode(p, true)?
         };
-        for _ in 0..a.n {
-            prompts.push(ids.iter().map(|&x| x as i64).collect::<Vec<_>>());
-        }
+        prompts.push(ids.iter().map(|&x| x as i64).collect::<Vec<_>>());
     }
-    let mut stop: Vec<i64> = tok.eos_token_ids().iter().map(|&x| x as i64).collect();
-    stop.extend(model.config.eos_token_ids.iter().copied());
+    let num_params = model.weights.num_params();
     let opts = GenerateOptions {
         sampling: SamplingParams {
             temperature: a.temperature,
@@ -287,12 +293,20 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
             top_p: a.top_p,
             min_p: a.min_p,
         },
+        n: a.n,
         max_new_tokens: a.max_new_tokens,
-        stop_token_ids: stop,
+        stop_token_ids: vec![],
+        ignore_eos: a.ignore_eos,
         seed: a.seed,
+        engine: rollout_worker::EngineConfig {
+            max_num_seqs: a.max_num_seqs,
+            kv_cache_bytes: a.kv_cache_bytes,
+            max_num_batched_tokens: a.max_num_seqs.max(2048),
+            ..Default::default()
+        },
     };
     let start = std::time::Instant::now();
-    let completions = generate(&model, &prompts, &opts)?;
+    let completions = generate(model, Tokenizer::from_dir(&a.model)?, &prompts, &opts)?;
     let secs = start.elapsed().as_secs_f64();
     let mut total = 0;
     for (i, c) in completions.iter().enumerate() {
@@ -308,9 +322,8 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         total += c.tokens.len();
     }
     println!(
-        "generated {total} tokens in {secs:.2}s ({:.1} tokens/s) on {device:?}, {} parameters",
+        "generated {total} tokens in {secs:.2}s ({:.1} tokens/s) on {device:?}, {num_params} parameters",
         total as f64 / secs,
-        model.weights.num_params()
     );
     Ok(())
 }

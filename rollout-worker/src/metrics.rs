@@ -41,6 +41,8 @@ pub struct Metrics {
     pub num_requests_running: IntGauge,
     pub num_requests_waiting: IntGauge,
     pub kv_cache_usage_perc: Gauge,
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
     pub prompt_tokens_total: IntCounter,
     pub generation_tokens_total: IntCounter,
     pub num_preemptions_total: IntCounter,
@@ -95,9 +97,17 @@ impl Metrics {
             ),
             kv_cache_usage_perc: Gauge::new(
                 "vllm:kv_cache_usage_perc",
-                "KV-cache usage as a fraction of the configured budget (1 = full); padding positions count as used.",
+                "KV-cache usage: fraction of the paged KV blocks in use (1 = full); shared prefix blocks count once.",
             )
             .expect("valid gauge"),
+            prefix_cache_queries: counter(
+                "vllm:prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache (full blocks).",
+            ),
+            prefix_cache_hits: counter(
+                "vllm:prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache (their KV blocks reused, not computed).",
+            ),
             prompt_tokens_total: counter(
                 "vllm:prompt_tokens_total",
                 "Number of prompt tokens accepted (prompt length times n per request).",
@@ -159,6 +169,8 @@ impl Metrics {
             Box::new(m.num_requests_running.clone()),
             Box::new(m.num_requests_waiting.clone()),
             Box::new(m.kv_cache_usage_perc.clone()),
+            Box::new(m.prefix_cache_queries.clone()),
+            Box::new(m.prefix_cache_hits.clone()),
             Box::new(m.prompt_tokens_total.clone()),
             Box::new(m.generation_tokens_total.clone()),
             Box::new(m.num_preemptions_total.clone()),

@@ -324,8 +324,89 @@ pub enum Event {
         logprob: f32,
         top_logprobs: Vec<(i64, f32)>,
     },
+    /// A started group is still generating: `tokens_generated` over its completions so
+    /// far. Sent every `progress_interval_secs` while the group runs, so a client can
+    /// tell a slow generation from a silent worker.
+    Progress {
+        prompt_index: usize,
+        tokens_generated: usize,
+    },
     /// A finished group.
     Group(GroupOutput),
     /// The request failed after it was accepted; no further events follow.
     Error(EngineError),
+}
+
+/// Whether a sequence stops after its latest token, and why: a stop token (the last
+/// one of `generated`), a stop string in `text` (the decoded completion, given when
+/// the request has stop strings), `max_new_tokens`, or the context (`prompt_len` +
+/// generated reaching `max_model_len`). Pure; the engine's only finish decision.
+pub fn finish_reason(
+    params: &JobParams,
+    generated: &[i64],
+    prompt_len: usize,
+    max_model_len: usize,
+    text: Option<&str>,
+) -> Option<FinishReason> {
+    let last = *generated.last()?;
+    let stop_string = text.is_some_and(|t| params.stop.iter().any(|s| t.contains(s.as_str())));
+    if params.stop_token_ids.binary_search(&last).is_ok() || stop_string {
+        Some(FinishReason::Stop)
+    } else if generated.len() >= params.max_new_tokens
+        || prompt_len + generated.len() >= max_model_len
+    {
+        Some(FinishReason::Length)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(stop_ids: Vec<i64>, stop: Vec<&str>, max_new_tokens: usize) -> JobParams {
+        JobParams {
+            sampling: SamplingParams::default(),
+            max_new_tokens,
+            stop_token_ids: stop_ids,
+            stop: stop.into_iter().map(String::from).collect(),
+            seed: None,
+            top_logprobs: 0,
+            stream_tokens: false,
+            return_text: false,
+        }
+    }
+
+    #[test]
+    fn finish_reason_stop_tokens_strings_and_lengths() {
+        let p = params(vec![2, 9], vec!["END"], 4);
+        assert_eq!(finish_reason(&p, &[], 3, 100, None), None);
+        assert_eq!(finish_reason(&p, &[5], 3, 100, None), None);
+        assert_eq!(
+            finish_reason(&p, &[5, 9], 3, 100, None),
+            Some(FinishReason::Stop)
+        );
+        // A stop id earlier in the completion does not count again.
+        assert_eq!(finish_reason(&p, &[9, 5], 3, 100, None), None);
+        assert_eq!(
+            finish_reason(&p, &[5, 6], 3, 100, Some("xx END")),
+            Some(FinishReason::Stop)
+        );
+        assert_eq!(finish_reason(&p, &[5, 6], 3, 100, Some("xx EN")), None);
+        assert_eq!(
+            finish_reason(&p, &[5, 6, 7, 8], 3, 100, None),
+            Some(FinishReason::Length)
+        );
+        // The context runs out first: 3 + 2 = max_model_len.
+        assert_eq!(
+            finish_reason(&p, &[5, 6], 3, 5, None),
+            Some(FinishReason::Length)
+        );
+        // A stop token at the last allowed position is a stop, not a length.
+        assert_eq!(
+            finish_reason(&p, &[5, 6, 7, 2], 3, 100, None),
+            Some(FinishReason::Stop)
+        );
+    }
 }

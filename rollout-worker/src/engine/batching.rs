@@ -1,20 +1,23 @@
 //! The engine thread's state and its continuous-batching loop (see the parent module for
 //! the data flow). Everything here runs on the `rollout-engine` thread; the only ways in
 //! are [`Command`]s, and results leave through each request's event channel.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
 
-use model::{ForwardInput, KvCache, SamplingParams, SeqRng, Tokenizer, Transformer};
-use tch::{Kind, Tensor};
+use model::paged::{PagedKvCache, PagedStep, SeqSpan};
+use model::{SamplingParams, SeqRng, Tokenizer, Transformer};
 use tokio::sync::{mpsc, oneshot};
 
+use super::sampler::sample_step;
 use super::{Command, Shared, UpdateOutcome};
 use crate::config::EngineLimits;
 use crate::error::EngineError;
-use crate::request::{CompletionOutput, Event, FinishReason, GroupOutput, Job, JobParams, Timings};
+use crate::request::{
+    finish_reason, CompletionOutput, Event, FinishReason, GroupOutput, Job, JobParams, Timings,
+};
 use crate::scheduler::{Scheduler, SchedulerLimits, SeqId};
 use crate::weights::{self, StagedWeights};
 
@@ -31,6 +34,9 @@ struct Group {
     arrived: Instant,
     scheduled_at: Option<Instant>,
     first_token_at: Option<Instant>,
+    /// Tokens sampled for the group so far, and when it last reported progress.
+    generated: usize,
+    last_progress: Instant,
 }
 
 struct Seq {
@@ -59,12 +65,12 @@ pub(super) struct Engine {
     sched: Scheduler,
     groups: HashMap<u64, Group>,
     seqs: HashMap<SeqId, Seq>,
-    /// Row order of `cache`.
-    batch: Vec<SeqId>,
-    cache: KvCache,
+    cache: PagedKvCache,
     next_id: u64,
     pending: Option<PendingUpdate>,
     paused: bool,
+    /// Injected into the next step.
+    fault: Option<super::Fault>,
     version: u64,
     /// Finished groups, sent after the loop iteration published its load, so a client
     /// that sees its result also sees the gauges without it.
@@ -72,26 +78,51 @@ pub(super) struct Engine {
 }
 
 impl Engine {
-    pub(super) fn new(model: Transformer, shared: Arc<Shared>) -> Self {
+    pub(super) fn new(model: Transformer, shared: Arc<Shared>) -> Result<Self, model::ModelError> {
         let limits = shared.info.limits;
-        Engine {
-            cache: KvCache::new(model.config.num_hidden_layers),
+        let cache = PagedKvCache::new(
+            &model.config,
+            limits.num_blocks,
+            limits.block_size,
+            model.kind(),
+            model.device(),
+        )?;
+        tracing::info!(
+            backend = ?cache.backend(),
+            blocks = limits.num_blocks,
+            block_size = limits.block_size,
+            bytes = cache.bytes(),
+            "paged KV cache allocated"
+        );
+        if cache.backend() != model::paged::AttentionBackend::CpuKernel {
+            tracing::warn!(
+                "no fused paged-attention kernel for {:?} on {:?}: attention gathers the blocks into a padded copy for SDPA",
+                model.kind(),
+                model.device()
+            );
+        }
+        Ok(Engine {
+            cache,
             model,
             limits,
             sched: Scheduler::new(SchedulerLimits {
                 max_num_seqs: limits.max_num_seqs,
-                kv_cache_tokens: limits.kv_cache_tokens,
+                num_blocks: limits.num_blocks,
+                block_size: limits.block_size,
+                max_num_batched_tokens: limits.max_num_batched_tokens,
+                enable_prefix_caching: limits.enable_prefix_caching,
+                share_group_prompts: limits.share_group_prompts,
             }),
             shared,
             groups: HashMap::new(),
             seqs: HashMap::new(),
-            batch: vec![],
             next_id: 0,
             pending: None,
             paused: false,
+            fault: None,
             version: 0,
             outbox: vec![],
-        }
+        })
     }
 
     pub(super) fn run(mut self, rx: Receiver<Command>) {
@@ -117,13 +148,29 @@ impl Engine {
             self.drop_cancelled();
             self.maybe_apply_update();
             if !self.paused && !self.sched.is_idle() {
-                let span = tracing::trace_span!("step", running = self.batch.len());
+                let span = tracing::trace_span!("step", running = self.sched.num_running());
                 let _e = span.enter();
-                if let Err(e) = self.step() {
-                    tracing::error!(error = %e, "engine step failed; failing the running groups");
-                    self.fail_started(e);
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        // A failed step (e.g. out of memory) leaves no state behind: its
+                        // sequences' blocks are freed and the prefix index is dropped.
+                        tracing::error!(error = %e, "engine step failed; failing the running groups");
+                        self.fail_started(e);
+                    }
+                    Err(panic) => {
+                        let msg = panic_message(&panic);
+                        tracing::error!(panic = %msg, "engine step panicked; stopping the engine");
+                        self.fail_all(EngineError::Internal(format!("the engine panicked: {msg}")));
+                        break 'outer;
+                    }
+                }
+                if !self.limits.step_delay.is_zero() {
+                    std::thread::sleep(self.limits.step_delay);
                 }
             }
+            self.report_progress();
             self.publish_load();
             for (tx, event) in self.outbox.drain(..) {
                 let _ = tx.send(event);
@@ -131,6 +178,37 @@ impl Engine {
         }
         self.shared.alive.store(false, Ordering::SeqCst);
         self.publish_load();
+        for (tx, event) in self.outbox.drain(..) {
+            let _ = tx.send(event);
+        }
+        let _ = self.shared.stopped.send(true);
+    }
+
+    /// Sends each started group that has been quiet for the progress interval the
+    /// number of tokens it has so far (the Generate stream's liveness messages).
+    fn report_progress(&mut self) {
+        let Some(every) = self.limits.progress_interval else {
+            return;
+        };
+        let now = Instant::now();
+        for g in self.groups.values_mut() {
+            if g.started.is_some() && now - g.last_progress >= every {
+                g.last_progress = now;
+                let _ = g.events.send(Event::Progress {
+                    prompt_index: g.prompt_index,
+                    tokens_generated: g.generated,
+                });
+            }
+        }
+    }
+
+    /// Ends every group, started or waiting, with `err`.
+    fn fail_all(&mut self, err: EngineError) {
+        let all: Vec<u64> = self.groups.keys().copied().collect();
+        for gid in &all {
+            let _ = self.groups[gid].events.send(Event::Error(err.clone()));
+        }
+        self.remove_groups(&all);
     }
 
     /// Handles one command; false to stop the engine.
@@ -166,6 +244,7 @@ impl Engine {
                 }
             }
             Command::SetPaused(p) => self.paused = p,
+            Command::InjectFault(f) => self.fault = Some(f),
             Command::Shutdown => return false,
         }
         true
@@ -188,7 +267,7 @@ impl Engine {
                     Some(s) => SeqRng::seeded(s.wrapping_add((pi * n + j) as u64)),
                     None => SeqRng::from_entropy(),
                 };
-                self.sched.add(id, prompt.len());
+                self.sched.add(id, gid, prompt.to_vec());
                 self.seqs.insert(
                     id,
                     Seq {
@@ -219,6 +298,8 @@ impl Engine {
                     arrived,
                     scheduled_at: None,
                     first_token_at: None,
+                    generated: 0,
+                    last_progress: arrived,
                 },
             );
         }
@@ -226,21 +307,15 @@ impl Engine {
 
     /// Removes every sequence of `gids` from the scheduler, the batch and the maps.
     fn remove_groups(&mut self, gids: &[u64]) {
-        let mut gone = HashSet::new();
         for gid in gids {
             if let Some(g) = self.groups.remove(gid) {
                 for id in g.seqs {
                     if self.seqs.remove(&id).is_some() {
                         self.sched.remove(id);
                         self.shared.outstanding.fetch_sub(1, Ordering::SeqCst);
-                        gone.insert(id);
                     }
                 }
             }
-        }
-        if let Err(e) = self.drop_rows(&gone) {
-            tracing::error!(error = %e, "dropping cache rows failed; resetting the batch");
-            self.fail_started(e);
         }
     }
 
@@ -257,7 +332,8 @@ impl Engine {
         }
     }
 
-    /// Ends every started group with `err` and empties the batch.
+    /// Ends every started group with `err`; their blocks return to the pool and the
+    /// prefix index (whose blocks the failed step may have half written) is dropped.
     fn fail_started(&mut self, err: EngineError) {
         let started: Vec<u64> = self
             .groups
@@ -268,28 +344,8 @@ impl Engine {
         for gid in &started {
             let _ = self.groups[gid].events.send(Event::Error(err.clone()));
         }
-        self.batch.clear();
-        self.cache = KvCache::new(self.model.config.num_hidden_layers);
         self.remove_groups(&started);
-    }
-
-    /// Drops the rows of `ids` from the batch and the cache.
-    fn drop_rows(&mut self, ids: &HashSet<SeqId>) -> Result<(), EngineError> {
-        if !self.batch.iter().any(|id| ids.contains(id)) {
-            return Ok(());
-        }
-        let keep: Vec<i64> = (0..self.batch.len() as i64)
-            .filter(|&i| !ids.contains(&self.batch[i as usize]))
-            .collect();
-        self.batch.retain(|id| !ids.contains(id));
-        if self.batch.is_empty() {
-            self.cache = KvCache::new(self.model.config.num_hidden_layers);
-        } else {
-            let idx = Tensor::from_slice(&keep).to_device(self.model.device());
-            self.cache = self.cache.select(&idx)?;
-            self.cache.compact()?;
-        }
-        Ok(())
+        self.sched.reset_prefix_cache();
     }
 
     fn maybe_apply_update(&mut self) {
@@ -303,6 +359,8 @@ impl Engine {
         let result = weights::apply(&self.model.weights, &p.staged);
         match result {
             Ok(()) => {
+                // Cached prefixes hold keys of the old weights.
+                self.sched.reset_prefix_cache();
                 self.version = p.version;
                 self.shared.version.store(p.version, Ordering::SeqCst);
                 m.weight_version.set(p.version as i64);
@@ -330,13 +388,25 @@ impl Engine {
         let m = &self.shared.metrics;
         m.num_requests_running.set(running as i64);
         m.num_requests_waiting.set(waiting as i64);
-        m.kv_cache_usage_perc
-            .set(self.sched.kv_tokens_used() as f64 / self.limits.kv_cache_tokens as f64);
+        m.kv_cache_usage_perc.set(self.sched.kv_cache_usage());
+        let (queries, hits) = self.sched.prefix_cache_stats();
+        m.prefix_cache_queries
+            .inc_by(queries - m.prefix_cache_queries.get());
+        m.prefix_cache_hits.inc_by(hits - m.prefix_cache_hits.get());
+        let used = self.sched.num_used_blocks();
+        self.shared.kv_blocks_peak.fetch_max(used, Ordering::SeqCst);
     }
 
-    /// One scheduling decision, one decode of the running rows, one prefill of the
-    /// admitted ones.
+    /// One scheduling decision and one packed forward of every scheduled token: decode
+    /// tokens and prefill chunks together, no padding, keys and values written in place.
     fn step(&mut self) -> Result<(), EngineError> {
+        match self.fault.take() {
+            Some(super::Fault::StepError) => {
+                return Err(EngineError::Internal("injected step failure".into()))
+            }
+            Some(super::Fault::Panic) => panic!("injected engine panic"),
+            None => {}
+        }
         let draining = self.pending.is_some();
         let decision = {
             let (groups, seqs) = (&self.groups, &self.seqs);
@@ -347,119 +417,104 @@ impl Engine {
                         .is_some_and(|s| groups[&s.group].started.is_some())
             })
         };
+        let m = self.shared.metrics.clone();
         if !decision.preempted.is_empty() {
-            let m = &self.shared.metrics;
             m.num_preemptions_total
                 .inc_by(decision.preempted.len() as u64);
-            let ids: HashSet<SeqId> = decision.preempted.iter().copied().collect();
-            self.drop_rows(&ids)?;
         }
-        let mut finished = vec![];
-        if !self.batch.is_empty() {
-            let pending: Vec<i64> = self
-                .batch
-                .iter()
-                .map(|id| {
-                    *self.seqs[id]
-                        .tokens
-                        .last()
-                        .expect("running rows have a token")
-                })
-                .collect();
-            let ids = Tensor::from_slice(&pending)
-                .view([pending.len() as i64, 1])
-                .to_device(self.model.device());
-            let hidden = self
-                .model
-                .hidden_states(&ForwardInput::new(&ids), Some(&mut self.cache))?;
-            let logits = self.model.logits(&hidden.select(1, -1));
-            let rows = self.batch.clone();
-            finished.extend(self.sample_rows(&rows, &logits)?);
+        let now = Instant::now();
+        for id in &decision.admitted {
+            let g = self.seqs[id].group;
+            let version = self.version;
+            let group = self.groups.get_mut(&g).expect("live sequence has a group");
+            if group.started.is_none() {
+                group.started = Some(version);
+                group.scheduled_at = Some(now);
+                group.last_progress = now;
+                m.request_queue_time_seconds
+                    .observe((now - group.arrived).as_secs_f64());
+            }
         }
-        if !decision.admitted.is_empty() {
-            let now = Instant::now();
-            for id in &decision.admitted {
-                let g = self.seqs[id].group;
-                let version = self.version;
-                let group = self.groups.get_mut(&g).expect("live sequence has a group");
-                if group.started.is_none() {
-                    group.started = Some(version);
-                    group.scheduled_at = Some(now);
-                    self.shared
-                        .metrics
-                        .request_queue_time_seconds
-                        .observe((now - group.arrived).as_secs_f64());
+        if decision.scheduled.is_empty() {
+            return Ok(());
+        }
+        for &(src, dst) in &decision.copies {
+            self.cache.copy_block(src, dst)?;
+        }
+        let mut tokens = Vec::with_capacity(decision.num_tokens());
+        let mut meta = Vec::with_capacity(decision.scheduled.len());
+        let mut logit_rows = vec![];
+        let mut rows = vec![];
+        let mut prefill = 0u64;
+        for x in &decision.scheduled {
+            meta.push((tokens.len(), x.len, x.start + x.len));
+            tokens.extend_from_slice(&self.sched.tokens(x.id)[x.start..x.start + x.len]);
+            let s = &self.seqs[&x.id];
+            let decode = x.len == 1
+                && !s.tokens.is_empty()
+                && x.start + 1 == s.prompt.len() + s.tokens.len();
+            if !decode {
+                prefill += x.len as u64;
+            }
+            if x.sample {
+                for id in std::iter::once(x.id).chain(x.forks.iter().copied()) {
+                    logit_rows.push(tokens.len() as i64 - 1);
+                    rows.push(id);
                 }
             }
-            let (new_cache, logits) = self.prefill(&decision.admitted)?;
-            self.cache = KvCache::concat(&[&self.cache, &new_cache])?;
-            self.batch.extend(decision.admitted.iter().copied());
-            finished.extend(self.sample_rows(&decision.admitted, &logits)?);
         }
-        if !finished.is_empty() {
-            let ids: HashSet<SeqId> = finished.iter().map(|(id, _)| *id).collect();
-            self.drop_rows(&ids)?;
-            for (id, reason) in finished {
-                self.finish_seq(id, reason);
-            }
+        self.shared
+            .prefill_tokens
+            .fetch_add(prefill, Ordering::SeqCst);
+        let logits = {
+            let spans: Vec<SeqSpan> = decision
+                .scheduled
+                .iter()
+                .zip(&meta)
+                .map(|(x, &(q_start, q_len, ctx_len))| SeqSpan {
+                    q_start,
+                    q_len,
+                    ctx_len,
+                    blocks: self.sched.blocks(x.id),
+                })
+                .collect();
+            let step = PagedStep {
+                tokens: &tokens,
+                spans: &spans,
+            };
+            self.model
+                .forward_paged(&step, &mut self.cache, &logit_rows)?
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let finished = self.sample_rows(&rows, &logits)?;
+        for (id, reason) in finished {
+            self.finish_seq(id, reason);
         }
         Ok(())
     }
 
-    /// Prefills `ids` (prompt + tokens so far, left-padded) into a fresh cache; returns
-    /// it and the last position's logits `[N, V]`.
-    fn prefill(&mut self, ids: &[SeqId]) -> Result<(KvCache, Tensor), EngineError> {
-        let inputs: Vec<Vec<i64>> = ids
-            .iter()
-            .map(|id| {
-                let s = &self.seqs[id];
-                let mut v = Vec::with_capacity(s.prompt.len() + s.tokens.len());
-                v.extend_from_slice(&s.prompt);
-                v.extend_from_slice(&s.tokens);
-                v
-            })
-            .collect();
-        let (b, t) = (inputs.len(), inputs.iter().map(Vec::len).max().unwrap_or(0));
-        let mut flat = vec![0i64; b * t];
-        let mut mask = vec![0i64; b * t];
-        for (i, x) in inputs.iter().enumerate() {
-            let off = i * t + (t - x.len());
-            flat[off..off + x.len()].copy_from_slice(x);
-            mask[off..off + x.len()].fill(1);
-        }
-        let device = self.model.device();
-        let shape = [b as i64, t as i64];
-        let flat = Tensor::from_slice(&flat).view(shape).to_device(device);
-        let mask = Tensor::from_slice(&mask).view(shape).to_device(device);
-        let mut cache = KvCache::new(self.model.config.num_hidden_layers);
-        let hidden = self
-            .model
-            .hidden_states(&ForwardInput::new(&flat).with_mask(&mask), Some(&mut cache))?;
-        let logits = self.model.logits(&hidden.select(1, -1));
-        Ok((cache, logits))
-    }
-
     /// Samples the next token of each row from `logits` `[N, V]`, records it with its
-    /// log-prob, and returns the rows that finished. One host sync for the tokens, one
-    /// for the log-probs.
+    /// log-prob, and returns the rows that finished. One device-to-host transfer.
     fn sample_rows(
         &mut self,
         rows: &[SeqId],
-        logits: &Tensor,
+        logits: &tch::Tensor,
     ) -> Result<Vec<(SeqId, FinishReason)>, EngineError> {
-        let logits = logits.to_kind(Kind::Float);
-        // Log-probs first: `model::sample` may scale its (aliased) fp32 input in place.
-        let device = logits.device();
         let temps: Vec<f32> = rows
             .iter()
             .map(|id| self.seqs[id].params.logprob_temperature() as f32)
             .collect();
-        let temps = Tensor::from_slice(&temps).view([-1, 1]).to_device(device);
-        let logp = (&logits / temps).f_log_softmax(-1, Kind::Float)?;
         let params: Vec<SamplingParams> = rows
             .iter()
             .map(|id| self.seqs[id].params.sampling)
             .collect();
+        let k = rows
+            .iter()
+            .map(|id| self.seqs[id].params.top_logprobs)
+            .max()
+            .unwrap_or(0);
         let mut rngs: Vec<SeqRng> = rows
             .iter()
             .map(|id| {
@@ -467,41 +522,22 @@ impl Engine {
                 std::mem::replace(&mut s.rng, SeqRng::seeded(0))
             })
             .collect();
-        let sampled = model::sample(&logits, &params, &mut rngs);
+        let sampled = sample_step(logits, &params, &mut rngs, &temps, k);
         for (id, rng) in rows.iter().zip(rngs) {
             self.seqs.get_mut(id).expect("live row").rng = rng;
         }
-        let next = sampled?;
-        let next_t = Tensor::from_slice(&next).view([-1, 1]).to_device(device);
-        let lp = Vec::<f32>::try_from(
-            logp.f_gather(-1, &next_t, false)?
-                .view([-1])
-                .to_device(tch::Device::Cpu),
-        )?;
-        let k = rows
-            .iter()
-            .map(|id| self.seqs[id].params.top_logprobs)
-            .max()
-            .unwrap_or(0);
-        let tops = if k > 0 {
-            let (v, i) = logp.f_topk(k as i64, -1, true, true)?;
-            let v = Vec::<f32>::try_from(v.reshape([-1]).to_device(tch::Device::Cpu))?;
-            let i = Vec::<i64>::try_from(i.reshape([-1]).to_device(tch::Device::Cpu))?;
-            Some((v, i))
-        } else {
-            None
-        };
+        let sampled = sampled?;
+        let (next, lp) = (&sampled.ids, &sampled.logprobs);
         let now = Instant::now();
         let m = self.shared.metrics.clone();
         m.generation_tokens_total.inc_by(rows.len() as u64);
         let mut finished = vec![];
         for (r, id) in rows.iter().enumerate() {
+            self.sched.append_token(*id, next[r]);
             let s = self.seqs.get_mut(id).expect("live row");
             let want = s.params.top_logprobs;
-            let top: Vec<(i64, f32)> = match &tops {
-                Some((v, i)) if want > 0 => {
-                    (0..want).map(|j| (i[r * k + j], v[r * k + j])).collect()
-                }
+            let top: Vec<(i64, f32)> = match &sampled.top {
+                Some((k, t)) if want > 0 => t[r * k..r * k + want].to_vec(),
                 _ => vec![],
             };
             s.tokens.push(next[r]);
@@ -518,6 +554,7 @@ impl Engine {
                 .groups
                 .get_mut(&s.group)
                 .expect("live sequence has a group");
+            group.generated += 1;
             if group.first_token_at.is_none() {
                 group.first_token_at = Some(now);
                 m.time_to_first_token_seconds
@@ -532,20 +569,16 @@ impl Engine {
                     top_logprobs: top,
                 });
             }
-            let p = &s.params;
-            let reason = if p.stop_token_ids.binary_search(&next[r]).is_ok()
-                || (!p.stop.is_empty()
-                    && stop_string_at(&self.shared.tokenizer, &s.tokens, &p.stop).is_some())
-            {
-                Some(FinishReason::Stop)
-            } else if s.tokens.len() >= p.max_new_tokens
-                || s.prompt.len() + s.tokens.len() >= self.limits.max_model_len
-            {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
+            let text = (!s.params.stop.is_empty())
+                .then(|| decode(&self.shared.tokenizer, &s.tokens))
+                .flatten();
+            if let Some(reason) = finish_reason(
+                &s.params,
+                &s.tokens,
+                s.prompt.len(),
+                self.limits.max_model_len,
+                text.as_deref(),
+            ) {
                 finished.push((*id, reason));
             }
         }
@@ -617,9 +650,16 @@ fn first_stop(text: &str, stop: &[String]) -> Option<usize> {
     stop.iter().filter_map(|s| text.find(s.as_str())).min()
 }
 
-/// Where a stop string occurs in the decoded `tokens`, if any.
-fn stop_string_at(tok: &Tokenizer, tokens: &[i64], stop: &[String]) -> Option<usize> {
+/// The decoded text of `tokens` (special tokens skipped).
+fn decode(tok: &Tokenizer, tokens: &[i64]) -> Option<String> {
     let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-    let text = tok.decode(&ids, true).ok()?;
-    first_stop(&text, stop)
+    tok.decode(&ids, true).ok()
+}
+
+/// The message of a caught panic.
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }

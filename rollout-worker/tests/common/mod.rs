@@ -178,7 +178,10 @@ pub async fn generate(
     let mut stream = client.generate(req).await?.into_inner();
     let mut out = vec![];
     while let Some(g) = stream.message().await? {
-        out.push(g);
+        // Progress messages are liveness only (see rollout.proto).
+        if g.progress.is_none() {
+            out.push(g);
+        }
     }
     out.sort_by_key(|g| g.prompt_index);
     Ok(out)

@@ -28,7 +28,9 @@ pub struct RolloutConfig {
     /// Bound on the `Generate` calls in flight on one worker (over all `generate`
     /// calls of one client).
     pub max_requests_per_worker: usize,
-    /// A stream that delivers no group for this long fails its worker; `generate` also
+    /// A stream that delivers no message for this long fails its worker (silence since
+    /// the last message: workers send progress messages while a group generates, so a
+    /// slow long generation never trips it); `generate` also
     /// gives up once no worker has been usable for this long.
     pub request_timeout_secs: f64,
     /// Bound on connecting plus one `Health` call (the probe of a worker).

@@ -76,6 +76,8 @@ async fn run_flight(
                 Err(_) => return FlightEvent::Failed(id, FlightError::Silent(timeout)),
                 Ok(Err(s)) => return FlightEvent::Failed(id, FlightError::Status(s)),
                 Ok(Ok(None)) => return FlightEvent::End(id),
+                // Liveness only: the timeout measures silence since the last message.
+                Ok(Ok(Some(g))) if g.progress.is_some() => continue,
                 Ok(Ok(Some(g))) => {
                     if tx.send(FlightEvent::Group(id, g)).await.is_err() {
                         return FlightEvent::End(id);

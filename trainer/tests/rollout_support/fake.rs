@@ -104,6 +104,7 @@ impl RolloutService for Fake {
                     .collect(),
                 weight_version: version,
                 timings: None,
+                progress: None,
             })
             .collect();
         match self.fault {

@@ -1,0 +1,228 @@
+//! Long-completion benchmark of the rollout engine (numbers, not a test); run through
+//! `scripts/bench/rollout_long.sh`, which also runs transformers' `generate` on the same
+//! model and prompts and prints the ratios of one run.
+//!
+//! - Long completions: 4 prompts x n = 8, 64-token prompts, 256 / 1,024 / 2,048 new
+//!   tokens (ignore_eos, temperature 1), f32, one thread, a ~3M-parameter Qwen2 with
+//!   8,192 positions (written to `target/bench-models/qwen2-3m-8k`). Tokens/s, and the
+//!   memory-bandwidth roofline: every decode step must read the weights once plus the
+//!   live KV (shared prompt blocks once per group), at the measured memcpy bandwidth.
+//! - Prefix sharing: one 1,024-token prompt, n = 16, 64 new tokens: prompt tokens
+//!   computed and peak KV bytes with group sharing and prefix caching on, then off.
+//!
+//! Writes `target/bench-models/long_ours.json` and `long_prompts.json`.
+//!
+//!   BENCH_LENGTHS=256,1024 cargo bench -p rollout-worker --bench long_completions
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use model::{ModelConfig, SamplingParams, Tokenizer, Transformer, Weights};
+use rollout_worker::engine::{EngineHandle, Stats};
+use rollout_worker::WorkerConfig;
+use rollout_worker::{EngineConfig, Event, GenerateRequest, Metrics, PromptInput, PromptSpec};
+use tch::{Device, Kind};
+
+const PROMPTS: usize = 4;
+const N: usize = 8;
+const PROMPT_LEN: usize = 64;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A Qwen2 of H 192, 6 layers, 6 heads (head_dim 32), 2 KV heads, I 512, V 4096,
+/// 8,192 positions, tied embeddings: 3.1M parameters.
+fn write_model(dir: &Path) -> anyhow::Result<()> {
+    if dir.join("config.json").exists() {
+        return Ok(());
+    }
+    let tiny = root().join("fixtures/generated/qwen2-tiny");
+    let mut raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json"))?)?;
+    for (k, v) in [
+        ("hidden_size", 192),
+        ("num_hidden_layers", 6),
+        ("num_attention_heads", 6),
+        ("num_key_value_heads", 2),
+        ("head_dim", 32),
+        ("intermediate_size", 512),
+        ("vocab_size", 4096),
+        ("max_position_embeddings", 8192),
+    ] {
+        raw[k] = serde_json::json!(v);
+    }
+    raw["tie_word_embeddings"] = serde_json::json!(true);
+    raw["layer_types"] = serde_json::json!(vec!["full_attention"; 6]);
+    let cfg = ModelConfig::from_json(raw, &dir.join("config.json"))?;
+    tch::manual_seed(0);
+    let w = Weights::random(&cfg, Kind::Float, Device::Cpu);
+    model::save_pretrained(
+        dir,
+        &cfg,
+        &w,
+        Kind::Float,
+        model::checkpoint::DEFAULT_MAX_SHARD_BYTES,
+    )?;
+    model::checkpoint::copy_auxiliary_files(&tiny, dir)?;
+    Ok(())
+}
+
+fn prompts(count: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
+    (0..count)
+        .map(|i| {
+            (0..len)
+                .map(|t| ((i * 131 + t * 17 + 5) as i64) % vocab)
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs one request through an in-process engine; returns (seconds, tokens, stats).
+fn run(
+    dir: &Path,
+    engine_cfg: &EngineConfig,
+    prompts: &[Vec<i64>],
+    n: usize,
+    new_tokens: usize,
+) -> anyhow::Result<(f64, usize, Stats)> {
+    let model = Transformer::from_pretrained(dir, Device::Cpu, Some(Kind::Float))?;
+    let tok = Tokenizer::from_dir(dir)?;
+    let mut cfg = WorkerConfig::new(dir);
+    cfg.engine = engine_cfg.clone();
+    let engine = EngineHandle::start(model, tok, &cfg, std::sync::Arc::new(Metrics::new()))?;
+    let mut req = GenerateRequest::new(
+        prompts
+            .iter()
+            .map(|p| PromptSpec {
+                id: String::new(),
+                input: PromptInput::Tokens(p.clone()),
+            })
+            .collect(),
+        new_tokens,
+    );
+    req.n = n;
+    req.sampling = SamplingParams::default();
+    req.ignore_eos = true;
+    req.seed = Some(1);
+    let start = Instant::now();
+    let mut sub = engine.submit(req)?;
+    let mut tokens = 0;
+    let mut groups = 0;
+    while groups < prompts.len() {
+        match sub.events.blocking_recv() {
+            Some(Event::Group(g)) => {
+                groups += 1;
+                tokens += g.completions.iter().map(|c| c.tokens.len()).sum::<usize>();
+            }
+            Some(Event::Error(e)) => anyhow::bail!("{e}"),
+            Some(_) => {}
+            None => anyhow::bail!("engine stopped"),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let stats = engine.stats();
+    engine.shutdown();
+    Ok((secs, tokens, stats))
+}
+
+/// memcpy bandwidth in bytes copied per second (best of 5 copies of 256 MiB).
+fn memcpy_bandwidth() -> f64 {
+    let n = 256 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    n as f64 / best
+}
+
+fn main() -> anyhow::Result<()> {
+    tch::set_num_threads(1);
+    let lengths: Vec<usize> = std::env::var("BENCH_LENGTHS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![256, 1024, 2048]);
+    let out = root().join("target/bench-models");
+    std::fs::create_dir_all(&out)?;
+    let dir = out.join("qwen2-3m-8k");
+    write_model(&dir)?;
+    let cfg = ModelConfig::from_dir(&dir)?;
+    let ps = prompts(PROMPTS, PROMPT_LEN, cfg.vocab_size);
+    std::fs::write(
+        out.join("long_prompts.json"),
+        serde_json::json!({"prompts": ps, "n": N, "lengths": lengths}).to_string(),
+    )?;
+    let bw = memcpy_bandwidth();
+    let num_params = {
+        let m = Transformer::from_pretrained(&dir, Device::Cpu, Some(Kind::Float))?;
+        m.weights.num_params()
+    };
+    let weight_bytes = (num_params * 4) as f64;
+    let kv_per_token =
+        (2 * cfg.num_hidden_layers as i64 * cfg.num_key_value_heads * cfg.head_dim * 4) as f64;
+    println!(
+        "threads 1, {num_params} parameters, memcpy bandwidth {:.2} GB/s, KV {kv_per_token} B/token",
+        bw / 1e9
+    );
+    let engine_cfg = EngineConfig {
+        max_num_seqs: 64,
+        kv_cache_bytes: 4 << 30,
+        ..Default::default()
+    };
+    let mut results = vec![];
+    for &len in &lengths {
+        let (secs, tokens, _) = run(&dir, &engine_cfg, &ps, N, len)?;
+        let tps = tokens as f64 / secs;
+        // Bytes that must be read over the generation: weights once per step, the live
+        // KV of every step (prompts once per group, each completion's own tokens).
+        let seqs = (PROMPTS * N) as f64;
+        let steps = len as f64;
+        let kv = kv_per_token
+            * (steps * (PROMPTS * PROMPT_LEN) as f64 + seqs * steps * (steps - 1.0) / 2.0);
+        let roofline_secs = (steps * weight_bytes + kv) / bw;
+        let roofline_tps = tokens as f64 / roofline_secs;
+        println!(
+            "ours {len:5} new tokens: {tps:9.1} tokens/s ({secs:.2}s); roofline {roofline_tps:9.1} tokens/s -> {:.0}% of roofline",
+            100.0 * tps / roofline_tps
+        );
+        results.push(serde_json::json!({
+            "new_tokens": len, "tokens_per_s": tps, "seconds": secs,
+            "roofline_tokens_per_s": roofline_tps,
+        }));
+    }
+    // Prefix sharing: one 1,024-token prompt, n = 16, 64 new tokens.
+    let long = prompts(1, 1024, cfg.vocab_size);
+    let mut sharing = vec![];
+    for share in [true, false] {
+        let c = EngineConfig {
+            share_group_prompts: share,
+            enable_prefix_caching: share,
+            ..engine_cfg.clone()
+        };
+        let (secs, _, st) = run(&dir, &c, &long, 16, 64)?;
+        let kv_bytes = st.kv_blocks_peak * st.kv_block_bytes;
+        println!(
+            "prefix sharing {}: {} prompt tokens computed, peak KV {:.1} MiB per group, {secs:.2}s",
+            if share { "on " } else { "off" },
+            st.prefill_tokens,
+            kv_bytes as f64 / (1 << 20) as f64
+        );
+        sharing.push(serde_json::json!({
+            "share": share, "prefill_tokens": st.prefill_tokens, "kv_bytes": kv_bytes,
+            "seconds": secs,
+        }));
+    }
+    std::fs::write(
+        out.join("long_ours.json"),
+        serde_json::json!({
+            "memcpy_bytes_per_s": bw, "num_params": num_params,
+            "long": results, "sharing": sharing,
+        })
+        .to_string(),
+    )?;
+    Ok(())
+}
