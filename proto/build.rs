@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // prost-build reads PROTOC; setting it for this build script only.
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=rollout/v1/rollout.proto");
+    println!("cargo:rerun-if-changed=build.rs");
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

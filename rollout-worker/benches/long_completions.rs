@@ -89,7 +89,7 @@ fn run(
     let tok = Tokenizer::from_dir(dir)?;
     let mut cfg = WorkerConfig::new(dir);
     cfg.engine = engine_cfg.clone();
-    let engine = EngineHandle::start(model, tok, &cfg, std::sync::Arc::new(Metrics::new()))?;
+    let engine = EngineHandle::start(model, tok, &cfg, std::sync::Arc::new(Metrics::new("test")))?;
     let mut req = GenerateRequest::new(
         prompts
             .iter()

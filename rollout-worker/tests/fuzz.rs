@@ -19,7 +19,7 @@ use tower_service::Service;
 
 #[test]
 fn fuzz_http_request_bodies() {
-    let engine = EngineHandle::load(&common::tiny_config(), Arc::new(Metrics::new())).unwrap();
+    let engine = EngineHandle::load(&common::tiny_config(), Arc::new(Metrics::new("test"))).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut app = rollout_worker::http::router(engine.clone());
     let seeds: Vec<Vec<u8>> = [
@@ -163,7 +163,7 @@ fn fuzz_update_weights_chunk_sequences() {
         dtype: pb::Dtype::Float32 as i32,
         shape,
         offset,
-        data: vec![0x3f; n],
+        data: vec![0x3f; n].into(),
     };
     let seeds = vec![
         encode_chunks(&[

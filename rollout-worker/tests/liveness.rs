@@ -106,7 +106,7 @@ async fn a_panic_fails_requests_turns_health_not_serving_and_ends_serve_with_an_
     cfg.engine.step_delay_ms = 50;
     let engine = rollout_worker::EngineHandle::load(
         &cfg,
-        std::sync::Arc::new(rollout_worker::Metrics::new()),
+        std::sync::Arc::new(rollout_worker::Metrics::new("test")),
     )
     .unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -28,7 +28,7 @@ struct Served {
 }
 
 async fn serve(config: &WorkerConfig, opts: ServeOptions) -> Served {
-    let engine = EngineHandle::load(config, Arc::new(Metrics::new())).unwrap();
+    let engine = EngineHandle::load(config, Arc::new(Metrics::new("test"))).unwrap();
     let g = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let h = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc, http) = (g.local_addr().unwrap(), h.local_addr().unwrap());

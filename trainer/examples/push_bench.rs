@@ -120,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         c.device = "cpu".into();
         c.engine.max_num_seqs = 4;
         c.engine.kv_cache_bytes = 64 << 20;
-        let engine = EngineHandle::load(&c, Arc::new(Metrics::new()))?;
+        let engine = EngineHandle::load(&c, Arc::new(Metrics::new("test")))?;
         let (grpc, http) = servers.block_on(async {
             anyhow::Ok((
                 tokio::net::TcpListener::bind("127.0.0.1:0").await?,

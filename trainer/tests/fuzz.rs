@@ -33,11 +33,6 @@ fn fuzz_answer_checker() {
     fuzz("answer_checker", &seeds, 2000, |bytes| {
         let text = String::from_utf8_lossy(bytes);
         let _ = answer::extract_completion_answer(&text);
-        let _ = answer::last_boxed(&text);
-        let _ = answer::last_answer_tag(&text);
-        let _ = answer::last_number(&text);
-        let _ = answer::parse_rational(&text);
-        let n = answer::normalize(&text);
         if let Some(gold) = answer::parse_gold(&Value::String(text.to_string())) {
             let _ = answer::is_correct(&text, &gold);
         }
@@ -45,7 +40,6 @@ fn fuzz_answer_checker() {
         if let Some(gold) = answer::parse_gold(&json!(7)) {
             assert!(answer::is_correct("<answer>7</answer>", &gold));
         }
-        let _ = n;
     });
 }
 

@@ -34,7 +34,7 @@ fn start_worker(rt: &tokio::runtime::Runtime, max_num_seqs: usize) -> String {
     c.engine.max_num_seqs = max_num_seqs;
     c.engine.max_n = 8;
     c.engine.max_waiting_seqs = 1024;
-    let engine = EngineHandle::load(&c, Arc::new(Metrics::new())).expect("engine starts");
+    let engine = EngineHandle::load(&c, Arc::new(Metrics::new("test"))).expect("engine starts");
     let (grpc, http) = rt.block_on(async {
         (
             tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use proto::v1 as pb;
 use rollout_worker::{ApiKey, EngineHandle, Metrics, ServeOptions, WorkerConfig};
 use trainer::rollout::{PromptJob, RolloutClient, RolloutConfig};
 
@@ -36,7 +35,7 @@ async fn start(tls: Option<(&str, &str, &std::path::Path)>) -> String {
     }
     let opts = ServeOptions::from_config(&c.server, Some(ApiKey::new(KEY).unwrap())).unwrap();
     let scheme = if opts.tls.is_some() { "https" } else { "http" };
-    let engine = EngineHandle::load(&c, Arc::new(Metrics::new())).unwrap();
+    let engine = EngineHandle::load(&c, Arc::new(Metrics::new("test"))).unwrap();
     let g = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let h = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("{scheme}://localhost:{}", g.local_addr().unwrap().port());
@@ -66,10 +65,14 @@ async fn generate(client: &RolloutClient) -> usize {
         key: 1,
         token_ids: vec![1, 2, 3],
     }];
-    let sampling = pb::SamplingParams {
+    let sampling = trainer::rollout::Sampling {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        min_p: 0.0,
         max_new_tokens: 2,
         seed: Some(1),
-        ..Default::default()
+        ignore_eos: false,
     };
     client
         .generate(jobs, 2, sampling, false, 0, |_| {})

@@ -280,6 +280,7 @@ mod tests {
                 "port is required",
             ),
             (Box::new(|c| c.dns_refresh_secs = 0.0), "dns_refresh_secs"),
+            (
                 Box::new(|c| c.workers[0] = "https://w:1".into()),
                 "rollout.ssl_ca_certs",
             ),
