@@ -59,7 +59,12 @@ pub fn generate(
     config.engine = opts.engine.clone();
     config.engine.max_n = config.engine.max_n.max(opts.n);
     config.engine.max_waiting_seqs = config.engine.max_waiting_seqs.max(prompts.len() * opts.n);
-    let engine = EngineHandle::start(model, tokenizer, &config, Arc::new(Metrics::new(&config.model_name())))?;
+    let engine = EngineHandle::start(
+        model,
+        tokenizer,
+        &config,
+        Arc::new(Metrics::new(&config.model_name())),
+    )?;
     let mut req = GenerateRequest::new(
         prompts
             .iter()

@@ -19,7 +19,8 @@ use tower_service::Service;
 
 #[test]
 fn fuzz_http_request_bodies() {
-    let engine = EngineHandle::load(&common::tiny_config(), Arc::new(Metrics::new("test"))).unwrap();
+    let engine =
+        EngineHandle::load(&common::tiny_config(), Arc::new(Metrics::new("test"))).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut app = rollout_worker::http::router(engine.clone());
     let seeds: Vec<Vec<u8>> = [

@@ -15,8 +15,8 @@ use crate::data::{DatasetConfig, Sampler, SamplerState};
 use crate::dist::{self, Communicator, DistConfig, RendezvousEnv};
 use crate::metrics::Metrics;
 use crate::zero::{
-    checkpoint::latest_checkpoint, LrSchedulerKwargs, LrSchedulerType, NonFinitePolicy, OptimConfig,
-    ZeroConfig, ZeroEngine,
+    checkpoint::latest_checkpoint, LrSchedulerKwargs, LrSchedulerType, NonFinitePolicy,
+    OptimConfig, ZeroConfig, ZeroEngine,
 };
 
 /// Settings shared by `trainer sft` and `trainer grpo` (flattened into their configs).

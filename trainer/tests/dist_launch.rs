@@ -121,7 +121,10 @@ fn trainer_names_the_rank_that_never_arrives() {
 #[test]
 fn launch_gives_each_rank_the_torchrun_environment() {
     let mut cmd = launch();
-    cmd.args(["--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "1"])
+    // Several nodes share a job secret given by the operator (without one the launcher
+    // warns on stderr).
+    cmd.env("GRPO_JOB_SECRET", "a-shared-test-secret")
+        .args(["--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "1"])
         .args(["--master-addr", "10.1.2.3", "--master-port", "4242", "--"])
         .args(["sh", "-c", "echo $RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $GROUP_RANK $ROLE_RANK $MASTER_ADDR $MASTER_PORT ${OMP_NUM_THREADS:+omp}; echo to-stderr >&2"]);
     let out = run(cmd, Duration::from_secs(60));

@@ -63,7 +63,12 @@ fn watch_running(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
                 .and_then(|r| r.text())
             {
                 for line in text.lines() {
-                    if let Some(v) = line.strip_prefix("vllm:num_requests_running ") {
+                    // `vllm:num_requests_running{model_name="..."} 2`
+                    if let Some(v) = line
+                        .strip_prefix("vllm:num_requests_running")
+                        .filter(|r| r.starts_with([' ', '{']))
+                        .and_then(|r| r.rsplit(' ').next())
+                    {
                         max.fetch_max(
                             v.trim().parse::<f64>().unwrap_or(0.0) as i64,
                             Ordering::Relaxed,

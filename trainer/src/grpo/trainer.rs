@@ -226,7 +226,13 @@ impl Grpo<'_> {
         if skeleton.save_due(step.step) {
             self.sess.metrics.enter_phase(RunPhase::Checkpoint);
         }
-        skeleton.save_if_due(&mut self.engine, step.step, false, || state, self.sess.is_main())?;
+        skeleton.save_if_due(
+            &mut self.engine,
+            step.step,
+            false,
+            || state,
+            self.sess.is_main(),
+        )?;
         let cfg = self.cfg;
         let eval_every =
             crate::config::Interval::new(cfg.eval_strategy, cfg.eval_steps, self.steps_per_epoch);
