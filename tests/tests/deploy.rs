@@ -138,10 +138,12 @@ fn every_overlay_renders_and_validates_strictly() {
     assert!(!ok, "an unknown field passed:\n{out}");
 }
 
+/// (overlay, Job completions, trainer env that must be there, env that must not)
+type Layout<'a> = (&'a str, u64, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
 #[test]
 fn overlays_describe_the_documented_layouts() {
-    // (overlay, Job completions, trainer env that must be there, env that must not)
-    let expect: [(&str, u64, &[(&str, &str)], &[&str]); 3] = [
+    let expect: [Layout; 3] = [
         (
             "single-node",
             1,
