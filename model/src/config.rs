@@ -259,7 +259,7 @@ impl Reader<'_> {
     }
 
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        opt_f64_in(self.raw, key).map_err(|m| self.err(m))
+        opt_f64_in(self.raw, key).map_err(|m| self.err(m.to_string()))
     }
 
     fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
@@ -393,13 +393,21 @@ fn positive(x: f64) -> bool {
     x.is_finite() && x > 0.0
 }
 
-fn opt_f64_in(v: &Value, key: &str) -> std::result::Result<Option<f64>, String> {
+/// A config.json entry that should be a number and is not.
+#[derive(Debug, thiserror::Error)]
+#[error("{key} must be a number, got {value}")]
+struct NotANumber {
+    key: String,
+    value: Value,
+}
+
+fn opt_f64_in(v: &Value, key: &str) -> std::result::Result<Option<f64>, NotANumber> {
     match v.get(key).filter(|v| !v.is_null()) {
         None => Ok(None),
-        Some(x) => x
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| format!("{key} must be a number, got {x}")),
+        Some(x) => x.as_f64().map(Some).ok_or_else(|| NotANumber {
+            key: key.into(),
+            value: x.clone(),
+        }),
     }
 }
 

@@ -60,9 +60,15 @@ fn bf16_logits_match_transformers_within_bf16_rounding() {
                 "{name} seq{i}: bf16 max abs diff {d} (scale {scale})"
             );
             // Where the reference's top-2 margin exceeds twice the largest difference, no
-            // rounding can flip the argmax: there the decisions must agree exactly. The
-            // tiny random models have near ties elsewhere, so overall agreement of short
-            // sequences (6 tokens) is only required to be high, not total.
+            // rounding can flip the argmax: there the decisions must agree exactly.
+            // Elsewhere a near tie may flip either way, and overall agreement is only
+            // required to be 80%: transformers' own bf16 forward, rerun in another
+            // process (2 threads, sdpa) against its stored reference, agrees on 83% of
+            // qwen3-tiny's seq0 argmaxes (max |diff| 0.13), because that random model's
+            // top-2 margins are small (median 0.68, min 0.001; qwen2-tiny and llama-tiny
+            // 1.3-1.4) next to bf16's ~0.1-0.2 logit noise. Not a q/k-norm discrepancy:
+            // `head_norm` is Qwen3RMSNorm (fp32 normalise, cast, scale) and the fp32
+            // logits match within 1e-4. scripts/checks/bf16_argmax.py prints these figures.
             let (ours, theirs) = (logits.get(0).argmax(-1, false), reference.argmax(-1, false));
             let (top, _) = reference.topk(2, -1, true, true);
             let margin = top.select(1, 0) - top.select(1, 1);

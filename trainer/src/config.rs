@@ -16,6 +16,8 @@
 //! keys of the config's serialised default (so a misspelt `lerning_rate` is named with
 //! the closest known keys), nested tables by `deny_unknown_fields`.
 pub mod intervals;
+pub mod invalid;
+mod more_keys;
 pub mod recipe;
 
 use std::collections::BTreeSet;
@@ -24,7 +26,8 @@ use std::path::{Path, PathBuf};
 use config::{Config, Environment, File, FileFormat};
 use serde::{de::DeserializeOwned, Serialize};
 
-pub use intervals::{Interval, IntervalStrategy, LogLevel};
+pub use intervals::{Interval, IntervalStrategy, LogLevel, Steps};
+pub use invalid::InvalidConfig;
 pub use recipe::{Command, RecipeWarning};
 
 /// Prefix of the environment variables read by [`load`], with its separator: a

@@ -10,7 +10,7 @@ use model::{ModelConfig, Tokenizer, Weights};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
-use crate::config::{Interval, IntervalStrategy, LogLevel};
+use crate::config::{Interval, IntervalStrategy, LogLevel, Steps};
 use crate::data::{DatasetConfig, Sampler, SamplerState};
 use crate::dist::{self, Communicator, DistConfig, RendezvousEnv};
 use crate::metrics::Metrics;
@@ -63,15 +63,17 @@ pub struct TrainingArgs {
     pub gradient_accumulation_steps: usize,
     /// Write the full metrics line to the log every this many steps; the console
     /// progress line and the Prometheus gauges are updated every step regardless.
-    pub logging_steps: u64,
+    /// A whole number, or a fraction of the run in (0, 1).
+    pub logging_steps: Steps,
     /// `steps` (every `logging_steps`), `epoch` or `no` (transformers' `logging_strategy`).
     pub logging_strategy: IntervalStrategy,
     /// Also log the full metrics after the first step.
     pub logging_first_step: bool,
     /// Log filter when `RUST_LOG` is unset (transformers' `log_level`).
     pub log_level: LogLevel,
-    /// Checkpoint every this many steps (0: only at the end).
-    pub save_steps: u64,
+    /// Checkpoint every this many steps (0: only at the end), or a fraction of the run
+    /// in (0, 1).
+    pub save_steps: Steps,
     /// `steps` (every `save_steps`), `epoch` or `no` (only the final checkpoint).
     pub save_strategy: IntervalStrategy,
     /// Keep this many checkpoints (oldest pruned); unset keeps all.
@@ -118,11 +120,11 @@ impl Default for TrainingArgs {
             max_steps: -1,
             per_device_train_batch_size: 8,
             gradient_accumulation_steps: 1,
-            logging_steps: 10,
+            logging_steps: Steps::Count(10),
             logging_strategy: IntervalStrategy::Steps,
             logging_first_step: false,
             log_level: LogLevel::Passive,
-            save_steps: 500,
+            save_steps: Steps::Count(500),
             save_strategy: IntervalStrategy::Steps,
             save_total_limit: None,
             resume_from_checkpoint: None,
@@ -154,62 +156,95 @@ impl TrainingArgs {
     }
 
     /// When the full metrics line is logged (the last step is logged regardless).
-    pub fn log_interval(&self, steps_per_epoch: u64) -> Interval {
+    pub fn log_interval(&self, steps_per_epoch: u64, total: u64) -> Interval {
         Interval {
             first: self.logging_first_step,
-            ..Interval::new(self.logging_strategy, self.logging_steps, steps_per_epoch)
+            ..Interval::new(
+                self.logging_strategy,
+                self.logging_steps,
+                steps_per_epoch,
+                total,
+            )
         }
     }
 
     /// When checkpoints are written (the last step is saved regardless).
-    pub fn save_interval(&self, steps_per_epoch: u64) -> Interval {
-        Interval::new(self.save_strategy, self.save_steps, steps_per_epoch)
+    pub fn save_interval(&self, steps_per_epoch: u64, total: u64) -> Interval {
+        Interval::new(self.save_strategy, self.save_steps, steps_per_epoch, total)
     }
 
     /// Field checks; errors name the field and what is allowed.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::config::InvalidConfig> {
+        use crate::config::invalid::bad;
         if self.model_name_or_path.as_os_str().is_empty() {
-            return Err("model_name_or_path is required (a Hugging Face model directory)".into());
+            return Err(bad(
+                "model_name_or_path",
+                "model_name_or_path is required (a Hugging Face model directory)",
+            ));
         }
         if self.output_dir.as_os_str().is_empty() {
-            return Err("output_dir is required".into());
+            return Err(bad("output_dir", "output_dir is required"));
         }
-        self.dataset.validate().map_err(|e| e.to_string())?;
-        self.optim().validate()?;
-        self.zero.validate()?;
-        self.dist.validate().map_err(|e| e.to_string())?;
+        self.dataset
+            .validate()
+            .map_err(crate::config::InvalidConfig::Dataset)?;
+        self.optim().validate().map_err(|m| bad("optim", m))?;
+        self.zero.validate().map_err(|m| bad("zero", m))?;
+        self.dist.validate()?;
         if !matches!(self.device.as_str(), "cpu" | "cuda") {
-            return Err(format!("device must be cpu or cuda, got {:?}", self.device));
+            return Err(bad(
+                "device",
+                format!("device must be cpu or cuda, got {:?}", self.device),
+            ));
         }
         if self.per_device_train_batch_size == 0 {
-            return Err("per_device_train_batch_size must be at least 1".into());
+            return Err(bad(
+                "per_device_train_batch_size",
+                "per_device_train_batch_size must be at least 1",
+            ));
         }
         if self.gradient_accumulation_steps == 0 {
-            return Err("gradient_accumulation_steps must be at least 1".into());
+            return Err(bad(
+                "gradient_accumulation_steps",
+                "gradient_accumulation_steps must be at least 1",
+            ));
         }
         if self.max_steps == 0 || self.max_steps < -1 {
-            return Err(format!(
-                "max_steps must be -1 (use num_train_epochs) or positive, got {}",
-                self.max_steps
+            return Err(bad(
+                "max_steps",
+                format!(
+                    "max_steps must be -1 (use num_train_epochs) or positive, got {}",
+                    self.max_steps
+                ),
             ));
         }
         if self.max_steps == -1 && (self.num_train_epochs.is_nan() || self.num_train_epochs <= 0.0)
         {
-            return Err(format!(
-                "num_train_epochs must be positive when max_steps is -1, got {}",
-                self.num_train_epochs
+            return Err(bad(
+                "num_train_epochs",
+                format!(
+                    "num_train_epochs must be positive when max_steps is -1, got {}",
+                    self.num_train_epochs
+                ),
             ));
         }
-        if self.logging_steps == 0 && self.logging_strategy == IntervalStrategy::Steps {
-            return Err("logging_steps must be at least 1".into());
+        for (field, steps) in [
+            ("logging_steps", self.logging_steps),
+            ("save_steps", self.save_steps),
+        ] {
+            steps.check(field)?;
+        }
+        if self.logging_steps.is_zero() && self.logging_strategy == IntervalStrategy::Steps {
+            return Err(bad("logging_steps", "logging_steps must be at least 1"));
         }
         if self.save_total_limit == Some(0) {
-            return Err(
-                "save_total_limit must be at least 1 (unset keeps every checkpoint)".into(),
-            );
+            return Err(bad(
+                "save_total_limit",
+                "save_total_limit must be at least 1 (unset keeps every checkpoint)",
+            ));
         }
         if self.num_threads == Some(0) {
-            return Err("num_threads must be at least 1".into());
+            return Err(bad("num_threads", "num_threads must be at least 1"));
         }
         Ok(())
     }
@@ -386,7 +421,7 @@ impl RunSkeleton {
     pub fn new(args: &TrainingArgs, total: u64, model_dir: &Path, steps_per_epoch: u64) -> Self {
         RunSkeleton {
             total,
-            save_every: args.save_interval(steps_per_epoch),
+            save_every: args.save_interval(steps_per_epoch, total),
             keep: args.save_total_limit.unwrap_or(usize::MAX),
             root: args.checkpoint_root(),
             output_dir: args.output_dir.clone(),

@@ -56,16 +56,20 @@ impl Default for SftConfig {
 }
 
 impl SftConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::config::InvalidConfig> {
+        use crate::config::invalid::bad;
         self.args.validate()?;
         if self.max_length < 2 {
-            return Err(format!(
-                "max_length must be at least 2, got {}",
-                self.max_length
+            return Err(bad(
+                "max_length",
+                format!("max_length must be at least 2, got {}", self.max_length),
             ));
         }
         if self.logprob_chunk_size < 1 {
-            return Err("logprob_chunk_size must be at least 1".into());
+            return Err(bad(
+                "logprob_chunk_size",
+                "logprob_chunk_size must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -91,7 +95,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     let per_step = per_rank * world;
     let total = args.total_steps(examples.len(), per_step);
     let steps_per_epoch = examples.len().div_ceil(per_step.max(1)) as u64;
-    let log_every = args.log_interval(steps_per_epoch);
+    let log_every = args.log_interval(steps_per_epoch, total);
     let mut engine = ZeroEngine::new(
         sess.model_cfg.clone(),
         &sess.weights.take().expect("weights are taken once"),
@@ -127,7 +131,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
                 .iter()
                 .map(|s| s.prompt_ids.len() + s.completion_ids.len())
                 .sum::<usize>();
-            let packed = pack(&samples, pad).map_err(anyhow::Error::msg)?;
+            let packed = pack(&samples, pad)?;
             let mb = MicroBatch {
                 input_ids: packed.input_ids.shallow_clone(),
                 attention_mask: None,

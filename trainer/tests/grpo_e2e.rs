@@ -14,37 +14,10 @@
 mod e2e_support;
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use e2e_support::*;
-
-fn write_config(dir: &Path, name: &str, body: &str) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p.display().to_string()
-}
-
-fn grpo_config(dir: &Path, workers: &[String], extra: &str) -> String {
-    let train = addition_rows(dir, "train.jsonl", 256, 1, false);
-    let quoted: Vec<String> = workers.iter().map(|w| format!("\"{w}\"")).collect();
-    write_config(
-        dir,
-        "grpo.yaml",
-        &format!(
-            "model_name_or_path: {ckpt}\noutput_dir: {out}\ndataset:\n  path: {train}\n\
-             num_generations: 8\nmax_prompt_length: 32\nmax_completion_length: 16\n\
-             learning_rate: 3.0e-4\nlr_scheduler_type: constant\nadam_beta2: 0.99\n\
-             reward_funcs: [accuracy]\nlogging_steps: 1\nseed: 0\nzero:\n  stage: 2\n\
-             rollout:\n  workers: [{workers}]\n  request_timeout_secs: 60\n{extra}",
-            ckpt = checkpoint().display(),
-            out = dir.join("out").display(),
-            train = train.display(),
-            workers = quoted.join(", "),
-        ),
-    )
-}
 
 fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64

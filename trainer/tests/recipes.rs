@@ -289,7 +289,7 @@ fn open_r1_grpo_recipe_loads_unchanged() {
     assert_eq!(c.vllm_importance_sampling_cap, 2.0);
     assert!(c.log_completions);
     assert_eq!(c.num_completions_to_print, Some(2));
-    assert_eq!(c.eval_steps, 100);
+    assert_eq!(c.eval_steps, trainer::config::Steps::Count(100));
     // The environment layer: TRAINER__ only; TRAINER_ID is not a setting.
     assert_eq!(a.seed, 7);
     c.validate().unwrap();
@@ -391,6 +391,86 @@ fn open_r1_sft_recipe_loads_unchanged() {
     let packed = SFT_RECIPE.replace("packing: false", "packing: true");
     let l: Loaded<SftConfig> = load(&packed, &[], &[]).unwrap();
     assert!(warned(&l.warnings).contains_key("packing"));
+    // OlympicCoder-7B/sft/config_v00.00.yaml saves every 0.2 of the run (transformers'
+    // fractional `save_steps`): every 20 steps of 100, rounded up as transformers does.
+    let fraction = SFT_RECIPE.replace(
+        "save_strategy: epoch",
+        "save_strategy: \"steps\"\nsave_steps: 0.2",
+    );
+    let l: Loaded<SftConfig> = load(&fraction, &[], &[]).unwrap();
+    assert_eq!(l.config.args.save_steps, trainer::config::Steps::Ratio(0.2));
+    l.config.validate().unwrap();
+    assert_eq!(l.config.args.save_interval(7, 100).every, Some(20));
+    assert_eq!(l.config.args.save_interval(7, 101).every, Some(21));
+    let bad = SFT_RECIPE.replace("save_strategy: epoch", "save_steps: 2.5");
+    let l: Loaded<SftConfig> = load(&bad, &[], &[]).unwrap();
+    let e = l.config.validate().unwrap_err();
+    assert_eq!(e.field(), "save_steps");
+    assert!(
+        e.to_string().contains("fraction of the run in (0, 1)"),
+        "{e}"
+    );
+}
+
+/// The transformers `TrainingArguments` (5.x) and TRL fields beyond Open-R1's recipes
+/// that this system does another way: each is accepted with one warning; the two that
+/// would change the loss are refused unless at their defaults.
+#[test]
+fn the_rest_of_training_arguments_warns_once_each() {
+    let keys = [
+        "project",
+        "disable_tqdm",
+        "include_num_input_tokens_seen",
+        "logging_nan_inf_filter",
+        "skip_memory_metrics",
+        "do_train",
+        "do_predict",
+        "eval_delay",
+        "prediction_loss_only",
+        "eval_accumulation_steps",
+        "batch_eval_metrics",
+        "metric_for_best_model",
+        "greater_is_better",
+        "load_best_model_at_end",
+        "ddp_bucket_cap_mb",
+        "ddp_static_graph",
+        "fsdp",
+        "deepspeed",
+        "num_processes",
+        "use_cpu",
+        "save_on_each_node",
+        "enable_jit_checkpoint",
+        "dataloader_in_order",
+        "ignore_data_skip",
+        "torch_compile_backend",
+        "torch_compile_mode",
+        "use_cache",
+        "torch_empty_cache_steps",
+        "activation_offloading",
+        "optim_args",
+        "average_tokens_across_devices",
+        "cache_implementation",
+        "use_transformers_paged",
+        "ref_model_mixup_alpha",
+        "ref_model_sync_steps",
+    ];
+    let mut text = String::from("model_name_or_path: m\noutput_dir: o\n");
+    for k in keys {
+        text.push_str(&format!("{k}: 1\n"));
+    }
+    text.push_str("label_smoothing_factor: 0.0\nneftune_noise_alpha: null\n");
+    let l: Loaded<GrpoConfig> = load(&text, &[], &[]).unwrap();
+    let w = warned(&l.warnings);
+    for k in keys {
+        assert!(w.contains_key(k), "{k} did not warn: {w:?}");
+    }
+    assert_eq!(w.len(), keys.len(), "{w:?}");
+    let base = "model_name_or_path: m\noutput_dir: o\n";
+    let e = load::<SftConfig>(&format!("{base}neftune_noise_alpha: 5\n"), &[], &[]).unwrap_err();
+    assert!(e.to_string().contains("neftune_noise_alpha"), "{e}");
+    let e =
+        load::<SftConfig>(&format!("{base}label_smoothing_factor: 0.1\n"), &[], &[]).unwrap_err();
+    assert!(e.to_string().contains("label_smoothing_factor"), "{e}");
 }
 
 #[test]

@@ -310,6 +310,7 @@ pub fn translate(
     for key in keys {
         let message = WARN_KEYS
             .iter()
+            .chain(super::more_keys::MORE_WARN_KEYS)
             .find(|(k, _)| *k == key)
             .map(|(_, m)| *m)
             .or_else(|| {
@@ -561,7 +562,17 @@ fn refusals(table: &mut Map<String, Value>) -> Result<(), ConfigError> {
             }
         }
     }
-    let must_equal: [(&str, Value, &str); 5] = [
+    let must_equal: [(&str, Value, &str); 7] = [
+        (
+            "neftune_noise_alpha",
+            Value::Null,
+            "no noise is added to the embeddings",
+        ),
+        (
+            "label_smoothing_factor",
+            0.0.into(),
+            "the loss is the plain negative log-likelihood",
+        ),
         (
             "repetition_penalty",
             1.0.into(),

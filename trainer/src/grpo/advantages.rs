@@ -18,6 +18,32 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dist::CommError;
+
+/// Why rewards could not be turned into advantages.
+#[derive(Debug, thiserror::Error)]
+pub enum AdvantageError {
+    /// `input` (rewards, weights, scores, num_generations) does not fit: `message` says how.
+    #[error("{message}")]
+    Input {
+        input: &'static str,
+        message: String,
+    },
+    /// A `scale_rewards` value that is not one of the allowed names.
+    #[error("scale_rewards {value:?} is not one of group, batch, none, true, false")]
+    ScaleRewards { value: String },
+    /// Summing the batch's reward moments over the ranks failed.
+    #[error("reducing the batch reward moments over ranks: {0}")]
+    Reduce(#[from] CommError),
+}
+
+fn input(input: &'static str, message: impl Into<String>) -> AdvantageError {
+    AdvantageError::Input {
+        input,
+        message: message.into(),
+    }
+}
+
 /// Added to the standard deviation before dividing, so that a group whose completions
 /// all got the same reward yields zero advantages instead of a division by zero (TRL's
 /// constant).
@@ -53,8 +79,8 @@ enum ScaleRewardsValue {
 }
 
 impl TryFrom<ScaleRewardsValue> for ScaleRewards {
-    type Error = String;
-    fn try_from(v: ScaleRewardsValue) -> Result<Self, String> {
+    type Error = AdvantageError;
+    fn try_from(v: ScaleRewardsValue) -> Result<Self, AdvantageError> {
         match v {
             ScaleRewardsValue::Bool(true) => Ok(ScaleRewards::Group),
             ScaleRewardsValue::Bool(false) => Ok(ScaleRewards::None),
@@ -62,9 +88,9 @@ impl TryFrom<ScaleRewardsValue> for ScaleRewards {
                 "group" | "true" => Ok(ScaleRewards::Group),
                 "batch" => Ok(ScaleRewards::Batch),
                 "none" | "false" => Ok(ScaleRewards::None),
-                other => Err(format!(
-                    "scale_rewards {other:?} is not one of group, batch, none, true, false"
-                )),
+                other => Err(AdvantageError::ScaleRewards {
+                    value: other.into(),
+                }),
             },
         }
     }
@@ -123,19 +149,25 @@ pub fn group_advantages(
     rewards: &[f64],
     num_generations: usize,
     scale: ScaleRewards,
-) -> Result<Advantages, String> {
+) -> Result<Advantages, AdvantageError> {
     if num_generations == 0 {
-        return Err("num_generations must be at least 1, got 0".into());
+        return Err(input(
+            "num_generations",
+            "num_generations must be at least 1, got 0",
+        ));
     }
     if !rewards.len().is_multiple_of(num_generations) {
-        return Err(format!(
-            "rewards has {} values, not a multiple of num_generations = {num_generations} \
+        return Err(input(
+            "rewards",
+            format!(
+                "rewards has {} values, not a multiple of num_generations = {num_generations} \
              (expected groups * num_generations, each group contiguous)",
-            rewards.len()
+                rewards.len()
+            ),
         ));
     }
     if let Some((i, r)) = rewards.iter().enumerate().find(|(_, r)| !r.is_finite()) {
-        return Err(format!("reward {i} is not finite: {r}"));
+        return Err(input("rewards", format!("reward {i} is not finite: {r}")));
     }
     let groups = rewards.len() / num_generations;
     let mut group_mean = Vec::with_capacity(groups);
@@ -182,25 +214,34 @@ pub fn group_advantages(
 pub fn combine_rewards(
     per_func: &[Vec<Option<f64>>],
     weights: &[f64],
-) -> Result<Vec<Option<f64>>, String> {
+) -> Result<Vec<Option<f64>>, AdvantageError> {
     if per_func.is_empty() {
-        return Err("no reward functions: per_func is empty".into());
+        return Err(input("scores", "no reward functions: per_func is empty"));
     }
     if per_func.len() != weights.len() {
-        return Err(format!(
-            "{} reward functions but {} reward weights",
-            per_func.len(),
-            weights.len()
+        return Err(input(
+            "reward_weights",
+            format!(
+                "{} reward functions but {} reward weights",
+                per_func.len(),
+                weights.len()
+            ),
         ));
     }
     if let Some((f, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
-        return Err(format!("reward weight {f} is not finite: {w}"));
+        return Err(input(
+            "reward_weights",
+            format!("reward weight {f} is not finite: {w}"),
+        ));
     }
     let n = per_func[0].len();
     if let Some((f, v)) = per_func.iter().enumerate().find(|(_, v)| v.len() != n) {
-        return Err(format!(
-            "reward function {f} scored {} samples, function 0 scored {n}",
-            v.len()
+        return Err(input(
+            "scores",
+            format!(
+                "reward function {f} scored {} samples, function 0 scored {n}",
+                v.len()
+            ),
         ));
     }
     for (f, v) in per_func
@@ -213,8 +254,9 @@ pub fn combine_rewards(
             .enumerate()
             .find_map(|(i, r)| r.filter(|r| !r.is_finite()).map(|r| (i, r)))
         {
-            return Err(format!(
-                "reward function {f} returned a non-finite reward {r} for sample {i}"
+            return Err(input(
+                "scores",
+                format!("reward function {f} returned a non-finite reward {r} for sample {i}"),
             ));
         }
     }
@@ -292,13 +334,16 @@ pub fn step_advantages(
     excluded: &[bool],
     num_generations: usize,
     scale: ScaleRewards,
-    reduce: impl FnOnce(RewardMoments) -> Result<RewardMoments, String>,
-) -> Result<StepAdvantages, String> {
+    reduce: impl FnOnce(RewardMoments) -> Result<RewardMoments, CommError>,
+) -> Result<StepAdvantages, AdvantageError> {
     if excluded.len() * num_generations != rewards.len() {
-        return Err(format!(
-            "{} rewards for {} groups of num_generations = {num_generations}",
-            rewards.len(),
-            excluded.len()
+        return Err(input(
+            "rewards",
+            format!(
+                "{} rewards for {} groups of num_generations = {num_generations}",
+                rewards.len(),
+                excluded.len()
+            ),
         ));
     }
     let per_group = if scale == ScaleRewards::Batch {
@@ -405,11 +450,17 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_errors() {
-        let e = group_advantages(&[1.0, 2.0, 3.0], 2, ScaleRewards::Group).unwrap_err();
+        let e = group_advantages(&[1.0, 2.0, 3.0], 2, ScaleRewards::Group)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a multiple of num_generations = 2"), "{e}");
-        let e = group_advantages(&[1.0], 0, ScaleRewards::Group).unwrap_err();
+        let e = group_advantages(&[1.0], 0, ScaleRewards::Group)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_generations"), "{e}");
-        let e = group_advantages(&[1.0, f64::NAN], 2, ScaleRewards::None).unwrap_err();
+        let e = group_advantages(&[1.0, f64::NAN], 2, ScaleRewards::None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("reward 1 is not finite"), "{e}");
     }
 
@@ -441,15 +492,24 @@ mod tests {
     fn combine_errors() {
         assert!(combine_rewards(&[], &[])
             .unwrap_err()
+            .to_string()
             .contains("no reward functions"));
         let per_func = vec![vec![Some(1.0)], vec![Some(1.0), Some(2.0)]];
-        let e = combine_rewards(&per_func, &[1.0, 1.0]).unwrap_err();
+        let e = combine_rewards(&per_func, &[1.0, 1.0])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("function 1 scored 2 samples"), "{e}");
-        let e = combine_rewards(&per_func[..1], &[1.0, 1.0]).unwrap_err();
+        let e = combine_rewards(&per_func[..1], &[1.0, 1.0])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("1 reward functions but 2 reward weights"), "{e}");
-        let e = combine_rewards(&per_func[..1], &[f64::INFINITY]).unwrap_err();
+        let e = combine_rewards(&per_func[..1], &[f64::INFINITY])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("weight 0 is not finite"), "{e}");
-        let e = combine_rewards(&[vec![Some(1.0), Some(f64::NAN)]], &[1.0]).unwrap_err();
+        let e = combine_rewards(&[vec![Some(1.0), Some(f64::NAN)]], &[1.0])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("non-finite reward NaN for sample 1"), "{e}");
         // ... unless the function has weight 0.
         let per_func = vec![vec![Some(1.0), Some(2.0)], vec![Some(f64::NAN), None]];

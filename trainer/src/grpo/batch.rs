@@ -38,23 +38,38 @@ pub struct PackedBatch {
     pub advantages: Tensor,
 }
 
+/// Why samples could not be packed into a micro-batch.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("cannot pack an empty micro-batch")]
+    Empty,
+    #[error("sample {sample}: empty prompt or completion")]
+    EmptySample { sample: usize },
+    #[error("sample {sample}: {logprobs} log-probs for {tokens} completion tokens")]
+    LogprobCount {
+        sample: usize,
+        logprobs: usize,
+        tokens: usize,
+    },
+}
+
 /// Packs `samples` (at least one, each with a non-empty prompt and completion and
 /// matching log-prob count) into one micro-batch.
-pub fn pack(samples: &[Sample], pad_id: i64) -> Result<PackedBatch, String> {
+pub fn pack(samples: &[Sample], pad_id: i64) -> Result<PackedBatch, PackError> {
     if samples.is_empty() {
-        return Err("cannot pack an empty micro-batch".into());
+        return Err(PackError::Empty);
     }
     let mut len = 0;
     for (i, s) in samples.iter().enumerate() {
         if s.prompt_ids.is_empty() || s.completion_ids.is_empty() {
-            return Err(format!("sample {i}: empty prompt or completion"));
+            return Err(PackError::EmptySample { sample: i });
         }
         if s.sampler_logprobs.len() != s.completion_ids.len() {
-            return Err(format!(
-                "sample {i}: {} log-probs for {} completion tokens",
-                s.sampler_logprobs.len(),
-                s.completion_ids.len()
-            ));
+            return Err(PackError::LogprobCount {
+                sample: i,
+                logprobs: s.sampler_logprobs.len(),
+                tokens: s.completion_ids.len(),
+            });
         }
         len = len.max(s.prompt_ids.len() + s.completion_ids.len());
     }
@@ -233,7 +248,10 @@ mod tests {
         assert!(pack(&[sample(&[], &[1], 0.0, true)], 0).is_err());
         let mut s = sample(&[1], &[2, 3], 0.0, true);
         s.sampler_logprobs.pop();
-        assert!(pack(&[s], 0).unwrap_err().contains("1 log-probs for 2"));
+        assert!(pack(&[s], 0)
+            .unwrap_err()
+            .to_string()
+            .contains("1 log-probs for 2"));
     }
 
     #[test]

@@ -3,10 +3,12 @@
 use serde::{Deserialize, Serialize};
 
 use super::advantages::ScaleRewards;
+use super::dynamic_sampling::WhenUnfilled;
 use super::loss::{
     ImportanceSamplingLevel, IsCorrection, IsCorrectionMode, LossType, PolicyLossConfig,
 };
-use crate::config::{Command, IntervalStrategy, Recipe};
+use crate::config::invalid::bad;
+use crate::config::{Command, IntervalStrategy, InvalidConfig, Recipe, Steps};
 use crate::data::DatasetConfig;
 use crate::rewards::RewardsConfig;
 use crate::rollout::{RolloutConfig, Sampling};
@@ -57,12 +59,16 @@ pub struct GrpoConfig {
     pub vllm_importance_sampling_correction: bool,
     pub vllm_importance_sampling_mode: IsCorrectionMode,
     pub vllm_importance_sampling_cap: f64,
-    /// DAPO's dynamic sampling: groups whose rewards are all equal are dropped and more
-    /// prompts drawn until the batch is full.
+    /// DAPO's dynamic sampling (verl's `algorithm.filter_groups.enable`): groups whose
+    /// combined rewards are all equal are dropped and more prompts drawn until the batch
+    /// is full.
     pub dynamic_sampling: bool,
-    /// Bound on generation rounds per batch under dynamic sampling (verl's
-    /// `max_num_gen_batches`); when reached, the step trains on the groups it has.
+    /// Bound on generation rounds per step under dynamic sampling, the first included
+    /// (verl's `max_num_gen_batches`, where 0 means unbounded; here at least 1).
     pub max_num_gen_batches: usize,
+    /// When the rounds did not fill the batch: `train` on the groups there are (flat ones
+    /// pad it, left out of the loss) or `error` (verl's behaviour).
+    pub dynamic_sampling_unfilled: WhenUnfilled,
     /// Print `num_completions_to_print` (prompt, completion, reward) rows at each logging
     /// step (TRL's `log_completions`).
     pub log_completions: bool,
@@ -75,8 +81,9 @@ pub struct GrpoConfig {
     /// Held-out prompts evaluated (accuracy reward) before training, every `eval_steps`,
     /// and after the last step.
     pub eval_dataset: Option<DatasetConfig>,
-    /// Evaluate every this many steps (0: only before and after).
-    pub eval_steps: u64,
+    /// Evaluate every this many steps (0: only before and after), or a fraction of the
+    /// run in (0, 1).
+    pub eval_steps: Steps,
     /// `steps` (every `eval_steps`), `epoch`, or `no` (never, even with eval_dataset).
     pub eval_strategy: IntervalStrategy,
     /// Sampled completions per held-out prompt (at `temperature`), besides one greedy.
@@ -126,13 +133,14 @@ impl Default for GrpoConfig {
             vllm_importance_sampling_cap: 3.0,
             dynamic_sampling: false,
             max_num_gen_batches: 4,
+            dynamic_sampling_unfilled: WhenUnfilled::Train,
             log_completions: false,
             num_completions_to_print: None,
             reward_funcs: vec!["accuracy".into(), "format".into()],
             reward_weights: None,
             rewards: RewardsConfig::default(),
             eval_dataset: None,
-            eval_steps: 0,
+            eval_steps: Steps::Count(0),
             eval_strategy: IntervalStrategy::Steps,
             eval_num_generations: 4,
             logprob_chunk_size: 512,
@@ -199,59 +207,80 @@ impl GrpoConfig {
     }
 
     /// Every check that needs no file or peer; errors name the field and what is allowed.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         self.args.validate()?;
         if self.num_generations < 2 {
-            return Err(format!(
+            return Err(bad("num_generations", format!(
                 "num_generations must be at least 2 (advantages compare completions of a prompt), got {}",
                 self.num_generations
-            ));
+            )));
         }
         let per_rank = self.completions_per_rank();
         if !per_rank.is_multiple_of(self.num_generations) {
-            return Err(format!(
+            return Err(bad(
+                "per_device_train_batch_size",
+                format!(
                 "per_device_train_batch_size * gradient_accumulation_steps ({per_rank}) must be a \
                  multiple of num_generations ({}) so each rank holds whole groups",
                 self.num_generations
+            ),
             ));
         }
         if self.max_prompt_length == 0 || self.max_completion_length == 0 {
-            return Err("max_prompt_length and max_completion_length must be at least 1".into());
+            return Err(bad(
+                "max_prompt_length",
+                "max_prompt_length and max_completion_length must be at least 1",
+            ));
         }
         if self.temperature.is_nan() || self.temperature <= 0.0 {
-            return Err(format!(
-                "temperature must be > 0 for GRPO sampling, got {}",
-                self.temperature
+            return Err(bad(
+                "temperature",
+                format!(
+                    "temperature must be > 0 for GRPO sampling, got {}",
+                    self.temperature
+                ),
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return Err(bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            ));
         }
         if self.top_k < 0 {
-            return Err(format!(
-                "top_k must be >= 0 (0 disables), got {}",
-                self.top_k
+            return Err(bad(
+                "top_k",
+                format!("top_k must be >= 0 (0 disables), got {}", self.top_k),
             ));
         }
         if !(0.0..1.0).contains(&self.min_p) {
-            return Err(format!("min_p must be in [0, 1), got {}", self.min_p));
+            return Err(bad(
+                "min_p",
+                format!("min_p must be in [0, 1), got {}", self.min_p),
+            ));
         }
         if self.beta.is_nan() || self.beta < 0.0 {
-            return Err(format!("beta must be >= 0, got {}", self.beta));
+            return Err(bad("beta", format!("beta must be >= 0, got {}", self.beta)));
         }
         if !(self.epsilon > 0.0 && self.epsilon < 1.0) {
-            return Err(format!("epsilon must be in (0, 1), got {}", self.epsilon));
+            return Err(bad(
+                "epsilon",
+                format!("epsilon must be in (0, 1), got {}", self.epsilon),
+            ));
         }
         if let Some(h) = self.epsilon_high {
             if h.is_nan() || h <= 0.0 {
-                return Err(format!("epsilon_high must be > 0, got {h}"));
+                return Err(bad(
+                    "epsilon_high",
+                    format!("epsilon_high must be > 0, got {h}"),
+                ));
             }
         }
         if let Some(d) = self.delta {
             if !(d.is_finite() && d > 1.0 + self.epsilon_high.unwrap_or(self.epsilon)) {
-                return Err(format!(
+                return Err(bad("delta", format!(
                     "delta must be > 1 + epsilon_high (two-sided clipping caps the ratio above the clip range), got {d}"
-                ));
+                )));
             }
         }
         for (name, t) in [
@@ -259,81 +288,102 @@ impl GrpoConfig {
             ("sapo_temperature_neg", self.sapo_temperature_neg),
         ] {
             if !(t.is_finite() && t > 0.0) {
-                return Err(format!("{name} must be > 0, got {t}"));
+                return Err(bad(name, format!("{name} must be > 0, got {t}")));
             }
         }
-        if self.dynamic_sampling {
-            return Err(
-                "dynamic_sampling: true is not available yet: the group selection \
-                 (trainer/src/grpo/dynamic_sampling.rs) is not wired into the step loop"
-                    .into(),
-            );
-        }
         if self.max_num_gen_batches == 0 {
-            return Err("max_num_gen_batches must be at least 1".into());
+            return Err(bad(
+                "max_num_gen_batches",
+                "max_num_gen_batches must be at least 1 (generation rounds per step, the first \
+                 included; verl's 0 = unbounded is not offered)",
+            ));
         }
         if self.num_completions_to_print == Some(0) {
-            return Err(
-                "num_completions_to_print must be at least 1 (unset prints every completion)"
-                    .into(),
-            );
+            return Err(bad(
+                "num_completions_to_print",
+                "num_completions_to_print must be at least 1 (unset prints every completion)",
+            ));
         }
         if self.num_iterations == 0 {
-            return Err("num_iterations must be at least 1".into());
+            return Err(bad("num_iterations", "num_iterations must be at least 1"));
         }
         if self.micro_batch_max_tokens == Some(0) {
-            return Err(
-                "micro_batch_max_tokens must be at least 1 (unset: equal-count micro-batches)"
-                    .into(),
-            );
+            return Err(bad(
+                "micro_batch_max_tokens",
+                "micro_batch_max_tokens must be at least 1 (unset: equal-count micro-batches)",
+            ));
         }
         if self.max_staleness > MAX_STALENESS {
-            return Err(format!(
-                "max_staleness must be in 0..={MAX_STALENESS} (rounds generated ahead), got {}",
-                self.max_staleness
+            return Err(bad(
+                "max_staleness",
+                format!(
+                    "max_staleness must be in 0..={MAX_STALENESS} (rounds generated ahead), got {}",
+                    self.max_staleness
+                ),
             ));
         }
         if !(self.vllm_importance_sampling_cap.is_finite()
             && self.vllm_importance_sampling_cap > 0.0)
         {
-            return Err(format!(
-                "vllm_importance_sampling_cap must be > 0, got {}",
-                self.vllm_importance_sampling_cap
+            return Err(bad(
+                "vllm_importance_sampling_cap",
+                format!(
+                    "vllm_importance_sampling_cap must be > 0, got {}",
+                    self.vllm_importance_sampling_cap
+                ),
             ));
         }
         if self.reward_funcs.is_empty() {
-            return Err("reward_funcs must name at least one reward function".into());
+            return Err(bad(
+                "reward_funcs",
+                "reward_funcs must name at least one reward function",
+            ));
         }
         if let Some(w) = &self.reward_weights {
             if w.len() != self.reward_funcs.len() {
-                return Err(format!(
-                    "reward_weights has {} entries but reward_funcs has {}",
-                    w.len(),
-                    self.reward_funcs.len()
+                return Err(bad(
+                    "reward_weights",
+                    format!(
+                        "reward_weights has {} entries but reward_funcs has {}",
+                        w.len(),
+                        self.reward_funcs.len()
+                    ),
                 ));
             }
             if w.iter().any(|x| !x.is_finite()) {
-                return Err("reward_weights must be finite numbers".into());
+                return Err(bad(
+                    "reward_weights",
+                    "reward_weights must be finite numbers",
+                ));
             }
         }
-        self.rewards.validate()?;
+        self.rewards.validate().map_err(|m| bad("rewards", m))?;
         if let Some(e) = &self.eval_dataset {
-            e.validate().map_err(|e| format!("eval_dataset: {e}"))?;
+            e.validate()
+                .map_err(|error| InvalidConfig::EvalDataset { error })?;
         }
+        self.eval_steps.check("eval_steps")?;
         if self.eval_num_generations == 0 {
-            return Err("eval_num_generations must be at least 1".into());
+            return Err(bad(
+                "eval_num_generations",
+                "eval_num_generations must be at least 1",
+            ));
         }
         if self.logprob_chunk_size < 1 {
-            return Err("logprob_chunk_size must be at least 1".into());
+            return Err(bad(
+                "logprob_chunk_size",
+                "logprob_chunk_size must be at least 1",
+            ));
         }
         // The rollout table's messages already name `rollout.<field>`.
-        self.rollout.validate()?;
-        crate::timeouts::check(&self.args.dist, &self.rollout, &self.rewards)?;
+        self.rollout.validate().map_err(|m| bad("rollout", m))?;
+        crate::timeouts::check(&self.args.dist, &self.rollout, &self.rewards)
+            .map_err(|m| bad("timeouts", m))?;
         if self.rollout.workers.is_empty() {
-            return Err(
-                "rollout.workers must list at least one worker URL (e.g. http://127.0.0.1:50051)"
-                    .into(),
-            );
+            return Err(bad(
+                "rollout.workers",
+                "rollout.workers must list at least one worker URL (e.g. http://127.0.0.1:50051)",
+            ));
         }
         Ok(())
     }

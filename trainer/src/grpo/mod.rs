@@ -7,7 +7,8 @@
 //! - [`batch`] packs completions into micro-batches; [`stats`] sums a round's statistics
 //!   over ranks; [`eval`] scores held-out prompts; [`trainer`] is the loop of one rank
 //!   (its phases and their timings in [`phases`], the rollouts requested ahead with
-//!   bounded staleness in [`pipeline`]) and [`config`] its settings.
+//!   bounded staleness in [`pipeline`], DAPO's dynamic sampling in `fill` around the pure
+//!   [`dynamic_sampling`]) and [`config`] its settings.
 //!
 //! Data flow of a step: rollouts from the workers → reward functions score each
 //! completion → [`combine_rewards`] → [`group_advantages`] per prompt group →
@@ -19,11 +20,13 @@ pub mod completions;
 pub mod config;
 pub mod dynamic_sampling;
 pub mod eval;
+mod fill;
 pub mod loss;
 pub mod phases;
 pub mod pipeline;
 mod report;
 pub mod stats;
+mod sync;
 pub mod trainer;
 
 pub use advantages::{

@@ -28,6 +28,8 @@ pub struct PendingBatch {
     pub round: u64,
     /// This rank's prompt indices, in job order.
     pub prompts: Vec<usize>,
+    /// The global batch this rank's prompts are a slice of (every rank draws the same).
+    pub global: Vec<usize>,
     /// The sampler position before this batch was drawn.
     pub sampler_before: SamplerState,
     /// The weight version the workers served when it was requested (its minimum).
@@ -55,6 +57,7 @@ pub struct Pipeline {
 pub struct Request<'a> {
     pub round: u64,
     pub prompts: Vec<usize>,
+    pub global: Vec<usize>,
     pub jobs: Vec<PromptJob>,
     pub sampler_before: SamplerState,
     pub n: u32,
@@ -78,6 +81,11 @@ impl Pipeline {
         self.queue.front().map(|b| &b.sampler_before)
     }
 
+    /// The global prompt batches in flight, oldest first.
+    pub fn global_batches(&self) -> Vec<&[usize]> {
+        self.queue.iter().map(|b| &b.global[..]).collect()
+    }
+
     /// Starts generating a batch on the runtime (returns at once).
     pub fn request(&mut self, rt: &Runtime, r: Request<'_>) {
         let client = r.client.clone();
@@ -96,6 +104,7 @@ impl Pipeline {
         self.queue.push_back(PendingBatch {
             round: r.round,
             prompts: r.prompts,
+            global: r.global,
             sampler_before: r.sampler_before,
             min_version,
             started,
@@ -182,9 +191,71 @@ pub fn staleness(policy: u64, version: u64) -> Result<u64, u64> {
     policy.checked_sub(version).ok_or(version)
 }
 
+/// A checkpoint's `pending_batches` that this run cannot request again.
+#[derive(Debug, thiserror::Error)]
+pub enum PendingStateError {
+    #[error("trainer state: pending_batches is not a list of prompt index lists: {reason}")]
+    Malformed { reason: String },
+    #[error(
+        "trainer state: a pending batch of {len} prompts (largest index {max:?}) does not fit \
+         this run ({per_round} prompts per round over {num_prompts} rows): resume with the \
+         checkpoint's dataset, batch size and world size"
+    )]
+    Mismatch {
+        len: usize,
+        max: Option<usize>,
+        per_round: usize,
+        num_prompts: usize,
+    },
+}
+
+/// The global prompt batches a checkpoint recorded as in flight (`pending_batches`,
+/// absent: none), each checked against this run's batch size and dataset.
+pub fn pending_batches(
+    state: &serde_json::Value,
+    per_round: usize,
+    num_prompts: usize,
+) -> Result<VecDeque<Vec<usize>>, PendingStateError> {
+    let Some(v) = state.get("pending_batches") else {
+        return Ok(VecDeque::new());
+    };
+    let batches: Vec<Vec<usize>> =
+        serde_json::from_value(v.clone()).map_err(|e| PendingStateError::Malformed {
+            reason: e.to_string(),
+        })?;
+    for b in &batches {
+        if b.len() != per_round || b.iter().any(|&i| i >= num_prompts) {
+            return Err(PendingStateError::Mismatch {
+                len: b.len(),
+                max: b.iter().max().copied(),
+                per_round,
+                num_prompts,
+            });
+        }
+    }
+    Ok(batches.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_batches_are_read_back_and_checked_against_the_run() {
+        let state = serde_json::json!({ "pending_batches": [[3, 1], [0, 2]] });
+        let got = pending_batches(&state, 2, 4).unwrap();
+        assert_eq!(got, VecDeque::from(vec![vec![3, 1], vec![0, 2]]));
+        assert!(pending_batches(&serde_json::json!({}), 2, 4)
+            .unwrap()
+            .is_empty());
+        let e = pending_batches(&state, 3, 4).unwrap_err().to_string();
+        assert!(e.contains("does not fit this run"), "{e}");
+        let e = pending_batches(&state, 2, 3).unwrap_err().to_string();
+        assert!(
+            e.contains("3 prompts per round") || e.contains("over 3 rows"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn staleness_is_bounded_below_by_the_pushed_version() {

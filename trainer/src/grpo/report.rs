@@ -100,8 +100,16 @@ impl Grpo<'_> {
         } else {
             String::new()
         };
+        let dynamic = if self.cfg.dynamic_sampling {
+            format!(
+                " | gen rounds {} | dropped {} | padded {}",
+                stats.ds_rounds, stats.ds_dropped, stats.ds_padding
+            )
+        } else {
+            String::new()
+        };
         let line = format!(
-            "step {}/{} | reward {:.3} ± {:.3} | {first_func} {:.3} | len {:.1} | clipped {:.2} | loss {:+.4} | grad {:.3} | groups {} | workers {healthy}/{}{stale} | {:.1} s (gen {:.1}, reward {:.2}, train {:.1}, opt {:.2}, push {:.2})",
+            "step {}/{} | reward {:.3} ± {:.3} | {first_func} {:.3} | len {:.1} | clipped {:.2} | loss {:+.4} | grad {:.3} | groups {}{dynamic} | workers {healthy}/{}{stale} | {:.1} s (gen {:.1}, reward {:.2}, train {:.1}, opt {:.2}, push {:.2})",
             step.step,
             self.total,
             log["reward"],
@@ -132,7 +140,7 @@ impl Grpo<'_> {
         } else {
             println!("{line}");
         }
-        let log_every = self.cfg.args.log_interval(self.steps_per_epoch);
+        let log_every = self.cfg.args.log_interval(self.steps_per_epoch, self.total);
         if log_every.due(step.step) || step.step == self.total {
             let fields: Vec<String> = log.iter().map(|(k, v)| format!("{k}={v:.6}")).collect();
             tracing::info!(step = step.step, "{}", fields.join(" "));

@@ -43,6 +43,13 @@ pub struct RoundStats {
     /// Seconds of the round during which this rank had no generation running; the
     /// minimum over ranks is an upper bound of the time the workers sat idle.
     pub workers_idle: f64,
+    /// Dynamic sampling: generation rounds of the step (the same on every rank, so not
+    /// summed; 0 when off), and the groups dropped as flat, left over beyond the batch,
+    /// and padding a batch the rounds could not fill.
+    pub ds_rounds: f64,
+    pub ds_dropped: f64,
+    pub ds_surplus: f64,
+    pub ds_padding: f64,
 }
 
 /// Sums `values` over the ranks in (nearly) f64 precision: each value travels as an f32
@@ -111,6 +118,9 @@ impl RoundStats {
             self.padding_tokens,
             self.stale_dropped,
             self.rollout_wait,
+            self.ds_dropped,
+            self.ds_surplus,
+            self.ds_padding,
         ]);
         v.extend(&self.staleness);
         v
@@ -142,6 +152,9 @@ impl RoundStats {
         self.padding_tokens = next();
         self.stale_dropped = next();
         self.rollout_wait = next();
+        self.ds_dropped = next();
+        self.ds_surplus = next();
+        self.ds_padding = next();
         for x in &mut self.staleness {
             *x = next();
         }
@@ -243,6 +256,16 @@ impl RoundStats {
             log.insert(format!("staleness/frac_{j}"), ratio(*c, trained));
         }
         log.insert("groups/stale_dropped".into(), self.stale_dropped);
+        if self.ds_rounds > 0.0 {
+            log.insert("dynamic_sampling/rounds".into(), self.ds_rounds);
+            log.insert("dynamic_sampling/dropped_groups".into(), self.ds_dropped);
+            log.insert("dynamic_sampling/surplus_groups".into(), self.ds_surplus);
+            log.insert("dynamic_sampling/padding_groups".into(), self.ds_padding);
+            log.insert(
+                "dynamic_sampling/filled".into(),
+                f64::from(u8::from(self.ds_padding == 0.0)),
+            );
+        }
     }
 }
 
@@ -264,6 +287,8 @@ mod tests {
         s.loss_tokens = 20.0;
         s.low_clipped = 2.0;
         s.prompt_tokens = 24.0;
+        s.ds_dropped = 3.0;
+        s.ds_padding = 1.0;
         let mut t = RoundStats::new(2, 1);
         t.set_flat(&s.flat());
         assert_eq!(t.flat(), s.flat());
@@ -283,5 +308,14 @@ mod tests {
         assert_eq!(log["staleness/mean"], 0.25);
         assert_eq!(log["staleness/max"], 1.0);
         assert_eq!(log["staleness/frac_0"], 0.75);
+        assert!(
+            !log.contains_key("dynamic_sampling/rounds"),
+            "dynamic sampling off"
+        );
+        s.ds_rounds = 2.0;
+        s.finish(&["accuracy".into(), "format".into()], &mut log);
+        assert_eq!(log["dynamic_sampling/rounds"], 2.0);
+        assert_eq!(log["dynamic_sampling/dropped_groups"], 3.0);
+        assert_eq!(log["dynamic_sampling/filled"], 0.0);
     }
 }

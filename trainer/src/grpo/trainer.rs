@@ -30,9 +30,10 @@ use super::batch::{
 use super::completions::{completion_rows, completions_table};
 use super::config::GrpoConfig;
 use super::eval::{evaluate, EvalSet, EvalSums};
+use super::fill::Filled;
 use super::loss::{policy_loss, PolicyBatch};
 use super::phases::{Phase, Timings};
-use super::pipeline::{staleness, Pipeline, Request};
+use super::pipeline::{pending_batches, staleness, Pipeline, Request};
 use super::stats::{all_reduce_f64, RoundStats};
 use crate::data::{self, PromptExample, Sampler};
 use crate::dist::{Communicator, ReduceOp, SharedComm};
@@ -131,6 +132,7 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
         pending_push: false,
         pipeline: Pipeline::default(),
         next_round: 0,
+        resume_pending: Default::default(),
         total,
         steps_per_epoch,
         eval,
@@ -142,6 +144,7 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
     let is_main = run.sess.is_main();
     if let Some(state) = skeleton.resume(&mut run.engine, &mut run.sampler, is_main)? {
         run.version = state["weight_version"].as_u64().unwrap_or(0);
+        run.resume_pending = pending_batches(&state, prompts_per_round, run.prompts.len())?;
     }
     run.steps_at_start = run.engine.steps_done();
     run.next_round = run.engine.steps_done() / cfg.num_iterations as u64;
@@ -166,20 +169,24 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
 pub(super) struct Grpo<'a> {
     pub(super) cfg: &'a GrpoConfig,
     pub(super) sess: Session,
-    prompts: Vec<PromptExample>,
+    pub(super) prompts: Vec<PromptExample>,
     pub(super) sampler: Sampler,
-    funcs: Vec<Box<dyn RewardFunction>>,
+    pub(super) funcs: Vec<Box<dyn RewardFunction>>,
     pub(super) engine: ZeroEngine,
     ref_engine: Option<ZeroEngine>,
     pub(super) client: RolloutClient,
     /// The weight version the workers serve (the last one pushed).
     pub(super) version: u64,
     /// The policy has stepped since the last push.
-    pending_push: bool,
+    pub(super) pending_push: bool,
     /// Rollouts requested and not yet trained on.
     pipeline: Pipeline,
     /// The generation round the next requested batch belongs to.
     next_round: u64,
+    /// Global prompt batches a checkpoint recorded as requested and not yet trained
+    /// (dynamic sampling with `max_staleness >= 1`): requested again, in order, before
+    /// the sampler draws anew.
+    resume_pending: std::collections::VecDeque<Vec<usize>>,
     pub(super) total: u64,
     /// Optimizer steps per pass over the prompts (for the `epoch` strategies).
     pub(super) steps_per_epoch: u64,
@@ -205,14 +212,16 @@ impl Grpo<'_> {
         let mut stats = RoundStats::new(self.funcs.len(), self.cfg.max_staleness);
 
         self.sess.metrics.enter_phase(RunPhase::Rollout);
-        let (prompts, groups) = self.rollouts(&mut times, &mut stats)?;
+        let (round, prompts, groups) = self.rollouts(&mut times, &mut stats)?;
         self.sess.metrics.enter_phase(RunPhase::Reward);
         let scores = times.time(Phase::Reward, || {
             self.rewards(&prompts, &groups, &mut stats)
         })?;
-        let parts = times.time(Phase::Advantage, || {
-            self.advantages(&prompts, &groups, &scores, &mut stats)
-        })?;
+        let mut batch = Filled::all(prompts, groups, scores);
+        if self.cfg.dynamic_sampling {
+            batch = self.fill_dynamic(round, batch, &mut times, &mut stats)?;
+        }
+        let parts = times.time(Phase::Advantage, || self.advantages(&batch, &mut stats))?;
         self.sess.metrics.enter_phase(RunPhase::ForwardBackward);
         let step = self.train(&parts, &mut times, &mut stats)?;
         self.pending_push = true;
@@ -234,8 +243,12 @@ impl Grpo<'_> {
             self.sess.is_main(),
         )?;
         let cfg = self.cfg;
-        let eval_every =
-            crate::config::Interval::new(cfg.eval_strategy, cfg.eval_steps, self.steps_per_epoch);
+        let eval_every = crate::config::Interval::new(
+            cfg.eval_strategy,
+            cfg.eval_steps,
+            self.steps_per_epoch,
+            self.total,
+        );
         if eval_every.due(step.step) && step.step < self.total {
             self.pipeline.settle(&self.sess.rt);
             self.sync_pending(&mut Timings::default())?;
@@ -251,7 +264,7 @@ impl Grpo<'_> {
         &mut self,
         times: &mut Timings,
         stats: &mut RoundStats,
-    ) -> Result<(Vec<usize>, Vec<RolloutGroup>)> {
+    ) -> Result<(u64, Vec<usize>, Vec<RolloutGroup>)> {
         if self.pipeline.is_empty() {
             self.sync_pending(times)?;
             self.request_next();
@@ -270,7 +283,7 @@ impl Grpo<'_> {
         times.time(Phase::Rollout, || {
             self.drop_stale(batch.round, &batch.prompts, &mut groups, stats)
         })?;
-        Ok((batch.prompts.clone(), groups))
+        Ok((batch.round, batch.prompts.clone(), groups))
     }
 
     /// Draws the next round's prompts and requests their groups at the served version.
@@ -279,7 +292,10 @@ impl Grpo<'_> {
         let (rank, world) = (self.rank(), self.sess.env.world_size);
         let per_round = cfg.prompts_per_rank() * world;
         let sampler_before = self.sampler.state();
-        let batch = self.sampler.next_batch(per_round);
+        let batch = match self.resume_pending.pop_front() {
+            Some(b) => b,
+            None => self.sampler.next_batch(per_round),
+        };
         let prompts: Vec<usize> = batch[split_even(per_round, world)[rank].clone()].to_vec();
         let round = self.next_round;
         self.next_round += 1;
@@ -289,6 +305,7 @@ impl Grpo<'_> {
             Request {
                 round,
                 prompts,
+                global: batch,
                 jobs,
                 sampler_before,
                 n: cfg.num_generations as u32,
@@ -299,7 +316,7 @@ impl Grpo<'_> {
         );
     }
 
-    fn jobs(&self, prompts: &[usize]) -> Vec<PromptJob> {
+    pub(super) fn jobs(&self, prompts: &[usize]) -> Vec<PromptJob> {
         prompts
             .iter()
             .enumerate()
@@ -311,7 +328,7 @@ impl Grpo<'_> {
     }
 
     /// The sampling seed of this rank's groups of generation round `round`.
-    fn round_seed(&self, round: u64) -> u64 {
+    pub(super) fn round_seed(&self, round: u64) -> u64 {
         self.cfg
             .args
             .seed
@@ -375,7 +392,7 @@ impl Grpo<'_> {
     }
 
     /// Every reward function's score of every completion; fills the reward statistics.
-    fn rewards(
+    pub(super) fn rewards(
         &self,
         prompts: &[usize],
         groups: &[RolloutGroup],
@@ -424,39 +441,36 @@ impl Grpo<'_> {
     }
 
     /// Group-relative advantages (the batch std reduced over ranks in f64) and the
-    /// micro-batches to train on. A group with any unscorable completion is left out of
-    /// the loss entirely.
-    fn advantages(
-        &mut self,
-        prompts: &[usize],
-        groups: &[RolloutGroup],
-        per_func: &[Vec<Option<f64>>],
-        stats: &mut RoundStats,
-    ) -> Result<Vec<PackedBatch>> {
+    /// micro-batches to train on. A group with any unscorable completion, or padding a
+    /// batch dynamic sampling could not fill, is left out of the loss entirely.
+    fn advantages(&mut self, batch: &Filled, stats: &mut RoundStats) -> Result<Vec<PackedBatch>> {
+        let (prompts, groups) = (&batch.prompts[..], &batch.groups[..]);
         let cfg = self.cfg;
         let n = cfg.num_generations;
-        let combined =
-            combine_rewards(per_func, &cfg.reward_weights()).map_err(anyhow::Error::msg)?;
+        let combined = combine_rewards(&batch.scores, &cfg.reward_weights())?;
         let excluded: Vec<bool> = combined
             .chunks(n)
-            .map(|g| g.iter().any(Option::is_none))
+            .zip(&batch.padding)
+            .map(|(g, pad)| *pad || g.iter().any(Option::is_none))
             .collect();
         let rewards: Vec<f64> = combined.iter().map(|r| r.unwrap_or(0.0)).collect();
         let comm = self.engine.comm();
         let adv = step_advantages(&rewards, &excluded, n, cfg.scale_rewards, |m| {
             let mut v = [m.count, m.sum, m.sum_sq];
-            all_reduce_f64(comm, &mut v).map_err(|e| e.to_string())?;
+            all_reduce_f64(comm, &mut v)?;
             Ok(RewardMoments {
                 count: v[0],
                 sum: v[1],
                 sum_sq: v[2],
             })
-        })
-        .map_err(anyhow::Error::msg)?;
+        })?;
         let step = self.engine.steps_done() + 1;
         if cfg.log_completions
             && self.sess.is_main()
-            && cfg.args.log_interval(self.steps_per_epoch).due(step)
+            && cfg
+                .args
+                .log_interval(self.steps_per_epoch, self.total)
+                .due(step)
         {
             let rows = completion_rows(&self.prompts, prompts, groups, &rewards, &adv.values);
             print!(
@@ -502,8 +516,7 @@ impl Grpo<'_> {
                 let part: Vec<Sample> = rows.iter().map(|&i| samples[i].clone()).collect();
                 pack(&part, self.pad)
             })
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?;
+            .collect::<Result<_, _>>()?;
         stats.train_tokens = parts.iter().map(|p| p.input_ids.numel() as f64).sum();
         stats.padding_tokens = stats.train_tokens - stats.prompt_tokens - stats.completion_tokens;
         Ok(parts)
@@ -687,7 +700,20 @@ impl Grpo<'_> {
         Ok(())
     }
 
+    ///
+    /// Under dynamic sampling the extra prompts of a round are drawn after the rounds
+    /// requested ahead, so "before the oldest batch" is not a position to redraw from:
+    /// the state records the sampler as it is and the global prompt batches in flight,
+    /// requested again on resume.
     fn trainer_state(&self) -> serde_json::Value {
+        if self.cfg.dynamic_sampling && !self.pipeline.is_empty() {
+            return json!({
+                "command": "grpo",
+                "sampler": self.sampler.state(),
+                "pending_batches": self.pipeline.global_batches(),
+                "weight_version": self.version,
+            });
+        }
         let sampler = self
             .pipeline
             .oldest_sampler_state()
@@ -698,102 +724,6 @@ impl Grpo<'_> {
             "sampler": sampler,
             "weight_version": self.version,
         })
-    }
-
-    /// Pushes the policy if it stepped since the last push (collective).
-    fn sync_pending(&mut self, times: &mut Timings) -> Result<()> {
-        if !self.pending_push {
-            return Ok(());
-        }
-        let next = self
-            .version
-            .checked_add(1)
-            .ok_or_else(|| anyhow!("weight version {} cannot be incremented", self.version))?;
-        times.time(Phase::WeightSync, || self.push_weights(next))?;
-        self.pending_push = false;
-        Ok(())
-    }
-
-    /// Makes every worker serve this policy: rank 0 compares the workers' versions
-    /// with the policy's and, if any differs (a resumed run, or workers started from
-    /// another checkpoint), pushes the weights under a version above all of them.
-    fn sync_workers(&mut self) -> Result<()> {
-        let mut decision = Tensor::from_slice(&[0i64, self.version as i64]);
-        if self.sess.is_main() {
-            let versions: Vec<u64> = self
-                .client
-                .status()
-                .iter()
-                .filter_map(|w| w.weight_version)
-                .collect();
-            let resumed = self.engine.steps_done() > 0;
-            let differs = versions.iter().any(|&v| v != self.version);
-            if resumed || differs {
-                let highest = versions
-                    .iter()
-                    .copied()
-                    .max()
-                    .unwrap_or(0)
-                    .max(self.version);
-                // Versions travel as i64 between ranks; one that large is not ours.
-                if highest >= i64::MAX as u64 {
-                    bail!("a rollout worker serves weight version {highest}, beyond any this trainer pushes; restart it");
-                }
-                decision = Tensor::from_slice(&[1i64, highest as i64 + 1]);
-            }
-        }
-        self.engine.comm().broadcast(&mut decision, 0)?;
-        if decision.int64_value(&[0]) == 1 {
-            self.push_weights(decision.int64_value(&[1]) as u64)?;
-        }
-        Ok(())
-    }
-
-    /// Streams the policy to every worker under `version` (collective).
-    fn push_weights(&mut self, version: u64) -> Result<f64> {
-        self.sess.metrics.enter_phase(RunPhase::WeightSync);
-        let t0 = Instant::now();
-        let main = self.sess.is_main();
-        let rt = &self.sess.rt;
-        let mut push = None;
-        let mut failure: Option<String> = None;
-        if main {
-            match rt.block_on(self.client.begin_push(version)) {
-                Ok(p) => push = Some(p),
-                Err(e) => failure = Some(e.to_string()),
-            }
-        }
-        let wire = self.client.wire_dtype().kind();
-        let visited = self
-            .engine
-            .visit_weights(wire, |name, t| match push.as_mut() {
-                Some(p) => rt.block_on(p.send(name, t)).map_err(|e| e.to_string()),
-                None => Ok(()),
-            });
-        if let Err(e) = visited {
-            failure.get_or_insert(e.to_string());
-        }
-        if let (Some(p), None) = (push, &failure) {
-            match rt.block_on(p.commit()) {
-                Ok(report) => {
-                    for (worker, why) in &report.failed {
-                        tracing::warn!(%worker, %why, version, "worker missed the weight update");
-                    }
-                }
-                Err(e) => failure = Some(e.to_string()),
-            }
-        }
-        let mut ok = Tensor::from_slice(&[i64::from(failure.is_none())]);
-        self.engine.comm().broadcast(&mut ok, 0)?;
-        if ok.int64_value(&[0]) == 0 {
-            bail!(
-                "pushing weight version {version} to the rollout workers failed{}",
-                failure.map(|f| format!(": {f}")).unwrap_or_default()
-            );
-        }
-        self.version = version;
-        self.sess.rt.block_on(self.client.refresh());
-        Ok(t0.elapsed().as_secs_f64())
     }
 
     /// Held-out accuracy: each rank evaluates its slice of the prompts through the

@@ -216,3 +216,32 @@ pub fn tempdir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Writes `body` as `dir/name`; returns the path.
+pub fn write_config(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+/// The demo GRPO recipe (addition prompts, accuracy reward, ZeRO-2) for `workers`,
+/// followed by the `extra` YAML lines; returns its path.
+pub fn grpo_config(dir: &Path, workers: &[String], extra: &str) -> String {
+    let train = addition_rows(dir, "train.jsonl", 256, 1, false);
+    let quoted: Vec<String> = workers.iter().map(|w| format!("\"{w}\"")).collect();
+    write_config(
+        dir,
+        "grpo.yaml",
+        &format!(
+            "model_name_or_path: {ckpt}\noutput_dir: {out}\ndataset:\n  path: {train}\n\
+             num_generations: 8\nmax_prompt_length: 32\nmax_completion_length: 16\n\
+             learning_rate: 3.0e-4\nlr_scheduler_type: constant\nadam_beta2: 0.99\n\
+             reward_funcs: [accuracy]\nlogging_steps: 1\nseed: 0\nzero:\n  stage: 2\n\
+             rollout:\n  workers: [{workers}]\n  request_timeout_secs: 60\n{extra}",
+            ckpt = checkpoint().display(),
+            out = dir.join("out").display(),
+            train = train.display(),
+            workers = quoted.join(", "),
+        ),
+    )
+}
