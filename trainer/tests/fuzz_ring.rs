@@ -72,6 +72,16 @@ fn rank1(port: u16, secret: JobSecret) -> Result<Vec<f32>, String> {
 
 /// One scenario: returns rank 1's outcome.
 fn exchange(secret: &JobSecret, authenticated: bool, frames: &[u8]) -> Result<Vec<f32>, String> {
+    exchange_with(secret, authenticated, frames, true)
+}
+
+/// `close_junk`: whether the foreign connection closes after its bytes or stays open.
+fn exchange_with(
+    secret: &JobSecret,
+    authenticated: bool,
+    frames: &[u8],
+    close_junk: bool,
+) -> Result<Vec<f32>, String> {
     let server = StoreServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), secret.clone()).unwrap();
     let port = server.addr().port();
     let store = StoreClient::connect("127.0.0.1", port, Duration::from_secs(5), secret).unwrap();
@@ -91,10 +101,12 @@ fn exchange(secret: &JobSecret, authenticated: bool, frames: &[u8]) -> Result<Ve
     let ring1 = store.get("ring/1", Duration::from_secs(5)).unwrap();
     let (nonce, addr) = ring1.split_at(32);
     let addr: SocketAddr = String::from_utf8_lossy(addr).parse().unwrap();
-    let send = |bytes: &[u8]| {
+    let send = |bytes: &[u8], close: bool| {
         let mut c = TcpStream::connect(addr).unwrap();
         let _ = c.write_all(bytes);
-        let _ = c.shutdown(std::net::Shutdown::Write);
+        if close {
+            let _ = c.shutdown(std::net::Shutdown::Write);
+        }
         c
     };
     let _keep = if authenticated {
@@ -105,14 +117,14 @@ fn exchange(secret: &JobSecret, authenticated: bool, frames: &[u8]) -> Result<Ve
             .unwrap();
         let mut stream = hello(secret, nonce);
         stream.extend_from_slice(frames);
-        vec![send(&stream)]
+        vec![send(&stream, true)]
     } else {
         // A foreign connection first, then the honest predecessor.
-        let junk = send(frames);
+        let junk = send(frames, close_junk);
         std::thread::sleep(Duration::from_millis(2));
         let mut stream = hello(secret, nonce);
         stream.extend_from_slice(&honest_frames());
-        vec![junk, send(&stream)]
+        vec![junk, send(&stream, true)]
     };
     let started = Instant::now();
     let out = rank.join().expect("rank 1 panicked");
@@ -149,4 +161,22 @@ fn fuzz_ring_frames() {
         }
     });
     assert!(report.execs > 0);
+}
+
+/// Regression: a connection that sends part of a hello and then idles used to hold rank
+/// 1's accept loop for the whole collective timeout (5 s here) before the predecessor's
+/// hello was even read; now each hello is read on its own thread.
+#[test]
+fn a_half_hello_that_idles_delays_no_one() {
+    let secret = JobSecret::new("fuzz-ring");
+    let mut want: Vec<f32> = (0..LEN / 2).map(|i| i as f32).collect();
+    want.extend(std::iter::repeat_n(100.0, LEN / 2));
+    let started = Instant::now();
+    let got = exchange_with(&secret, false, b"GRL", false);
+    assert_eq!(got, Ok(want));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the ring waited {:?} on an idle connection",
+        started.elapsed()
+    );
 }
