@@ -119,6 +119,21 @@ fn fuzz_jsonl_rows() {
     });
 }
 
+/// Regression (found by `scripts/fuzz.sh`): a file whose `messages` LIST group has a
+/// REQUIRED child made the parquet crate's record reader panic.
+#[test]
+fn a_parquet_file_with_a_malformed_list_is_an_error() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/regressions/parquet_list_child_required.parquet");
+    let e = read_rows(&path, DataFormat::Parquet)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("parquet_list_child_required.parquet") && e.contains("Invalid list type"),
+        "{e}"
+    );
+}
+
 #[test]
 fn fuzz_parquet_rows() {
     let dir = tempfile::tempdir().unwrap();

@@ -216,7 +216,26 @@ fn read_json_array(path: &Path, mut reader: impl Read) -> Result<Vec<Row>, DataE
 }
 
 /// Every row of a Parquet file, all columns, as JSON objects.
+/// The parquet crate's record reader asserts (panics) on some malformed schemas, e.g.
+/// a LIST group whose child is not REPEATED: such a file is an error naming it.
 fn read_parquet(path: &Path) -> Result<Vec<Row>, DataError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_parquet_rows(path)))
+        .unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the decoder failed");
+            let why: String = why.chars().take(300).collect();
+            Err(DataError::Parquet {
+                path: path.into(),
+                row: None,
+                message: why,
+            })
+        })
+}
+
+fn read_parquet_rows(path: &Path) -> Result<Vec<Row>, DataError> {
     let file = File::open(path).map_err(|source| DataError::Io {
         path: path.into(),
         source,

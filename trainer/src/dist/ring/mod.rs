@@ -27,10 +27,11 @@
 //! each rank follows the posted records to the rank that posted none, which is
 //! the one that died or stalled; that rank is named in every rank's error.
 
+mod accept;
 mod pass;
 mod wire;
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::thread;
@@ -164,50 +165,24 @@ impl RingComm {
         listener
             .set_nonblocking(true)
             .map_err(io_err("ring: listener".into()))?;
-        let from_prev = loop {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    let mut got = [0u8; HELLO_LEN];
-                    let ok = s
-                        .set_nonblocking(false)
-                        .and_then(|_| configure(&s, timeout))
-                        .and_then(|_| s.read_exact(&mut got))
-                        .is_ok();
-                    let field =
-                        |i: usize| u32::from_le_bytes([got[i], got[i + 1], got[i + 2], got[i + 3]]);
-                    // Anything but our predecessor's authenticated hello is dropped.
-                    if ok
-                        && field(0) == LINK_MAGIC
-                        && field(4) as usize == prev
-                        && field(8) as usize == w
-                        && secret.verify(&got[12..], LINK_LABEL, &[&got[4..12], &nonce])
-                    {
-                        break s;
-                    }
-                    if ok {
-                        tracing::warn!(
-                            rank,
-                            "ring: dropped a connection that is not rank {prev}'s authenticated hello"
-                        );
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(setup_failed(
-                            prev,
-                            format!("did not connect within {timeout:?}"),
-                        ));
-                    }
-                    thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => {
-                    return Err(CommError::Io {
-                        context: "ring: accept".into(),
-                        source: e,
-                    })
-                }
-            }
+        let expected = accept::Expected {
+            rank,
+            prev,
+            world_size: w,
+            secret: secret.clone(),
+            nonce,
+            timeout,
         };
+        let from_prev =
+            accept::accept_predecessor(&listener, &expected, deadline).map_err(|e| match e {
+                accept::AcceptError::Deadline => {
+                    setup_failed(prev, format!("did not connect within {timeout:?}"))
+                }
+                accept::AcceptError::Io(source) => CommError::Io {
+                    context: "ring: accept".into(),
+                    source,
+                },
+            })?;
         Ok(Links { to_next, from_prev })
     }
 
