@@ -128,6 +128,18 @@ pub fn filter_logits(logits: &Tensor, p: &SamplingParams) -> Tensor {
 /// Samples one token per row of `logits` `[B, V]`, row `i` with `params[i]` and
 /// `rngs[i]`. Greedy rows take the argmax (ties to the lowest id) and draw nothing.
 pub fn sample(logits: &Tensor, params: &[SamplingParams], rngs: &mut [SeqRng]) -> Result<Vec<i64>> {
+    let ids = sample_on_device(&logits.to_kind(Kind::Float), params, rngs)?;
+    Ok(Vec::<i64>::try_from(ids.to_device(tch::Device::Cpu))?)
+}
+
+/// [`sample`] without the transfer: the sampled ids as an `[B]` i64 tensor on the
+/// logits' device, so a caller can bring them back together with other results
+/// (the rollout engine's one device-to-host copy per step). `logits` `[B, V]` f32.
+pub fn sample_on_device(
+    logits: &Tensor,
+    params: &[SamplingParams],
+    rngs: &mut [SeqRng],
+) -> Result<Tensor> {
     let size = logits.size();
     if size.len() != 2 || size[0] as usize != params.len() || params.len() != rngs.len() {
         return Err(ModelError::Input(format!(
@@ -136,10 +148,8 @@ pub fn sample(logits: &Tensor, params: &[SamplingParams], rngs: &mut [SeqRng]) -
             rngs.len()
         )));
     }
-    let logits = logits.to_kind(Kind::Float);
     let device = logits.device();
-    // One argmax for all rows and one transfer; greedy rows draw nothing.
-    let mut out = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
+    let mut ids = logits.f_argmax(-1, false)?;
     // Rows with the same settings (the usual case: one request's group) are filtered
     // and sampled as one batch; each row still draws from its own stream, in row order.
     let mut groups: Vec<(SamplingParams, Vec<i64>)> = vec![];
@@ -171,13 +181,13 @@ pub fn sample(logits: &Tensor, params: &[SamplingParams], rngs: &mut [SeqRng]) -
             .unsqueeze(1);
         // First index whose cumulative mass exceeds u; zero-probability tokens have
         // cdf equal to their predecessor's and can never be chosen.
-        let idx = u.f_searchsorted(&cdf, false, true, "right", None::<Tensor>)?;
-        let idx = Vec::<i64>::try_from(idx.squeeze_dim(1).to_device(tch::Device::Cpu))?;
-        for (&r, k) in rows.iter().zip(idx) {
-            out[r as usize] = k.min(size[1] - 1);
-        }
+        let picked = u
+            .f_searchsorted(&cdf, false, true, "right", None::<Tensor>)?
+            .squeeze_dim(1)
+            .clamp_max(size[1] - 1);
+        ids = ids.f_index_copy(0, &index, &picked)?;
     }
-    Ok(out)
+    Ok(ids)
 }
 
 #[cfg(test)]

@@ -143,7 +143,7 @@ fn rotate_half(x: &Tensor) -> Tensor {
 
 /// Qwen3's per-head RMSNorm over `head_dim` of `[B, T, heads, head_dim]` (before RoPE);
 /// the identity for architectures without it.
-fn head_norm(x: Tensor, weight: &Option<Tensor>, cfg: &ModelConfig) -> Tensor {
+pub(crate) fn head_norm(x: Tensor, weight: &Option<Tensor>, cfg: &ModelConfig) -> Tensor {
     match weight {
         Some(w) => rms_norm(&x, w, cfg.rms_norm_eps),
         None => x,
@@ -229,13 +229,24 @@ pub(crate) fn decoder_layer(
     let q = apply_rope(&q, &cos, &sin);
     let k = apply_rope(&k, &cos, &sin);
     let attn = attend(q, k, v)?;
-    let h = h + a.o_proj.forward(&attn);
+    Ok(layer_tail(cfg, layer, h, &attn))
+}
+
+/// The rest of a decoder block after attention: `h + o_proj(attn)`, then the MLP with
+/// its residual. `attn` is `[B, T, nh * d]`.
+pub(crate) fn layer_tail(
+    cfg: &ModelConfig,
+    layer: &DecoderLayer,
+    h: &Tensor,
+    attn: &Tensor,
+) -> Tensor {
+    let h = h + layer.self_attn.o_proj.forward(attn);
     let x = rms_norm(&h, &layer.post_attention_layernorm, cfg.rms_norm_eps);
     let m = &layer.mlp;
     let mlp = m
         .down_proj
         .forward(&(m.gate_proj.forward(&x).silu() * m.up_proj.forward(&x)));
-    Ok(h + mlp)
+    h + mlp
 }
 
 /// A Qwen2 or Llama causal language model.

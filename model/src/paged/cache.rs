@@ -165,6 +165,58 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// Writes packed f32 `k`, `v` (`[N, nkv, d]` each) of layer `layer` into their flat
+    /// `slots` (`block * block_size + offset`, one per token) by slice copies. CPU f32
+    /// pools only (the fused layer's path).
+    pub(crate) fn write_slots_f32(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        slots: &[usize],
+    ) -> Result<()> {
+        let (nkv, d, bs) = (
+            self.geo.num_kv_heads,
+            self.geo.head_dim,
+            self.geo.block_size,
+        );
+        let row = nkv * d;
+        if self.kind != Kind::Float || self.device != Device::Cpu {
+            return Err(ModelError::Input(format!(
+                "write_slots_f32 on a {:?} cache on {:?}",
+                self.kind, self.device
+            )));
+        }
+        if k.len() != slots.len() * row || v.len() != k.len() {
+            return Err(ModelError::Input(format!(
+                "write_slots_f32: {} and {} values for {} slots of {row}",
+                k.len(),
+                v.len(),
+                slots.len()
+            )));
+        }
+        if let Some(&s) = slots.iter().find(|&&s| s >= self.num_blocks * bs) {
+            return Err(ModelError::Input(format!(
+                "slot {s} is outside the pool of {} x {bs}",
+                self.num_blocks
+            )));
+        }
+        let l = &mut self.layers[layer];
+        // SAFETY: the pools are contiguous f32 CPU tensors (checked above) owned by this
+        // cache, borrowed mutably here, and every index is in bounds (slots checked).
+        let (kp, vp) = unsafe { (as_mut_slice::<f32>(&l.keys), as_mut_slice::<f32>(&l.values)) };
+        for (t, &slot) in slots.iter().enumerate() {
+            let (b, o) = (slot / bs, slot % bs);
+            for h in 0..nkv {
+                let dst = ((b * nkv + h) * bs + o) * d;
+                let src = (t * nkv + h) * d;
+                kp[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                vp[dst..dst + d].copy_from_slice(&v[src..src + d]);
+            }
+        }
+        Ok(())
+    }
+
     /// Attention of packed `q` `[N, nh, d]` over layer `layer`'s cache; `[N, nh, d]`.
     pub(crate) fn attend(&self, layer: usize, q: &Tensor, spans: &[SeqSpan]) -> Result<Tensor> {
         let l = &self.layers[layer];

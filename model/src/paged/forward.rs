@@ -3,9 +3,10 @@
 //! padding; positions come from the caller (the scheduler's lengths). Each layer writes
 //! its new keys and values into their slots of the [`PagedKvCache`] and attends through
 //! the block tables.
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-use super::cache::{PagedKvCache, SlotIndex};
+use super::cache::{AttentionBackend, PagedKvCache, SlotIndex};
+use super::fused::{decoder_layer_cpu, StepTables};
 use super::kernel::SeqSpan;
 use crate::error::{ModelError, Result};
 use crate::transformer::{decoder_layer, Transformer};
@@ -81,10 +82,6 @@ impl Transformer {
                 offsets.push((p % bs) as i64);
             }
         }
-        let slots = SlotIndex {
-            block: Tensor::from_slice(&blocks).to_device(device),
-            offset: Tensor::from_slice(&offsets).to_device(device),
-        };
         let ids = Tensor::from_slice(step.tokens)
             .to_device(device)
             .view([1, n]);
@@ -95,14 +92,31 @@ impl Transformer {
         let cfg = &self.config;
         let (nh, d) = (cfg.num_attention_heads, cfg.head_dim);
         let mut h = self.embed(&ids);
-        for (i, layer) in self.weights.layers.iter().enumerate() {
-            h = decoder_layer(cfg, layer, &h, &cos, &sin, |q, k, v| {
-                // [1, heads, N, d] -> packed [N, heads, d].
-                let packed = |t: Tensor| t.squeeze_dim(0).transpose(0, 1).contiguous();
-                let (q, k, v) = (packed(q), packed(k), packed(v));
-                cache.write(i, &k, &v, &slots)?;
-                Ok(cache.attend(i, &q, step.spans)?.view([1, n, nh * d]))
-            })?;
+        if cache.backend() == AttentionBackend::CpuKernel && cache.kind() == Kind::Float {
+            // CPU f32: RoPE, slot writes and attention in Rust (see `fused`).
+            let flat = blocks
+                .iter()
+                .zip(&offsets)
+                .map(|(&b, &o)| b as usize * bs + o as usize)
+                .collect();
+            let tables = StepTables::new(&cos, &sin, flat)?;
+            for (i, layer) in self.weights.layers.iter().enumerate() {
+                h = decoder_layer_cpu(cfg, layer, &h, i, cache, &tables, step.spans)?;
+            }
+        } else {
+            let slots = SlotIndex {
+                block: Tensor::from_slice(&blocks).to_device(device),
+                offset: Tensor::from_slice(&offsets).to_device(device),
+            };
+            for (i, layer) in self.weights.layers.iter().enumerate() {
+                h = decoder_layer(cfg, layer, &h, &cos, &sin, |q, k, v| {
+                    // [1, heads, N, d] -> packed [N, heads, d].
+                    let packed = |t: Tensor| t.squeeze_dim(0).transpose(0, 1).contiguous();
+                    let (q, k, v) = (packed(q), packed(k), packed(v));
+                    cache.write(i, &k, &v, &slots)?;
+                    Ok(cache.attend(i, &q, step.spans)?.view([1, n, nh * d]))
+                })?;
+            }
         }
         let rows = Tensor::from_slice(logit_rows).to_device(device);
         let last = h.squeeze_dim(0).f_index_select(0, &rows)?;

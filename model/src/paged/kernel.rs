@@ -75,7 +75,7 @@ fn dot<T: Elem>(q: &[f32], k: &[T]) -> f32 {
     let (qr, kr) = (qc.remainder(), kc.remainder());
     for (a, b) in qc.zip(kc) {
         for i in 0..8 {
-            acc[i] += a[i] * b[i].to_f32();
+            acc[i] = a[i].mul_add(b[i].to_f32(), acc[i]);
         }
     }
     let mut s = 0f32;
@@ -88,8 +88,52 @@ fn dot<T: Elem>(q: &[f32], k: &[T]) -> f32 {
 #[inline(always)]
 fn axpy<T: Elem>(acc: &mut [f32], p: f32, v: &[T]) {
     for (a, b) in acc.iter_mut().zip(v) {
-        *a += p * b.to_f32();
+        *a = p.mul_add(b.to_f32(), *a);
     }
+}
+
+/// `exp(x)` for `x <= 0` (softmax after subtracting the row maximum), vectorisable:
+/// `2^i * 2^f` with `i = round(x log2 e)`, `|f| <= 1/2` and a degree-7 Taylor series of
+/// `2^f` (truncation below 3e-9 relative); below -87 it is 0.
+#[inline(always)]
+fn exp_nonpos(x: f32) -> f32 {
+    let t = x.max(-87.0) * std::f32::consts::LOG2_E;
+    let i = t.round_ties_even();
+    let f = (t - i) * std::f32::consts::LN_2;
+    let mut p: f32 = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p.mul_add(f, c);
+    }
+    // 2^i as the float's exponent bits; i in [-126, 0].
+    p * f32::from_bits((((i as i32) + 127) as u32) << 23)
+}
+
+/// Hints the cache to load `bytes` bytes from `p` (no effect off x86_64).
+#[inline(always)]
+fn prefetch<T>(p: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(p);
+        let base = p.as_ptr() as *const i8;
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: prefetching is a hint; the address is inside `p`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(base.add(off), std::arch::x86_64::_MM_HINT_T0)
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Attention of one (sequence, KV head) unit.
@@ -144,6 +188,13 @@ fn unit<T: Elem>(
             let n = bs.min(keys - k0);
             let base = ((b as usize * nkv + kvh) * bs) * d;
             let kb = &k_pool[base..base + n * d];
+            // The next block's keys, and this block's values (read after the softmax).
+            if let Some(&nb) = span.blocks.get(bi + 1) {
+                if k0 + bs < keys {
+                    let nbase = ((nb as usize * nkv + kvh) * bs) * d;
+                    prefetch(&k_pool[nbase..nbase + bs.min(keys - k0 - bs) * d]);
+                }
+            }
             for t in 0..n {
                 let key = &kb[t * d..(t + 1) * d];
                 for r in 0..rows {
@@ -157,11 +208,18 @@ fn unit<T: Elem>(
             let visible = past + j0 + j + 1;
             let row = &mut scores[r * keys..r * keys + visible];
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
             for x in row.iter_mut() {
-                *x = (*x - m).exp();
-                sum += *x;
+                *x = exp_nonpos(*x - m);
             }
+            let mut part = [0f32; 8];
+            let chunks = row.chunks_exact(8);
+            let mut sum: f32 = chunks.remainder().iter().sum();
+            for c in chunks {
+                for i in 0..8 {
+                    part[i] += c[i];
+                }
+            }
+            sum += part.iter().sum::<f32>();
             let inv = 1.0 / sum;
             for x in row.iter_mut() {
                 *x *= inv;
@@ -175,6 +233,12 @@ fn unit<T: Elem>(
             let n = bs.min(keys - k0);
             let base = ((b as usize * nkv + kvh) * bs) * d;
             let vb = &v_pool[base..base + n * d];
+            if let Some(&nb) = span.blocks.get(bi + 1) {
+                if k0 + bs < keys {
+                    let nbase = ((nb as usize * nkv + kvh) * bs) * d;
+                    prefetch(&v_pool[nbase..nbase + bs.min(keys - k0 - bs) * d]);
+                }
+            }
             for r in 0..rows {
                 let visible = past + j0 + r / g + 1;
                 let a = &mut acc[r * d..(r + 1) * d];

@@ -8,9 +8,11 @@
 //!   attention backends.
 //! - [`kernel`]: the CPU attention kernel reading blocks in place.
 //! - [`forward`]: [`crate::Transformer::forward_paged`] over a packed step.
+//! - `fused`: its CPU f32 decoder block (RoPE, slot writes and attention in Rust).
 pub mod blocks;
 pub mod cache;
 pub mod forward;
+mod fused;
 pub mod kernel;
 
 pub use blocks::{block_hash, BlockId, BlockPool};

@@ -1,10 +1,9 @@
 //! Sampling of one engine step on the logits' device, with one device-to-host transfer:
 //! the sampled ids, their log-probs and the top alternatives come back together.
 //!
-//! The draws are those of [`model::sample`] (same filters, one uniform per non-greedy
-//! row from its own stream, in row order), so seeded outputs do not depend on the path.
+//! The draws are [`model::sampling::sample_on_device`]'s, the one implementation
+//! [`model::sample`] also uses, so seeded outputs do not depend on the path.
 //! Log-probs are `log_softmax(logits / T)` before truncation (T = 1 when greedy).
-use model::sampling::filter_logits;
 use model::{SamplingParams, SeqRng};
 use tch::{Device, Kind, Tensor};
 
@@ -38,40 +37,7 @@ pub fn sample_step(
     let logits = logits.to_kind(Kind::Float);
     let device = logits.device();
     let v = size[1];
-    let mut ids = logits.f_argmax(-1, false)?;
-    let mut groups: Vec<(SamplingParams, Vec<i64>)> = vec![];
-    for (i, p) in params.iter().enumerate() {
-        if p.is_greedy() {
-            continue;
-        }
-        match groups.iter_mut().find(|(q, _)| q == p) {
-            Some((_, rows)) => rows.push(i as i64),
-            None => groups.push((*p, vec![i as i64])),
-        }
-    }
-    let mut uniforms = vec![0f64; r];
-    for (i, p) in params.iter().enumerate() {
-        if !p.is_greedy() {
-            uniforms[i] = rngs[i].uniform();
-        }
-    }
-    for (p, rows) in groups {
-        let index = Tensor::from_slice(&rows).to_device(device);
-        let probs = filter_logits(&logits.f_index_select(0, &index)?, &p).softmax(-1, Kind::Float);
-        let cdf = probs.cumsum(-1, Kind::Float);
-        let total = cdf.select(1, -1);
-        let u: Vec<f64> = rows.iter().map(|&i| uniforms[i as usize]).collect();
-        let u = (Tensor::from_slice(&u)
-            .to_device(device)
-            .to_kind(Kind::Float)
-            * total)
-            .unsqueeze(1);
-        let picked = u
-            .f_searchsorted(&cdf, false, true, "right", None::<Tensor>)?
-            .squeeze_dim(1)
-            .clamp_max(v - 1);
-        ids = ids.f_index_copy(0, &index, &picked)?;
-    }
+    let ids = model::sampling::sample_on_device(&logits, params, rngs)?;
     let temps_t = Tensor::from_slice(temps).to_device(device).view([-1, 1]);
     let logp = (&logits / temps_t).f_log_softmax(-1, Kind::Float)?;
     let lp = logp.f_gather(-1, &ids.unsqueeze(1), false)?.view([-1]);
