@@ -5,15 +5,17 @@
 #
 #   bash scripts/bench/rollout_openai.sh              # 64 and 256 sequences
 #   BENCH_SEQS=64 bash scripts/bench/rollout_openai.sh
-#   BENCH_CARGO_FLAGS="--profile dev" bash scripts/bench/rollout_openai.sh
+#   BENCH_PROFILE=dev bash scripts/bench/rollout_openai.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 model=fixtures/generated/qwen2-tiny
-flags=${BENCH_CARGO_FLAGS:---release}
-cargo build -p rollout-worker --bin rollout-worker $flags
-bin=$(cargo build -p rollout-worker --bin rollout-worker $flags --message-format=json 2>/dev/null \
-    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+# BENCH_PROFILE=dev builds and runs the dev profile (no release build on this machine).
+profile=${BENCH_PROFILE:-release}
+cargo build -p rollout-worker --bin rollout-worker --profile "$profile"
+dir=$profile
+[ "$profile" = dev ] && dir=debug
+bin=${CARGO_TARGET_DIR:-target}/$dir/rollout-worker
 log=$(mktemp)
 "$bin" serve --model "$model" --served-model-name qwen2-tiny --dtype float32 \
     --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 --max-num-seqs 256 >"$log" 2>&1 &

@@ -82,7 +82,7 @@ pub(crate) fn decoder_layer_cpu(
         cfg.head_dim,
     );
     let du = d as usize;
-    if du > 512 || du % 2 != 0 {
+    if du > 512 || !du.is_multiple_of(2) {
         return Err(ModelError::Input(format!(
             "fused paged layer: head_dim {d} must be even and at most 512"
         )));
