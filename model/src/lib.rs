@@ -27,7 +27,10 @@ pub use checkpoint::{load_pretrained, save_pretrained};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
-pub use logprobs::{token_logprobs, token_logprobs_backward, LogprobOptions, TokenLogprobs};
+pub use logprobs::{
+    token_logprobs, token_logprobs_at, token_logprobs_backward, token_logprobs_full,
+    LogprobOptions, Positions, TokenLogprobs, FULL_LOGITS_MAX_ELEMENTS,
+};
 pub use sampling::{sample, SamplingParams, SeqRng};
 pub use tokenizer::{ChatMessage, ChatTemplateOptions, Tokenizer, TokenizerError};
 pub use transformer::{

@@ -160,3 +160,137 @@ pub fn token_logprobs_backward(
     }
     Ok(Tensor::f_cat(&grads, 1)?)
 }
+
+/// Logits of at most this many elements (`N * V`, N the scored positions) are computed
+/// whole under autograd by [`token_logprobs_full`] instead of chunk by chunk with a
+/// recomputing backward: one pass through the head instead of two. Measured with
+/// `cargo run -p model --example logprob_bench` (1 thread, H = 512, V = 8k and 32k):
+/// the single pass was 1.1-1.6x faster at every size from 2^19 to 2^26 elements, so
+/// the bound is memory: 2^24 f32 elements are 64 MiB per copy, and the logits, their
+/// softmax and its gradient live at once (about 200 MB); larger inputs stay chunked.
+pub const FULL_LOGITS_MAX_ELEMENTS: i64 = 1 << 24;
+
+/// The scored positions of a `[B, T]` batch: the non-zero entries of a mask (the
+/// completion tokens), so the head never runs on prompt or padding positions.
+/// [`Positions::gather`] packs `[B, T, ...]` into `[1, N, ...]` in row-major order and
+/// [`Positions::scatter`] puts `[1, N, ...]` back, zero elsewhere.
+#[derive(Debug)]
+pub struct Positions {
+    /// Flat `b * T + t` indices of the selected positions, i64 `[N]`.
+    index: Tensor,
+    batch: i64,
+    len: i64,
+}
+
+impl Positions {
+    /// The positions where `mask` `[B, T]` (any dtype) is non-zero.
+    pub fn new(mask: &Tensor) -> Result<Self> {
+        let s = mask.size();
+        if s.len() != 2 {
+            return Err(ModelError::Input(format!(
+                "a position mask is [B, T]; got {s:?}"
+            )));
+        }
+        let index = mask
+            .f_reshape([-1])?
+            .f_ne(0)?
+            .f_nonzero()?
+            .f_squeeze_dim(-1)?;
+        Ok(Positions {
+            index,
+            batch: s[0],
+            len: s[1],
+        })
+    }
+
+    /// Number of selected positions.
+    pub fn count(&self) -> i64 {
+        self.index.size()[0]
+    }
+
+    fn check(&self, x: &Tensor, what: &str) -> Result<Vec<i64>> {
+        let s = x.size();
+        if s.len() < 2 || s[0] != self.batch || s[1] != self.len {
+            return Err(ModelError::Input(format!(
+                "{what} {s:?} does not match the position mask [{}, {}]",
+                self.batch, self.len
+            )));
+        }
+        Ok(s[2..].to_vec())
+    }
+
+    /// `[B, T, ...]` -> `[1, N, ...]` (differentiable).
+    pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
+        let rest = self.check(x, "tensor")?;
+        let flat: Vec<i64> = [self.batch * self.len].into_iter().chain(rest).collect();
+        let index = self.index.to_device(x.device());
+        Ok(x.f_reshape(flat.as_slice())?
+            .f_index_select(0, &index)?
+            .f_unsqueeze(0)?)
+    }
+
+    /// `[1, N, ...]` -> `[B, T, ...]`, zero at the positions not selected
+    /// (differentiable).
+    pub fn scatter(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.size();
+        if s.len() < 2 || s[0] != 1 || s[1] != self.count() {
+            return Err(ModelError::Input(format!(
+                "scatter takes [1, {}, ...]; got {s:?}",
+                self.count()
+            )));
+        }
+        let rest = &s[2..];
+        let flat: Vec<i64> = [self.batch * self.len]
+            .iter()
+            .chain(rest)
+            .copied()
+            .collect();
+        let full: Vec<i64> = [self.batch, self.len].iter().chain(rest).copied().collect();
+        let index = self.index.to_device(x.device());
+        let zeros = Tensor::f_zeros(flat.as_slice(), (x.kind(), x.device()))?;
+        Ok(zeros
+            .f_index_copy(0, &index, &x.f_squeeze_dim(0)?)?
+            .f_reshape(full.as_slice())?)
+    }
+}
+
+/// [`token_logprobs`] of the positions where `mask` `[B, T]` is non-zero only (the
+/// head runs on those alone); the log-probs and entropy are 0 elsewhere.
+pub fn token_logprobs_at(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+    opts: &LogprobOptions,
+) -> Result<TokenLogprobs> {
+    check(hidden, head, targets, opts)?;
+    let at = Positions::new(mask)?;
+    if at.count() == 0 {
+        let zeros = || targets.zeros_like().to_kind(Kind::Float);
+        return Ok(TokenLogprobs {
+            logprobs: zeros(),
+            entropy: opts.with_entropy.then(zeros),
+        });
+    }
+    let out = token_logprobs(&at.gather(hidden)?, head, &at.gather(targets)?, opts)?;
+    Ok(TokenLogprobs {
+        logprobs: at.scatter(&out.logprobs)?,
+        entropy: out.entropy.map(|e| at.scatter(&e)).transpose()?,
+    })
+}
+
+/// The log-probs of `targets` `[1, N]` from `hidden` `[1, N, H]` in one pass under
+/// autograd (the `[N, V]` logits whole): differentiable with respect to `hidden` and
+/// `head`. For `N * V <= FULL_LOGITS_MAX_ELEMENTS`; larger inputs use the chunked pair.
+pub fn token_logprobs_full(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    opts: &LogprobOptions,
+) -> Result<TokenLogprobs> {
+    check(hidden, head, targets, opts)?;
+    let t = hidden.size()[1];
+    let (logprobs, entropy) = chunk(hidden, head, targets, opts)?;
+    debug_assert_eq!(logprobs.size()[1], t);
+    Ok(TokenLogprobs { logprobs, entropy })
+}

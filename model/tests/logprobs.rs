@@ -2,7 +2,10 @@
 mod common;
 
 use common::*;
-use model::{token_logprobs, token_logprobs_backward, ForwardInput, LogprobOptions, Transformer};
+use model::{
+    token_logprobs, token_logprobs_at, token_logprobs_backward, ForwardInput, LogprobOptions,
+    Positions, Transformer,
+};
 use tch::{Device, Kind, Tensor};
 
 /// Plain autograd reference: the full `[B, T, V]` logits at once.
@@ -93,6 +96,46 @@ fn chunked_backward_equals_autograd() {
         // gradients up to ~1, measured 1.24e-5 at most).
         assert_close(&t.grad(), want, 2e-5, name);
     }
+}
+
+/// Log-probs at the masked positions only equal the unmasked ones there, 0 elsewhere;
+/// gather and scatter are inverse on the selection.
+#[test]
+fn masked_positions_equal_the_full_computation() {
+    let (m, ids) = batch();
+    let hidden = m.hidden_states(&ForwardInput::new(&ids), None).unwrap();
+    let targets = ids.roll([-1], [1]);
+    let (lp_ref, ent_ref) = unchunked(&hidden, m.weights.head(), &targets, 0.8);
+    // A prompt, a completion and right padding per row.
+    let mask = Tensor::zeros([2, 11], (Kind::Float, Device::Cpu));
+    let _ = mask.narrow(1, 3, 5).get(0).fill_(1.0);
+    let _ = mask.narrow(1, 6, 5).get(1).fill_(1.0);
+    let opts = LogprobOptions {
+        chunk_size: 3,
+        temperature: 0.8,
+        with_entropy: true,
+    };
+    let out = token_logprobs_at(&hidden, m.weights.head(), &targets, &mask, &opts).unwrap();
+    assert_close(&out.logprobs, &(&lp_ref * &mask), 2e-5, "masked logprobs");
+    assert_close(
+        out.entropy.as_ref().unwrap(),
+        &(&ent_ref * &mask),
+        2e-5,
+        "masked entropy",
+    );
+    let at = Positions::new(&mask).unwrap();
+    assert_eq!(at.count(), 10);
+    let packed = at.gather(&hidden).unwrap();
+    assert_eq!(packed.size(), vec![1, 10, hidden.size()[2]]);
+    let back = at.scatter(&packed).unwrap();
+    assert_close(
+        &back,
+        &(&hidden * mask.unsqueeze(-1)),
+        0.0,
+        "scatter of gather",
+    );
+    let e = at.gather(&hidden.narrow(1, 0, 10)).unwrap_err();
+    assert!(e.to_string().contains("position mask [2, 11]"), "{e}");
 }
 
 #[test]

@@ -1,28 +1,35 @@
 //! Losses defined on per-token log-probs, with the `[B, T, V]` logits never held whole.
 //!
-//! [`logprob_objective`] takes the engine's final hidden states and head, computes the
-//! log-probs of the targets chunk by chunk without autograd, lets the caller build a
-//! loss on those `[B, T]` log-probs (a leaf), backpropagates that loss to the log-probs
-//! only, and turns the result into `dL/dhidden` with the chunked backward of
-//! [`model::token_logprobs_backward`] (which also accumulates the head's gradient). The
-//! returned loss is the surrogate `sum(hidden * dL/dhidden)`, shifted to carry the true
-//! loss value: its backward through the trunk is exactly the loss's.
-use model::{token_logprobs, token_logprobs_backward, LogprobOptions};
+//! [`logprob_objective_at`] takes the engine's final hidden states and head and the
+//! mask of the positions that count (the completion tokens): the hidden states of those
+//! positions are gathered first, so the head never runs on prompt or padding positions.
+//! When their logits are small (`N * V <= model::FULL_LOGITS_MAX_ELEMENTS`) it computes
+//! them whole under autograd, in one pass. Otherwise it computes the log-probs chunk by
+//! chunk without autograd, lets the caller build a loss on those `[B, T]` log-probs (a
+//! leaf), backpropagates that loss to the log-probs only, and turns the result into
+//! `dL/dhidden` with the chunked backward of [`model::token_logprobs_backward`] (which
+//! also accumulates the head's gradient). Either way the returned loss is the surrogate
+//! `sum(hidden * dL/dhidden)`, shifted to carry the true loss value: its backward
+//! through the trunk is exactly the loss's.
+use model::{
+    token_logprobs, token_logprobs_backward, token_logprobs_full, LogprobOptions, Positions,
+    FULL_LOGITS_MAX_ELEMENTS,
+};
 use tch::{Kind, Tensor};
 
 use crate::zero::LossOutput;
 
 /// What the caller's loss sees.
 pub struct LogprobView<'a> {
-    /// `[B, T]` f32 log-probs of the targets; a leaf requiring grad.
+    /// `[B, T]` f32 log-probs of the targets, requiring grad; 0 at the positions the
+    /// mask leaves out (the loss must not depend on them).
     pub logprobs: &'a Tensor,
-    /// `[B, T]` f32 entropy of each position's distribution (no grad), when requested.
+    /// `[B, T]` f32 entropy of each position's distribution (no grad), when requested;
+    /// 0 where the mask leaves out.
     pub entropy: Option<&'a Tensor>,
 }
 
-/// `hidden` is `[B, L, H]`, `targets` `[B, T]` with `T <= L`: position `t` of the
-/// hidden states scores `targets[:, t]`. `loss` returns the summed loss (built from the
-/// log-probs leaf) and its item count (see [`LossOutput`]).
+/// [`logprob_objective_at`] over every position.
 pub fn logprob_objective<F>(
     hidden: &Tensor,
     head: &Tensor,
@@ -33,36 +40,125 @@ pub fn logprob_objective<F>(
 where
     F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), String>,
 {
+    objective(
+        hidden,
+        head,
+        targets,
+        None,
+        opts,
+        FULL_LOGITS_MAX_ELEMENTS,
+        loss,
+    )
+}
+
+/// `hidden` is `[B, L, H]`, `targets` `[B, T]` with `T <= L`: position `t` of the
+/// hidden states scores `targets[:, t]`. Only the positions where `mask` `[B, T]` is
+/// non-zero are scored (the loss's gradient must be zero elsewhere, as a masked loss's
+/// is). `loss` returns the summed loss (built from the log-probs) and its item count
+/// (see [`LossOutput`]).
+pub fn logprob_objective_at<F>(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+    opts: &LogprobOptions,
+    loss: F,
+) -> Result<LossOutput, String>
+where
+    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), String>,
+{
+    let max = FULL_LOGITS_MAX_ELEMENTS;
+    objective(hidden, head, targets, Some(mask), opts, max, loss)
+}
+
+fn objective<F>(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    mask: Option<&Tensor>,
+    opts: &LogprobOptions,
+    full_max_elements: i64,
+    loss: F,
+) -> Result<LossOutput, String>
+where
+    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), String>,
+{
+    let err = |e: model::ModelError| e.to_string();
     let t = targets.size()[1];
     let h = hidden.narrow(1, 0, t);
-    let computed =
-        tch::no_grad(|| token_logprobs(&h, head, targets, opts)).map_err(|e| e.to_string())?;
-    let leaf = computed.logprobs.detach().set_requires_grad(true);
-    let (loss_sum, count) = loss(&LogprobView {
-        logprobs: &leaf,
-        entropy: computed.entropy.as_ref(),
-    })?;
-    let value = loss_sum.double_value(&[]);
+    let at = mask.map(Positions::new).transpose().map_err(err)?;
+    let (hs, ts) = match &at {
+        Some(p) => (p.gather(&h).map_err(err)?, p.gather(targets).map_err(err)?),
+        None => (h.shallow_clone(), targets.shallow_clone()),
+    };
+    let spread = |x: Tensor| -> Result<Tensor, String> {
+        match &at {
+            Some(p) => p.scatter(&x).map_err(err),
+            None => Ok(x),
+        }
+    };
+    let ts_size = ts.size();
+    let n = ts_size[0] * ts_size[1];
+    let (value, count, dh) = if n == 0 {
+        let zeros = targets.zeros_like().to_kind(Kind::Float);
+        let leaf = zeros.detach().set_requires_grad(true);
+        let entropy = opts.with_entropy.then(|| zeros.shallow_clone());
+        let (loss_sum, count) = loss(&LogprobView {
+            logprobs: &leaf,
+            entropy: entropy.as_ref(),
+        })?;
+        (loss_sum.double_value(&[]), count, h.zeros_like())
+    } else if n * head.size()[0] <= full_max_elements {
+        // One pass: the logits whole, under autograd.
+        let leaf = hs.detach().set_requires_grad(true);
+        let out = token_logprobs_full(&leaf, head, &ts, opts).map_err(err)?;
+        let logprobs = spread(out.logprobs)?;
+        let entropy = out.entropy.map(|e| spread(e.detach())).transpose()?;
+        let (loss_sum, count) = loss(&LogprobView {
+            logprobs: &logprobs,
+            entropy: entropy.as_ref(),
+        })?;
+        let value = finite(&loss_sum)?;
+        if loss_sum.requires_grad() {
+            loss_sum.f_backward().map_err(|e| e.to_string())?;
+        }
+        let g = leaf.grad();
+        let g = if g.defined() { g } else { leaf.zeros_like() };
+        (value, count, spread(g)?)
+    } else {
+        let computed = tch::no_grad(|| token_logprobs(&hs, head, &ts, opts)).map_err(err)?;
+        let leaf = spread(computed.logprobs)?.detach().set_requires_grad(true);
+        let entropy = computed.entropy.map(spread).transpose()?;
+        let (loss_sum, count) = loss(&LogprobView {
+            logprobs: &leaf,
+            entropy: entropy.as_ref(),
+        })?;
+        let value = finite(&loss_sum)?;
+        let upstream = if loss_sum.requires_grad() {
+            loss_sum.f_backward().map_err(|e| e.to_string())?;
+            let g = leaf.grad();
+            if g.defined() {
+                g
+            } else {
+                leaf.zeros_like()
+            }
+        } else {
+            leaf.zeros_like()
+        };
+        let upstream = match &at {
+            Some(p) => p.gather(&upstream).map_err(err)?,
+            None => upstream,
+        };
+        let plain = LogprobOptions {
+            with_entropy: false,
+            ..*opts
+        };
+        let dh = token_logprobs_backward(&hs, head, &ts, &plain, &upstream, None).map_err(err)?;
+        (value, count, spread(dh)?)
+    };
     if !value.is_finite() {
         return Err(format!("the loss is not finite ({value})"));
     }
-    let upstream = if loss_sum.requires_grad() {
-        loss_sum.f_backward().map_err(|e| e.to_string())?;
-        let g = leaf.grad();
-        if g.defined() {
-            g
-        } else {
-            leaf.zeros_like()
-        }
-    } else {
-        leaf.zeros_like()
-    };
-    let plain = LogprobOptions {
-        with_entropy: false,
-        ..*opts
-    };
-    let dh = token_logprobs_backward(&h, head, targets, &plain, &upstream, None)
-        .map_err(|e| e.to_string())?;
     let surrogate = (&h * dh.detach()).sum(Kind::Float);
     let shifted = &surrogate - surrogate.detach() + value;
     Ok(LossOutput {
@@ -71,11 +167,22 @@ where
     })
 }
 
+/// The loss's value; an error when it is not finite (before any backward).
+fn finite(loss_sum: &Tensor) -> Result<f64, String> {
+    let value = loss_sum.double_value(&[]);
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(format!("the loss is not finite ({value})"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The surrogate's gradients equal plain autograd through full logits.
+    /// The surrogate's gradients equal plain autograd through full logits, over every
+    /// position and over the masked ones only, by the chunked and the one-pass path.
     #[test]
     fn gradients_match_autograd_through_full_logits() {
         tch::manual_seed(0);
@@ -84,36 +191,73 @@ mod tests {
         let w0 = Tensor::randn([v, h], (Kind::Float, tch::Device::Cpu));
         let targets = Tensor::randint(v, [b, l - 1], (Kind::Int64, tch::Device::Cpu));
         let weights = Tensor::randn([b, l - 1], (Kind::Float, tch::Device::Cpu));
+        let mask = Tensor::from_slice(&[0f32, 1., 1., 0., 0., 0., 1., 1.]).view([b, l - 1]);
         let opts = LogprobOptions {
             chunk_size: 2,
             temperature: 0.7,
             with_entropy: true,
         };
+        for masked in [false, true] {
+            let m = if masked {
+                mask.shallow_clone()
+            } else {
+                mask.ones_like()
+            };
+            // Reference: autograd through logits / T of every position, masked loss.
+            let x = x0.detach().set_requires_grad(true);
+            let w = w0.detach().set_requires_grad(true);
+            let logits = x.narrow(1, 0, l - 1).linear::<Tensor>(&w, None) / 0.7;
+            let lp = logits
+                .log_softmax(-1, Kind::Float)
+                .gather(-1, &targets.unsqueeze(-1), false)
+                .squeeze_dim(-1);
+            let loss = (lp.exp() * &weights * &m).sum(Kind::Float);
+            loss.backward();
+            for full_max in [0, i64::MAX] {
+                let x2 = x0.detach().set_requires_grad(true);
+                let w2 = w0.detach().set_requires_grad(true);
+                let mask = masked.then_some(&m);
+                let out = objective(&x2, &w2, &targets, mask, &opts, full_max, |view| {
+                    let ent = view.entropy.expect("entropy requested");
+                    // Zero off the mask, finite on it.
+                    let off = (ent * (m.ones_like() - &m))
+                        .abs()
+                        .sum(Kind::Float)
+                        .double_value(&[]);
+                    assert!(!masked || off == 0.0, "entropy off the mask: {off}");
+                    Ok(((view.logprobs.exp() * &weights * &m).sum(Kind::Float), 3))
+                })
+                .unwrap();
+                assert_eq!(out.count, 3);
+                let dl = (out.loss_sum.double_value(&[]) - loss.double_value(&[])).abs();
+                assert!(
+                    dl < 1e-5,
+                    "masked {masked} full_max {full_max}: loss off by {dl}"
+                );
+                out.loss_sum.backward();
+                let dx = (x.grad() - x2.grad()).abs().max().double_value(&[]);
+                let dw = (w.grad() - w2.grad()).abs().max().double_value(&[]);
+                assert!(
+                    dx < 1e-5 && dw < 1e-5,
+                    "masked {masked} full_max {full_max}: dx {dx} dw {dw}"
+                );
+            }
+        }
+    }
 
-        // Reference: autograd through logits / T.
-        let x = x0.detach().set_requires_grad(true);
-        let w = w0.detach().set_requires_grad(true);
-        let logits = x.narrow(1, 0, l - 1).linear::<Tensor>(&w, None) / 0.7;
-        let lp = logits
-            .log_softmax(-1, Kind::Float)
-            .gather(-1, &targets.unsqueeze(-1), false)
-            .squeeze_dim(-1);
-        let loss = (lp.exp() * &weights).sum(Kind::Float);
-        loss.backward();
-
-        let x2 = x0.detach().set_requires_grad(true);
-        let w2 = w0.detach().set_requires_grad(true);
-        let out = logprob_objective(&x2, &w2, &targets, &opts, |view| {
-            assert!(view.entropy.is_some());
-            Ok(((view.logprobs.exp() * &weights).sum(Kind::Float), 3))
+    #[test]
+    fn an_empty_mask_gives_zero_gradients() {
+        let x = Tensor::randn([1, 3, 4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let w = Tensor::randn([5, 4], (Kind::Float, tch::Device::Cpu));
+        let t = Tensor::from_slice(&[1i64, 2]).view([1, 2]);
+        let mask = Tensor::zeros([1, 2], (Kind::Float, tch::Device::Cpu));
+        let opts = LogprobOptions::default();
+        let out = logprob_objective_at(&x, &w, &t, &mask, &opts, |v| {
+            Ok(((v.logprobs * &mask).sum(Kind::Float), 0))
         })
         .unwrap();
-        assert_eq!(out.count, 3);
-        assert!((out.loss_sum.double_value(&[]) - loss.double_value(&[])).abs() < 1e-5);
         out.loss_sum.backward();
-        let dx = (x.grad() - x2.grad()).abs().max().double_value(&[]);
-        let dw = (w.grad() - w2.grad()).abs().max().double_value(&[]);
-        assert!(dx < 1e-5 && dw < 1e-5, "dx {dx} dw {dw}");
+        assert_eq!(x.grad().abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tch::Kind;
 use crate::data::{self, Sampler, SftExample};
 use crate::grpo::batch::{pack, split_even, Sample};
 use crate::metrics::{Phase, StepLog};
-use crate::objective::logprob_objective;
+use crate::objective::logprob_objective_at;
 use crate::session::{record_memory, RunSkeleton, Session, TrainingArgs};
 use crate::shutdown::Shutdown;
 use crate::zero::{MicroBatch, ZeroEngine};
@@ -138,11 +138,18 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
                 position_ids: None,
             };
             engine.forward_backward(&mb, |hidden, head| {
-                logprob_objective(hidden, head, &packed.targets, &opts, |v| {
-                    let nll = -(v.logprobs * &packed.loss_mask).sum(Kind::Float);
-                    let count = packed.loss_mask.sum(Kind::Float).double_value(&[]) as i64;
-                    Ok((nll, count))
-                })
+                logprob_objective_at(
+                    hidden,
+                    head,
+                    &packed.targets,
+                    &packed.loss_mask,
+                    &opts,
+                    |v| {
+                        let nll = -(v.logprobs * &packed.loss_mask).sum(Kind::Float);
+                        let count = packed.loss_mask.sum(Kind::Float).double_value(&[]) as i64;
+                        Ok((nll, count))
+                    },
+                )
             })?;
         }
         let stats = engine.step()?;

@@ -38,7 +38,7 @@ use super::stats::{all_reduce_f64, RoundStats};
 use crate::data::{self, PromptExample, Sampler};
 use crate::dist::{Communicator, ReduceOp, SharedComm};
 use crate::metrics::{Phase as RunPhase, StepLog};
-use crate::objective::logprob_objective;
+use crate::objective::logprob_objective_at;
 use crate::rewards::{build_reward_functions, RewardFunction, RewardInput};
 use crate::rollout::{PromptJob, RolloutClient, RolloutGroup};
 use crate::session::{record_memory, RunSkeleton, Session};
@@ -618,30 +618,37 @@ impl Grpo<'_> {
             position_ids: None,
         };
         self.engine.forward_backward(&mb, |hidden, head| {
-            logprob_objective(hidden, head, &part.targets, &opts, |view| {
-                let loss = policy_loss(
-                    &PolicyBatch {
-                        logprobs: view.logprobs,
-                        old_logprobs: old,
-                        ref_logprobs: reference,
-                        sampler_logprobs: Some(&part.sampler_logprobs),
-                        advantages: &part.advantages,
-                        mask: &part.loss_mask,
-                    },
-                    &loss_cfg,
-                )?;
-                if let Some(stats) = stats.as_deref_mut() {
-                    stats.add_loss(&loss.stats);
-                    if let Some(ent) = view.entropy {
-                        stats.entropy_sum += (ent * &part.completion_mask)
-                            .sum(Kind::Float)
-                            .double_value(&[]);
-                        stats.entropy_tokens +=
-                            part.completion_mask.sum(Kind::Float).double_value(&[]);
+            logprob_objective_at(
+                hidden,
+                head,
+                &part.targets,
+                &part.completion_mask,
+                &opts,
+                |view| {
+                    let loss = policy_loss(
+                        &PolicyBatch {
+                            logprobs: view.logprobs,
+                            old_logprobs: old,
+                            ref_logprobs: reference,
+                            sampler_logprobs: Some(&part.sampler_logprobs),
+                            advantages: &part.advantages,
+                            mask: &part.loss_mask,
+                        },
+                        &loss_cfg,
+                    )?;
+                    if let Some(stats) = stats.as_deref_mut() {
+                        stats.add_loss(&loss.stats);
+                        if let Some(ent) = view.entropy {
+                            stats.entropy_sum += (ent * &part.completion_mask)
+                                .sum(Kind::Float)
+                                .double_value(&[]);
+                            stats.entropy_tokens +=
+                                part.completion_mask.sum(Kind::Float).double_value(&[]);
+                        }
                     }
-                }
-                Ok((loss.loss_sum, loss.count))
-            })
+                    Ok((loss.loss_sum, loss.count))
+                },
+            )
         })?;
         Ok(())
     }
@@ -670,7 +677,8 @@ impl Grpo<'_> {
             };
             let lp = engine.forward_no_grad(&mb, |hidden, head| {
                 let t = part.targets.size()[1];
-                model::token_logprobs(&hidden.narrow(1, 0, t), head, &part.targets, opts)
+                let h = hidden.narrow(1, 0, t);
+                model::token_logprobs_at(&h, head, &part.targets, &part.completion_mask, opts)
                     .map(|l| l.logprobs)
                     .map_err(|e| e.to_string())
             })?;
