@@ -2,7 +2,7 @@
 # Coverage-guided fuzzing with AFL++ on the stable toolchain (cargo-afl): the targets of
 # fuzz/afl/ (a crate outside the workspace; CI never builds it), each for a bounded time.
 #
-#   scripts/fuzz-afl.sh [SECONDS_PER_TARGET]     (default 60; `scripts/fuzz.sh --afl` too)
+#   scripts/fuzz-afl.sh [SECONDS_PER_TARGET]     (default 60; or `scripts/fuzz.sh --afl SECONDS`)
 #
 # Installs what it needs, idempotently: Debian's afl++ (apt-get) and cargo-afl
 # (crates.io), whose `cargo afl config --build` compiles AFL's runtime. Prints
@@ -21,17 +21,17 @@ fi
 if ! cargo afl config --help >/dev/null 2>&1 || [ ! -d "${XDG_DATA_HOME:-$HOME/.local/share}/afl.rs" ]; then
     cargo afl config --build --force
 fi
-export LIBTORCH="${LIBTORCH:-$PWD/.libtorch}"
+
 cd fuzz/afl
 # The workspace's lock file, so the targets build the versions the tests use.
 [ -f Cargo.lock ] || cp ../../Cargo.lock .
 cargo afl build --release
-targets=(answer_checker jsonl_rows)
+targets=(answer_checker)
 for t in "${targets[@]}"; do
-    rm -rf "out/$t"
+    rm -rf "out/$t"; mkdir -p out
     AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
-        AFL_NO_AFFINITY=1 AFL_SKIP_BIN_CHECK=0 \
-        cargo afl fuzz -V "$secs" -i "seeds/$t" -o "out/$t" \
+        AFL_NO_AFFINITY=1 \
+        cargo afl fuzz -V "$secs" -t 5000+ -i "seeds/$t" -o "out/$t" \
         "${CARGO_TARGET_DIR:-target}/release/$t" >"out-$t.log" 2>&1 || true
 done
 echo

@@ -1,13 +1,14 @@
-//! AFL++ target: the answer checker (trainer::rewards::answer) on any text, as the
-//! gold answer and as a completion. Must return, never panic.
-use trainer::rewards::answer;
-
+//! AFL++ target: the math answer checker (the `verify` crate behind
+//! trainer::rewards::answer) on any text, as the gold answer and as a completion,
+//! bare and inside math delimiters (as `parse_gold` reads bare LaTeX). Must return,
+//! never panic.
 fn main() {
     afl::fuzz!(|bytes: &[u8]| {
         let text = String::from_utf8_lossy(bytes);
-        let _ = answer::extract_completion_answer(&text);
-        if let Some(gold) = answer::parse_gold(&serde_json::Value::String(text.to_string())) {
-            let _ = answer::is_correct(&text, &gold);
-        }
+        let parsed = verify::parse(&text);
+        let wrapped = verify::parse(&format!("${text}$"));
+        let _ = verify::verify(&parsed, &wrapped);
+        let _ = verify::verify(&wrapped, &parsed);
+        let _ = verify::check(&text, &text);
     });
 }
