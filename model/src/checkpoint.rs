@@ -197,9 +197,9 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, device: Device, kind: Kind) -
             names: missing,
         });
     }
-    Weights::from_source(cfg, &mut tensors).map_err(|name| ModelError::MissingTensors {
+    Weights::from_source(cfg, &mut tensors).map_err(|e| ModelError::MissingTensors {
         dir: dir.to_path_buf(),
-        names: vec![name],
+        names: vec![e.name],
     })
 }
 

@@ -155,11 +155,19 @@ impl TensorSource for HashMap<String, Tensor> {
     }
 }
 
-fn take(src: &mut dyn TensorSource, name: String) -> Result<Tensor, String> {
-    src.take(&name).ok_or(name)
+/// A tensor that [`Weights::from_source`] needed and the source did not hold; its
+/// message is the missing checkpoint name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name}")]
+pub struct MissingTensor {
+    pub name: String,
 }
 
-fn linear(src: &mut dyn TensorSource, prefix: &str, bias: bool) -> Result<Linear, String> {
+fn take(src: &mut dyn TensorSource, name: String) -> Result<Tensor, MissingTensor> {
+    src.take(&name).ok_or(MissingTensor { name })
+}
+
+fn linear(src: &mut dyn TensorSource, prefix: &str, bias: bool) -> Result<Linear, MissingTensor> {
     Ok(Linear {
         weight: take(src, format!("{prefix}.weight"))?,
         bias: if bias {
@@ -170,7 +178,11 @@ fn linear(src: &mut dyn TensorSource, prefix: &str, bias: bool) -> Result<Linear
     })
 }
 
-fn norm(src: &mut dyn TensorSource, name: String, present: bool) -> Result<Option<Tensor>, String> {
+fn norm(
+    src: &mut dyn TensorSource,
+    name: String,
+    present: bool,
+) -> Result<Option<Tensor>, MissingTensor> {
     present.then(|| take(src, name)).transpose()
 }
 
@@ -180,7 +192,7 @@ impl DecoderLayer {
         cfg: &ModelConfig,
         i: usize,
         src: &mut dyn TensorSource,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, MissingTensor> {
         let p = layer_prefix(i);
         Ok(DecoderLayer {
             input_layernorm: take(src, format!("{p}input_layernorm.weight"))?,
@@ -244,7 +256,10 @@ pub struct Weights {
 
 impl Weights {
     /// Builds the weights from `src`; the error is the first missing name.
-    pub fn from_source(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Self, String> {
+    pub fn from_source(
+        cfg: &ModelConfig,
+        src: &mut dyn TensorSource,
+    ) -> Result<Self, MissingTensor> {
         let embed_tokens = take(src, "model.embed_tokens.weight".into())?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::from_source(cfg, i, src))
