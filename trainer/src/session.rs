@@ -188,8 +188,8 @@ impl TrainingArgs {
         self.dataset
             .validate()
             .map_err(crate::config::InvalidConfig::Dataset)?;
-        self.optim().validate().map_err(|m| bad("optim", m))?;
-        self.zero.validate().map_err(|m| bad("zero", m))?;
+        self.optim().validate()?;
+        self.zero.validate()?;
         self.dist.validate()?;
         if !matches!(self.device.as_str(), "cpu" | "cuda") {
             return Err(bad(

@@ -16,6 +16,7 @@
 //! ranks agree on the outcome, so a rank whose disk fails reports it to all (see
 //! `zero::checkpoint`); a disk slower than `dist.timeout_secs` for one shard is a
 //! misconfigured job, which docs/security.md says how to size.
+use crate::config::invalid::{bad, InvalidConfig};
 use crate::dist::DistConfig;
 use crate::rewards::RewardsConfig;
 use crate::rollout::RolloutConfig;
@@ -25,31 +26,37 @@ use crate::rollout::RolloutConfig;
 pub const SLACK_SECS: f64 = 30.0;
 
 /// Refuses settings where a rank's I/O wait can outlast its peers' collective wait; the
-/// error names both fields and a value that fits.
+/// error names both fields and a value that fits (its `field()` is the I/O timeout).
 pub fn check(
     dist: &DistConfig,
     rollout: &RolloutConfig,
     rewards: &RewardsConfig,
-) -> Result<(), String> {
+) -> Result<(), InvalidConfig> {
     let collective = dist.timeout_secs as f64;
     let budget = collective - SLACK_SECS;
     let worker = rollout.connect_timeout_secs + rollout.request_timeout_secs;
     if worker > budget {
-        return Err(format!(
+        return Err(bad(
+            "rollout.request_timeout_secs",
+            format!(
             "rollout.connect_timeout_secs + rollout.request_timeout_secs = {worker}s must be at most \
              dist.timeout_secs - {SLACK_SECS} = {budget}s: other ranks wait in a collective for \
              dist.timeout_secs = {collective}s while this one waits on a worker, so a slow worker \
              would kill the job instead of failing over; lower rollout.request_timeout_secs or \
              raise dist.timeout_secs"
+        ),
         ));
     }
     for (i, e) in rewards.external.iter().enumerate() {
         if e.timeout_secs > budget {
-            return Err(format!(
+            return Err(bad(
+                &format!("rewards.external[{i}].timeout_secs"),
+                format!(
                 "rewards.external[{i}] ({}) timeout_secs = {}s must be at most dist.timeout_secs - \
                  {SLACK_SECS} = {budget}s, or a slow reward service trips the collective timeout \
                  of the other ranks first",
                 e.name, e.timeout_secs
+            ),
             ));
         }
     }
@@ -72,7 +79,7 @@ mod tests {
             request_timeout_secs: 600.0,
             ..RolloutConfig::default()
         };
-        let e = check(&d, &slow, &w).unwrap_err();
+        let e = check(&d, &slow, &w).unwrap_err().to_string();
         assert!(
             e.contains("rollout.request_timeout_secs") && e.contains("dist.timeout_secs"),
             "{e}"
@@ -89,7 +96,7 @@ mod tests {
             }))
             .unwrap(),
         );
-        let e = check(&d, &r, &rewards).unwrap_err();
+        let e = check(&d, &r, &rewards).unwrap_err().to_string();
         assert!(e.contains("rewards.external[0] (judge)"), "{e}");
     }
 }

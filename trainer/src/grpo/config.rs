@@ -377,8 +377,7 @@ impl GrpoConfig {
         }
         // The rollout table's messages already name `rollout.<field>`.
         self.rollout.validate().map_err(|m| bad("rollout", m))?;
-        crate::timeouts::check(&self.args.dist, &self.rollout, &self.rewards)
-            .map_err(|m| bad("timeouts", m))?;
+        crate::timeouts::check(&self.args.dist, &self.rollout, &self.rewards)?;
         if self.rollout.workers.is_empty() {
             return Err(bad(
                 "rollout.workers",

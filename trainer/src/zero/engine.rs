@@ -261,9 +261,10 @@ impl ZeroEngine {
         comm: Box<dyn Communicator>,
         frozen: bool,
     ) -> Result<Self> {
-        zero.validate().map_err(EngineError::Config)?;
-        optim.validate().map_err(EngineError::Config)?;
-        let kind = zero.compute_kind().map_err(EngineError::Config)?;
+        let config = |e: crate::config::InvalidConfig| EngineError::Config(e.to_string());
+        zero.validate().map_err(config)?;
+        optim.validate().map_err(config)?;
+        let kind = zero.compute_kind().map_err(config)?;
         let (rank, world) = (comm.rank(), comm.world_size());
         let opt_world = if zero.stage == ZeroStage::Stage0 {
             1

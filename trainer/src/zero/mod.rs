@@ -20,6 +20,7 @@ pub mod optimizer;
 pub mod schedule;
 pub mod units;
 
+use crate::config::invalid::{bad, InvalidConfig};
 use serde::{Deserialize, Serialize};
 
 pub use engine::{LossOutput, MemoryReport, MicroBatch, StepStats, ZeroEngine};
@@ -48,14 +49,17 @@ impl ZeroStage {
 }
 
 impl TryFrom<u8> for ZeroStage {
-    type Error = String;
-    fn try_from(v: u8) -> Result<Self, String> {
+    type Error = InvalidConfig;
+    fn try_from(v: u8) -> Result<Self, InvalidConfig> {
         match v {
             0 => Ok(ZeroStage::Stage0),
             1 => Ok(ZeroStage::Stage1),
             2 => Ok(ZeroStage::Stage2),
             3 => Ok(ZeroStage::Stage3),
-            other => Err(format!("zero stage must be 0, 1, 2 or 3, got {other}")),
+            other => Err(bad(
+                "zero.stage",
+                format!("zero stage must be 0, 1, 2 or 3, got {other}"),
+            )),
         }
     }
 }
@@ -99,17 +103,20 @@ impl Default for ZeroConfig {
 
 impl ZeroConfig {
     /// The compute dtype; the error names the field and the allowed values.
-    pub fn compute_kind(&self) -> Result<tch::Kind, String> {
+    pub fn compute_kind(&self) -> Result<tch::Kind, InvalidConfig> {
         match model::config::parse_dtype(&self.compute_dtype) {
             Some(k @ (tch::Kind::Float | tch::Kind::BFloat16)) => Ok(k),
-            _ => Err(format!(
-                "zero.compute_dtype must be float32 or bfloat16, got {:?}",
-                self.compute_dtype
+            _ => Err(bad(
+                "zero.compute_dtype",
+                format!(
+                    "zero.compute_dtype must be float32 or bfloat16, got {:?}",
+                    self.compute_dtype
+                ),
             )),
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         self.compute_kind().map(|_| ())
     }
 

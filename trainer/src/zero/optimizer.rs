@@ -5,6 +5,7 @@
 //! `p -= lr * wd * p` (only where the decay mask is 1: no decay on norms and biases),
 //! `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
 //! `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`.
+use crate::config::invalid::{bad, InvalidConfig};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -65,7 +66,8 @@ impl Default for OptimConfig {
 }
 
 impl OptimConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    /// The first field out of range; the error names it and the allowed values.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         let checks = [
             ("learning_rate", self.learning_rate >= 0.0, ">= 0"),
             ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
@@ -98,7 +100,7 @@ impl OptimConfig {
         ];
         for (field, ok, allowed) in checks {
             if !ok {
-                return Err(format!("{field} must be {allowed}"));
+                return Err(bad(field, format!("{field} must be {allowed}")));
             }
         }
         self.lr_scheduler_kwargs
@@ -204,6 +206,10 @@ mod tests {
             adam_beta2: 1.0,
             ..OptimConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("adam_beta2"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("adam_beta2"));
     }
 }

@@ -1,6 +1,7 @@
 //! Learning-rate schedules, as transformers' `get_scheduler` defines them (TRL's
 //! `lr_scheduler_type` and `warmup_ratio`). Pure: the rate of optimizer step `k`
 //! (0-based) is `learning_rate * factor(k)`.
+use crate::config::invalid::{bad, InvalidConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -34,24 +35,29 @@ pub struct LrSchedulerKwargs {
 
 impl LrSchedulerKwargs {
     /// The final rate as a fraction of `learning_rate`; errors name the field.
-    pub fn min_lr_rate(&self, kind: LrSchedulerType, learning_rate: f64) -> Result<f64, String> {
+    pub fn min_lr_rate(
+        &self,
+        kind: LrSchedulerType,
+        learning_rate: f64,
+    ) -> Result<f64, InvalidConfig> {
+        let kw = |m: String| Err(bad("lr_scheduler_kwargs", m));
         match (kind, self.min_lr_rate, self.min_lr) {
             (LrSchedulerType::CosineWithMinLr, Some(_), Some(_)) => {
-                Err("lr_scheduler_kwargs: give only one of min_lr_rate and min_lr".into())
+                kw("lr_scheduler_kwargs: give only one of min_lr_rate and min_lr".into())
             }
             (LrSchedulerType::CosineWithMinLr, Some(r), None) if (0.0..=1.0).contains(&r) => Ok(r),
             (LrSchedulerType::CosineWithMinLr, None, Some(m)) if m >= 0.0 && learning_rate > 0.0 => {
                 Ok(m / learning_rate)
             }
-            (LrSchedulerType::CosineWithMinLr, None, None) => Err(
+            (LrSchedulerType::CosineWithMinLr, None, None) => kw(
                 "lr_scheduler_type cosine_with_min_lr needs lr_scheduler_kwargs.min_lr_rate (in [0, 1]) or min_lr"
                     .into(),
             ),
-            (LrSchedulerType::CosineWithMinLr, r, m) => Err(format!(
+            (LrSchedulerType::CosineWithMinLr, r, m) => kw(format!(
                 "lr_scheduler_kwargs: min_lr_rate must be in [0, 1] and min_lr >= 0 (with learning_rate > 0), got {r:?} / {m:?}"
             )),
             (_, None, None) => Ok(0.0),
-            _ => Err("lr_scheduler_kwargs: min_lr_rate and min_lr apply only to lr_scheduler_type cosine_with_min_lr".into()),
+            _ => kw("lr_scheduler_kwargs: min_lr_rate and min_lr apply only to lr_scheduler_type cosine_with_min_lr".into()),
         }
     }
 }
@@ -185,12 +191,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            kw.min_lr_rate(LrSchedulerType::CosineWithMinLr, 2.0),
-            Ok(0.1)
+            kw.min_lr_rate(LrSchedulerType::CosineWithMinLr, 2.0)
+                .unwrap(),
+            0.1
         );
         assert!(LrSchedulerKwargs::default()
             .min_lr_rate(LrSchedulerType::CosineWithMinLr, 1.0)
             .unwrap_err()
+            .to_string()
             .contains("min_lr_rate"));
     }
 }
