@@ -357,7 +357,7 @@ impl GrpoConfig {
                 ));
             }
         }
-        self.rewards.validate().map_err(|m| bad("rewards", m))?;
+        self.rewards.validate()?;
         if let Some(e) = &self.eval_dataset {
             e.validate()
                 .map_err(|error| InvalidConfig::EvalDataset { error })?;

@@ -1,6 +1,7 @@
 //! Text-only built-in rewards: `accuracy`, `format`, `tag_count`, `reasoning_steps`,
 //! `repetition_penalty`. Formulas are in the parent module's doc.
 
+use crate::config::invalid::{bad, InvalidConfig};
 use std::collections::HashSet;
 
 use regex::Regex;
@@ -78,9 +79,13 @@ impl Format {
     }
 
     /// A user pattern, compiled with `(?s)` and anchored at the start (Python's `re.match`).
-    pub fn with_pattern(pattern: &str) -> Result<Self, String> {
-        let pattern = Regex::new(&format!(r"(?s)\A(?:{pattern})"))
-            .map_err(|e| format!("rewards.format_pattern is not a valid regex: {e}"))?;
+    pub fn with_pattern(pattern: &str) -> Result<Self, InvalidConfig> {
+        let pattern = Regex::new(&format!(r"(?s)\A(?:{pattern})")).map_err(|e| {
+            bad(
+                "rewards.format_pattern",
+                format!("rewards.format_pattern is not a valid regex: {e}"),
+            )
+        })?;
         Ok(Self { pattern })
     }
 }
@@ -182,13 +187,19 @@ pub struct RepetitionPenalty {
 
 impl RepetitionPenalty {
     /// `n_grams >= 1` words; `max_penalty <= 0` (the reward when every n-gram is a repeat).
-    pub fn new(n_grams: usize, max_penalty: f64) -> Result<Self, String> {
+    pub fn new(n_grams: usize, max_penalty: f64) -> Result<Self, InvalidConfig> {
         if n_grams == 0 {
-            return Err("rewards.repetition_n_grams must be >= 1".to_string());
+            return Err(bad(
+                "rewards.repetition_n_grams",
+                "rewards.repetition_n_grams must be >= 1",
+            ));
         }
         if !(max_penalty.is_finite() && max_penalty <= 0.0) {
-            return Err(format!(
-                "rewards.repetition_max_penalty must be a finite number <= 0, got {max_penalty}"
+            return Err(bad(
+                "rewards.repetition_max_penalty",
+                format!(
+                    "rewards.repetition_max_penalty must be a finite number <= 0, got {max_penalty}"
+                ),
             ));
         }
         Ok(Self {
@@ -315,7 +326,7 @@ pub(super) mod tests {
             ],
         );
         assert_eq!(got, vec![Some(1.0), Some(0.0)]);
-        let err = Format::with_pattern("(").unwrap_err();
+        let err = Format::with_pattern("(").unwrap_err().to_string();
         assert!(err.contains("format_pattern"), "{err}");
     }
 

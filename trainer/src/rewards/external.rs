@@ -17,6 +17,7 @@
 //! The client is reqwest's blocking one: scoring runs on a plain thread. It is built on first use,
 //! because building it inside an async runtime panics.
 
+use crate::config::invalid::{bad, InvalidConfig};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -35,37 +36,54 @@ const MAX_TIMEOUT_SECS: f64 = 86_400.0;
 /// How much of an error response body is quoted in the error.
 const BODY_QUOTE_CHARS: usize = 500;
 
-/// Checks one `[[rewards.external]]` entry; the error starts with the field name.
-pub(super) fn validate_entry(cfg: &ExternalRewardConfig) -> Result<(), String> {
+/// Checks one `[[rewards.external]]` entry; the error's field is the entry's field and
+/// its message starts with that name (the caller prefixes which entry).
+pub(super) fn validate_entry(cfg: &ExternalRewardConfig) -> Result<(), InvalidConfig> {
     match reqwest::Url::parse(&cfg.url) {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
         Ok(_) => {
-            return Err(format!(
-                "url '{}' must be an http:// or https:// URL",
-                cfg.url
+            return Err(bad(
+                "url",
+                format!("url '{}' must be an http:// or https:// URL", cfg.url),
             ))
         }
-        Err(e) => return Err(format!("url '{}' is not a valid URL: {e}", cfg.url)),
+        Err(e) => {
+            return Err(bad(
+                "url",
+                format!("url '{}' is not a valid URL: {e}", cfg.url),
+            ))
+        }
     }
     if !(cfg.timeout_secs.is_finite()
         && cfg.timeout_secs > 0.0
         && cfg.timeout_secs <= MAX_TIMEOUT_SECS)
     {
-        return Err(format!(
-            "timeout_secs must be in (0, {MAX_TIMEOUT_SECS}] seconds, got {}",
-            cfg.timeout_secs
+        return Err(bad(
+            "timeout_secs",
+            format!(
+                "timeout_secs must be in (0, {MAX_TIMEOUT_SECS}] seconds, got {}",
+                cfg.timeout_secs
+            ),
         ));
     }
     header_map(cfg).map(|_| ())
 }
 
-fn header_map(cfg: &ExternalRewardConfig) -> Result<HeaderMap, String> {
+fn header_map(cfg: &ExternalRewardConfig) -> Result<HeaderMap, InvalidConfig> {
     let mut headers = HeaderMap::new();
     for (name, value) in &cfg.headers {
-        let header = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|e| format!("headers: '{name}' is not a valid header name: {e}"))?;
-        let mut value = HeaderValue::from_str(value)
-            .map_err(|e| format!("headers.{name}: not a valid header value: {e}"))?;
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
+            bad(
+                "headers",
+                format!("headers: '{name}' is not a valid header name: {e}"),
+            )
+        })?;
+        let mut value = HeaderValue::from_str(value).map_err(|e| {
+            bad(
+                &format!("headers.{name}"),
+                format!("headers.{name}: not a valid header value: {e}"),
+            )
+        })?;
         value.set_sensitive(true); // kept out of Debug output
         headers.insert(header, value);
     }
@@ -80,13 +98,18 @@ pub struct ExternalReward {
     timeout: Duration,
     headers: HeaderMap,
     /// Built on the first `score`, on the scoring thread.
-    client: OnceLock<Result<Client, String>>,
+    client: OnceLock<Result<Client, reqwest::Error>>,
 }
 
 impl ExternalReward {
     /// From a validated-or-not entry; returns the validation error (prefixed by the name).
-    pub fn new(cfg: &ExternalRewardConfig) -> Result<Self, String> {
-        validate_entry(cfg).map_err(|e| format!("rewards.external '{}': {e}", cfg.name))?;
+    pub fn new(cfg: &ExternalRewardConfig) -> Result<Self, InvalidConfig> {
+        validate_entry(cfg).map_err(|e| {
+            bad(
+                &format!("rewards.external.{}", e.field()),
+                format!("rewards.external '{}': {e}", cfg.name),
+            )
+        })?;
         Ok(Self {
             name: cfg.name.clone(),
             url: cfg.url.clone(),
@@ -102,12 +125,11 @@ impl ExternalReward {
                 .timeout(self.timeout)
                 .default_headers(self.headers.clone())
                 .build()
-                .map_err(|e| error_chain(&e))
         });
-        client.as_ref().map_err(|message| RewardError::Request {
+        client.as_ref().map_err(|e| RewardError::Request {
             function: self.name.clone(),
             url: self.url.clone(),
-            message: format!("cannot build the HTTP client: {message}"),
+            message: format!("cannot build the HTTP client: {}", error_chain(e)),
         })
     }
 

@@ -1,6 +1,7 @@
 //! Length-shaped built-in rewards: `length` (Kimi 1.5), `cosine` (cosine-scaled correctness) and
 //! `soft_overlong_punishment` (DAPO). Lengths are `RewardInput::completion_tokens`.
 
+use crate::config::invalid::{bad, InvalidConfig};
 use std::collections::BTreeMap;
 use std::f64::consts::PI;
 
@@ -85,10 +86,13 @@ pub struct CosineScaled {
 impl CosineScaled {
     /// From the `cosine_*` fields and `answer_column` of `cfg`; `max_len` is `cosine_max_len` or,
     /// unset, `max_completion_length`.
-    pub fn new(cfg: &RewardsConfig, max_completion_length: usize) -> Result<Self, String> {
+    pub fn new(cfg: &RewardsConfig, max_completion_length: usize) -> Result<Self, InvalidConfig> {
         let max_len = cfg.cosine_max_len.unwrap_or(max_completion_length);
         if max_len == 0 {
-            return Err("rewards.cosine_max_len must be >= 1 token".to_string());
+            return Err(bad(
+                "rewards.cosine_max_len",
+                "rewards.cosine_max_len must be >= 1 token",
+            ));
         }
         Ok(Self {
             accuracy: Accuracy::new(&cfg.answer_column),
@@ -139,11 +143,14 @@ pub struct SoftOverlongPunishment {
 
 impl SoftOverlongPunishment {
     /// `1 <= cache <= max_completion_length`.
-    pub fn new(max_completion_length: usize, cache: usize) -> Result<Self, String> {
+    pub fn new(max_completion_length: usize, cache: usize) -> Result<Self, InvalidConfig> {
         if cache == 0 || cache > max_completion_length {
-            return Err(format!(
-                "rewards.soft_punish_cache ({cache}) must be between 1 and \
-                 max_completion_length ({max_completion_length})"
+            return Err(bad(
+                "rewards.soft_punish_cache",
+                format!(
+                    "rewards.soft_punish_cache ({cache}) must be between 1 and \
+                     max_completion_length ({max_completion_length})"
+                ),
             ));
         }
         Ok(Self {

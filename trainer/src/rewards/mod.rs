@@ -54,6 +54,7 @@ mod builtin;
 pub mod external;
 mod length;
 
+use crate::config::invalid::{bad, InvalidConfig};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub use builtin::{Accuracy, Format, ReasoningSteps, RepetitionPenalty, TagCount};
@@ -228,9 +229,12 @@ impl std::fmt::Debug for ExternalRewardConfig {
 
 impl RewardsConfig {
     /// Checks every field on its own and across fields; errors name the field and what is allowed.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         if self.answer_column.trim().is_empty() {
-            return Err("rewards.answer_column must name a dataset column".to_string());
+            return Err(bad(
+                "rewards.answer_column",
+                "rewards.answer_column must name a dataset column",
+            ));
         }
         if let Some(pattern) = &self.format_pattern {
             builtin::Format::with_pattern(pattern)?;
@@ -242,50 +246,82 @@ impl RewardsConfig {
             ("cosine_max_value_correct", self.cosine_max_value_correct),
         ];
         if let Some((field, value)) = cosine.iter().find(|(_, v)| !v.is_finite()) {
-            return Err(format!("rewards.{field} must be finite, got {value}"));
+            return Err(bad(
+                &format!("rewards.{field}"),
+                format!("rewards.{field} must be finite, got {value}"),
+            ));
         }
         for (lo, hi) in [(0, 1), (2, 3)] {
             if cosine[lo].1 > cosine[hi].1 {
-                return Err(format!(
-                    "rewards.{} ({}) must be <= rewards.{} ({})",
-                    cosine[lo].0, cosine[lo].1, cosine[hi].0, cosine[hi].1
+                return Err(bad(
+                    &format!("rewards.{}", cosine[lo].0),
+                    format!(
+                        "rewards.{} ({}) must be <= rewards.{} ({})",
+                        cosine[lo].0, cosine[lo].1, cosine[hi].0, cosine[hi].1
+                    ),
                 ));
             }
         }
         if self.cosine_max_len == Some(0) {
-            return Err("rewards.cosine_max_len must be >= 1 token".to_string());
+            return Err(bad(
+                "rewards.cosine_max_len",
+                "rewards.cosine_max_len must be >= 1 token",
+            ));
         }
         if self.repetition_n_grams == 0 {
-            return Err("rewards.repetition_n_grams must be >= 1".to_string());
+            return Err(bad(
+                "rewards.repetition_n_grams",
+                "rewards.repetition_n_grams must be >= 1",
+            ));
         }
         if !(self.repetition_max_penalty.is_finite() && self.repetition_max_penalty <= 0.0) {
-            return Err(format!(
-                "rewards.repetition_max_penalty must be a finite number <= 0, got {}",
-                self.repetition_max_penalty
+            return Err(bad(
+                "rewards.repetition_max_penalty",
+                format!(
+                    "rewards.repetition_max_penalty must be a finite number <= 0, got {}",
+                    self.repetition_max_penalty
+                ),
             ));
         }
         if self.soft_punish_cache == Some(0) {
-            return Err("rewards.soft_punish_cache must be >= 1 token".to_string());
+            return Err(bad(
+                "rewards.soft_punish_cache",
+                "rewards.soft_punish_cache must be >= 1 token",
+            ));
         }
         let mut names = BTreeSet::new();
         for (i, ext) in self.external.iter().enumerate() {
             if ext.name.trim().is_empty() {
-                return Err(format!("rewards.external[{i}].name must not be empty"));
+                return Err(bad(
+                    &format!("rewards.external[{i}].name"),
+                    format!("rewards.external[{i}].name must not be empty"),
+                ));
             }
             if BUILTIN_REWARDS.contains(&ext.name.as_str()) {
-                return Err(format!(
-                    "rewards.external[{i}].name '{}' is a built-in reward name; built-ins are {}",
-                    ext.name,
-                    BUILTIN_REWARDS.join(", ")
+                return Err(bad(
+                    &format!("rewards.external[{i}].name"),
+                    format!(
+                        "rewards.external[{i}].name '{}' is a built-in reward name; built-ins are {}",
+                        ext.name,
+                        BUILTIN_REWARDS.join(", ")
+                    ),
                 ));
             }
             if !names.insert(ext.name.as_str()) {
-                return Err(format!(
-                    "rewards.external[{i}].name '{}' is used by another entry",
-                    ext.name
+                return Err(bad(
+                    &format!("rewards.external[{i}].name"),
+                    format!(
+                        "rewards.external[{i}].name '{}' is used by another entry",
+                        ext.name
+                    ),
                 ));
             }
-            external::validate_entry(ext).map_err(|e| format!("rewards.external[{i}].{e}"))?;
+            external::validate_entry(ext).map_err(|e| {
+                bad(
+                    &format!("rewards.external[{i}].{}", e.field()),
+                    format!("rewards.external[{i}].{e}"),
+                )
+            })?;
         }
         Ok(())
     }
@@ -300,23 +336,27 @@ pub fn build_reward_functions(
     names: &[String],
     cfg: &RewardsConfig,
     max_completion_length: usize,
-) -> Result<Vec<Box<dyn RewardFunction>>, String> {
+) -> Result<Vec<Box<dyn RewardFunction>>, InvalidConfig> {
     cfg.validate()?;
     if max_completion_length == 0 {
-        return Err("max_completion_length must be >= 1 token".to_string());
+        return Err(bad(
+            "max_completion_length",
+            "max_completion_length must be >= 1 token",
+        ));
     }
     if names.is_empty() {
-        return Err(format!(
-            "reward_funcs is empty; choose from {}",
-            allowed_names(cfg)
+        return Err(bad(
+            "reward_funcs",
+            format!("reward_funcs is empty; choose from {}", allowed_names(cfg)),
         ));
     }
     let mut seen = BTreeSet::new();
     let mut functions: Vec<Box<dyn RewardFunction>> = Vec::with_capacity(names.len());
     for name in names {
         if !seen.insert(name.as_str()) {
-            return Err(format!(
-                "reward_funcs lists '{name}' twice; weight it with reward_weights instead"
+            return Err(bad(
+                "reward_funcs",
+                format!("reward_funcs lists '{name}' twice; weight it with reward_weights instead"),
             ));
         }
         let column = &cfg.answer_column;
@@ -343,9 +383,12 @@ pub fn build_reward_functions(
             other => match cfg.external.iter().find(|e| e.name == other) {
                 Some(entry) => Box::new(ExternalReward::new(entry)?),
                 None => {
-                    return Err(format!(
-                        "unknown reward function '{other}' in reward_funcs; allowed: {}",
-                        allowed_names(cfg)
+                    return Err(bad(
+                        "reward_funcs",
+                        format!(
+                            "unknown reward function '{other}' in reward_funcs; allowed: {}",
+                            allowed_names(cfg)
+                        ),
                     ))
                 }
             },
@@ -382,20 +425,26 @@ mod tests {
         let cfg = RewardsConfig::default();
         let err = build_reward_functions(&names(&["accuracy", "acuracy"]), &cfg, 512)
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("'acuracy'") && err.contains("soft_overlong_punishment"),
             "{err}"
         );
-        let err = build_reward_functions(&[], &cfg, 512).err().unwrap();
+        let err = build_reward_functions(&[], &cfg, 512)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("reward_funcs is empty"), "{err}");
         let err = build_reward_functions(&names(&["format", "format"]), &cfg, 512)
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(err.contains("twice"), "{err}");
         let err = build_reward_functions(&names(&["format"]), &cfg, 0)
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(err.contains("max_completion_length"), "{err}");
     }
 
@@ -502,7 +551,7 @@ mod tests {
             (external_cfg("judge", "not a url"), "external[0].url"),
         ];
         for (cfg, want) in cases {
-            let err = cfg.validate().unwrap_err();
+            let err = cfg.validate().unwrap_err().to_string();
             assert!(err.contains(want), "want {want:?} in {err:?}");
         }
         let mut twice = external_cfg("judge", "http://a/");
@@ -510,15 +559,24 @@ mod tests {
         assert!(twice
             .validate()
             .unwrap_err()
+            .to_string()
             .contains("used by another entry"));
         let mut bad_timeout = external_cfg("judge", "http://a/");
         bad_timeout.external[0].timeout_secs = 0.0;
-        assert!(bad_timeout.validate().unwrap_err().contains("timeout_secs"));
+        assert!(bad_timeout
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("timeout_secs"));
         let mut bad_header = external_cfg("judge", "http://a/");
         bad_header.external[0]
             .headers
             .insert("Bad Header".into(), "x".into());
-        assert!(bad_header.validate().unwrap_err().contains("headers"));
+        assert!(bad_header
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("headers"));
     }
 
     #[test]
@@ -529,7 +587,8 @@ mod tests {
         };
         let err = build_reward_functions(&names(&["soft_overlong_punishment"]), &cfg, 512)
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(err.contains("soft_punish_cache (600)"), "{err}");
     }
 
