@@ -376,7 +376,7 @@ impl GrpoConfig {
             ));
         }
         // The rollout table's messages already name `rollout.<field>`.
-        self.rollout.validate().map_err(|m| bad("rollout", m))?;
+        self.rollout.validate()?;
         crate::timeouts::check(&self.args.dist, &self.rollout, &self.rewards)?;
         if self.rollout.workers.is_empty() {
             return Err(bad(

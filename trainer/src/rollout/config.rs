@@ -1,5 +1,6 @@
 //! `RolloutConfig`: where the workers are and how the client talks to them.
 
+use crate::config::invalid::{bad, InvalidConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -105,57 +106,77 @@ impl WireDtype {
     }
 }
 
-fn positive_secs(field: &str, v: f64) -> Result<(), String> {
+fn positive_secs(field: &str, v: f64) -> Result<(), InvalidConfig> {
     // Duration::from_secs_f64 panics past ~5.8e11 s; a year is far beyond any real need.
     if v.is_finite() && v > 0.0 && v <= 31_536_000.0 {
         Ok(())
     } else {
-        Err(format!(
-            "rollout.{field} must be a number of seconds in (0, 31536000], got {v}"
+        Err(bad(
+            &format!("rollout.{field}"),
+            format!("rollout.{field} must be a number of seconds in (0, 31536000], got {v}"),
         ))
     }
 }
 
 impl RolloutConfig {
     /// Checks every field; the error names the field and its allowed values.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         if self.workers.is_empty() {
-            return Err("rollout.workers must list at least one worker url".into());
+            return Err(bad(
+                "rollout.workers",
+                "rollout.workers must list at least one worker url",
+            ));
         }
         for (i, url) in self.workers.iter().enumerate() {
+            let field = format!("rollout.workers[{i}]");
             super::resolve::WorkerSource::parse(url)
-                .map_err(|why| format!("rollout.workers[{i}] = {url:?} {why}"))?;
+                .map_err(|why| bad(&field, format!("{field} = {url:?} {why}")))?;
             if url.starts_with("https://") && self.ssl_ca_certs.is_none() {
-                return Err(format!(
-                    "rollout.workers[{i}] = {url:?} is https://: set rollout.ssl_ca_certs to the CA of its certificate"
-                ));
+                return Err(bad(&field, format!(
+                    "{field} = {url:?} is https://: set rollout.ssl_ca_certs to the CA of its certificate"
+                )));
             }
             if self.workers[..i].contains(url) {
-                return Err(format!("rollout.workers[{i}] = {url:?} is listed twice"));
+                return Err(bad(&field, format!("{field} = {url:?} is listed twice")));
             }
         }
         if self.max_prompts_per_request == 0 {
-            return Err("rollout.max_prompts_per_request must be at least 1".into());
+            return Err(bad(
+                "rollout.max_prompts_per_request",
+                "rollout.max_prompts_per_request must be at least 1",
+            ));
         }
         if self.max_requests_per_worker == 0 {
-            return Err("rollout.max_requests_per_worker must be at least 1".into());
+            return Err(bad(
+                "rollout.max_requests_per_worker",
+                "rollout.max_requests_per_worker must be at least 1",
+            ));
         }
         positive_secs("request_timeout_secs", self.request_timeout_secs)?;
         positive_secs("connect_timeout_secs", self.connect_timeout_secs)?;
         positive_secs("retry_backoff_secs", self.retry_backoff_secs)?;
         positive_secs("dns_refresh_secs", self.dns_refresh_secs)?;
         if self.weight_chunk_bytes < 4 || self.weight_chunk_bytes > MAX_WEIGHT_CHUNK_BYTES {
-            return Err(format!(
-                "rollout.weight_chunk_bytes must be in 4..={MAX_WEIGHT_CHUNK_BYTES}, got {}",
-                self.weight_chunk_bytes
+            return Err(bad(
+                "rollout.weight_chunk_bytes",
+                format!(
+                    "rollout.weight_chunk_bytes must be in 4..={MAX_WEIGHT_CHUNK_BYTES}, got {}",
+                    self.weight_chunk_bytes
+                ),
             ));
         }
         self.wire_dtype()?;
         if self.ssl_certfile.is_some() != self.ssl_keyfile.is_some() {
-            return Err("rollout.ssl_certfile and rollout.ssl_keyfile must be set together".into());
+            return Err(bad(
+                "rollout.ssl_keyfile",
+                "rollout.ssl_certfile and rollout.ssl_keyfile must be set together",
+            ));
         }
         if self.ssl_certfile.is_some() && self.ssl_ca_certs.is_none() {
-            return Err("rollout.ssl_certfile (mutual TLS) needs rollout.ssl_ca_certs".into());
+            return Err(bad(
+                "rollout.ssl_ca_certs",
+                "rollout.ssl_certfile (mutual TLS) needs rollout.ssl_ca_certs",
+            ));
         }
         Ok(())
     }
@@ -176,12 +197,15 @@ impl RolloutConfig {
 
     /// The parsed `weight_dtype` (`"auto"` not resolved by
     /// [`RolloutConfig::with_compute_dtype`] means float32).
-    pub fn wire_dtype(&self) -> Result<WireDtype, String> {
+    pub fn wire_dtype(&self) -> Result<WireDtype, InvalidConfig> {
         match self.weight_dtype.as_str() {
             "float32" | "auto" => Ok(WireDtype::Float32),
             "bfloat16" => Ok(WireDtype::BFloat16),
-            other => Err(format!(
-                "rollout.weight_dtype = {other:?}; allowed: \"auto\", \"float32\", \"bfloat16\""
+            other => Err(bad(
+                "rollout.weight_dtype",
+                format!(
+                    "rollout.weight_dtype = {other:?}; allowed: \"auto\", \"float32\", \"bfloat16\""
+                ),
             )),
         }
     }
@@ -292,7 +316,7 @@ mod tests {
         for (edit, field) in cases {
             let mut c = ok();
             edit(&mut c);
-            let e = c.validate().unwrap_err();
+            let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{field}: {e}");
         }
     }

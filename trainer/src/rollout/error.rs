@@ -5,7 +5,7 @@
 pub enum RolloutError {
     /// A `RolloutConfig` field is invalid (the message names it).
     #[error("invalid rollout config: {0}")]
-    Config(String),
+    Config(#[from] crate::config::InvalidConfig),
 
     /// A caller-side mistake detected before anything was sent.
     #[error("invalid rollout input: {0}")]
@@ -42,4 +42,20 @@ pub enum RolloutError {
     /// `failed` lists `url: reason` for each worker.
     #[error("weight push of version {version} failed on every worker: {failed}")]
     PushFailed { version: u64, failed: String },
+}
+
+/// Why a `rollout.workers` entry cannot be parsed; the message reads after the entry
+/// (`rollout.workers[0] = "..." <message>`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerEntryError {
+    #[error("must be dns:///HOST:PORT (the port is required)")]
+    DnsWithoutPort,
+    #[error("has port {port:?}; allowed: 1..65535")]
+    BadPort { port: String },
+    #[error("must be dns:///HOST:PORT with a host name")]
+    DnsWithoutHost,
+    #[error("must start with http://, https:// or dns:/// (a name resolving to every worker)")]
+    UnknownScheme,
+    #[error("is not a valid http(s)://host:port url")]
+    BadUrl,
 }

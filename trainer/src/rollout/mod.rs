@@ -319,8 +319,8 @@ impl RolloutClient {
     /// message lists each worker's error). Workers that do not answer are probed again
     /// later with backoff.
     pub async fn connect(cfg: RolloutConfig) -> Result<Self, RolloutError> {
-        cfg.validate().map_err(RolloutError::Config)?;
-        let wire = cfg.wire_dtype().map_err(RolloutError::Config)?;
+        cfg.validate()?;
+        let wire = cfg.wire_dtype()?;
         let sources = cfg.worker_sources();
         let (urls, errors) = resolve::resolve(&sources).await;
         if urls.is_empty() {
@@ -339,8 +339,7 @@ impl RolloutClient {
         let env_key = std::env::var("ROLLOUT_API_KEY")
             .ok()
             .filter(|k| !k.is_empty());
-        let transport =
-            Transport::from_config(&cfg, env_key.as_deref()).map_err(RolloutError::Config)?;
+        let transport = Transport::from_config(&cfg, env_key.as_deref())?;
         let inner = Arc::new(Inner {
             cfg,
             transport,

@@ -10,6 +10,8 @@
 //! unusable until they serve the current weight version, which the next push gives
 //! them) and retires vanished ones (never used again unless they reappear).
 
+use super::error::WorkerEntryError;
+
 /// One `rollout.workers` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkerSource {
@@ -24,19 +26,21 @@ pub const DNS_SCHEME: &str = "dns:///";
 
 impl WorkerSource {
     /// Parses an entry; the error says what is wrong with it (the caller names the field).
-    pub fn parse(entry: &str) -> Result<WorkerSource, String> {
+    pub fn parse(entry: &str) -> Result<WorkerSource, WorkerEntryError> {
         if let Some(rest) = entry.strip_prefix(DNS_SCHEME) {
             let (host, port) = rest
                 .rsplit_once(':')
-                .ok_or_else(|| "must be dns:///HOST:PORT (the port is required)".to_string())?;
-            let port: u16 = port
-                .parse()
-                .ok()
-                .filter(|&p| p > 0)
-                .ok_or_else(|| format!("has port {port:?}; allowed: 1..65535"))?;
+                .ok_or(WorkerEntryError::DnsWithoutPort)?;
+            let port: u16 =
+                port.parse()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| WorkerEntryError::BadPort {
+                        port: port.to_string(),
+                    })?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             if host.is_empty() || host.contains('/') {
-                return Err("must be dns:///HOST:PORT with a host name".into());
+                return Err(WorkerEntryError::DnsWithoutHost);
             }
             return Ok(WorkerSource::Dns {
                 host: host.to_string(),
@@ -46,12 +50,9 @@ impl WorkerSource {
         let rest = entry
             .strip_prefix("http://")
             .or_else(|| entry.strip_prefix("https://"))
-            .ok_or_else(|| {
-                "must start with http://, https:// or dns:/// (a name resolving to every worker)"
-                    .to_string()
-            })?;
+            .ok_or(WorkerEntryError::UnknownScheme)?;
         if rest.is_empty() || entry.parse::<tonic::transport::Uri>().is_err() {
-            return Err("is not a valid http(s)://host:port url".into());
+            return Err(WorkerEntryError::BadUrl);
         }
         Ok(WorkerSource::Url(entry.to_string()))
     }
@@ -120,7 +121,7 @@ mod tests {
             ("10.0.0.1:50051", "must start with http://"),
             ("http://", "not a valid"),
         ] {
-            let e = WorkerSource::parse(bad).unwrap_err();
+            let e = WorkerSource::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }

@@ -4,6 +4,7 @@
 //! `rollout.api_key_file` names) and the PEM files once; [`Transport::connect`] opens a
 //! channel to one url (TLS for `https://`), and every call on it carries
 //! `authorization: Bearer <key>` through [`Auth`], a tonic interceptor.
+use crate::config::invalid::{bad, InvalidConfig};
 use std::path::Path;
 use std::time::Duration;
 
@@ -64,17 +65,28 @@ impl std::fmt::Debug for Transport {
     }
 }
 
-fn read(field: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("rollout.{field}: cannot read {}: {e}", path.display()))
+fn read(field: &str, path: &Path) -> Result<Vec<u8>, InvalidConfig> {
+    std::fs::read(path).map_err(|e| {
+        bad(
+            &format!("rollout.{field}"),
+            format!("rollout.{field}: cannot read {}: {e}", path.display()),
+        )
+    })
 }
 
 impl Transport {
     /// The key from `env_key` (ROLLOUT_API_KEY) or `rollout.api_key_file`, and the TLS
     /// files of `cfg`; errors name the field.
-    pub fn from_config(cfg: &RolloutConfig, env_key: Option<&str>) -> Result<Transport, String> {
+    pub fn from_config(
+        cfg: &RolloutConfig,
+        env_key: Option<&str>,
+    ) -> Result<Transport, InvalidConfig> {
         let key = match (env_key, &cfg.api_key_file) {
             (Some(_), Some(_)) => {
-                return Err("rollout.api_key_file is set and so is ROLLOUT_API_KEY; use one".into())
+                return Err(bad(
+                    "rollout.api_key_file",
+                    "rollout.api_key_file is set and so is ROLLOUT_API_KEY; use one",
+                ))
             }
             (Some(k), None) => Some(k.trim().to_string()),
             (None, Some(path)) => Some(
@@ -87,10 +99,16 @@ impl Transport {
         let auth = match key {
             None => Auth(None),
             Some(k) if k.is_empty() => {
-                return Err("the API key (ROLLOUT_API_KEY or rollout.api_key_file) is empty".into())
+                return Err(bad(
+                    "rollout.api_key_file",
+                    "the API key (ROLLOUT_API_KEY or rollout.api_key_file) is empty",
+                ))
             }
             Some(k) => Auth(Some(format!("Bearer {k}").parse().map_err(|_| {
-                "the API key must be printable ASCII without spaces".to_string()
+                bad(
+                    "rollout.api_key_file",
+                    "the API key must be printable ASCII without spaces",
+                )
             })?)),
         };
         let tls = match &cfg.ssl_ca_certs {
