@@ -59,3 +59,49 @@ pub enum WorkerEntryError {
     #[error("is not a valid http(s)://host:port url")]
     BadUrl,
 }
+
+/// Why a worker's group cannot be accepted (the worker is failed for a protocol
+/// violation). `key` is the prompt job's key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupViolation {
+    #[error("group for key {key} has {got} completions, expected n = {n}")]
+    Count { key: String, got: usize, n: u32 },
+    #[error("group for key {key} echoes a different prompt ({got} tokens, sent {sent})")]
+    Prompt {
+        key: String,
+        got: usize,
+        sent: usize,
+    },
+    #[error("group for key {key}: completion {index} has {tokens} tokens but {logprobs} logprobs")]
+    Logprobs {
+        key: String,
+        index: usize,
+        tokens: usize,
+        logprobs: usize,
+    },
+    #[error(
+        "group for key {key}: completion {index} has finish_reason {finish_reason} (neither stop nor length)"
+    )]
+    FinishReason {
+        key: String,
+        index: usize,
+        finish_reason: i32,
+    },
+}
+
+/// Why a tensor cannot be put on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("undefined tensor")]
+    Undefined,
+    #[error("{0}")]
+    Torch(#[source] tch::TchError),
+    #[error("dtype {kind:?} is not a floating-point kind")]
+    NotFloat { kind: tch::Kind },
+    #[error("conversion to {wire:?} on the host failed: {source}")]
+    Conversion {
+        wire: super::WireDtype,
+        #[source]
+        source: tch::TchError,
+    },
+}

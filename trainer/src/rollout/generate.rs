@@ -2,6 +2,7 @@
 //! channel; the caller's task owns the [`Dispatch`] state, validates each group, fails
 //! workers and re-queues what they still owed.
 
+use super::error::GroupViolation;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,21 +120,20 @@ fn request(
 }
 
 /// Why a group that maps to `job` cannot be accepted, if it cannot.
-fn check_group(g: &pb::GroupResult, job: &PromptJob, n: u32) -> Result<(), String> {
+fn check_group(g: &pb::GroupResult, job: &PromptJob, n: u32) -> Result<(), GroupViolation> {
     if g.completions.len() != n as usize {
-        return Err(format!(
-            "group for key {} has {} completions, expected n = {n}",
-            job.key,
-            g.completions.len()
-        ));
+        return Err(GroupViolation::Count {
+            key: job.key.to_string(),
+            got: g.completions.len(),
+            n,
+        });
     }
     if g.prompt_token_ids != job.token_ids {
-        return Err(format!(
-            "group for key {} echoes a different prompt ({} tokens, sent {})",
-            job.key,
-            g.prompt_token_ids.len(),
-            job.token_ids.len()
-        ));
+        return Err(GroupViolation::Prompt {
+            key: job.key.to_string(),
+            got: g.prompt_token_ids.len(),
+            sent: job.token_ids.len(),
+        });
     }
     if let Some((j, c)) = g
         .completions
@@ -141,12 +141,12 @@ fn check_group(g: &pb::GroupResult, job: &PromptJob, n: u32) -> Result<(), Strin
         .enumerate()
         .find(|(_, c)| c.logprobs.len() != c.token_ids.len())
     {
-        return Err(format!(
-            "group for key {}: completion {j} has {} tokens but {} logprobs",
-            job.key,
-            c.token_ids.len(),
-            c.logprobs.len()
-        ));
+        return Err(GroupViolation::Logprobs {
+            key: job.key.to_string(),
+            index: j,
+            tokens: c.token_ids.len(),
+            logprobs: c.logprobs.len(),
+        });
     }
     if let Some((j, c)) = g
         .completions
@@ -154,10 +154,11 @@ fn check_group(g: &pb::GroupResult, job: &PromptJob, n: u32) -> Result<(), Strin
         .enumerate()
         .find(|(_, c)| FinishReason::from_wire(c.finish_reason).is_none())
     {
-        return Err(format!(
-            "group for key {}: completion {j} has finish_reason {} (neither stop nor length)",
-            job.key, c.finish_reason
-        ));
+        return Err(GroupViolation::FinishReason {
+            key: job.key.to_string(),
+            index: j,
+            finish_reason: c.finish_reason,
+        });
     }
     Ok(())
 }

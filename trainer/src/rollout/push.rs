@@ -10,6 +10,7 @@
 //! Host memory: at most one copy of the model in the wire dtype, shared by all workers
 //! (the buffers live until the slowest worker's stream has taken them).
 
+use super::error::WireError;
 use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Arc;
@@ -94,16 +95,16 @@ impl AsRef<[u8]> for TensorBytes {
 /// The little-endian bytes of `t` in `wire` dtype, on the host, without a copy when `t`
 /// already is a contiguous host tensor of that dtype. Narrowing conversions run on the
 /// tensor's device (less to copy), widening ones on the host.
-fn wire_bytes(t: &Tensor, wire: WireDtype) -> Result<Bytes, String> {
+fn wire_bytes(t: &Tensor, wire: WireDtype) -> Result<Bytes, WireError> {
     if !t.defined() {
-        return Err("undefined tensor".into());
+        return Err(WireError::Undefined);
     }
-    let kind = t.f_kind().map_err(|e| e.to_string())?;
+    let kind = t.f_kind().map_err(WireError::Torch)?;
     let size = match kind {
         Kind::Double => 8,
         Kind::Float => 4,
         Kind::Half | Kind::BFloat16 => 2,
-        other => return Err(format!("dtype {other:?} is not a floating-point kind")),
+        other => return Err(WireError::NotFloat { kind: other }),
     };
     let _g = tch::no_grad_guard();
     let t = t.detach();
@@ -117,7 +118,7 @@ fn wire_bytes(t: &Tensor, wire: WireDtype) -> Result<Bytes, String> {
             .and_then(|x| x.f_to_kind(wire.kind()))
     }
     .and_then(|x| x.f_contiguous())
-    .map_err(|e| format!("conversion to {wire:?} on the host failed: {e}"))?;
+    .map_err(|source| WireError::Conversion { wire, source })?;
     Ok(Bytes::from_owner(TensorBytes(host)))
 }
 
@@ -291,7 +292,7 @@ impl WeightPush {
             return Err(tensor_err("sent twice in one push".into()));
         }
         let wire = self.inner.wire;
-        let bytes = wire_bytes(tensor, wire).map_err(tensor_err)?;
+        let bytes = wire_bytes(tensor, wire).map_err(|e| tensor_err(e.to_string()))?;
         self.names.insert(name.to_string());
         let shape = tensor.size();
         let chunk = (self.inner.cfg.weight_chunk_bytes / wire.size()).max(1) * wire.size();
@@ -434,7 +435,9 @@ mod tests {
             .tr();
         let b = wire_bytes(&m, WireDtype::Float32).unwrap();
         assert_eq!(f32::from_le_bytes(b[4..8].try_into().unwrap()), 3.0);
-        let e = wire_bytes(&Tensor::from_slice(&[1i64]), WireDtype::Float32).unwrap_err();
+        let e = wire_bytes(&Tensor::from_slice(&[1i64]), WireDtype::Float32)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Int64"), "{e}");
     }
 }
