@@ -105,3 +105,23 @@ pub enum WireError {
         source: tch::TchError,
     },
 }
+
+/// Why connecting to a worker or its `Health` probe failed (the worker stays unhealthy
+/// and is probed again with backoff). Messages carry the whole cause chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{}", super::error_chain(error))]
+    Endpoint { error: tonic::transport::Error },
+    #[error("an https:// worker needs rollout.ssl_ca_certs (the CA of its certificate)")]
+    NoCaCerts,
+    #[error("TLS: {}", super::error_chain(error))]
+    Tls { error: tonic::transport::Error },
+    #[error("connect: {}", super::error_chain(error))]
+    Connect { error: tonic::transport::Error },
+    #[error("Health: {}", super::status_text(status))]
+    Health { status: tonic::Status },
+    #[error("Health: the worker is not serving (engine stopped)")]
+    NotServing,
+    #[error("no Health answer within {secs:.1}s")]
+    Timeout { secs: f64 },
+}

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use proto::v1 as pb;
 
 pub use config::{RolloutConfig, WireDtype};
-pub use error::RolloutError;
+pub use error::{ProbeError, RolloutError};
 pub use pool::WorkerStatus;
 pub use push::{PushReport, WeightPush};
 pub use transport::{Conn, Transport, WorkerClient};
@@ -176,7 +176,7 @@ impl Inner {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    fn apply_probe(&self, i: usize, result: Result<(Conn, u64), String>) {
+    fn apply_probe(&self, i: usize, result: Result<(Conn, u64), ProbeError>) {
         {
             let mut pool = self.pool();
             match result {
@@ -190,7 +190,7 @@ impl Inner {
                 }
                 Err(e) => {
                     tracing::debug!(worker = %pool.slots[i].url, error = %e, "probe failed");
-                    pool.probe_failed(i, e, Instant::now());
+                    pool.probe_failed(i, e.to_string(), Instant::now());
                 }
             }
         }
@@ -291,26 +291,25 @@ async fn probe(
     transport: &Transport,
     url: String,
     timeout: Duration,
-) -> Result<(Conn, u64), String> {
+) -> Result<(Conn, u64), ProbeError> {
     let attempt = async {
         let channel = transport.connect(url, timeout).await?;
         let health = grpc_client(channel.clone())
             .health(pb::HealthRequest {})
             .await
-            .map_err(|s| format!("Health: {}", status_text(&s)))?
+            .map_err(|status| ProbeError::Health { status })?
             .into_inner();
         if health.status != pb::health_response::Status::Serving as i32 {
-            return Err("Health: the worker is not serving (engine stopped)".to_string());
+            return Err(ProbeError::NotServing);
         }
         Ok((channel, health.weight_version))
     };
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| {
-            Err(format!(
-                "no Health answer within {:.1}s",
-                timeout.as_secs_f64()
-            ))
+            Err(ProbeError::Timeout {
+                secs: timeout.as_secs_f64(),
+            })
         })
 }
 
@@ -389,7 +388,9 @@ impl RolloutClient {
             match r {
                 Ok(_) => self.inner.apply_probe(i, r),
                 Err(e) => {
-                    self.inner.pool().refresh_failed(i, e, Instant::now());
+                    self.inner
+                        .pool()
+                        .refresh_failed(i, e.to_string(), Instant::now());
                     self.inner.bump();
                 }
             }

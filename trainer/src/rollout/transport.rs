@@ -4,6 +4,7 @@
 //! `rollout.api_key_file` names) and the PEM files once; [`Transport::connect`] opens a
 //! channel to one url (TLS for `https://`), and every call on it carries
 //! `authorization: Bearer <key>` through [`Auth`], a tonic interceptor.
+use super::error::ProbeError;
 use crate::config::invalid::{bad, InvalidConfig};
 use std::path::Path;
 use std::time::Duration;
@@ -129,27 +130,24 @@ impl Transport {
     }
 
     /// Connects to `url` within `timeout`.
-    pub async fn connect(&self, url: String, timeout: Duration) -> Result<Conn, String> {
+    pub async fn connect(&self, url: String, timeout: Duration) -> Result<Conn, ProbeError> {
         let mut endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| super::error_chain(&e))?
+            .map_err(|error| ProbeError::Endpoint { error })?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
         if url.starts_with("https://") {
-            let tls = self.tls.clone().ok_or_else(|| {
-                "an https:// worker needs rollout.ssl_ca_certs (the CA of its certificate)"
-                    .to_string()
-            })?;
+            let tls = self.tls.clone().ok_or(ProbeError::NoCaCerts)?;
             endpoint = endpoint
                 .tls_config(tls)
-                .map_err(|e| format!("TLS: {}", super::error_chain(&e)))?;
+                .map_err(|error| ProbeError::Tls { error })?;
         }
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| format!("connect: {}", super::error_chain(&e)))?;
+            .map_err(|error| ProbeError::Connect { error })?;
         Ok(Conn {
             channel,
             auth: self.auth.clone(),
