@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use prompts::{load_prompts, PromptExample};
-pub use reader::read_rows;
+pub use reader::{read_rows, MalformedRow};
 pub use sampler::{Sampler, SamplerState};
 pub use sft::{load_sft, SftExample};
 
@@ -326,7 +326,7 @@ pub(crate) fn load_with<T>(
             report.total_rows += 1;
             let outcome = match row {
                 Ok(map) => convert(index, map),
-                Err(reason) => Err(Unusable::new("malformed_row", reason.clone()).into()),
+                Err(reason) => Err(Unusable::new("malformed_row", reason.to_string()).into()),
             };
             match outcome {
                 Ok(example) => {

@@ -16,7 +16,25 @@ use serde_json::{Map, Value};
 use super::{DataError, DataFormat};
 
 /// One row: its columns, or why it could not be parsed.
-pub type Row = Result<Map<String, Value>, String>;
+pub type Row = Result<Map<String, Value>, MalformedRow>;
+
+/// Why one row of a readable file is not a JSON object; the message names the line (JSON
+/// lines) or the element (a JSON array).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedRow {
+    #[error("line {line}: not valid UTF-8: {source}")]
+    Utf8 {
+        line: usize,
+        source: std::str::Utf8Error,
+    },
+    #[error("line {line}: a row must be a JSON object, got {found}")]
+    LineNotObject { line: usize, found: &'static str },
+    /// `message` is serde_json's (which is not `Clone`; rows are kept and reported later).
+    #[error("line {line}: invalid JSON: {message}")]
+    Json { line: usize, message: String },
+    #[error("array element {index}: a row must be a JSON object, got {found}")]
+    ElementNotObject { index: usize, found: &'static str },
+}
 
 /// The rows of one file.
 #[derive(Debug)]
@@ -178,15 +196,20 @@ fn read_json_rows(path: &Path) -> Result<Vec<Row>, DataError> {
 }
 
 fn parse_line(line: &[u8], line_no: usize) -> Row {
-    let text =
-        std::str::from_utf8(line).map_err(|e| format!("line {line_no}: not valid UTF-8: {e}"))?;
+    let text = std::str::from_utf8(line).map_err(|source| MalformedRow::Utf8 {
+        line: line_no,
+        source,
+    })?;
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(format!(
-            "line {line_no}: a row must be a JSON object, got {}",
-            super::type_name(&other)
-        )),
-        Err(e) => Err(format!("line {line_no}: invalid JSON: {e}")),
+        Ok(other) => Err(MalformedRow::LineNotObject {
+            line: line_no,
+            found: super::type_name(&other),
+        }),
+        Err(e) => Err(MalformedRow::Json {
+            line: line_no,
+            message: e.to_string(),
+        }),
     }
 }
 
@@ -207,10 +230,10 @@ fn read_json_array(path: &Path, mut reader: impl Read) -> Result<Vec<Row>, DataE
         .enumerate()
         .map(|(i, item)| match item {
             Value::Object(map) => Ok(map),
-            other => Err(format!(
-                "array element {i}: a row must be a JSON object, got {}",
-                super::type_name(&other)
-            )),
+            other => Err(MalformedRow::ElementNotObject {
+                index: i,
+                found: super::type_name(&other),
+            }),
         })
         .collect())
 }
@@ -291,16 +314,19 @@ mod tests {
         assert!(rows[1]
             .as_ref()
             .unwrap_err()
+            .to_string()
             .contains("line 3: a row must be a JSON object, got a list"));
         assert!(rows[2]
             .as_ref()
             .unwrap_err()
+            .to_string()
             .starts_with("line 4: invalid JSON"));
         assert!(rows[3]
             .as_ref()
             .unwrap_err()
+            .to_string()
             .starts_with("line 5: invalid JSON"));
-        assert!(rows[4].as_ref().unwrap_err().contains("UTF-8"));
+        assert!(rows[4].as_ref().unwrap_err().to_string().contains("UTF-8"));
         assert_eq!(rows[5].as_ref().unwrap()["n"], 2);
     }
 
@@ -311,7 +337,11 @@ mod tests {
         std::fs::write(&path, "  \n[{\"prompt\": \"a\"}, 3]").unwrap();
         let rows = read_rows(&path, DataFormat::Auto).unwrap();
         assert_eq!(rows.len(), 2);
-        assert!(rows[1].as_ref().unwrap_err().contains("array element 1"));
+        assert!(rows[1]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("array element 1"));
         std::fs::write(&path, "[{\"prompt\": \"a\"}").unwrap();
         assert!(matches!(
             read_rows(&path, DataFormat::Auto),
