@@ -25,6 +25,43 @@ use super::DataError;
 
 const DATA_EXTENSIONS: &[&str] = &["parquet", "jsonl", "json"];
 
+/// Why the card or the layout offers no files for the wanted config and split; the
+/// message (carried by `DataError::Hub`) names what the repository offers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum FilesError {
+    #[error("the card has no config {wanted:?}; it has: {names:?} (dataset_config)")]
+    NoSuchConfig { wanted: String, names: Vec<String> },
+    #[error("the card has several configs and none is the default; pick one with dataset_config: {names:?}")]
+    NoDefaultConfig { names: Vec<String> },
+    #[error("config {name:?} has only the train split, not {split:?}")]
+    OnlyTrain { name: String, split: String },
+    #[error("config {name:?} has no split {split:?}; it has: {splits:?} (dataset_train_split)")]
+    NoSplit {
+        name: String,
+        split: String,
+        splits: Vec<String>,
+    },
+    #[error("config {name:?} has no split {split:?}; it has: {splits:?}")]
+    NoSplitKey {
+        name: String,
+        split: String,
+        splits: Vec<String>,
+    },
+    #[error("config {name:?} of the card lists no data_files")]
+    NoDataFiles { name: String },
+    #[error(
+        "no data files of split {split:?}{} in {} (found: {found})",
+        config.as_ref().map(|c| format!(", config {c:?}")).unwrap_or_default(),
+        root.display()
+    )]
+    NoLayoutFiles {
+        split: String,
+        config: Option<String>,
+        root: PathBuf,
+        found: String,
+    },
+}
+
 /// The data files of `config` / `split` of dataset `name`, in name order.
 pub fn dataset_files(
     cache: &HubCache,
@@ -53,8 +90,8 @@ pub fn dataset_files(
         .collect();
     let files = match card_configs(&root)? {
         Some(configs) if !configs.is_empty() => {
-            let entry = pick_config(&configs, config).map_err(&fail)?;
-            let patterns = split_patterns(entry, split).map_err(&fail)?;
+            let entry = pick_config(&configs, config).map_err(|e| fail(e.to_string()))?;
+            let patterns = split_patterns(entry, split).map_err(|e| fail(e.to_string()))?;
             let mut out: Vec<PathBuf> = rel
                 .iter()
                 .filter(|r| patterns.iter().any(|p| glob_match(p, r)))
@@ -69,7 +106,7 @@ pub fn dataset_files(
             }
             out
         }
-        _ => layout_files(&root, &rel, config, split).map_err(&fail)?,
+        _ => layout_files(&root, &rel, config, split).map_err(|e| fail(e.to_string()))?,
     };
     Ok(files)
 }
@@ -130,8 +167,8 @@ fn config_name(v: &Value) -> &str {
         .unwrap_or("default")
 }
 
-fn pick_config<'a>(configs: &'a [Value], wanted: Option<&str>) -> Result<&'a Value, String> {
-    let names: Vec<&str> = configs.iter().map(config_name).collect();
+fn pick_config<'a>(configs: &'a [Value], wanted: Option<&str>) -> Result<&'a Value, FilesError> {
+    let names: Vec<String> = configs.iter().map(|c| config_name(c).to_string()).collect();
     let found = match wanted {
         Some(w) => configs.iter().find(|c| config_name(c) == w),
         None => configs
@@ -141,13 +178,16 @@ fn pick_config<'a>(configs: &'a [Value], wanted: Option<&str>) -> Result<&'a Val
             .or_else(|| (configs.len() == 1).then(|| &configs[0])),
     };
     found.ok_or_else(|| match wanted {
-        Some(w) => format!("the card has no config {w:?}; it has: {names:?} (dataset_config)"),
-        None => format!("the card has several configs and none is the default; pick one with dataset_config: {names:?}"),
+        Some(w) => FilesError::NoSuchConfig {
+            wanted: w.to_string(),
+            names,
+        },
+        None => FilesError::NoDefaultConfig { names },
     })
 }
 
 /// The file patterns of `split` in one card config.
-fn split_patterns(entry: &Value, split: &str) -> Result<Vec<String>, String> {
+fn split_patterns(entry: &Value, split: &str) -> Result<Vec<String>, FilesError> {
     let strings = |v: &Value| -> Vec<String> {
         match v {
             Value::String(s) => vec![s.clone()],
@@ -165,30 +205,40 @@ fn split_patterns(entry: &Value, split: &str) -> Result<Vec<String>, String> {
             if split == "train" {
                 Ok(strings(v))
             } else {
-                Err(format!(
-                    "config {name:?} has only the train split, not {split:?}"
-                ))
+                Err(FilesError::OnlyTrain {
+                    name: name.to_string(),
+                    split: split.to_string(),
+                })
             }
         }
         Some(Value::Array(items)) => {
-            let splits: Vec<&str> = items
+            let splits: Vec<String> = items
                 .iter()
                 .filter_map(|i| i.get("split").and_then(Value::as_str))
+                .map(str::to_string)
                 .collect();
             items
                 .iter()
                 .find(|i| i.get("split").and_then(Value::as_str) == Some(split))
                 .and_then(|i| i.get("path"))
                 .map(strings)
-                .ok_or_else(|| format!("config {name:?} has no split {split:?}; it has: {splits:?} (dataset_train_split)"))
+                .ok_or_else(|| FilesError::NoSplit {
+                    name: name.to_string(),
+                    split: split.to_string(),
+                    splits,
+                })
         }
-        Some(Value::Object(m)) => m.get(split).map(strings).ok_or_else(|| {
-            format!(
-                "config {name:?} has no split {split:?}; it has: {:?}",
-                m.keys().collect::<Vec<_>>()
-            )
+        Some(Value::Object(m)) => m
+            .get(split)
+            .map(strings)
+            .ok_or_else(|| FilesError::NoSplitKey {
+                name: name.to_string(),
+                split: split.to_string(),
+                splits: m.keys().cloned().collect(),
+            }),
+        _ => Err(FilesError::NoDataFiles {
+            name: name.to_string(),
         }),
-        _ => Err(format!("config {name:?} of the card lists no data_files")),
     }
 }
 
@@ -198,7 +248,7 @@ fn layout_files(
     rel: &[String],
     config: Option<&str>,
     split: &str,
-) -> Result<Vec<PathBuf>, String> {
+) -> Result<Vec<PathBuf>, FilesError> {
     let data: Vec<&String> = rel
         .iter()
         .filter(|r| {
@@ -239,21 +289,19 @@ fn layout_files(
     }
     out.sort();
     if out.is_empty() {
-        return Err(format!(
-            "no data files of split {split:?}{} in {} (found: {})",
-            config
-                .map(|c| format!(", config {c:?}"))
-                .unwrap_or_default(),
-            root.display(),
-            if data.is_empty() {
+        return Err(FilesError::NoLayoutFiles {
+            split: split.to_string(),
+            config: config.map(str::to_string),
+            root: root.to_path_buf(),
+            found: if data.is_empty() {
                 "no .parquet, .jsonl or .json file".to_string()
             } else {
                 data.iter()
                     .map(|s| s.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
-            }
-        ));
+            },
+        });
     }
     Ok(out)
 }
