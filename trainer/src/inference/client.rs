@@ -360,10 +360,10 @@ impl Pool {
                 match sse.line(line.trim_end()) {
                     Ok(true) => on_chunk(),
                     Ok(false) => {}
-                    Err(message) => {
+                    Err(e) => {
                         return Err(ClientError::Transport {
                             url,
-                            message,
+                            message: e.to_string(),
                             retryable: true,
                         })
                     }
@@ -393,6 +393,18 @@ impl Pool {
     }
 }
 
+/// Why one SSE line of a streamed response cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("invalid stream chunk {data:?}: {source}")]
+    Chunk {
+        data: String,
+        source: serde_json::Error,
+    },
+    #[error("server error in stream: {error}")]
+    Server { error: Value },
+}
+
 /// What one streamed response has delivered so far.
 #[derive(Debug, Default)]
 struct SseState {
@@ -406,7 +418,7 @@ struct SseState {
 
 impl SseState {
     /// Consumes one SSE line; `Ok(true)` for a chunk carrying generated text.
-    fn line(&mut self, line: &str) -> Result<bool, String> {
+    fn line(&mut self, line: &str) -> Result<bool, StreamError> {
         let Some(data) = line.strip_prefix("data:") else {
             return Ok(false);
         };
@@ -415,10 +427,12 @@ impl SseState {
             self.done = true;
             return Ok(false);
         }
-        let v: Value = serde_json::from_str(data)
-            .map_err(|e| format!("invalid stream chunk {data:?}: {e}"))?;
+        let v: Value = serde_json::from_str(data).map_err(|source| StreamError::Chunk {
+            data: data.to_string(),
+            source,
+        })?;
         if let Some(err) = v.get("error") {
-            return Err(format!("server error in stream: {err}"));
+            return Err(StreamError::Server { error: err.clone() });
         }
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
             self.usage_completion = u["completion_tokens"].as_u64();
