@@ -17,7 +17,22 @@ use model::{
 };
 use tch::{Kind, Tensor};
 
+use crate::zero::engine::BoxError;
 use crate::zero::LossOutput;
+
+/// Why a log-prob objective failed: the log-prob kernels, autograd, a non-finite loss
+/// or the caller's loss itself (its error as it is).
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectiveError {
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    #[error("the loss is not finite ({value})")]
+    NotFinite { value: f64 },
+    #[error(transparent)]
+    Loss(BoxError),
+}
 
 /// What the caller's loss sees.
 pub struct LogprobView<'a> {
@@ -36,9 +51,9 @@ pub fn logprob_objective<F>(
     targets: &Tensor,
     opts: &LogprobOptions,
     loss: F,
-) -> Result<LossOutput, String>
+) -> Result<LossOutput, ObjectiveError>
 where
-    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), String>,
+    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), BoxError>,
 {
     objective(
         hidden,
@@ -63,9 +78,9 @@ pub fn logprob_objective_at<F>(
     mask: &Tensor,
     opts: &LogprobOptions,
     loss: F,
-) -> Result<LossOutput, String>
+) -> Result<LossOutput, ObjectiveError>
 where
-    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), String>,
+    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), BoxError>,
 {
     let max = FULL_LOGITS_MAX_ELEMENTS;
     objective(hidden, head, targets, Some(mask), opts, max, loss)
@@ -79,11 +94,11 @@ fn objective<F>(
     opts: &LogprobOptions,
     full_max_elements: i64,
     loss: F,
-) -> Result<LossOutput, String>
+) -> Result<LossOutput, ObjectiveError>
 where
-    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), String>,
+    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), BoxError>,
 {
-    let err = |e: model::ModelError| e.to_string();
+    let err = ObjectiveError::Model;
     let t = targets.size()[1];
     let h = hidden.narrow(1, 0, t);
     let at = mask.map(Positions::new).transpose().map_err(err)?;
@@ -91,7 +106,7 @@ where
         Some(p) => (p.gather(&h).map_err(err)?, p.gather(targets).map_err(err)?),
         None => (h.shallow_clone(), targets.shallow_clone()),
     };
-    let spread = |x: Tensor| -> Result<Tensor, String> {
+    let spread = |x: Tensor| -> Result<Tensor, ObjectiveError> {
         match &at {
             Some(p) => p.scatter(&x).map_err(err),
             None => Ok(x),
@@ -106,7 +121,8 @@ where
         let (loss_sum, count) = loss(&LogprobView {
             logprobs: &leaf,
             entropy: entropy.as_ref(),
-        })?;
+        })
+        .map_err(ObjectiveError::Loss)?;
         (loss_sum.double_value(&[]), count, h.zeros_like())
     } else if n * head.size()[0] <= full_max_elements {
         // One pass: the logits whole, under autograd.
@@ -117,10 +133,11 @@ where
         let (loss_sum, count) = loss(&LogprobView {
             logprobs: &logprobs,
             entropy: entropy.as_ref(),
-        })?;
+        })
+        .map_err(ObjectiveError::Loss)?;
         let value = finite(&loss_sum)?;
         if loss_sum.requires_grad() {
-            loss_sum.f_backward().map_err(|e| e.to_string())?;
+            loss_sum.f_backward()?;
         }
         let g = leaf.grad();
         let g = if g.defined() { g } else { leaf.zeros_like() };
@@ -132,10 +149,11 @@ where
         let (loss_sum, count) = loss(&LogprobView {
             logprobs: &leaf,
             entropy: entropy.as_ref(),
-        })?;
+        })
+        .map_err(ObjectiveError::Loss)?;
         let value = finite(&loss_sum)?;
         let upstream = if loss_sum.requires_grad() {
-            loss_sum.f_backward().map_err(|e| e.to_string())?;
+            loss_sum.f_backward()?;
             let g = leaf.grad();
             if g.defined() {
                 g
@@ -157,7 +175,7 @@ where
         (value, count, spread(dh)?)
     };
     if !value.is_finite() {
-        return Err(format!("the loss is not finite ({value})"));
+        return Err(ObjectiveError::NotFinite { value });
     }
     let surrogate = (&h * dh.detach()).sum(Kind::Float);
     let shifted = &surrogate - surrogate.detach() + value;
@@ -168,12 +186,12 @@ where
 }
 
 /// The loss's value; an error when it is not finite (before any backward).
-fn finite(loss_sum: &Tensor) -> Result<f64, String> {
+fn finite(loss_sum: &Tensor) -> Result<f64, ObjectiveError> {
     let value = loss_sum.double_value(&[]);
     if value.is_finite() {
         Ok(value)
     } else {
-        Err(format!("the loss is not finite ({value})"))
+        Err(ObjectiveError::NotFinite { value })
     }
 }
 
@@ -270,6 +288,9 @@ mod tests {
         })
         .err()
         .unwrap();
-        assert!(e.contains("not finite"), "{e}");
+        assert!(
+            matches!(e, ObjectiveError::NotFinite { .. }) && e.to_string().contains("not finite"),
+            "{e}"
+        );
     }
 }

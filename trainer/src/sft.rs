@@ -150,6 +150,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
                         Ok((nll, count))
                     },
                 )
+                .map_err(Into::into)
             })?;
         }
         let stats = engine.step()?;

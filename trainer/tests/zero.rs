@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use model::{ModelConfig, Weights};
 use tch::{Device, Kind, Tensor};
 use trainer::dist::{self, Backend, DistConfig, RendezvousEnv};
+use trainer::zero::engine::BoxError;
 use trainer::zero::{LossOutput, MicroBatch, OptimConfig, ZeroConfig, ZeroEngine, ZeroStage};
 
 const GLOBAL_BATCH: i64 = 6;
@@ -63,7 +64,7 @@ fn global_batch(step: u64, vocab: i64) -> Tensor {
 }
 
 /// Next-token NLL summed over the micro-batch.
-fn lm_loss(ids: &Tensor) -> impl FnMut(&Tensor, &Tensor) -> Result<LossOutput, String> + '_ {
+fn lm_loss(ids: &Tensor) -> impl FnMut(&Tensor, &Tensor) -> Result<LossOutput, BoxError> + '_ {
     move |hidden, head| {
         let t = SEQ - 1;
         let logits = hidden.narrow(1, 0, t).linear::<Tensor>(head, None);

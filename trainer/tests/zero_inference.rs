@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use model::{ForwardInput, LogprobOptions, ModelConfig, Transformer, Weights};
 use tch::{Device, Kind, Tensor};
 use trainer::dist::{self, Backend, DistConfig, RendezvousEnv};
+use trainer::zero::engine::BoxError;
 use trainer::zero::{LossOutput, MicroBatch, OptimConfig, ZeroConfig, ZeroEngine, ZeroStage};
 
 /// f32, same math in another order (sharded gathers vs resident tensors).
@@ -46,7 +47,7 @@ fn ids() -> Tensor {
     Tensor::from_slice(&[5i64, 17, 3, 99, 42, 7, 1, 8, 250, 31, 64, 2]).view([2, 6])
 }
 
-fn logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Result<Tensor, String> {
+fn logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Result<Tensor, BoxError> {
     let t = ids.size()[1] - 1;
     model::token_logprobs(
         &hidden.narrow(1, 0, t),
@@ -55,7 +56,7 @@ fn logprobs(hidden: &Tensor, head: &Tensor, ids: &Tensor) -> Result<Tensor, Stri
         &LogprobOptions::default(),
     )
     .map(|l| l.logprobs)
-    .map_err(|e| e.to_string())
+    .map_err(Into::into)
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
@@ -182,7 +183,7 @@ fn an_error_in_the_visitor_is_returned_without_desynchronising_ranks() {
                     let mut e = engine(2, rank, port, ZeroStage::Stage3);
                     let r = e.visit_full_weights(|_, _| {
                         if rank == 0 {
-                            Err("worker went away".to_string())
+                            Err("worker went away".into())
                         } else {
                             Ok(())
                         }

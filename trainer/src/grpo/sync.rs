@@ -78,7 +78,7 @@ impl Grpo<'_> {
         let visited = self
             .engine
             .visit_weights(wire, |name, t| match push.as_mut() {
-                Some(p) => rt.block_on(p.send(name, t)).map_err(|e| e.to_string()),
+                Some(p) => rt.block_on(p.send(name, t)).map_err(Into::into),
                 None => Ok(()),
             });
         if let Err(e) = visited {

@@ -649,6 +649,7 @@ impl Grpo<'_> {
                     Ok((loss.loss_sum, loss.count))
                 },
             )
+            .map_err(Into::into)
         })?;
         Ok(())
     }
@@ -680,7 +681,7 @@ impl Grpo<'_> {
                 let h = hidden.narrow(1, 0, t);
                 model::token_logprobs_at(&h, head, &part.targets, &part.completion_mask, opts)
                     .map(|l| l.logprobs)
-                    .map_err(|e| e.to_string())
+                    .map_err(Into::into)
             })?;
             out.push(lp);
         }

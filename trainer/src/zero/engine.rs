@@ -103,6 +103,9 @@ impl MemoryReport {
     }
 }
 
+/// The error a caller's closure (a loss, a weight visitor) returns to the engine.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -114,7 +117,7 @@ pub enum EngineError {
     #[error("config: {0}")]
     Config(String),
     #[error("loss function: {0}")]
-    Loss(String),
+    Loss(BoxError),
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: String, message: String },
     /// The global loss or gradient norm was NaN or infinite; no weight was changed.
@@ -541,7 +544,7 @@ impl ZeroEngine {
     /// `[B, T, H]` and the head weight `[V, H]`, and returns a summed loss.
     pub fn forward_backward<F>(&mut self, mb: &MicroBatch, mut loss_fn: F) -> Result<f64>
     where
-        F: FnMut(&Tensor, &Tensor) -> std::result::Result<LossOutput, String>,
+        F: FnMut(&Tensor, &Tensor) -> std::result::Result<LossOutput, BoxError>,
     {
         self.refuse_if_frozen("forward_backward")?;
         let (ids, ctx) = self.prepare(mb)?;

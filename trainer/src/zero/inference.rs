@@ -5,7 +5,7 @@
 use model::{embed, layer_forward, rms_norm};
 use tch::{Kind, Tensor};
 
-use super::engine::{EngineError, MicroBatch, Result, ZeroEngine};
+use super::engine::{BoxError, EngineError, MicroBatch, Result, ZeroEngine};
 use super::ZeroStage;
 use crate::dist::Communicator;
 
@@ -15,7 +15,7 @@ impl ZeroEngine {
     /// (each unit is gathered, used and released in turn).
     pub fn forward_no_grad<T, F>(&mut self, mb: &MicroBatch, f: F) -> Result<T>
     where
-        F: FnOnce(&Tensor, &Tensor) -> std::result::Result<T, String>,
+        F: FnOnce(&Tensor, &Tensor) -> std::result::Result<T, BoxError>,
     {
         let _guard = tch::no_grad_guard();
         let (ids, ctx) = self.prepare(mb)?;
@@ -43,7 +43,7 @@ impl ZeroEngine {
     /// calls of `f` but not the collectives, and is returned at the end.
     pub fn visit_full_weights<F>(&mut self, f: F) -> Result<()>
     where
-        F: FnMut(&str, &Tensor) -> std::result::Result<(), String>,
+        F: FnMut(&str, &Tensor) -> std::result::Result<(), BoxError>,
     {
         self.visit_weights(Kind::Float, f)
     }
@@ -55,7 +55,7 @@ impl ZeroEngine {
     /// weights rounded to `want`.
     pub fn visit_weights<F>(&mut self, want: Kind, mut f: F) -> Result<()>
     where
-        F: FnMut(&str, &Tensor) -> std::result::Result<(), String>,
+        F: FnMut(&str, &Tensor) -> std::result::Result<(), BoxError>,
     {
         self.refuse_if_frozen("visit_full_weights")?;
         let mut first_err = None;
