@@ -341,3 +341,35 @@ pub fn copy_auxiliary_files(src: &Path, dst: &Path) -> Result<()> {
     }
     sync_path(dst)
 }
+
+/// Writes to `dir` a randomly initialised f32 checkpoint shaped like the one in `base`
+/// with `overrides` applied to its config.json (`layer_types` follows
+/// `num_hidden_layers`), plus `base`'s tokenizer files, for benchmarks that need a model
+/// of a given size. Weights come from seed 0; a `dir` that already holds a config.json
+/// is kept as it is. Returns the config and the weights.
+pub fn write_random_like(
+    base: &Path,
+    dir: &Path,
+    overrides: &[(&str, Value)],
+) -> Result<(ModelConfig, Weights)> {
+    let path = base.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let mut raw: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    for (k, v) in overrides {
+        raw[*k] = v.clone();
+    }
+    let layers = raw["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    raw["layer_types"] = json!(vec!["full_attention"; layers]);
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let cfg = ModelConfig::from_json(raw, &dir.join("config.json"))?;
+    tch::manual_seed(0);
+    let w = Weights::random(&cfg, Kind::Float, Device::Cpu);
+    if !dir.join("config.json").exists() {
+        crate::save_pretrained(dir, &cfg, &w, Kind::Float, DEFAULT_MAX_SHARD_BYTES)?;
+        copy_auxiliary_files(base, dir)?;
+    }
+    Ok((cfg, w))
+}

@@ -157,3 +157,26 @@ fn bad_requests_are_errors_not_panics() {
     let floats = Tensor::from_slice(&[1.0f32]).unsqueeze(0);
     assert!(m.forward(&ForwardInput::new(&floats), None).is_err());
 }
+
+/// The benchmarks' model writer: the overrides reach config.json, the weights written
+/// are the ones returned, the tokenizer comes along, and an existing checkpoint is kept.
+#[test]
+fn write_random_like_applies_overrides_and_keeps_an_existing_checkpoint() {
+    let base = model_dir("qwen2-tiny");
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("m");
+    let overrides = [
+        ("num_hidden_layers", serde_json::json!(3)),
+        ("hidden_size", serde_json::json!(48)),
+    ];
+    let (cfg, w) = model::checkpoint::write_random_like(&base, &dir, &overrides).unwrap();
+    assert_eq!((cfg.num_hidden_layers, cfg.hidden_size), (3, 48));
+    assert!(dir.join("tokenizer.json").exists());
+    let (loaded_cfg, loaded) = model::checkpoint::load_pretrained(&dir, Device::Cpu, None).unwrap();
+    assert_eq!(loaded_cfg.num_hidden_layers, 3);
+    assert!(loaded.embed_tokens.equal(&w.embed_tokens));
+    let before = std::fs::read(dir.join("config.json")).unwrap();
+    let again = [("num_hidden_layers", serde_json::json!(2))];
+    model::checkpoint::write_random_like(&base, &dir, &again).unwrap();
+    assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), before);
+}

@@ -16,10 +16,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use model::{ModelConfig, SamplingParams, Tokenizer, Transformer, Weights};
+use model::{ModelConfig, SamplingParams, Tokenizer, Transformer};
 use rollout_worker::engine::{EngineHandle, Stats};
 use rollout_worker::WorkerConfig;
 use rollout_worker::{EngineConfig, Event, GenerateRequest, Metrics, PromptInput, PromptSpec};
+use serde_json::json;
 use tch::{Device, Kind};
 
 const PROMPTS: usize = 4;
@@ -33,37 +34,21 @@ fn root() -> PathBuf {
 /// A Qwen2 of H 192, 6 layers, 6 heads (head_dim 32), 2 KV heads, I 512, V 4096,
 /// 8,192 positions, tied embeddings: 3.1M parameters.
 fn write_model(dir: &Path) -> anyhow::Result<()> {
-    if dir.join("config.json").exists() {
-        return Ok(());
-    }
-    let tiny = root().join("fixtures/generated/qwen2-tiny");
-    let mut raw: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json"))?)?;
-    for (k, v) in [
-        ("hidden_size", 192),
-        ("num_hidden_layers", 6),
-        ("num_attention_heads", 6),
-        ("num_key_value_heads", 2),
-        ("head_dim", 32),
-        ("intermediate_size", 512),
-        ("vocab_size", 4096),
-        ("max_position_embeddings", 8192),
-    ] {
-        raw[k] = serde_json::json!(v);
-    }
-    raw["tie_word_embeddings"] = serde_json::json!(true);
-    raw["layer_types"] = serde_json::json!(vec!["full_attention"; 6]);
-    let cfg = ModelConfig::from_json(raw, &dir.join("config.json"))?;
-    tch::manual_seed(0);
-    let w = Weights::random(&cfg, Kind::Float, Device::Cpu);
-    model::save_pretrained(
+    model::checkpoint::write_random_like(
+        &root().join("fixtures/generated/qwen2-tiny"),
         dir,
-        &cfg,
-        &w,
-        Kind::Float,
-        model::checkpoint::DEFAULT_MAX_SHARD_BYTES,
+        &[
+            ("hidden_size", json!(192)),
+            ("num_hidden_layers", json!(6)),
+            ("num_attention_heads", json!(6)),
+            ("num_key_value_heads", json!(2)),
+            ("head_dim", json!(32)),
+            ("intermediate_size", json!(512)),
+            ("vocab_size", json!(4096)),
+            ("max_position_embeddings", json!(8192)),
+            ("tie_word_embeddings", json!(true)),
+        ],
     )?;
-    model::checkpoint::copy_auxiliary_files(&tiny, dir)?;
     Ok(())
 }
 
@@ -154,7 +139,7 @@ fn main() -> anyhow::Result<()> {
     let ps = prompts(PROMPTS, PROMPT_LEN, cfg.vocab_size);
     std::fs::write(
         out.join("long_prompts.json"),
-        serde_json::json!({"prompts": ps, "n": N, "lengths": lengths}).to_string(),
+        json!({"prompts": ps, "n": N, "lengths": lengths}).to_string(),
     )?;
     let bw = memcpy_bandwidth();
     let num_params = {
@@ -189,7 +174,7 @@ fn main() -> anyhow::Result<()> {
             "ours {len:5} new tokens: {tps:9.1} tokens/s ({secs:.2}s); roofline {roofline_tps:9.1} tokens/s -> {:.0}% of roofline",
             100.0 * tps / roofline_tps
         );
-        results.push(serde_json::json!({
+        results.push(json!({
             "new_tokens": len, "tokens_per_s": tps, "seconds": secs,
             "roofline_tokens_per_s": roofline_tps,
         }));
@@ -211,14 +196,14 @@ fn main() -> anyhow::Result<()> {
             st.prefill_tokens,
             kv_bytes as f64 / (1 << 20) as f64
         );
-        sharing.push(serde_json::json!({
+        sharing.push(json!({
             "share": share, "prefill_tokens": st.prefill_tokens, "kv_bytes": kv_bytes,
             "seconds": secs,
         }));
     }
     std::fs::write(
         out.join("long_ours.json"),
-        serde_json::json!({
+        json!({
             "memcpy_bytes_per_s": bw, "num_params": num_params,
             "long": results, "sharing": sharing,
         })

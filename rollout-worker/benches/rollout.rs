@@ -14,12 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use model::{ModelConfig, Weights};
 use proto::v1 as pb;
 use proto::v1::rollout_service_client::RolloutServiceClient;
 use rollout_worker::weights::{chunks_of, WireDType};
 use rollout_worker::{EngineHandle, Metrics, WorkerConfig};
-use tch::{Device, Kind};
+use tch::Device;
 
 const PROMPT_LEN: usize = 32;
 
@@ -36,36 +35,21 @@ fn root() -> PathBuf {
 
 /// Writes a Qwen2 of H 256, 12 layers, 4 heads, 2 KV heads, I 1024, V 32000.
 fn write_model(dir: &Path, tied: bool) -> anyhow::Result<()> {
-    if dir.join("config.json").exists() {
-        return Ok(());
-    }
-    let tiny = root().join("fixtures/generated/qwen2-tiny");
-    let mut raw: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json"))?)?;
-    for (k, v) in [
-        ("hidden_size", 256),
-        ("num_hidden_layers", 12),
-        ("num_attention_heads", 4),
-        ("num_key_value_heads", 2),
-        ("intermediate_size", 1024),
-        ("vocab_size", 32000),
-        ("max_position_embeddings", 1024),
-    ] {
-        raw[k] = serde_json::json!(v);
-    }
-    raw["tie_word_embeddings"] = serde_json::json!(tied);
-    raw["layer_types"] = serde_json::json!(vec!["full_attention"; 12]);
-    let cfg = ModelConfig::from_json(raw, &dir.join("config.json"))?;
-    tch::manual_seed(0);
-    let w = Weights::random(&cfg, Kind::Float, Device::Cpu);
-    model::save_pretrained(
+    use serde_json::json;
+    model::checkpoint::write_random_like(
+        &root().join("fixtures/generated/qwen2-tiny"),
         dir,
-        &cfg,
-        &w,
-        Kind::Float,
-        model::checkpoint::DEFAULT_MAX_SHARD_BYTES,
+        &[
+            ("hidden_size", json!(256)),
+            ("num_hidden_layers", json!(12)),
+            ("num_attention_heads", json!(4)),
+            ("num_key_value_heads", json!(2)),
+            ("intermediate_size", json!(1024)),
+            ("vocab_size", json!(32000)),
+            ("max_position_embeddings", json!(1024)),
+            ("tie_word_embeddings", json!(tied)),
+        ],
     )?;
-    model::checkpoint::copy_auxiliary_files(&tiny, dir)?;
     Ok(())
 }
 

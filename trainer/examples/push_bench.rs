@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use model::{ModelConfig, Weights};
 use rollout_worker::{EngineHandle, Metrics, WorkerConfig};
-use tch::{Device, Kind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trainer::rollout::{RolloutClient, RolloutConfig};
 
@@ -32,37 +31,21 @@ fn root() -> PathBuf {
 
 /// A Qwen2 of H 512, 10 layers, 8 heads, I 1536, V 32000, tied: 50.5M parameters.
 fn write_model(dir: &Path) -> anyhow::Result<(ModelConfig, Weights)> {
-    let tiny = root().join("fixtures/generated/qwen2-tiny");
-    let mut raw: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json"))?)?;
-    for (k, v) in [
-        ("hidden_size", 512),
-        ("num_hidden_layers", 10),
-        ("num_attention_heads", 8),
-        ("num_key_value_heads", 8),
-        ("intermediate_size", 1536),
-        ("vocab_size", 32000),
-        ("max_position_embeddings", 512),
-    ] {
-        raw[k] = serde_json::json!(v);
-    }
-    raw["tie_word_embeddings"] = serde_json::json!(true);
-    raw["layer_types"] = serde_json::json!(vec!["full_attention"; 10]);
-    std::fs::create_dir_all(dir)?;
-    let cfg = ModelConfig::from_json(raw, &dir.join("config.json"))?;
-    tch::manual_seed(0);
-    let w = Weights::random(&cfg, Kind::Float, Device::Cpu);
-    if !dir.join("config.json").exists() {
-        model::save_pretrained(
-            dir,
-            &cfg,
-            &w,
-            Kind::Float,
-            model::checkpoint::DEFAULT_MAX_SHARD_BYTES,
-        )?;
-        model::checkpoint::copy_auxiliary_files(&tiny, dir)?;
-    }
-    Ok((cfg, w))
+    use serde_json::json;
+    Ok(model::checkpoint::write_random_like(
+        &root().join("fixtures/generated/qwen2-tiny"),
+        dir,
+        &[
+            ("hidden_size", json!(512)),
+            ("num_hidden_layers", json!(10)),
+            ("num_attention_heads", json!(8)),
+            ("num_key_value_heads", json!(8)),
+            ("intermediate_size", json!(1536)),
+            ("vocab_size", json!(32000)),
+            ("max_position_embeddings", json!(512)),
+            ("tie_word_embeddings", json!(true)),
+        ],
+    )?)
 }
 
 /// Seconds to move `bytes` through one loopback TCP stream in 4 MiB writes.
