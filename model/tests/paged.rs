@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use model::paged::{
-    gathered_attention, paged_attention, AttentionBackend, BlockPool, Geometry, PagedKvCache,
-    PagedStep, SeqSpan,
+    gathered_attention, paged_attention, paged_attention_isa, AttentionBackend, BlockPool,
+    Geometry, Isa, PagedKvCache, PagedStep, SeqSpan,
 };
 use model::{ForwardInput, Transformer};
 use tch::{Device, Kind, Tensor};
@@ -230,19 +230,32 @@ fn paged_steps_equal_the_full_forward_f32() {
 /// `(q_len, ctx_len, blocks)` per sequence.
 type Seqs = Vec<(usize, usize, Vec<u32>)>;
 
+/// Key pool, value pool (`[num_blocks, nkv, bs, d]`) and packed queries for `seqs`.
+fn random_tensors(geo: Geometry, kind: Kind, seqs: &Seqs, seed: i64) -> (Tensor, Tensor, Tensor) {
+    tch::manual_seed(seed);
+    let nb = seqs.iter().flat_map(|s| &s.2).max().map_or(1, |&b| b + 1) as i64;
+    let (nh, nkv, d, bs) = (
+        geo.num_heads as i64,
+        geo.num_kv_heads as i64,
+        geo.head_dim as i64,
+        geo.block_size as i64,
+    );
+    let k = Tensor::randn([nb, nkv, bs, d], (Kind::Float, Device::Cpu)).to_kind(kind);
+    // Values on an offset so rows of output are not near zero.
+    let v = (Tensor::randn([nb, nkv, bs, d], (Kind::Float, Device::Cpu)) + 0.5).to_kind(kind);
+    let n: usize = seqs.iter().map(|s| s.0).sum();
+    let q = (Tensor::randn([n as i64, nh, d], (Kind::Float, Device::Cpu)) * 2.0).to_kind(kind);
+    (k, v, q)
+}
+
 /// Geometry, key pool, value pool, packed queries, sequences.
 fn random_case(kind: Kind, seed: i64) -> (Geometry, Tensor, Tensor, Tensor, Seqs) {
-    tch::manual_seed(seed);
     let geo = Geometry {
         num_heads: 4,
         num_kv_heads: 2,
         head_dim: 24,
         block_size: 8,
     };
-    let nb = 40;
-    let shape = [nb, 2, 8, 24];
-    let k = Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_kind(kind);
-    let v = Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_kind(kind);
     // (q_len, ctx_len, blocks): decode rows and prefill chunks, blocks out of order.
     let seqs = vec![
         (1, 37, vec![5, 3, 9, 1, 20]),
@@ -251,8 +264,7 @@ fn random_case(kind: Kind, seed: i64) -> (Geometry, Tensor, Tensor, Tensor, Seqs
         (19, 40, vec![30, 31, 2, 4, 11, 12]),
         (1, 64, vec![13, 14, 15, 16, 17, 18, 19, 21]),
     ];
-    let n: usize = seqs.iter().map(|s| s.0).sum();
-    let q = Tensor::randn([n as i64, 4, 24], (Kind::Float, Device::Cpu)).to_kind(kind);
+    let (k, v, q) = random_tensors(geo, kind, &seqs, seed);
     (geo, k, v, q, seqs)
 }
 
@@ -272,34 +284,129 @@ fn spans_of(seqs: &[(usize, usize, Vec<u32>)]) -> Vec<SeqSpan<'_>> {
         .collect()
 }
 
+/// The kernel's output with `isa` on `threads` threads (q, k, v contiguous CPU tensors).
+fn kernel_out(
+    isa: Isa,
+    geo: Geometry,
+    k: &Tensor,
+    v: &Tensor,
+    q: &Tensor,
+    spans: &[SeqSpan],
+    threads: usize,
+) -> Tensor {
+    let out = q.empty_like();
+    let n = q.numel();
+    // SAFETY: contiguous CPU tensors of the matching element type, alive for the call.
+    unsafe {
+        if q.kind() == Kind::Float {
+            let f = |t: &Tensor| std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel());
+            let o = std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n);
+            paged_attention_isa(isa, geo, f(q), f(k), f(v), spans, o, threads).unwrap();
+        } else {
+            let f = |t: &Tensor| {
+                std::slice::from_raw_parts(t.data_ptr() as *const half::bf16, t.numel())
+            };
+            let o = std::slice::from_raw_parts_mut(out.data_ptr() as *mut half::bf16, n);
+            paged_attention_isa(isa, geo, f(q), f(k), f(v), spans, o, threads).unwrap();
+        }
+    }
+    out
+}
+
+/// The ISAs this machine runs for `head_dim` (the portable one always).
+fn isas(head_dim: usize) -> Vec<Isa> {
+    let mut v = vec![Isa::Scalar];
+    if Isa::best(head_dim) != Isa::Scalar {
+        v.push(Isa::best(head_dim));
+    }
+    v
+}
+
+/// f32 within 1e-5 of SDPA (summation order only); bf16 storage: the kernel reads the
+/// same bf16 keys and values and accumulates in fp32, SDPA rounds its intermediates to
+/// bf16, hence 2e-2.
+fn tolerance(kind: Kind) -> f64 {
+    if kind == Kind::Float {
+        1e-5
+    } else {
+        2e-2
+    }
+}
+
 #[test]
 fn kernel_equals_sdpa_over_a_gathered_copy_f32_and_bf16() {
     let _g = tch::no_grad_guard();
-    for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 2e-2)] {
+    for kind in [Kind::Float, Kind::BFloat16] {
         for threads in [1, 3] {
             let (geo, k, v, q, seqs) = random_case(kind, 11);
             let spans = spans_of(&seqs);
             let reference = gathered_attention(geo, &k, &v, &q, &spans).unwrap();
-            let out = q.empty_like();
-            let n = q.numel();
-            // SAFETY: contiguous CPU tensors of the matching element type.
-            unsafe {
-                if kind == Kind::Float {
-                    let f = |t: &Tensor| {
-                        std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())
-                    };
-                    let o = std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n);
-                    paged_attention(geo, f(&q), f(&k), f(&v), &spans, o, threads).unwrap();
-                } else {
-                    let f = |t: &Tensor| {
-                        std::slice::from_raw_parts(t.data_ptr() as *const half::bf16, t.numel())
-                    };
-                    let o = std::slice::from_raw_parts_mut(out.data_ptr() as *mut half::bf16, n);
-                    paged_attention(geo, f(&q), f(&k), f(&v), &spans, o, threads).unwrap();
+            for isa in isas(geo.head_dim) {
+                let out = kernel_out(isa, geo, &k, &v, &q, &spans, threads);
+                let d = max_abs_diff(&out.to_kind(Kind::Float), &reference.to_kind(Kind::Float));
+                assert!(
+                    d <= tolerance(kind),
+                    "{kind:?}, {isa:?}, {threads} threads: differs by {d}"
+                );
+            }
+        }
+    }
+}
+
+/// The one-pass kernel across GQA group sizes (1, 2, 4 and 6, which folds 4 + 2 rows),
+/// head dims on and off the 8-lane path, block sizes that are and are not multiples of
+/// 8, one-key sequences, contexts ending on and just past a block boundary, many blocks,
+/// prefill chunks longer than a query tile, and a threads > sequences split.
+#[test]
+fn kernel_geometries_equal_sdpa() {
+    let _g = tch::no_grad_guard();
+    let shapes = [
+        (4, 4, 32, 16),
+        (4, 2, 16, 5),
+        (8, 2, 32, 16),
+        (12, 2, 8, 8),
+        (6, 3, 20, 4),
+    ];
+    for (ci, &(nh, nkv, d, bs)) in shapes.iter().enumerate() {
+        let geo = Geometry {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+        };
+        // Blocks handed out in a scrambled order, as a long-running pool does.
+        let mut next = 0u32;
+        let mut take = |ctx: usize| -> Vec<u32> {
+            let b: Vec<u32> = (0..ctx.div_ceil(bs))
+                .map(|i| next + i as u32)
+                .rev()
+                .collect();
+            next += b.len() as u32;
+            b
+        };
+        let seqs: Seqs = vec![
+            (1, 1, take(1)),
+            (1, bs, take(bs)),
+            (1, bs + 1, take(bs + 1)),
+            (1, 40 * bs + 3, take(40 * bs + 3)),
+            (2 * bs + 1, 2 * bs + 1, take(2 * bs + 1)),
+            (21, 3 * bs + 21, take(3 * bs + 21)),
+        ];
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let (k, v, q) = random_tensors(geo, kind, &seqs, 7 + ci as i64);
+            let spans = spans_of(&seqs);
+            let reference = gathered_attention(geo, &k, &v, &q, &spans).unwrap();
+            for isa in isas(d) {
+                for threads in [1, 8] {
+                    let out = kernel_out(isa, geo, &k, &v, &q, &spans, threads);
+                    let diff =
+                        max_abs_diff(&out.to_kind(Kind::Float), &reference.to_kind(Kind::Float));
+                    assert!(
+                        diff <= tolerance(kind),
+                        "{geo:?} {kind:?} {isa:?} {threads} threads: differs by {diff}"
+                    );
                 }
             }
-            let d = max_abs_diff(&out.to_kind(Kind::Float), &reference.to_kind(Kind::Float));
-            assert!(d <= tol, "{kind:?}, {threads} threads: differs by {d}");
         }
     }
 }
@@ -314,4 +421,12 @@ fn kernel_rejects_inconsistent_spans() {
     let mut out = vec![0f32; q.numel()];
     let e = paged_attention(geo, f(&q), f(&k), f(&v), &spans, &mut out, 1).unwrap_err();
     assert!(e.to_string().contains("sequence 0"), "{e}");
+    // head_dim 24 is on the 8-lane path; 20 is not.
+    let bad = Geometry {
+        head_dim: 20,
+        ..geo
+    };
+    let e =
+        paged_attention_isa::<f32>(Isa::Avx2Fma, bad, &[], &[], &[], &[], &mut [], 1).unwrap_err();
+    assert!(e.to_string().contains("head_dim"), "{e}");
 }

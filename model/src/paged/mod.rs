@@ -6,7 +6,8 @@
 //!   the prefix index of automatic prefix caching).
 //! - [`cache`]: the pool tensors, slot writes, block copies (copy-on-write) and the
 //!   attention backends.
-//! - [`kernel`]: the CPU attention kernel reading blocks in place.
+//! - [`kernel`]: the CPU attention kernel reading blocks in place (one pass, online
+//!   softmax); `simd`: its AVX2 + FMA block step.
 //! - [`forward`]: [`crate::Transformer::forward_paged`] over a packed step.
 //! - `fused`: its CPU f32 decoder block (RoPE, slot writes and attention in Rust).
 pub mod blocks;
@@ -14,8 +15,9 @@ pub mod cache;
 pub mod forward;
 mod fused;
 pub mod kernel;
+mod simd;
 
 pub use blocks::{block_hash, BlockId, BlockPool};
 pub use cache::{gathered_attention, AttentionBackend, PagedKvCache};
 pub use forward::PagedStep;
-pub use kernel::{paged_attention, Geometry, SeqSpan};
+pub use kernel::{paged_attention, paged_attention_isa, Geometry, Isa, SeqSpan};
