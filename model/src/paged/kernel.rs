@@ -62,7 +62,7 @@ impl Elem for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
+        super::simd::ld(p)
     }
 }
 
@@ -80,7 +80,7 @@ impl Elem for bf16 {
     unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         // bf16 is the high half of an f32: widen to 32 bits and shift into place.
-        let h = _mm_loadu_si128(p as *const __m128i);
+        let h = _mm_lddqu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
 }
@@ -123,7 +123,8 @@ impl Isa {
 
 /// `exp(x)` for `x <= 0` (softmax after subtracting the row maximum), vectorisable:
 /// `2^i * 2^f` with `i = round(x log2 e)`, `|f| <= 1/2` and a degree-7 Taylor series of
-/// `2^f` (truncation below 3e-9 relative); below -87 (and -inf) it is 0.
+/// `2^f` (truncation below 3e-9 relative); below -87 (and -inf) it is 0. Plain `*` and
+/// `+` (a `mul_add` is a library call on CPUs without FMA, where this path runs).
 #[inline(always)]
 pub(crate) fn exp_nonpos(x: f32) -> f32 {
     let t = x.max(-87.0) * std::f32::consts::LOG2_E;
@@ -139,7 +140,7 @@ pub(crate) fn exp_nonpos(x: f32) -> f32 {
         1.0,
         1.0,
     ] {
-        p = p.mul_add(f, c);
+        p = p * f + c;
     }
     // 2^i as the float's exponent bits; i in [-126, 0].
     let r = p * f32::from_bits((((i as i32) + 127) as u32) << 23);
@@ -157,7 +158,7 @@ fn dot<T: Elem>(q: &[f32], k: &[T]) -> f32 {
     let (qr, kr) = (qc.remainder(), kc.remainder());
     for (a, b) in qc.zip(kc) {
         for i in 0..8 {
-            acc[i] = a[i].mul_add(b[i].to_f32(), acc[i]);
+            acc[i] += a[i] * b[i].to_f32();
         }
     }
     let mut s = 0f32;
@@ -204,7 +205,7 @@ pub(crate) fn block_scalar<T: Elem>(
         }
         for (t, &pt) in p.iter().enumerate() {
             for (x, v) in a.iter_mut().zip(&vb[t * d..(t + 1) * d]) {
-                *x = pt.mul_add(v.to_f32(), *x);
+                *x += pt * v.to_f32();
             }
         }
     }

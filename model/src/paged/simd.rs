@@ -73,14 +73,25 @@ unsafe fn exp_nonpos8(x: __m256) -> __m256 {
     _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)))
 }
 
+/// 8 f32 from `p` (unaligned). `lddqu` rather than `_mm256_loadu_ps`, whose portable
+/// body (a `copy_nonoverlapping`) carries debug-build precondition checks.
+#[inline(always)]
+pub unsafe fn ld(p: *const f32) -> __m256 {
+    _mm256_castsi256_ps(_mm256_lddqu_si256(p as *const __m256i))
+}
+
 /// Scores of one query row against 8 keys (`kb` rows of `d`), lane `j` = key `j`.
+/// Pointer steps are `wrapping_add`, in-bounds by the caller's contract (no debug checks
+/// in the inner loop).
 #[inline(always)]
 unsafe fn scores8<T: Elem>(q: *const f32, kb: *const T, d: usize) -> __m256 {
     let mut a = [_mm256_setzero_ps(); 8];
     for c in (0..d).step_by(8) {
-        let qv = _mm256_loadu_ps(q.add(c));
-        for (j, a) in a.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(qv, T::load8(kb.add(j * d + c)), *a);
+        let qv = ld(q.wrapping_add(c));
+        let mut k = kb.wrapping_add(c);
+        for a in a.iter_mut() {
+            *a = _mm256_fmadd_ps(qv, T::load8(k), *a);
+            k = k.wrapping_add(d);
         }
     }
     transpose_sum(&a)
@@ -110,36 +121,43 @@ pub unsafe fn block_avx2<T: Elem, const R: usize>(
     let full = n / 8 * 8;
     let chunks = n.div_ceil(8);
     let mut alpha = [0f32; R];
+    let mut rows = [p; R];
+    for (r, pr) in rows.iter_mut().enumerate() {
+        *pr = p.wrapping_add(r * p_stride);
+    }
     for (r, alpha) in alpha.iter_mut().enumerate() {
-        let q = qs.add(r * d);
-        let pr = p.add(r * p_stride);
+        let q = qs.wrapping_add(r * d);
+        let pr = rows[r];
+        let mut k = kb;
         for t0 in (0..full).step_by(8) {
-            _mm256_storeu_ps(pr.add(t0), scores8(q, kb.add(t0 * d), d));
+            _mm256_storeu_ps(pr.wrapping_add(t0), scores8(q, k, d));
+            k = k.wrapping_add(8 * d);
         }
         if full < n {
             // The tail: real keys first, -inf after (exp gives 0 there).
             let mut tail = [f32::NEG_INFINITY; 8];
-            for (j, s) in tail.iter_mut().enumerate().take(n - full) {
-                let k = kb.add((full + j) * d);
+            for s in tail.iter_mut().take(n - full) {
                 let mut acc8 = _mm256_setzero_ps();
                 for c in (0..d).step_by(8) {
-                    acc8 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), T::load8(k.add(c)), acc8);
+                    acc8 =
+                        _mm256_fmadd_ps(ld(q.wrapping_add(c)), T::load8(k.wrapping_add(c)), acc8);
                 }
                 *s = hsum(acc8);
+                k = k.wrapping_add(d);
             }
-            _mm256_storeu_ps(pr.add(full), _mm256_loadu_ps(tail.as_ptr()));
+            _mm256_storeu_ps(pr.wrapping_add(full), ld(tail.as_ptr()));
         }
         let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
-        for c in 0..chunks {
-            mv = _mm256_max_ps(mv, _mm256_loadu_ps(pr.add(c * 8)));
+        for c in (0..chunks * 8).step_by(8) {
+            mv = _mm256_max_ps(mv, ld(pr.wrapping_add(c)));
         }
         let m_old = *m.add(r);
         let m_new = m_old.max(hmax(mv));
         let mn = _mm256_set1_ps(m_new);
         let mut sv = _mm256_setzero_ps();
-        for c in 0..chunks {
-            let e = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(pr.add(c * 8)), mn));
-            _mm256_storeu_ps(pr.add(c * 8), e);
+        for c in (0..chunks * 8).step_by(8) {
+            let e = exp_nonpos8(_mm256_sub_ps(ld(pr.wrapping_add(c)), mn));
+            _mm256_storeu_ps(pr.wrapping_add(c), e);
             sv = _mm256_add_ps(sv, e);
         }
         *alpha = exp_nonpos(m_old - m_new);
@@ -150,19 +168,19 @@ pub unsafe fn block_avx2<T: Elem, const R: usize>(
     for c in (0..d).step_by(8) {
         let mut a = [_mm256_setzero_ps(); R];
         for (r, a) in a.iter_mut().enumerate() {
-            *a = _mm256_mul_ps(
-                _mm256_loadu_ps(acc.add(r * d + c)),
-                _mm256_set1_ps(alpha[r]),
-            );
+            let x = ld(acc.wrapping_add(r * d + c));
+            *a = _mm256_mul_ps(x, _mm256_set1_ps(alpha[r]));
         }
+        let mut v = vb.wrapping_add(c);
         for t in 0..n {
-            let vv = T::load8(vb.add(t * d + c));
-            for (r, a) in a.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*p.add(r * p_stride + t)), vv, *a);
+            let vv = T::load8(v);
+            v = v.wrapping_add(d);
+            for (a, pr) in a.iter_mut().zip(&rows) {
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(*pr.wrapping_add(t)), vv, *a);
             }
         }
         for (r, a) in a.iter().enumerate() {
-            _mm256_storeu_ps(acc.add(r * d + c), *a);
+            _mm256_storeu_ps(acc.wrapping_add(r * d + c), *a);
         }
     }
 }
