@@ -1,7 +1,9 @@
 """transformers' `generate` on the long-completion benchmark's model and prompts
 (rollout-worker/benches/long_completions.rs writes them first), one thread, f32:
 4 prompts x n = 8 (`num_return_sequences`), exactly L new tokens each (min_new_tokens =
-max_new_tokens, as ignore_eos), temperature 1, KV cache on. Prints one JSON line.
+max_new_tokens, as ignore_eos), temperature 1, KV cache on. Prints one JSON line: wall
+seconds, and CPU seconds of this process (`time.process_time()`, the counterpart of the
+Rust side's CPU-time figures on a loaded machine).
 
     .venv/bin/python scripts/bench/rollout_long_hf.py target/bench-models
 """
@@ -27,7 +29,7 @@ def main():
 
     def run(new):
         with torch.inference_mode():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             res = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -41,16 +43,19 @@ def main():
                 use_cache=True,
                 pad_token_id=0,
             )
-            secs = time.perf_counter() - start
+            secs, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert res.shape == (len(prompts) * n, ids.shape[1] + new)
-        return len(prompts) * n * new / secs, secs
+        return len(prompts) * n * new / secs, secs, cpu
 
     run(8)  # warm-up
     results = []
     for new in lengths:
-        tps, secs = run(new)
-        print(f"transformers {new:5} new tokens: {tps:9.1f} tokens/s ({secs:.2f}s)", file=sys.stderr)
-        results.append({"new_tokens": new, "tokens_per_s": tps, "seconds": secs})
+        tps, secs, cpu = run(new)
+        tps_cpu = len(prompts) * n * new / cpu
+        print(f"transformers {new:5} new tokens: {tps:9.1f} tokens/s ({secs:.2f}s); "
+              f"CPU time: {tps_cpu:9.1f} tokens/s ({cpu:.2f}s)", file=sys.stderr)
+        results.append({"new_tokens": new, "tokens_per_s": tps, "seconds": secs,
+                        "cpu_tokens_per_s": tps_cpu, "cpu_seconds": cpu})
     print(json.dumps({"threads": torch.get_num_threads(), "long": results}))
 
 
