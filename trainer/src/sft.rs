@@ -1,7 +1,9 @@
 //! `trainer sft`: supervised fine-tuning on the ZeRO engine (R1's cold start and
-//! distillation step), as TRL's SFTTrainer with `completion_only_loss`: the loss is the
-//! NLL of the completion tokens only, averaged over all completion tokens of the step
-//! (every rank and micro-batch), so it does not change with world size or accumulation.
+//! distillation step), as TRL's SFTTrainer: the loss is the NLL of the tokens TRL's
+//! `completion_only_loss` / `assistant_only_loss` select (by default the completion of a
+//! prompt/completion row, every token of a messages row; [`data::SftLoss`]), averaged
+//! over all such tokens of the step (every rank and micro-batch), so it does not change
+//! with world size or accumulation.
 //!
 //! Each step draws `per_device_train_batch_size * gradient_accumulation_steps *
 //! world_size` examples with the seeded epoch sampler; rank r trains on its contiguous
@@ -35,6 +37,12 @@ pub struct SftConfig {
     /// The token that ends each completion, replacing the tokenizer's `eos_token` (TRL's
     /// `SFTConfig.eos_token`, e.g. `<|im_end|>` for a base model's ChatML template).
     pub eos_token: Option<String>,
+    /// TRL's `completion_only_loss`: unset = the completion of prompt/completion rows and
+    /// every token of messages rows; true = the completion only; false = every token.
+    pub completion_only_loss: Option<bool>,
+    /// TRL's `assistant_only_loss`: the loss only on the tokens of assistant turns, every
+    /// turn of a conversation (needs the chat template).
+    pub assistant_only_loss: bool,
 }
 
 impl crate::config::Recipe for SftConfig {
@@ -51,6 +59,8 @@ impl Default for SftConfig {
             max_length: 1024,
             logprob_chunk_size: 512,
             eos_token: None,
+            completion_only_loss: None,
+            assistant_only_loss: false,
         }
     }
 }
@@ -85,8 +95,13 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     if let Some(eos) = &cfg.eos_token {
         sess.tokenizer.set_eos_token(eos).context("eos_token")?;
     }
-    let (examples, report) = data::load_sft(&args.dataset, &sess.tokenizer, cfg.max_length)
-        .with_context(|| format!("loading {}", args.dataset.label().display()))?;
+    let loss = data::SftLoss {
+        completion_only: cfg.completion_only_loss,
+        assistant_only: cfg.assistant_only_loss,
+    };
+    let (examples, report) =
+        data::load_sft_with(&args.dataset, &sess.tokenizer, cfg.max_length, loss)
+            .with_context(|| format!("loading {}", args.dataset.label().display()))?;
     if sess.is_main() {
         println!("dataset: {}", report.summary());
     }
@@ -126,12 +141,14 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
             if part.is_empty() {
                 continue;
             }
-            let samples: Vec<Sample> = mine[part].iter().map(|&i| sample(&examples[i])).collect();
+            let rows: Vec<&SftExample> = mine[part].iter().map(|&i| &examples[i]).collect();
+            let samples: Vec<Sample> = rows.iter().map(|e| sample(e)).collect();
             tokens += samples
                 .iter()
                 .map(|s| s.prompt_ids.len() + s.completion_ids.len())
                 .sum::<usize>();
-            let packed = pack(&samples, pad)?;
+            let mut packed = pack(&samples, pad)?;
+            packed.loss_mask = loss_mask(&rows, packed.loss_mask.size()[1]);
             let mb = MicroBatch {
                 input_ids: packed.input_ids.shallow_clone(),
                 attention_mask: None,
@@ -207,7 +224,23 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     Ok(())
 }
 
-/// An SFT example as a packed sample: loss on the completion, nothing else used.
+/// `[B, L - 1]` f32 in the shifted layout of [`pack`]: position `t - 1` is 1 when token
+/// `t` of the row is in the loss.
+fn loss_mask(rows: &[&SftExample], shifted: i64) -> tch::Tensor {
+    let width = shifted as usize;
+    let mut mask = vec![0f32; rows.len() * width];
+    for (r, e) in rows.iter().enumerate() {
+        for (t, &m) in e.loss_mask.iter().enumerate().skip(1) {
+            if m {
+                mask[r * width + t - 1] = 1.0;
+            }
+        }
+    }
+    tch::Tensor::from_slice(&mask).view([rows.len() as i64, shifted])
+}
+
+/// An SFT example as a packed sample: tokens from the first loss token on are the
+/// "completion" (the loss mask then comes from [`loss_mask`]).
 fn sample(e: &SftExample) -> Sample {
     let (prompt, completion) = e.input_ids.split_at(e.completion_start);
     Sample {
