@@ -10,7 +10,7 @@
 //! slice. Checkpoints carry the sampler position, so a resumed run sees the same data.
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result, RunError};
 use model::LogprobOptions;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -88,8 +88,7 @@ impl SftConfig {
 /// Runs SFT on this rank until the last step; rank 0 writes the final model into
 /// `output_dir`.
 pub fn run(cfg: &SftConfig) -> Result<()> {
-    cfg.validate()
-        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    cfg.validate().map_err(RunError::Configuration)?;
     let args = &cfg.args;
     let mut sess = Session::start(args)?;
     if let Some(eos) = &cfg.eos_token {
