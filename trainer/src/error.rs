@@ -178,6 +178,18 @@ impl From<RunError> for Cause {
 }
 
 impl RunError {
+    /// The error and each of its causes, joined by ": " (what `anyhow`'s `{:#}` prints).
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            cause = e.source();
+        }
+        text
+    }
+
     /// This error as the cause of `context`.
     pub fn context(self, context: impl Into<String>) -> RunError {
         RunError::Context {
