@@ -250,3 +250,25 @@ fn sample(e: &SftExample) -> Sample {
         in_loss: true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loss_mask_marks_the_position_that_predicts_each_loss_token() {
+        let e = |mask: &[bool]| SftExample {
+            row: 0,
+            input_ids: (0..mask.len() as i64).collect(),
+            completion_start: mask.iter().position(|&m| m).unwrap(),
+            loss_mask: mask.to_vec(),
+        };
+        let (a, b) = (e(&[false, true, false, true]), e(&[false, false, true]));
+        // Shifted layout: position t - 1 predicts token t; rows padded to width L - 1 = 3.
+        let m = loss_mask(&[&a, &b], 3);
+        let got: Vec<f32> = Vec::try_from(m.flatten(0, -1)).unwrap();
+        assert_eq!(got, [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
+        let s = sample(&a);
+        assert_eq!((s.prompt_ids, s.completion_ids), (vec![0], vec![1, 2, 3]));
+    }
+}
