@@ -97,7 +97,7 @@ def sft_rows():
 
 
 def sft_expected(tok, row, system):
-    """TRL SFTTrainer's prompt/completion split of one row (conversational)."""
+    """TRL SFTTrainer's tokens of one row (conversational) and its first loss token."""
     if row["messages"] is not None:
         prompt, completion = row["messages"][:-1], row["messages"][-1:]
     else:
@@ -108,8 +108,54 @@ def sft_expected(tok, row, system):
     prompt_ids = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
                                          return_dict=False)
     ids = tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
-    return {"ids": list(ids), "completion_start": len(prompt_ids),
+    # TRL's defaults: the completion of a prompt/completion row, every token (from the
+    # first predicted one) of a messages row.
+    start = 1 if row["messages"] is not None else len(prompt_ids)
+    return {"ids": list(ids), "completion_start": start,
             "prefix_ok": list(ids[:len(prompt_ids)]) == list(prompt_ids)}
+
+
+# A ChatML template with transformers' {% generation %} markers around what each assistant
+# turn adds after its generation prompt (content, <|im_end|> and the newline after it).
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def assistant_mask_cases(tok):
+    """Multi-turn conversations with transformers' own assistant-token masks
+    (apply_chat_template(return_assistant_tokens_mask=True) on GENERATION_TEMPLATE): the
+    independent reference for SFT's assistant_only_loss."""
+    conversations = [
+        [{"role": "system", "content": "Be exact."},
+         {"role": "user", "content": "What is 2 + 3?"},
+         {"role": "assistant", "content": "5"},
+         {"role": "user", "content": "And 4 + 4?"},
+         {"role": "assistant", "content": "It is 8."}],
+        [{"role": "user", "content": "Name a prime."},
+         {"role": "assistant", "content": "7"},
+         {"role": "user", "content": "Another one, larger?"},
+         {"role": "assistant", "content": "11, then 13."},
+         {"role": "user", "content": "Thanks!"}],
+        [{"role": "user", "content": "Count to three."},
+         {"role": "assistant", "content": "1"},
+         {"role": "user", "content": "go on"},
+         {"role": "assistant", "content": "2"},
+         {"role": "user", "content": "and?"},
+         {"role": "assistant", "content": "3, done."}],
+    ]
+    rows = []
+    for messages in conversations:
+        out = tok.apply_chat_template(messages, chat_template=GENERATION_TEMPLATE, tokenize=True,
+                                      return_dict=True, return_assistant_tokens_mask=True)
+        mask = list(out["assistant_masks"])
+        assert 1 in mask
+        rows.append({"messages": messages, "ids": list(out["input_ids"]), "mask": mask})
+    return {"template": GENERATION_TEMPLATE, "rows": rows}
 
 
 def main():
@@ -157,6 +203,7 @@ def main():
              + [llama.eos_token_id]}
             for r in sft if r["prompt"] is not None],
         "system": SYSTEM,
+        "assistant_masks_qwen": assistant_mask_cases(qwen),
     }
     with open(os.path.join(out, "expected.json"), "w", encoding="utf-8") as f:
         json.dump(expected, f, ensure_ascii=False, indent=1)

@@ -67,7 +67,7 @@ fn prompts(n: usize, vocab: i64) -> Vec<Vec<i64>> {
 struct Served {
     url: String,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), rollout_worker::ServeError>>,
 }
 
 async fn serve(dir: &Path) -> anyhow::Result<Served> {

@@ -13,6 +13,7 @@ use crate::config::{EngineConfig, WorkerConfig};
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::request::{Event, GenerateRequest, PromptInput, PromptSpec};
+use crate::run_error::GenerateError;
 
 /// Why a completion ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +54,10 @@ pub fn generate(
     tokenizer: Tokenizer,
     prompts: &[Vec<i64>],
     opts: &GenerateOptions,
-) -> anyhow::Result<Vec<Completion>> {
-    anyhow::ensure!(!prompts.is_empty(), "no prompts");
+) -> Result<Vec<Completion>, GenerateError> {
+    if prompts.is_empty() {
+        return Err(GenerateError::NoPrompts);
+    }
     let mut config = WorkerConfig::new("in-process");
     config.engine = opts.engine.clone();
     config.engine.max_n = config.engine.max_n.max(opts.n);
@@ -91,7 +94,7 @@ pub fn generate(
                 engine.shutdown();
                 return Err(e.into());
             }
-            None => anyhow::bail!("the engine stopped before the generation finished"),
+            None => return Err(GenerateError::EngineStopped),
         }
     }
     engine.shutdown();

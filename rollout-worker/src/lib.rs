@@ -21,6 +21,7 @@ pub mod http;
 pub mod http_server;
 pub mod metrics;
 pub mod request;
+pub mod run_error;
 pub mod scheduler;
 pub mod security;
 pub mod weights;
@@ -31,6 +32,7 @@ pub use error::EngineError;
 pub use generate::{generate, Completion, FinishReason, GenerateOptions};
 pub use metrics::Metrics;
 pub use request::{Event, GenerateRequest, GroupOutput, PromptInput, PromptSpec};
+pub use run_error::{GenerateError, ServeError};
 pub use security::{ApiKey, ServeOptions};
 
 /// Serves gRPC and HTTP on the two listeners until `shutdown` resolves, then stops the
@@ -40,7 +42,7 @@ pub async fn serve(
     http_listener: tokio::net::TcpListener,
     engine: EngineHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     serve_with(
         grpc_listener,
         http_listener,
@@ -60,7 +62,7 @@ pub async fn serve_with(
     engine: EngineHandle,
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let exposed = [&grpc_listener, &http_listener]
         .iter()
         .any(|l| l.local_addr().is_ok_and(|a| !a.ip().is_loopback()));
@@ -121,7 +123,7 @@ pub async fn serve_with(
     g??;
     h??;
     if died {
-        anyhow::bail!("the engine thread stopped (see the log above); exiting");
+        return Err(ServeError::EngineStopped);
     }
     Ok(())
 }

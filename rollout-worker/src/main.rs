@@ -189,7 +189,8 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
                 ""
             }
         );
-        rollout_worker::serve_with(grpc, http, engine, opts, shutdown_signal()).await
+        rollout_worker::serve_with(grpc, http, engine, opts, shutdown_signal()).await?;
+        Ok(())
     })
 }
 

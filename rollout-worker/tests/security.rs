@@ -24,7 +24,7 @@ struct Served {
     http: std::net::SocketAddr,
     engine: EngineHandle,
     stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), rollout_worker::ServeError>>,
 }
 
 async fn serve(config: &WorkerConfig, opts: ServeOptions) -> Served {

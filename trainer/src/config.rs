@@ -3,7 +3,8 @@
 //! Open-R1 recipe keys ([`recipe`]) and deserialised into a typed struct whose defaults
 //! fill what no layer sets.
 //!
-//! - File: TOML, YAML or JSON, chosen by extension (Open-R1's recipes are YAML).
+//! - File: TOML, YAML or JSON, chosen by extension (Open-R1's recipes are YAML). A
+//!   top-level YAML key given twice takes its last value, as PyYAML does, with a warning.
 //! - Environment: variables named `TRAINER__<FIELD>` (two underscores after `TRAINER`,
 //!   so that no unrelated `TRAINER_...` variable is ever read), nested tables joined by
 //!   `__` as well (`TRAINER__LEARNING_RATE=1e-5`, `TRAINER__ZERO__STAGE=3`,
@@ -102,6 +103,7 @@ pub fn load_with_env<T: Recipe>(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Loaded<T>, ConfigError> {
     let mut builder = Config::builder();
+    let mut duplicate_warnings = vec![];
     if let Some(path) = file {
         if !path.is_file() {
             return Err(ConfigError::MissingFile { path: path.into() });
@@ -117,7 +119,27 @@ pub fn load_with_env<T: Recipe>(
                 })
             }
         };
-        builder = builder.add_source(File::from(path).format(format));
+        let deduped = match format {
+            FileFormat::Yaml => std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| last_of_repeated_keys(&text)),
+            _ => None,
+        };
+        builder = match deduped {
+            Some((text, repeated)) => {
+                duplicate_warnings = repeated
+                    .into_iter()
+                    .map(|key| RecipeWarning {
+                        key,
+                        message: "given more than once in the file: the last value is used, \
+                                  as TRL's YAML reader (PyYAML) does"
+                            .into(),
+                    })
+                    .collect();
+                builder.add_source(File::from_str(&text, FileFormat::Yaml))
+            }
+            None => builder.add_source(File::from(path).format(format)),
+        };
     }
     let vars: config::Map<String, String> = env
         .into_iter()
@@ -151,7 +173,8 @@ pub fn load_with_env<T: Recipe>(
     }
     let merged = builder.build()?;
     let mut table = merged.try_deserialize::<serde_json::Map<String, serde_json::Value>>()?;
-    let warnings = recipe::translate(&mut table, T::COMMAND)?;
+    let mut warnings = duplicate_warnings;
+    warnings.extend(recipe::translate(&mut table, T::COMMAND)?);
     check_top_level_keys::<T>(&table)?;
     // Through the config crate again, so type errors name the key.
     let text = serde_json::Value::Object(table).to_string();
@@ -160,6 +183,52 @@ pub fn load_with_env<T: Recipe>(
         .build()?
         .try_deserialize::<T>()?;
     Ok(Loaded { config, warnings })
+}
+
+/// A YAML file whose top-level keys repeat (open-r1's Codeforces recipe gives `do_eval`
+/// twice), rewritten with only the last occurrence of each, as PyYAML reads it (the YAML
+/// reader here refuses repeated keys); `None` when no key repeats. A top-level entry is
+/// its unindented `key:` line and the lines up to the next one (comments, blank and
+/// indented lines: nested values, lists, block scalars).
+fn last_of_repeated_keys(text: &str) -> Option<(String, Vec<String>)> {
+    let key_of = |line: &str| -> Option<String> {
+        let first = line.chars().next()?;
+        if !(first.is_ascii_alphabetic() || first == '_' || first == '"' || first == '\'') {
+            return None;
+        }
+        let (key, _) = line.split_once(':')?;
+        let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+        (!key.is_empty() && !key.contains(' ')).then(|| key.to_string())
+    };
+    // (key, lines) per top-level entry; the preamble before the first key has none.
+    let mut entries: Vec<(Option<String>, Vec<&str>)> = vec![(None, vec![])];
+    for line in text.lines() {
+        match key_of(line) {
+            Some(k) => entries.push((Some(k), vec![line])),
+            None => entries.last_mut().expect("one entry").1.push(line),
+        }
+    }
+    let mut last = std::collections::HashMap::new();
+    for (i, (k, _)) in entries.iter().enumerate() {
+        if let Some(k) = k {
+            last.insert(k.clone(), i);
+        }
+    }
+    let mut repeated = BTreeSet::new();
+    let mut out = String::with_capacity(text.len());
+    for (i, (k, lines)) in entries.iter().enumerate() {
+        if let Some(k) = k {
+            if last[k] != i {
+                repeated.insert(k.clone());
+                continue;
+            }
+        }
+        for line in lines {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    (!repeated.is_empty()).then(|| (out, repeated.into_iter().collect()))
 }
 
 /// A `--set` value: TOML when it parses as a TOML value (numbers, booleans, arrays,

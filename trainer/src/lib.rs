@@ -18,6 +18,7 @@
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod error;
 pub mod grpo;
 pub mod inference;
 pub mod metrics;

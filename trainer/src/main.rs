@@ -100,13 +100,15 @@ fn main() -> Result<()> {
             init_tracing(trainer::config::LogLevel::Passive);
             let loaded: trainer::config::Loaded<trainer::inference::eval::EvalConfig> =
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
-            trainer::inference::eval::run(&loaded.config).map(drop)
+            trainer::inference::eval::run(&loaded.config)?;
+            Ok(())
         }
         Command::Generate(args) => {
             init_tracing(trainer::config::LogLevel::Passive);
             let loaded: trainer::config::Loaded<trainer::inference::generate::GenerateConfig> =
                 trainer::config::load(args.config.as_deref(), &args.sets)?;
-            trainer::inference::generate::run(&loaded.config).map(drop)
+            trainer::inference::generate::run(&loaded.config)?;
+            Ok(())
         }
         Command::Plot { output_dir } => {
             let png = trainer::plot::plot_run(&output_dir)?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, Result, RunError};
 use model::{ModelConfig, Tokenizer, Weights};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
@@ -281,10 +281,7 @@ impl TrainingArgs {
             Some(dir) => {
                 let p = PathBuf::from(dir);
                 if !p.join("manifest.json").is_file() {
-                    bail!(
-                        "resume_from_checkpoint: {} is not a complete checkpoint (no manifest.json)",
-                        p.display()
-                    );
+                    return Err(RunError::IncompleteCheckpoint { dir: p });
                 }
                 Ok(Some(p))
             }
@@ -326,7 +323,7 @@ impl Session {
         let device = match args.device.as_str() {
             "cuda" => {
                 if !tch::Cuda::is_available() {
-                    bail!("device = \"cuda\" but no CUDA device is available to libtorch");
+                    return Err(RunError::NoCuda);
                 }
                 Device::Cuda(env.local_rank)
             }
@@ -458,8 +455,13 @@ impl RunSkeleton {
             return Ok(None);
         };
         let (dir, state) = engine.resume(&dir, self.args.resume_falls_back())?;
-        let s: SamplerState = serde_json::from_value(state["sampler"].clone())
-            .with_context(|| format!("{}: trainer state has no valid sampler", dir.display()))?;
+        let s: SamplerState =
+            serde_json::from_value(state["sampler"].clone()).map_err(|source| {
+                RunError::NoSamplerState {
+                    dir: dir.clone(),
+                    source,
+                }
+            })?;
         sampler.restore(&s)?;
         if is_main {
             println!(

@@ -1,14 +1,16 @@
 //! `trainer sft`: supervised fine-tuning on the ZeRO engine (R1's cold start and
-//! distillation step), as TRL's SFTTrainer with `completion_only_loss`: the loss is the
-//! NLL of the completion tokens only, averaged over all completion tokens of the step
-//! (every rank and micro-batch), so it does not change with world size or accumulation.
+//! distillation step), as TRL's SFTTrainer: the loss is the NLL of the tokens TRL's
+//! `completion_only_loss` / `assistant_only_loss` select (by default the completion of a
+//! prompt/completion row, every token of a messages row; [`data::SftLoss`]), averaged
+//! over all such tokens of the step (every rank and micro-batch), so it does not change
+//! with world size or accumulation.
 //!
 //! Each step draws `per_device_train_batch_size * gradient_accumulation_steps *
 //! world_size` examples with the seeded epoch sampler; rank r trains on its contiguous
 //! slice. Checkpoints carry the sampler position, so a resumed run sees the same data.
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result, RunError};
 use model::LogprobOptions;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -35,6 +37,12 @@ pub struct SftConfig {
     /// The token that ends each completion, replacing the tokenizer's `eos_token` (TRL's
     /// `SFTConfig.eos_token`, e.g. `<|im_end|>` for a base model's ChatML template).
     pub eos_token: Option<String>,
+    /// TRL's `completion_only_loss`: unset = the completion of prompt/completion rows and
+    /// every token of messages rows; true = the completion only; false = every token.
+    pub completion_only_loss: Option<bool>,
+    /// TRL's `assistant_only_loss`: the loss only on the tokens of assistant turns, every
+    /// turn of a conversation (needs the chat template).
+    pub assistant_only_loss: bool,
 }
 
 impl crate::config::Recipe for SftConfig {
@@ -51,6 +59,8 @@ impl Default for SftConfig {
             max_length: 1024,
             logprob_chunk_size: 512,
             eos_token: None,
+            completion_only_loss: None,
+            assistant_only_loss: false,
         }
     }
 }
@@ -78,15 +88,19 @@ impl SftConfig {
 /// Runs SFT on this rank until the last step; rank 0 writes the final model into
 /// `output_dir`.
 pub fn run(cfg: &SftConfig) -> Result<()> {
-    cfg.validate()
-        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    cfg.validate().map_err(RunError::Configuration)?;
     let args = &cfg.args;
     let mut sess = Session::start(args)?;
     if let Some(eos) = &cfg.eos_token {
         sess.tokenizer.set_eos_token(eos).context("eos_token")?;
     }
-    let (examples, report) = data::load_sft(&args.dataset, &sess.tokenizer, cfg.max_length)
-        .with_context(|| format!("loading {}", args.dataset.label().display()))?;
+    let loss = data::SftLoss {
+        completion_only: cfg.completion_only_loss,
+        assistant_only: cfg.assistant_only_loss,
+    };
+    let (examples, report) =
+        data::load_sft_with(&args.dataset, &sess.tokenizer, cfg.max_length, loss)
+            .with_context(|| format!("loading {}", args.dataset.label().display()))?;
     if sess.is_main() {
         println!("dataset: {}", report.summary());
     }
@@ -126,12 +140,14 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
             if part.is_empty() {
                 continue;
             }
-            let samples: Vec<Sample> = mine[part].iter().map(|&i| sample(&examples[i])).collect();
+            let rows: Vec<&SftExample> = mine[part].iter().map(|&i| &examples[i]).collect();
+            let samples: Vec<Sample> = rows.iter().map(|e| sample(e)).collect();
             tokens += samples
                 .iter()
                 .map(|s| s.prompt_ids.len() + s.completion_ids.len())
                 .sum::<usize>();
-            let packed = pack(&samples, pad)?;
+            let mut packed = pack(&samples, pad)?;
+            packed.loss_mask = loss_mask(&rows, packed.loss_mask.size()[1]);
             let mb = MicroBatch {
                 input_ids: packed.input_ids.shallow_clone(),
                 attention_mask: None,
@@ -207,7 +223,23 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
     Ok(())
 }
 
-/// An SFT example as a packed sample: loss on the completion, nothing else used.
+/// `[B, L - 1]` f32 in the shifted layout of [`pack`]: position `t - 1` is 1 when token
+/// `t` of the row is in the loss.
+fn loss_mask(rows: &[&SftExample], shifted: i64) -> tch::Tensor {
+    let width = shifted as usize;
+    let mut mask = vec![0f32; rows.len() * width];
+    for (r, e) in rows.iter().enumerate() {
+        for (t, &m) in e.loss_mask.iter().enumerate().skip(1) {
+            if m {
+                mask[r * width + t - 1] = 1.0;
+            }
+        }
+    }
+    tch::Tensor::from_slice(&mask).view([rows.len() as i64, shifted])
+}
+
+/// An SFT example as a packed sample: tokens from the first loss token on are the
+/// "completion" (the loss mask then comes from [`loss_mask`]).
 fn sample(e: &SftExample) -> Sample {
     let (prompt, completion) = e.input_ids.split_at(e.completion_start);
     Sample {
@@ -216,5 +248,27 @@ fn sample(e: &SftExample) -> Sample {
         sampler_logprobs: vec![0.0; completion.len()],
         advantage: 0.0,
         in_loss: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loss_mask_marks_the_position_that_predicts_each_loss_token() {
+        let e = |mask: &[bool]| SftExample {
+            row: 0,
+            input_ids: (0..mask.len() as i64).collect(),
+            completion_start: mask.iter().position(|&m| m).unwrap(),
+            loss_mask: mask.to_vec(),
+        };
+        let (a, b) = (e(&[false, true, false, true]), e(&[false, false, true]));
+        // Shifted layout: position t - 1 predicts token t; rows padded to width L - 1 = 3.
+        let m = loss_mask(&[&a, &b], 3);
+        let got: Vec<f32> = Vec::try_from(m.flatten(0, -1)).unwrap();
+        assert_eq!(got, [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
+        let s = sample(&a);
+        assert_eq!((s.prompt_ids, s.completion_ids), (vec![0], vec![1, 2, 3]));
     }
 }

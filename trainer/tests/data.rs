@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 use trainer::data::{
-    load_prompts, load_sft, read_rows, DataError, DataFormat, DatasetConfig, Sampler,
+    load_prompts, load_sft, load_sft_with, read_rows, DataError, DataFormat, DatasetConfig,
+    Sampler, SftLoss,
 };
 
 fn root() -> PathBuf {
@@ -312,13 +313,26 @@ fn sft_examples_match_transformers() {
                 e.row
             );
         }
-        // The multi-turn row: loss only on the final assistant turn "8<|eot_id|>".
+        // The multi-turn row: by default (TRL's) every token is in the loss; under
+        // assistant_only_loss the tokens of both assistant turns.
         let multi = &examples[4];
-        let completion: Vec<u32> = multi.input_ids[multi.completion_start..]
+        assert_eq!(multi.completion_start, 1);
+        assert!(multi.loss_mask[1..].iter().all(|&m| m));
+        let loss = SftLoss {
+            assistant_only: true,
+            ..Default::default()
+        };
+        let (only, _) = load_sft_with(&c, &tok, 512, loss).unwrap();
+        let multi = &only[4];
+        assert_eq!(multi.input_ids, examples[4].input_ids);
+        let kept: Vec<u32> = multi
+            .input_ids
             .iter()
-            .map(|&i| i as u32)
+            .zip(&multi.loss_mask)
+            .filter(|(_, &m)| m)
+            .map(|(&i, _)| i as u32)
             .collect();
-        assert_eq!(tok.decode(&completion, false).unwrap(), "8<|eot_id|>");
+        assert_eq!(tok.decode(&kept, false).unwrap(), "5<|eot_id|>8<|eot_id|>");
         // Too short a max_length: reported, not truncated.
         let err = load_sft(&c, &tok, 20).unwrap_err().to_string();
         assert!(err.contains("too_long"), "{err}");
@@ -365,7 +379,9 @@ fn sft_template_that_rewrites_the_last_turn_is_reported() {
     let err = load_sft(&cfg("sft.parquet"), &tok, 512)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("template_mismatch 6"), "{err}");
+    // The 4 prompt/completion rows; the 2 messages rows are rendered whole (every token
+    // in the loss), so no prompt has to be a prefix.
+    assert!(err.contains("template_mismatch 4"), "{err}");
     assert!(err.contains("not a prefix"), "{err}");
 }
 
@@ -390,7 +406,8 @@ fn sft_bad_rows() {
         ..Default::default()
     };
     let (examples, report) = load_sft(&c, &tok, 512).unwrap();
-    assert_eq!(examples.len(), 1);
+    // The lone assistant turn is a whole-sequence example (TRL's default for messages).
+    assert_eq!(examples.len(), 2);
     let kinds: Vec<(&str, usize)> = report
         .unusable
         .iter()
@@ -400,7 +417,6 @@ fn sft_bad_rows() {
         kinds,
         [
             ("empty_completion", 1),
-            ("empty_prompt", 1),
             ("missing_column", 2),
             ("no_assistant_turn", 1),
             ("wrong_type", 1),
@@ -431,4 +447,89 @@ fn sampler_over_loaded_prompts_is_deterministic() {
     assert_eq!(a.next_batch(20), c.next_batch(20));
     let mut other = Sampler::new(prompts.len() + 1, 1234);
     assert!(other.restore(&state).is_err());
+}
+
+/// Writes `rows` (each a `{"messages": [...]}` object) as a JSON-lines dataset.
+fn messages_dataset(dir: &Path, rows: &[&Value]) -> DatasetConfig {
+    let path = dir.join("conversations.jsonl");
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|r| serde_json::json!({ "messages": r["messages"] }).to_string())
+        .collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    DatasetConfig {
+        path,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn sft_assistant_only_loss_matches_transformers_assistant_masks() {
+    // transformers' return_assistant_tokens_mask on a template with {% generation %}
+    // markers is the reference; the loader finds the same tokens by incremental rendering.
+    let cases = &fixtures().1["assistant_masks_qwen"];
+    let mut tok = tokenizer("qwen2-tiny");
+    tok.set_chat_template(cases["template"].as_str().unwrap(), Path::new("<test>"))
+        .unwrap();
+    let rows: Vec<&Value> = cases["rows"].as_array().unwrap().iter().collect();
+    assert_eq!(rows.len(), 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let c = messages_dataset(tmp.path(), &rows);
+    let only = SftLoss {
+        assistant_only: true,
+        ..Default::default()
+    };
+    let (examples, report) = load_sft_with(&c, &tok, 512, only).unwrap();
+    assert_eq!(report.usable_rows, 3, "{}", report.summary());
+    for (e, want) in examples.iter().zip(&rows) {
+        assert_eq!(e.input_ids, ids(&want["ids"]), "row {}", e.row);
+        let mask: Vec<bool> = ids(&want["mask"]).iter().map(|&m| m == 1).collect();
+        assert_eq!(
+            e.loss_mask, mask,
+            "row {}: token-by-token assistant mask",
+            e.row
+        );
+        assert_eq!(e.completion_start, mask.iter().position(|&m| m).unwrap());
+    }
+    // TRL's default for a conversation: every token after the first.
+    let (full, _) = load_sft_with(&c, &tok, 512, SftLoss::default()).unwrap();
+    for (e, want) in full.iter().zip(&rows) {
+        assert_eq!(e.input_ids, ids(&want["ids"]));
+        assert!(!e.loss_mask[0] && e.loss_mask[1..].iter().all(|&m| m));
+    }
+    // completion_only_loss: true has no completion in a conversation (TRL refuses it).
+    let strict = SftLoss {
+        completion_only: Some(true),
+        ..Default::default()
+    };
+    let err = load_sft_with(&c, &tok, 512, strict)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no_completion 3"), "{err}");
+}
+
+#[test]
+fn sft_assistant_only_loss_needs_a_prefix_stable_template() {
+    // Earlier assistant turns rendered empty once a later turn follows (as templates that
+    // strip past reasoning do): the spans cannot be located, and the error says where.
+    let cases = &fixtures().1["assistant_masks_qwen"];
+    let mut tok = tokenizer("qwen2-tiny");
+    let template = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}\
+        {% if message['role'] == 'assistant' and not loop.last %}{{ '<|im_end|>\\n' }}\
+        {% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}\
+        {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    tok.set_chat_template(template, Path::new("<test>"))
+        .unwrap();
+    let rows: Vec<&Value> = cases["rows"].as_array().unwrap().iter().collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let c = messages_dataset(tmp.path(), &rows[..1]);
+    let only = SftLoss {
+        assistant_only: true,
+        ..Default::default()
+    };
+    let err = load_sft_with(&c, &tok, 512, only).unwrap_err().to_string();
+    assert!(err.contains("template_not_prefix_stable 1"), "{err}");
+    assert!(err.contains("not prefix-stable at message 2"), "{err}");
+    // Without assistant_only_loss the same rows train on every token.
+    assert!(load_sft_with(&c, &tok, 512, SftLoss::default()).is_ok());
 }

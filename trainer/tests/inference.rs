@@ -141,7 +141,7 @@ fn eval_fails_with_a_clear_error_and_keeps_nothing_false() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = eval_config(dir.path(), vec![broken.url.clone()]);
     cfg.max_retries = 1;
-    let err = format!("{:#}", eval::run(&cfg).unwrap_err());
+    let err = eval::run(&cfg).unwrap_err().chain();
     assert!(
         err.contains("HTTP 500") && err.contains("2 attempts"),
         "{err}"
@@ -149,7 +149,7 @@ fn eval_fails_with_a_clear_error_and_keeps_nothing_false() {
     assert!(read_jsonl(&cfg.output_dir.join("samples.jsonl")).is_empty());
     let mut bad = eval_config(dir.path(), vec![broken.url.clone()]);
     bad.top_p = 0.0;
-    assert!(format!("{:#}", eval::run(&bad).unwrap_err()).contains("top_p"));
+    assert!(eval::run(&bad).unwrap_err().chain().contains("top_p"));
 }
 
 fn trainer_bin() -> Command {

@@ -42,7 +42,7 @@ pub struct Worker {
     pub http_url: String,
     pub engine: EngineHandle,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), rollout_worker::ServeError>>>,
 }
 
 impl Worker {

@@ -236,6 +236,7 @@ pub fn translate(
         return Ok(vec![]);
     }
     let mut warnings = Vec::new();
+    super::more_keys::trl_keys(table, command, &mut warnings)?;
     precision(table)?;
     gradient_checkpointing_kwargs(table, &mut warnings)?;
     dataset_keys(table, command)?;
@@ -311,6 +312,7 @@ pub fn translate(
         let message = WARN_KEYS
             .iter()
             .chain(super::more_keys::MORE_WARN_KEYS)
+            .chain(super::more_keys::TRL_WARN_KEYS)
             .find(|(k, _)| *k == key)
             .map(|(_, m)| *m)
             .or_else(|| {
@@ -562,7 +564,7 @@ fn refusals(table: &mut Map<String, Value>) -> Result<(), ConfigError> {
             }
         }
     }
-    let must_equal: [(&str, Value, &str); 7] = [
+    let must_equal: [(&str, Value, &str); 6] = [
         (
             "neftune_noise_alpha",
             Value::Null,
@@ -592,11 +594,6 @@ fn refusals(table: &mut Map<String, Value>) -> Result<(), ConfigError> {
             "shuffle_dataset",
             true.into(),
             "the sampler always shuffles (seeded)",
-        ),
-        (
-            "completion_only_loss",
-            true.into(),
-            "SFT's loss is on completion tokens only",
         ),
     ];
     for (key, want, why) in must_equal {
@@ -632,7 +629,7 @@ fn refusals(table: &mut Map<String, Value>) -> Result<(), ConfigError> {
 
 /// Sets dotted `path` to `value`, unless it already holds a different value (an error
 /// naming both keys) — an explicit setting in our own place is never overridden silently.
-fn put(
+pub(super) fn put(
     table: &mut Map<String, Value>,
     path: &str,
     value: Value,

@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 pub use prompts::{load_prompts, PromptExample};
 pub use reader::{read_rows, MalformedRow};
 pub use sampler::{Sampler, SamplerState};
-pub use sft::{load_sft, SftExample};
+pub use sft::{load_sft, load_sft_with, SftExample, SftLoss};
 
 /// How dataset files are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -2,8 +2,8 @@
 //! TRL's `SFTTrainer` builds them for completion-only loss.
 //!
 //! A row is either prompt + completion columns (each a string or a message list), or, when
-//! it has no prompt, a messages column whose final turn (an assistant message) is the
-//! completion. With the chat template in use, strings become a user (prompt) or assistant
+//! it has no prompt, a messages column (a conversation with at least one assistant turn).
+//! With the chat template in use, strings become a user (prompt) or assistant
 //! (completion) message, the system prompt is prepended when none is present, and
 //! - prompt ids   = template(prompt messages, add_generation_prompt=true),
 //! - input ids    = template(prompt + completion messages, add_generation_prompt=false),
@@ -13,6 +13,12 @@
 //! be wrong). Without a template, `ids = encode(system + "\n\n" + prompt, special tokens) ++
 //! encode(completion) ++ [eos]`. An example over `max_length` tokens is unusable, never
 //! truncated.
+//!
+//! Which tokens count in the loss is TRL's [`SftLoss`] (`SFTConfig.completion_only_loss`,
+//! `assistant_only_loss`), with TRL's defaults: the completion of a prompt/completion row,
+//! every token of a messages row. `assistant_only_loss` keeps the tokens of every
+//! assistant turn: TRL marks them with `{% generation %}` in the template; here they are
+//! found by incremental rendering ([`assistant_spans`]), which needs no markers.
 
 use serde_json::{Map, Value};
 
@@ -32,9 +38,28 @@ pub struct SftExample {
     pub row: usize,
     /// Prompt then completion: `len <= max_length`.
     pub input_ids: Vec<i64>,
-    /// Tokens `[0, completion_start)` are prompt (no loss); `[completion_start, len)` are
-    /// the completion, `0 < completion_start < len`.
+    /// The first token in the loss: tokens before it never count,
+    /// `0 < completion_start < len`. For a prompt/completion row under TRL's default
+    /// loss, where the completion starts.
     pub completion_start: usize,
+    /// `loss_mask[t]`: token `t` is predicted in the loss (same length as `input_ids`;
+    /// false at 0 and before `completion_start`, true at `completion_start`).
+    pub loss_mask: Vec<bool>,
+}
+
+/// Which tokens of an example count in the loss: TRL's `SFTConfig` settings of the same
+/// names, and TRL's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SftLoss {
+    /// `completion_only_loss`: `None` (TRL's default) is the completion of a
+    /// prompt/completion row and every token of a messages row; `Some(true)` the
+    /// completion only (a messages row has none: unusable, as in TRL); `Some(false)`
+    /// every token.
+    pub completion_only: Option<bool>,
+    /// `assistant_only_loss`: only the tokens of assistant turns (every turn of a
+    /// conversation), intersected with the completion when that applies. Needs the chat
+    /// template.
+    pub assistant_only: bool,
 }
 
 /// Loads every row of `cfg.path` as an SFT example of at most `max_length` tokens.
@@ -46,6 +71,16 @@ pub fn load_sft(
     tok: &Tokenizer,
     max_length: usize,
 ) -> Result<(Vec<SftExample>, LoadReport), DataError> {
+    load_sft_with(cfg, tok, max_length, SftLoss::default())
+}
+
+/// [`load_sft`] with the loss tokens chosen by `loss`.
+pub fn load_sft_with(
+    cfg: &DatasetConfig,
+    tok: &Tokenizer,
+    max_length: usize,
+    loss: SftLoss,
+) -> Result<(Vec<SftExample>, LoadReport), DataError> {
     if max_length == 0 {
         return Err(DataError::ZeroLength {
             argument: "max_length",
@@ -53,7 +88,14 @@ pub fn load_sft(
     }
     let templated = chat_template_active(cfg, tok);
     load_with(cfg, |row, columns| {
-        let (ids, completion_start) = build(cfg, tok, templated, row, columns)?;
+        let (ids, loss_mask) = build(cfg, tok, templated, loss, row, columns)?;
+        let Some(completion_start) = loss_mask.iter().position(|&m| m) else {
+            return Err(Unusable::new(
+                "empty_completion",
+                "no token of the example is in the loss (with these completion_only_loss / assistant_only_loss settings)",
+            )
+            .into());
+        };
         if ids.len() > max_length {
             return Err(Unusable::new(
                 "too_long",
@@ -69,22 +111,24 @@ pub fn load_sft(
             row,
             input_ids: to_i64(&ids),
             completion_start,
+            loss_mask,
         })
     })
 }
 
-/// The ids of one row and where its completion starts.
+/// The ids of one row and which of them count in the loss.
 fn build(
     cfg: &DatasetConfig,
     tok: &Tokenizer,
     templated: bool,
+    loss: SftLoss,
     row: usize,
     columns: &Map<String, Value>,
-) -> Result<(Vec<u32>, usize), RowError> {
+) -> Result<(Vec<u32>, Vec<bool>), RowError> {
     let system = cfg.system_prompt.as_deref();
     let has = |column: &str| columns.get(column).is_some_and(|v| !v.is_null());
     if !has(&cfg.prompt_column) && has(&cfg.messages_column) {
-        return Ok(from_messages(cfg, tok, templated, columns)?);
+        return Ok(from_messages(cfg, tok, templated, loss, columns)?);
     }
     let (prompt_col, completion_col) = (&cfg.prompt_column, &cfg.completion_column);
     let prompt = parse_turns(required(columns, prompt_col)?, prompt_col)?;
@@ -117,7 +161,21 @@ fn build(
             };
             return Err(no_template(cfg, column).into());
         };
-        return plain_text(cfg, tok, row, &plain_prompt(system, prompt), completion);
+        if loss.assistant_only {
+            return Err(Unusable::new(
+                "not_conversational",
+                format!("assistant_only_loss needs the chat template, and column {prompt_col:?} is plain text without one"),
+            )
+            .into());
+        }
+        let (ids, start) = plain_text(cfg, tok, row, &plain_prompt(system, prompt), completion)?;
+        let from = if loss.completion_only == Some(false) {
+            1
+        } else {
+            start
+        };
+        let mask = mask_from(ids.len(), from);
+        return Ok((ids, mask));
     }
     let prompt = match prompt {
         Turns::Text(t) => vec![message("user", &t)],
@@ -127,23 +185,41 @@ fn build(
         Turns::Text(t) => vec![message("assistant", &t)],
         Turns::Messages(m) => m,
     };
-    Ok(conversation(
-        tok,
-        with_system_prompt(system, prompt),
-        completion,
-        prompt_col,
-    )?)
+    let prompt = with_system_prompt(system, prompt);
+    let (ids, start) = conversation(tok, prompt.clone(), completion.clone(), prompt_col)?;
+    let from = if loss.completion_only == Some(false) {
+        1
+    } else {
+        start
+    };
+    let mut mask = mask_from(ids.len(), from);
+    if loss.assistant_only {
+        let mut all = prompt;
+        all.extend(completion);
+        let assistant = assistant_spans(tok, &all, &ids, prompt_col)?;
+        for (m, a) in mask.iter_mut().zip(assistant) {
+            *m &= a;
+        }
+    }
+    Ok((ids, mask))
 }
 
-/// A messages row: everything before the final assistant turn is the prompt.
+/// `len` flags, true from `from` on (never at 0: the first token is not predicted).
+fn mask_from(len: usize, from: usize) -> Vec<bool> {
+    (0..len).map(|t| t >= from.max(1)).collect()
+}
+
+/// A messages row (TRL's conversational language modeling): every token in the loss, or
+/// under `assistant_only_loss` the tokens of every assistant turn.
 fn from_messages(
     cfg: &DatasetConfig,
     tok: &Tokenizer,
     templated: bool,
+    loss: SftLoss,
     columns: &Map<String, Value>,
-) -> Result<(Vec<u32>, usize), Unusable> {
+) -> Result<(Vec<u32>, Vec<bool>), Unusable> {
     let column = &cfg.messages_column;
-    let Turns::Messages(mut messages) = parse_turns(required(columns, column)?, column)? else {
+    let Turns::Messages(messages) = parse_turns(required(columns, column)?, column)? else {
         return Err(Unusable::new(
             "wrong_type",
             format!("column {column:?} must be a list of {{role, content}} messages, got a string"),
@@ -152,29 +228,95 @@ fn from_messages(
     if !templated {
         return Err(no_template(cfg, column));
     }
-    match messages.last().map(role) {
-        Some("assistant") => {}
-        Some(other) => {
-            return Err(Unusable::new(
-                "no_assistant_turn",
-                format!("column {column:?}: the last message is from {other:?}, not the assistant (the completion)"),
-            ))
-        }
-        None => return Err(Unusable::new("empty_prompt", format!("column {column:?} is empty"))),
-    }
-    let completion = messages.split_off(messages.len() - 1);
-    if messages.is_empty() && cfg.system_prompt.is_none() {
+    if messages.is_empty() {
         return Err(Unusable::new(
             "empty_prompt",
-            format!("column {column:?} has no message before the assistant turn"),
+            format!("column {column:?} is empty"),
         ));
     }
-    conversation(
-        tok,
-        with_system_prompt(cfg.system_prompt.as_deref(), messages),
-        completion,
-        column,
-    )
+    if !messages.iter().any(|m| role(m) == "assistant") {
+        return Err(Unusable::new(
+            "no_assistant_turn",
+            format!("column {column:?} has no assistant message to learn from"),
+        ));
+    }
+    if loss.completion_only == Some(true) {
+        return Err(Unusable::new(
+            "no_completion",
+            format!("completion_only_loss: true needs prompt/completion rows; column {column:?} is a conversation (TRL refuses it too)"),
+        ));
+    }
+    let messages = with_system_prompt(cfg.system_prompt.as_deref(), messages);
+    let ids = tok
+        .encode_chat(&messages, &ChatTemplateOptions::default())
+        .map_err(|e| template_error(column, e))?;
+    let mask = if loss.assistant_only {
+        assistant_spans(tok, &messages, &ids, column)?
+    } else {
+        mask_from(ids.len(), 1)
+    };
+    Ok((ids, mask))
+}
+
+/// The tokens of every assistant turn of `messages` within `ids` (their full rendering),
+/// by incremental rendering: turn `i` spans from the end of
+/// `template(messages[..i], add_generation_prompt=true)` to the end of
+/// `template(messages[..=i])`, i.e. what the turn adds after its generation prompt (its
+/// content, the end-of-turn token and what the template writes after it). Each rendering
+/// must be a token prefix of the next and of `ids`; a template that renders earlier
+/// turns differently once more follow (e.g. one that strips reasoning from past turns)
+/// is reported, naming the turn.
+pub(crate) fn assistant_spans(
+    tok: &Tokenizer,
+    messages: &[Value],
+    ids: &[u32],
+    column: &str,
+) -> Result<Vec<bool>, Unusable> {
+    let mut mask = vec![false; ids.len()];
+    let render = |upto: usize, add_generation_prompt: bool| {
+        tok.encode_chat(
+            &messages[..upto],
+            &ChatTemplateOptions {
+                add_generation_prompt,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| template_error(column, e))
+    };
+    for (i, m) in messages.iter().enumerate() {
+        if role(m) != "assistant" {
+            continue;
+        }
+        let before = render(i, true)?;
+        let upto = if i + 1 == messages.len() {
+            ids.to_vec()
+        } else {
+            render(i + 1, false)?
+        };
+        for (what, a, b) in [
+            ("the conversation up to it", &before, &upto),
+            ("the whole conversation", &upto, &ids.to_vec()),
+        ] {
+            if !b.starts_with(a) {
+                let at = a
+                    .iter()
+                    .zip(b.iter())
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(b.len());
+                return Err(Unusable::new(
+                    "template_not_prefix_stable",
+                    format!(
+                        "column {column:?}: assistant_only_loss: the chat template is not prefix-stable at message {i}: rendering up to it differs from {what} from token {at} ({:?} vs {:?}); use a template that renders past turns unchanged (TRL's *_training.jinja templates, via chat_template)",
+                        tok.decode(&a[at..(at + 8).min(a.len())], false).unwrap_or_default(),
+                        tok.decode(&b[at..(at + 8).min(b.len())], false).unwrap_or_default(),
+                    ),
+                ));
+            }
+        }
+        mask[before.len()..upto.len()].fill(true);
+    }
+    mask[0] = false;
+    Ok(mask)
 }
 
 /// Renders `prompt` (with the generation prompt) and `prompt + completion` (without), and

@@ -2,7 +2,7 @@
 //! every prompt gets one greedy completion and `eval_num_generations` sampled ones at
 //! the training temperature, scored by the accuracy reward. Prompts whose gold answer
 //! cannot be parsed are left out and counted.
-use anyhow::{anyhow, Result};
+use crate::error::{Context, Result};
 
 use super::config::GrpoConfig;
 use crate::data::PromptExample;
@@ -74,7 +74,7 @@ impl EvalSet {
             &cfg.rewards,
             cfg.max_completion_length,
         )
-        .map_err(|e| anyhow!("eval accuracy reward: {e}"))?;
+        .context("eval accuracy reward")?;
         Ok(EvalSet {
             examples,
             accuracy: funcs.remove(0),

@@ -10,7 +10,7 @@
 //! A batch still short after the last round either trains (flat groups pad it to its
 //! shape, left out of the loss, so every rank runs the same micro-batches) or stops the
 //! run, as `dynamic_sampling_unfilled` says.
-use anyhow::{bail, Result};
+use crate::error::{Result, RunError};
 use tch::Tensor;
 
 use super::advantages::combine_rewards;
@@ -102,20 +102,20 @@ impl Grpo<'_> {
         let (mut kept, ds) = batch.finish();
         let short = self.max_over_ranks(target - kept.len())?;
         if short > 0 && cfg.dynamic_sampling_unfilled == WhenUnfilled::Error {
-            bail!(
+            return Err(RunError::Loop(format!(
                 "dynamic sampling: after max_num_gen_batches = {} generation rounds a rank \
                  still misses {short} of its {target} groups with distinct rewards (every \
                  completion of the others scored the same); raise max_num_gen_batches, or set \
                  dynamic_sampling_unfilled: train to train on the groups there are",
                 cfg.max_num_gen_batches
-            );
+            )));
         }
         let pad = target - kept.len();
         if flat.len() < pad {
-            bail!(
+            return Err(RunError::Loop(format!(
                 "dynamic sampling: {} groups to pad the batch with, {pad} needed",
                 flat.len()
-            );
+            )));
         }
         stats.ds_rounds = ds.rounds as f64;
         stats.ds_dropped += ds.dropped_groups as f64;

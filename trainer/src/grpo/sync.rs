@@ -3,7 +3,7 @@
 //! start, which pushes when the workers serve other weights (a resumed run).
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Result};
+use crate::error::{Result, RunError};
 use tch::Tensor;
 
 use super::phases::{Phase, Timings};
@@ -19,7 +19,9 @@ impl Grpo<'_> {
         let next = self
             .version
             .checked_add(1)
-            .ok_or_else(|| anyhow!("weight version {} cannot be incremented", self.version))?;
+            .ok_or(RunError::VersionOverflow {
+                version: self.version,
+            })?;
         times.time(Phase::WeightSync, || self.push_weights(next))?;
         self.pending_push = false;
         Ok(())
@@ -48,7 +50,7 @@ impl Grpo<'_> {
                     .max(self.version);
                 // Versions travel as i64 between ranks; one that large is not ours.
                 if highest >= i64::MAX as u64 {
-                    bail!("a rollout worker serves weight version {highest}, beyond any this trainer pushes; restart it");
+                    return Err(RunError::WorkerAhead { highest });
                 }
                 decision = Tensor::from_slice(&[1i64, highest as i64 + 1]);
             }
@@ -97,10 +99,10 @@ impl Grpo<'_> {
         let mut ok = Tensor::from_slice(&[i64::from(failure.is_none())]);
         self.engine.comm().broadcast(&mut ok, 0)?;
         if ok.int64_value(&[0]) == 0 {
-            bail!(
+            return Err(RunError::Loop(format!(
                 "pushing weight version {version} to the rollout workers failed{}",
                 failure.map(|f| format!(": {f}")).unwrap_or_default()
-            );
+            )));
         }
         self.version = version;
         self.sess.rt.block_on(self.client.refresh());

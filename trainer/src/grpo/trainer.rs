@@ -18,7 +18,7 @@
 //! is [`RunSkeleton`], shared with `trainer sft`.
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Context, Result, RunError};
 use model::LogprobOptions;
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -47,7 +47,7 @@ use crate::zero::{MicroBatch, StepStats, ZeroEngine};
 
 /// Runs GRPO on this rank until the last step.
 pub fn run(cfg: &GrpoConfig) -> Result<()> {
-    cfg.validate().map_err(|e| anyhow!("configuration: {e}"))?;
+    cfg.validate().map_err(RunError::Configuration)?;
     let args = &cfg.args;
     let mut sess = Session::start(args)?;
     let (prompts, report) =
@@ -70,7 +70,7 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
         println!("dataset: {}", report.summary());
     }
     let funcs = build_reward_functions(&cfg.reward_funcs, &cfg.rewards, cfg.max_completion_length)
-        .map_err(|e| anyhow!("configuration: reward_funcs: {e}"))?;
+        .map_err(RunError::RewardFuncs)?;
     let world = sess.env.world_size;
     let prompts_per_round = cfg.prompts_per_rank() * world;
     let total = if args.max_steps > 0 {
@@ -108,10 +108,7 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
     )?;
     drop(weights);
     record_memory(&sess.metrics, engine.memory());
-    let compute = args
-        .zero
-        .compute_kind()
-        .map_err(|e| anyhow!("configuration: {e}"))?;
+    let compute = args.zero.compute_kind().map_err(RunError::Configuration)?;
     let client = sess
         .rt
         .block_on(RolloutClient::connect(
@@ -351,12 +348,13 @@ impl Grpo<'_> {
         let mut stale = vec![];
         for (i, g) in groups.iter().enumerate() {
             match staleness(self.version, g.weight_version) {
-                Err(v) => bail!(
-                    "worker {} returned a group of weight version {v}, above version {} that \
-                     this trainer pushed last: its weights do not come from this run",
-                    g.worker,
-                    self.version
-                ),
+                Err(v) => {
+                    return Err(RunError::Loop(format!(
+                        "worker {} returned a group of weight version {v}, above version {} that \
+                         this trainer pushed last: its weights do not come from this run",
+                        g.worker, self.version
+                    )))
+                }
                 Ok(s) if s > k => stale.push(i),
                 Ok(_) => {}
             }
@@ -416,12 +414,12 @@ impl Grpo<'_> {
         for f in &self.funcs {
             let scores = f.score(&inputs)?;
             if scores.len() != inputs.len() {
-                bail!(
+                return Err(RunError::Loop(format!(
                     "reward function {} returned {} scores for {} completions",
                     f.name(),
                     scores.len(),
                     inputs.len()
-                );
+                )));
             }
             per_func.push(scores);
         }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, Result, RunError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
@@ -105,25 +105,49 @@ impl EvalConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.dataset_path.is_empty() {
-            bail!("dataset_path: no dataset is set");
+            return Err(crate::config::invalid::bad(
+                "dataset_path",
+                "dataset_path: no dataset is set",
+            )
+            .into());
         }
         if self.num_samples == 0 {
-            bail!("num_samples: must be >= 1");
+            return Err(
+                crate::config::invalid::bad("num_samples", "num_samples: must be >= 1").into(),
+            );
         }
         if self.max_concurrent == 0 {
-            bail!("max_concurrent: must be >= 1");
+            return Err(crate::config::invalid::bad(
+                "max_concurrent",
+                "max_concurrent: must be >= 1",
+            )
+            .into());
         }
         if self.max_tokens == 0 {
-            bail!("max_tokens: must be >= 1");
+            return Err(
+                crate::config::invalid::bad("max_tokens", "max_tokens: must be >= 1").into(),
+            );
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            bail!("temperature: must be >= 0, got {}", self.temperature);
+            return Err(crate::config::invalid::bad(
+                "temperature",
+                format!("temperature: must be >= 0, got {}", self.temperature),
+            )
+            .into());
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("top_p: must be in (0, 1], got {}", self.top_p);
+            return Err(crate::config::invalid::bad(
+                "top_p",
+                format!("top_p: must be in (0, 1], got {}", self.top_p),
+            )
+            .into());
         }
         if !self.prompt_template.contains("{problem}") {
-            bail!("prompt_template: must contain {{problem}}");
+            return Err(crate::config::invalid::bad(
+                "prompt_template",
+                "prompt_template: must contain {problem}",
+            )
+            .into());
         }
         self.client().validate()?;
         Ok(())
@@ -340,7 +364,7 @@ pub fn run(cfg: &EvalConfig) -> Result<Summary> {
                 samples_path.display()
             )));
         }
-        anyhow::Ok((pool.model.clone(), new))
+        Ok::<_, RunError>((pool.model.clone(), new))
     })?;
     records.extend(new_records);
     let summary = summarize(&records, problems.len(), cfg.num_samples);

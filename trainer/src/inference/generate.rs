@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Context, Result, RunError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -108,19 +108,37 @@ impl GenerateConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.dataset_path.is_empty() {
-            bail!("dataset_path: no dataset is set");
+            return Err(crate::config::invalid::bad(
+                "dataset_path",
+                "dataset_path: no dataset is set",
+            )
+            .into());
         }
         if self.num_generations == 0 {
-            bail!("num_generations: must be >= 1");
+            return Err(crate::config::invalid::bad(
+                "num_generations",
+                "num_generations: must be >= 1",
+            )
+            .into());
         }
         if self.max_concurrent == 0 {
-            bail!("max_concurrent: must be >= 1");
+            return Err(crate::config::invalid::bad(
+                "max_concurrent",
+                "max_concurrent: must be >= 1",
+            )
+            .into());
         }
         if self.max_tokens == 0 {
-            bail!("max_tokens: must be >= 1");
+            return Err(
+                crate::config::invalid::bad("max_tokens", "max_tokens: must be >= 1").into(),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("top_p: must be in (0, 1], got {}", self.top_p);
+            return Err(crate::config::invalid::bad(
+                "top_p",
+                format!("top_p: must be in (0, 1], got {}", self.top_p),
+            )
+            .into());
         }
         self.client().validate()?;
         Ok(())
@@ -140,7 +158,12 @@ pub fn row_id(row: &Map<String, Value>, cfg: &GenerateConfig) -> Result<String> 
         return match row.get(col) {
             Some(Value::String(s)) => Ok(s.clone()),
             Some(Value::Number(n)) => Ok(n.to_string()),
-            other => bail!("id_column {col:?}: expected a string or number, got {other:?}"),
+            other => Err(RunError::Column {
+                column: "id_column",
+                name: col.clone(),
+                expected: "a string or number",
+                got: format!("{other:?}"),
+            }),
         };
     }
     let prompt = row.get(&cfg.prompt_column).cloned().unwrap_or(Value::Null);
@@ -157,10 +180,15 @@ fn messages(row: &Map<String, Value>, cfg: &GenerateConfig, index: usize) -> Res
         {
             a.clone()
         }
-        other => bail!(
-            "row {index}: column {:?} is not a string or a list of messages (got {other:?})",
-            cfg.prompt_column
-        ),
+        other => {
+            return Err(RunError::Row {
+                row: index,
+                message: format!(
+                    "column {:?} is not a string or a list of messages (got {other:?})",
+                    cfg.prompt_column
+                ),
+            })
+        }
     };
     if let Some(system) = &cfg.system_prompt {
         if !m.iter().any(|x| x["role"] == "system") {
@@ -285,7 +313,7 @@ pub fn run(cfg: &GenerateConfig) -> Result<GenerateReport> {
                                 progress.tokens.fetch_add(1, Ordering::Relaxed);
                             })
                             .await
-                            .map_err(anyhow::Error::from);
+                            .map_err(RunError::from);
                         drop(permit);
                         let _ = tx.send((slot, g, r));
                     });
@@ -382,7 +410,7 @@ pub fn run(cfg: &GenerateConfig) -> Result<GenerateReport> {
                 cfg.output.display()
             )));
         }
-        anyhow::Ok(pool.model.clone())
+        Ok::<_, RunError>(pool.model.clone())
     })?;
     report.seconds = started.elapsed().as_secs_f64();
     if judged_total > 0 {

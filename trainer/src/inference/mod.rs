@@ -11,7 +11,7 @@ pub mod progress;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result, RunError};
 use serde_json::{Map, Value};
 
 use crate::data::{read_rows, DataFormat};
@@ -27,7 +27,7 @@ pub fn resolve_dataset_path(spec: &str) -> Result<PathBuf> {
     if let Some(found) = hub_cache_lookup(spec) {
         return Ok(found);
     }
-    anyhow::bail!("dataset_path: {spec:?} is not a local file or directory (and not found in the local Hugging Face cache)")
+    Err(RunError::DatasetNotFound { spec: spec.into() })
 }
 
 /// A dataset id (`HuggingFaceH4/MATH-500`) in the local Hugging Face cache: the snapshot
@@ -78,7 +78,13 @@ pub fn load_rows(
     rows.into_iter()
         .take(n)
         .enumerate()
-        .map(|(i, r)| r.map_err(|e| anyhow::anyhow!("{}: row {i}: {e}", target.display())))
+        .map(|(i, r)| {
+            r.map_err(|e| RunError::FileRow {
+                path: target.clone(),
+                row: i,
+                message: e.to_string(),
+            })
+        })
         .collect()
 }
 
