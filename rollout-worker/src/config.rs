@@ -122,6 +122,12 @@ pub struct ServerConfig {
     pub ssl_ca_certs: Option<PathBuf>,
     /// HTTP connections served at once; more are closed on accept.
     pub max_connections: usize,
+    /// Idle HTTP/1.1 keep-alive connections kept open: a response that would leave more
+    /// idle connections than this carries `Connection: close`. A burst of requests on
+    /// one connection each (an `AsyncOpenAI` fan-out) otherwise leaves that many idle
+    /// connections in the client's pool, which httpx-based clients probe on every
+    /// request event; 0 closes every connection after its response.
+    pub max_idle_connections: usize,
     /// An HTTP client must send its request headers (and a TLS client finish its
     /// handshake) within this many seconds.
     pub header_read_timeout_secs: f64,
@@ -145,6 +151,7 @@ impl Default for ServerConfig {
             ssl_keyfile: None,
             ssl_ca_certs: None,
             max_connections: 1024,
+            max_idle_connections: 16,
             header_read_timeout_secs: 10.0,
             keepalive_interval_secs: 30.0,
             keepalive_timeout_secs: 20.0,

@@ -28,6 +28,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use crate::detok::{IncrementalDecoder, StopScan};
 use crate::engine::EngineHandle;
 use crate::error::EngineError;
 use crate::request::{
@@ -654,9 +655,10 @@ impl Ctx {
 }
 
 /// Incremental detokenization of one streamed choice.
-#[derive(Default)]
 struct ChoiceState {
     tokens: Vec<i64>,
+    decoder: IncrementalDecoder,
+    text: StopScan,
     /// Bytes of the decoded text already sent.
     sent: usize,
     started: bool,
@@ -664,22 +666,25 @@ struct ChoiceState {
 }
 
 impl ChoiceState {
+    fn new(stop: &[String]) -> Self {
+        Self {
+            tokens: vec![],
+            decoder: IncrementalDecoder::default(),
+            text: StopScan::new(stop),
+            sent: 0,
+            started: false,
+            done: false,
+        }
+    }
+
     /// The text that is safe to send after a new token: held back are an incomplete
-    /// UTF-8 tail (decoded as U+FFFD) and anything that could still become a stop string.
+    /// UTF-8 tail and anything that could still become a stop string. Only a window of
+    /// the last tokens is decoded ([`IncrementalDecoder`]).
     fn delta(&mut self, tok: &Tokenizer, stop: &[String]) -> String {
-        let ids: Vec<u32> = self.tokens.iter().map(|&t| t as u32).collect();
-        let text = tok.decode(&ids, true).unwrap_or_default();
-        let mut end = text.trim_end_matches('\u{FFFD}').len();
-        if let Some(at) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            end = end.min(at);
-        } else if let Some(hold) = stop.iter().map(|s| s.len().saturating_sub(1)).max() {
-            end = end.saturating_sub(hold);
-        }
-        while end > 0 && !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        // `get`: if decoding ever rewrote earlier text, send nothing rather than panic.
-        match text.get(self.sent..end) {
+        let new = self.decoder.step(tok, &self.tokens).unwrap_or_default();
+        self.text.push(&new, self.decoder.held(), stop);
+        let end = self.text.safe_end();
+        match self.text.text().get(self.sent..end) {
             Some(out) if end > self.sent => {
                 let out = out.to_string();
                 self.sent = end;
@@ -706,11 +711,13 @@ fn sse_stream(
     }
     let st = St {
         engine,
-        ctx,
         events,
-        choices: (0..num_choices).map(|_| ChoiceState::default()).collect(),
+        choices: (0..num_choices)
+            .map(|_| ChoiceState::new(&ctx.stop))
+            .collect(),
         queue: Default::default(),
         finished: false,
+        ctx,
     };
     futures::stream::unfold(st, |mut st| async move {
         loop {

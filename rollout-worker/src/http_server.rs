@@ -1,14 +1,19 @@
 //! The HTTP connection loop under the OpenAI-compatible router: TLS, a connection limit,
-//! a header read timeout, and a shutdown bounded in time.
+//! a header read timeout, a cap on idle keep-alive connections, and a shutdown bounded
+//! in time.
 //!
 //! Data flow: each accepted TCP connection takes a permit of a semaphore of
 //! `max_connections` (none left: the connection is closed at once, and counted), is
 //! wrapped in TLS when configured (the handshake bounded by the header timeout), and is
 //! served by hyper's HTTP/1.1 connection with `header_read_timeout` (a client that
-//! trickles its headers is cut). On shutdown the listener closes, idle keep-alive
+//! trickles its headers is cut). A response that would leave more than
+//! `max_idle_connections` connections idle (open, no request in flight) carries
+//! `Connection: close`, so a burst of one-request connections does not leave hundreds
+//! of idle sockets in the client's pool (see [`IdleCap`]). On shutdown the listener closes, idle keep-alive
 //! connections end, requests in flight (SSE streams included) get `shutdown_timeout`,
 //! then every connection still open is dropped.
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 #[cfg(test)]
@@ -25,7 +30,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::engine::{EngineHandle, Submission};
 use crate::error::EngineError;
-use crate::request::{Event, GenerateRequest};
+use crate::request::{Event, GenerateRequest, PromptInput};
 use crate::security::ServeOptions;
 
 /// Serves `app` on `listener` until `shutdown` resolves (see the module docs).
@@ -42,6 +47,13 @@ pub async fn serve_router(
         None => None,
     };
     let permits = Arc::new(Semaphore::new(opts.max_connections));
+    let cap = Arc::new(IdleCap {
+        permits: permits.clone(),
+        max_connections: opts.max_connections,
+        max_idle: opts.max_idle_connections,
+        busy: AtomicUsize::new(0),
+    });
+    let app = app.layer(axum::middleware::from_fn_with_state(cap, cap_idle));
     let graceful = GracefulShutdown::new();
     let mut conns = JoinSet::new();
     let header_timeout = opts.header_read_timeout;
@@ -93,6 +105,60 @@ pub async fn serve_router(
     Ok(())
 }
 
+/// Counts what the idle keep-alive cap needs: open connections (the permits taken) and
+/// requests in flight. HTTP/1.1 runs one request at a time per connection, so the idle
+/// connections are the open ones less the requests in flight. A streamed response counts
+/// as finished once its head is sent.
+struct IdleCap {
+    permits: Arc<Semaphore>,
+    max_connections: usize,
+    max_idle: usize,
+    busy: AtomicUsize,
+}
+
+impl IdleCap {
+    /// Idle connections once the response being finished is sent (its own included).
+    fn idle_after_response(&self) -> usize {
+        let open = self.max_connections - self.permits.available_permits();
+        open.saturating_sub(self.busy.load(Ordering::SeqCst))
+    }
+}
+
+/// A request in flight; counted until dropped (also when the client goes away).
+struct InFlight<'a>(&'a IdleCap);
+
+impl<'a> InFlight<'a> {
+    fn new(cap: &'a IdleCap) -> Self {
+        cap.busy.fetch_add(1, Ordering::SeqCst);
+        InFlight(cap)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Adds `Connection: close` to a response that would leave more than `max_idle`
+/// connections idle; hyper then closes the connection after it.
+async fn cap_idle(
+    axum::extract::State(cap): axum::extract::State<Arc<IdleCap>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let in_flight = InFlight::new(&cap);
+    let mut resp = next.run(req).await;
+    drop(in_flight);
+    if cap.idle_after_response() > cap.max_idle {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
 async fn serve_connection(
     stream: TcpStream,
     app: Router,
@@ -134,12 +200,20 @@ async fn serve_connection(
     }
 }
 
-/// Submits `req` on a blocking thread: validation runs the tokenizer and the chat
-/// template, which must not hold up the async reactor.
+/// Submits `req`. Prompts given as token ids are validated in place (range checks
+/// only); text and chat prompts run the tokenizer and the chat template, which must not
+/// hold up the async reactor, so they are submitted from a blocking thread.
 pub(crate) async fn submit_blocking(
     engine: &EngineHandle,
     req: GenerateRequest,
 ) -> Result<Submission, EngineError> {
+    if req
+        .prompts
+        .iter()
+        .all(|p| matches!(p.input, PromptInput::Tokens(_)))
+    {
+        return engine.submit(req);
+    }
     let engine = engine.clone();
     tokio::task::spawn_blocking(move || engine.submit(req))
         .await

@@ -159,7 +159,15 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     let opts = ServeOptions::from_config(&config.server, key)?;
     let engine = EngineHandle::load(&config, Arc::new(Metrics::new(&config.model_name())))
         .with_context(|| format!("loading {}", config.model.display()))?;
-    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    // Request validation (tokenizer, chat template) is CPU work on the blocking pool: a
+    // thread per core, not tokio's default of up to 512, which a burst of requests
+    // would spawn and leave contending for the cores with the engine thread.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(cores.max(2))
+        .build()
+        .context("starting the tokio runtime")?;
     rt.block_on(async move {
         let grpc = tokio::net::TcpListener::bind(config.server.grpc_addr)
             .await

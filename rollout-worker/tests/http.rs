@@ -213,6 +213,76 @@ async fn streaming_deltas_concatenate_to_the_full_text_and_stop_strings_cut_it()
     w.stop().await;
 }
 
+/// The streamed text deltas of choice 0, concatenated.
+fn streamed_text(events: &[String]) -> String {
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            let v: Value = serde_json::from_str(e).unwrap();
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_sampled_text_with_split_multi_byte_characters_matches_the_full_text() {
+    let w = Worker::start(tiny_config()).await;
+    let u = &w.http_url;
+    let tok = model::Tokenizer::from_dir(fixture("qwen2-tiny")).unwrap();
+    let splits = |t: i64| tok.decode(&[t as u32], true).unwrap().contains('\u{FFFD}');
+    // Sampling at temperature 1 from the random fixture draws byte tokens that split
+    // multi-byte characters (alone they decode to U+FFFD); take the first seed whose
+    // completion has both such a token and a whole multi-byte character.
+    let mut found = None;
+    for seed in 0..32 {
+        let body = json!({"prompt": "The answer is", "max_tokens": 64, "temperature": 1.0,
+                          "seed": seed, "ignore_eos": true});
+        let (_, full) = post(&format!("{u}/v1/completions"), body.clone()).await;
+        let ids: Vec<i64> =
+            serde_json::from_value(full["choices"][0]["token_ids"].clone()).unwrap();
+        let text = full["choices"][0]["text"].as_str().unwrap().to_string();
+        let whole = text.chars().any(|c| c.len_utf8() > 1 && c != '\u{FFFD}');
+        if whole && ids.iter().any(|&t| splits(t)) {
+            found = Some((body, ids, text));
+            break;
+        }
+    }
+    let (body, ids, text) = found.expect("no seed in 0..32 samples a split multi-byte character");
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    assert_eq!(
+        streamed_text(&post_sse(&format!("{u}/v1/completions"), sbody).await),
+        text
+    );
+
+    // A stop string that begins with a multi-byte character (or, failing one, from the middle).
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let k = chars
+        .iter()
+        .position(|&(i, c)| i > 0 && c.len_utf8() > 1 && c != '\u{FFFD}')
+        .unwrap_or(chars.len() / 2);
+    let stop: String = chars[k..(k + 2).min(chars.len())]
+        .iter()
+        .map(|&(_, c)| c)
+        .collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    let mut stopped = body.clone();
+    stopped["stop"] = json!([stop]);
+    let (_, r) = post(&format!("{u}/v1/completions"), stopped.clone()).await;
+    assert_eq!(r["choices"][0]["text"], cut);
+    assert_eq!(
+        r["choices"][0]["finish_reason"], "stop",
+        "{text:?} {stop:?} {ids:?}"
+    );
+    stopped["stream"] = json!(true);
+    assert_eq!(
+        streamed_text(&post_sse(&format!("{u}/v1/completions"), stopped).await),
+        cut
+    );
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_report_the_work_done() {
     let w = Worker::start(tiny_config()).await;

@@ -2,7 +2,8 @@
 //! tiny fixture on `127.0.0.1:0`: the API key (HTTP `Authorization: Bearer`, gRPC
 //! `authorization` metadata, open health and metrics), TLS and mutual TLS with
 //! certificates generated here (rcgen), request and response limits, the HTTP header
-//! timeout, the connection limit, and a shutdown bounded in time with a stream open.
+//! timeout, the connection limit, the idle keep-alive cap, and a shutdown bounded in
+//! time with a stream open.
 mod common;
 
 use std::sync::Arc;
@@ -471,6 +472,77 @@ async fn slow_headers_are_cut_and_connections_are_limited() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    s.shutdown().await;
+}
+
+/// Sends `GET /health` on `conn` and reads the response: (its head, whether the server
+/// closed the connection after it).
+async fn health_on(conn: &mut tokio::net::TcpStream) -> (String, bool) {
+    conn.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![];
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before the response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    while buf.len() < head_end + len {
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed inside the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let closed = matches!(
+        tokio::time::timeout(Duration::from_millis(300), conn.read(&mut chunk)).await,
+        Ok(Ok(0) | Err(_))
+    );
+    (head, closed)
+}
+
+#[tokio::test]
+async fn responses_that_would_leave_too_many_idle_connections_close_them() {
+    let opts = ServeOptions {
+        max_idle_connections: 1,
+        ..ServeOptions::default()
+    };
+    let s = serve(&tiny_config(), opts).await;
+    // Alone, a connection stays alive across requests.
+    let mut a = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    for _ in 0..2 {
+        let (head, closed) = health_on(&mut a).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close") && !closed, "{head}");
+    }
+    // With `a` idle, a second one would make two idle connections: it is closed.
+    let mut b = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let (head, closed) = health_on(&mut b).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close") && closed, "{head}");
+    // `a` is still served, and kept.
+    let (head, closed) = health_on(&mut a).await;
+    assert!(!head.contains("connection: close") && !closed, "{head}");
+    s.shutdown().await;
+    // 0: every response closes its connection.
+    let opts = ServeOptions {
+        max_idle_connections: 0,
+        ..ServeOptions::default()
+    };
+    let s = serve(&tiny_config(), opts).await;
+    let mut c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let (head, closed) = health_on(&mut c).await;
+    assert!(head.contains("connection: close") && closed, "{head}");
     s.shutdown().await;
 }
 

@@ -28,4 +28,4 @@ for _ in $(seq 600); do
 done
 http=$(sed -n 's/^serving .* and \(http:\/\/[^ ]*\).*/\1/p' "$log")
 [ -n "$http" ] || { cat "$log"; exit 1; }
-.venv/bin/python scripts/bench/rollout_openai.py "$http/v1" "$model" "${BENCH_SEQS:-64,256}"
+.venv/bin/python scripts/bench/rollout_openai.py "$http/v1" "$model" "${BENCH_SEQS:-64,256}" "$pid"

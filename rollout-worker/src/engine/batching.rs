@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use model::paged::{PagedKvCache, PagedStep, SeqSpan};
-use model::{SamplingParams, SeqRng, Tokenizer, Transformer};
+use model::{SamplingParams, SeqRng, Transformer};
 use tokio::sync::{mpsc, oneshot};
 
 use super::sampler::sample_step;
 use super::{Command, Shared, UpdateOutcome};
 use crate::config::EngineLimits;
+use crate::detok::{IncrementalDecoder, StopScan};
 use crate::error::EngineError;
 use crate::request::{
     finish_reason, CompletionOutput, Event, FinishReason, GroupOutput, Job, JobParams, Timings,
@@ -49,6 +50,8 @@ struct Seq {
     top_logprobs: Vec<Vec<(i64, f32)>>,
     rng: SeqRng,
     last_token_at: Option<Instant>,
+    /// The text decoded incrementally for the stop-string check (None without stop strings).
+    stop_text: Option<(IncrementalDecoder, StopScan)>,
 }
 
 struct PendingUpdate {
@@ -280,6 +283,8 @@ impl Engine {
                         top_logprobs: vec![],
                         rng,
                         last_token_at: None,
+                        stop_text: (!params.stop.is_empty())
+                            .then(|| (IncrementalDecoder::default(), StopScan::new(&params.stop))),
                     },
                 );
                 seqs.push(id);
@@ -569,15 +574,24 @@ impl Engine {
                     top_logprobs: top,
                 });
             }
-            let text = (!s.params.stop.is_empty())
-                .then(|| decode(&self.shared.tokenizer, &s.tokens))
-                .flatten();
+            // The stop string found in the text so far and its held-back tail (a full
+            // decode of the tokens), searched only where a new one can begin.
+            let text = match &mut s.stop_text {
+                Some((decoder, scan)) => {
+                    let new = decoder
+                        .step(&self.shared.tokenizer, &s.tokens)
+                        .unwrap_or_default();
+                    scan.push(&new, decoder.held(), &s.params.stop);
+                    scan.matched(&s.params.stop)
+                }
+                None => None,
+            };
             if let Some(reason) = finish_reason(
                 &s.params,
                 &s.tokens,
                 s.prompt.len(),
                 self.limits.max_model_len,
-                text.as_deref(),
+                text,
             ) {
                 finished.push((*id, reason));
             }
@@ -648,12 +662,6 @@ impl Engine {
 /// Byte offset of the earliest stop string in `text`.
 fn first_stop(text: &str, stop: &[String]) -> Option<usize> {
     stop.iter().filter_map(|s| text.find(s.as_str())).min()
-}
-
-/// The decoded text of `tokens` (special tokens skipped).
-fn decode(tok: &Tokenizer, tokens: &[i64]) -> Option<String> {
-    let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-    tok.decode(&ids, true).ok()
 }
 
 /// The message of a caught panic.
