@@ -78,6 +78,12 @@ async fn pushes_over_a_chain_of_three_and_direct_streams_serve_the_trainers_weig
         let r = push_model(&client, &m, version).await.unwrap();
         assert!(r.failed.is_empty(), "chain {chain} {wire}: {:?}", r.failed);
         assert_eq!(r.updated.len(), 3);
+        assert_eq!(
+            r.data_plane.len(),
+            3,
+            "every worker fed over the data plane"
+        );
+        assert_eq!(r.egress_copies, if chain { 1 } else { 3 });
         let size = if wire == "float32" { 4 } else { 2 };
         assert_eq!(r.bytes as usize, numel * size);
         if wire == "bfloat16" {
@@ -94,6 +100,8 @@ async fn pushes_over_a_chain_of_three_and_direct_streams_serve_the_trainers_weig
     version += 1;
     let r = push_model(&client, &m, version).await.unwrap();
     assert_eq!(r.updated.len(), 3, "{:?}", r.failed);
+    assert!(r.data_plane.is_empty());
+    assert_eq!(r.egress_copies, 3);
     check_all_serve(&client, &m, version, 3).await;
     drop(client);
     for w in ws {

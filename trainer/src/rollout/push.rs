@@ -43,6 +43,11 @@ pub struct PushReport {
     pub updated: Vec<String>,
     /// `(url, reason)` of each worker that did not take it.
     pub failed: Vec<(String, String)>,
+    /// Workers whose tensors came over the TCP data plane (the others took gRPC chunks).
+    pub data_plane: Vec<String>,
+    /// Copies of the update rank 0 sent: one per data-plane feed (one for a chain) plus
+    /// one per worker fed by gRPC chunks.
+    pub egress_copies: usize,
 }
 
 struct PushStream {
@@ -66,6 +71,8 @@ pub struct WeightPush {
     failed: Vec<(String, String)>,
     /// Data-plane streams (one for a chain, else one per data-plane worker).
     feeds: Vec<Feed>,
+    data_plane: Vec<String>,
+    egress_copies: usize,
 }
 
 /// Byte ranges of `total` bytes in chunks of `chunk` bytes (the last may be shorter); an
@@ -157,6 +164,8 @@ impl RolloutClient {
             streams: vec![],
             failed: vec![],
             feeds: vec![],
+            data_plane: vec![],
+            egress_copies: 0,
         };
         let targets: Vec<_> = {
             let pool = self.inner.pool();
@@ -208,6 +217,7 @@ impl RolloutClient {
         if push.streams.is_empty() {
             return Err(push.all_failed());
         }
+        push.egress_copies = push.streams.len();
         if self.inner.cfg.weight_transport == "auto" {
             push.open_data_plane(data_ports).await;
         }
@@ -415,6 +425,8 @@ impl WeightPush {
             seconds: self.started.elapsed().as_secs_f64(),
             updated,
             failed: std::mem::take(&mut self.failed),
+            data_plane: std::mem::take(&mut self.data_plane),
+            egress_copies: self.egress_copies,
         };
         tracing::debug!(
             version = report.version,
@@ -477,6 +489,7 @@ impl WeightPush {
             };
             if s.tx.send(offer).is_ok() {
                 s.data = true;
+                self.data_plane.push(s.url.clone());
                 hops.push((s.worker, Hop { addr, token }));
             }
         }
@@ -496,6 +509,7 @@ impl WeightPush {
             };
             self.feeds.push(Feed::start(first, rest, timeout, workers));
         }
+        self.egress_copies = self.feeds.len() + self.streams.iter().filter(|s| !s.data).count();
         tracing::debug!(
             version = self.version,
             feeds = self.feeds.len(),
