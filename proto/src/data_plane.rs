@@ -33,6 +33,24 @@ pub const MAX_HOPS: usize = 1024;
 
 pub type Token = [u8; TOKEN_BYTES];
 
+/// Socket buffer size the data plane asks for.
+pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+/// The buffer size to set explicitly on data-plane sockets, if any: on Linux an explicit
+/// SO_RCVBUF/SO_SNDBUF turns off the kernel's autotuning (which grows to `tcp_rmem`'s
+/// maximum, often 6-32 MiB) and is capped at `net.core.[rw]mem_max`, so
+/// [`SOCKET_BUFFER_BYTES`] is set only where both caps allow it; else autotuning stays.
+pub fn explicit_buffer_bytes() -> Option<usize> {
+    let read = |p: &str| -> Option<usize> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let caps = [
+        read("/proc/sys/net/core/rmem_max")?,
+        read("/proc/sys/net/core/wmem_max")?,
+    ];
+    caps.iter()
+        .all(|&c| c >= SOCKET_BUFFER_BYTES)
+        .then_some(SOCKET_BUFFER_BYTES)
+}
+
 /// One hop of a chain: the next worker's data-plane address and its token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hop {

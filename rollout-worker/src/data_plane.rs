@@ -38,8 +38,10 @@ use crate::weights::{StagedWeights, WeightAssembler, WireDType};
 pub const MAX_CONNECTIONS: usize = 16;
 /// Time a connection has to present its token.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max).
-pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
+/// How long a presented token may wait for its `DataPlaneOffer` to be registered: the
+/// sender opens the connection as it sends the offer on gRPC, so the hello can win the
+/// race. An unknown token is refused after this.
+pub const TOKEN_WAIT: Duration = Duration::from_secs(3);
 /// Bytes read per `read` call, and forwarded per message to the next hop.
 const PIECE_BYTES: usize = 4 << 20;
 
@@ -55,6 +57,8 @@ struct Shared {
     specs: Vec<ParamSpec>,
     idle: Duration,
     slots: Mutex<HashMap<Token, SlotCell>>,
+    /// Signalled at every registration.
+    registered: std::sync::Condvar,
     connections: AtomicUsize,
 }
 
@@ -82,12 +86,14 @@ pub struct Pending {
     connected: Arc<AtomicBool>,
 }
 
-/// Applies the data plane's socket settings: no Nagle, large buffers.
+/// No Nagle; 8 MiB buffers where the kernel allows them (else its autotuning).
 pub fn tune(s: &TcpStream) {
     let _ = s.set_nodelay(true);
-    let r = socket2::SockRef::from(s);
-    let _ = r.set_send_buffer_size(SOCKET_BUFFER_BYTES);
-    let _ = r.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    if let Some(n) = proto::data_plane::explicit_buffer_bytes() {
+        let r = socket2::SockRef::from(s);
+        let _ = r.set_send_buffer_size(n);
+        let _ = r.set_recv_buffer_size(n);
+    }
 }
 
 fn io_error(what: &str, e: io::Error, timeout: Duration) -> EngineError {
@@ -117,6 +123,7 @@ impl DataPlane {
             specs,
             idle,
             slots: Mutex::new(HashMap::new()),
+            registered: std::sync::Condvar::new(),
             connections: AtomicUsize::new(0),
         });
         let s = shared.clone();
@@ -174,6 +181,8 @@ impl DataPlane {
                 connected: connected.clone(),
             }),
         );
+        drop(slots);
+        self.shared.registered.notify_all();
         Ok(Pending {
             token,
             shared: self.shared.clone(),
@@ -186,7 +195,9 @@ impl DataPlane {
 impl Pending {
     /// The received update. Fails if no connection presented the token within the idle
     /// timeout, or the connection failed (a bad header, a read timeout, the sender gone).
-    pub async fn wait(mut self) -> Outcome {
+    /// Cancel-safe: polling it again after a cancellation keeps waiting for the same
+    /// outcome (the connection timeout restarts).
+    pub async fn wait(&mut self) -> Outcome {
         let idle = self.shared.idle;
         loop {
             tokio::select! {
@@ -228,8 +239,7 @@ fn serve_connection(mut s: TcpStream, peer: SocketAddr, shared: &Shared) {
             return;
         }
     };
-    let slot = shared.slots.lock().expect("slots lock").remove(&token);
-    let Some(SlotCell(slot)) = slot else {
+    let Some(SlotCell(slot)) = take_slot(shared, &token) else {
         tracing::warn!(%peer, "data-plane connection with an unknown token refused");
         refuse(
             &mut s,
@@ -259,6 +269,23 @@ fn serve_connection(mut s: TcpStream, peer: SocketAddr, shared: &Shared) {
             let _ = dp::write_status(&mut s, Ok(()));
         }
         Err(m) => refuse(&mut s, &m),
+    }
+}
+
+/// The slot of `token`, waiting up to [`TOKEN_WAIT`] for its registration.
+fn take_slot(shared: &Shared, token: &Token) -> Option<SlotCell> {
+    let deadline = std::time::Instant::now() + TOKEN_WAIT;
+    let mut slots = shared.slots.lock().expect("slots lock");
+    loop {
+        if let Some(s) = slots.remove(token) {
+            return Some(s);
+        }
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        slots = shared
+            .registered
+            .wait_timeout(slots, left)
+            .expect("slots lock")
+            .0;
     }
 }
 

@@ -364,19 +364,44 @@ impl RolloutService for GrpcService {
         let result = async {
             let mut asm = WeightAssembler::new(self.engine.param_specs());
             let mut pending: Option<Pending> = None;
+            let mut received = None;
             loop {
-                let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
-                    return Err(invalid(format!(
-                        "the update stream sent nothing for {:.0}s; nothing was applied",
-                        idle.as_secs_f64()
-                    )));
+                // While the bytes flow over the data plane the stream is quiet until the
+                // commit: its outcome is awaited beside the stream (the data connection
+                // has its own idle timeout), and a failure ends the call at once.
+                let next = if let Some(p) = pending.as_mut() {
+                    tokio::select! {
+                        n = stream.next() => Some(n),
+                        r = p.wait() => {
+                            received = Some(r?);
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                let next = match next {
+                    Some(n) => n,
+                    None if received.is_some() && pending.is_some() => {
+                        pending = None;
+                        continue;
+                    }
+                    None => {
+                        let Ok(n) = tokio::time::timeout(idle, stream.next()).await else {
+                            return Err(invalid(format!(
+                                "the update stream sent nothing for {:.0}s; nothing was applied",
+                                idle.as_secs_f64()
+                            )));
+                        };
+                        n
+                    }
                 };
                 let Some(msg) = next else { break };
                 let msg =
                     msg.map_err(|s| invalid(format!("update stream failed: {}", s.message())))?;
                 match msg.kind {
                     Some(pb::weight_update_message::Kind::Chunk(c)) => {
-                        if pending.is_some() {
+                        if pending.is_some() || received.is_some() {
                             return Err(invalid(
                                 "a TensorChunk after a DataPlaneOffer (one update takes one path)"
                                     .into(),
@@ -385,12 +410,14 @@ impl RolloutService for GrpcService {
                         asm.add_chunk(chunk_to_domain(c))?;
                     }
                     Some(pb::weight_update_message::Kind::DataPlane(o)) => {
-                        pending = Some(self.offer(o, &asm, pending.is_some())?);
+                        let again = pending.is_some() || received.is_some();
+                        pending = Some(self.offer(o, &asm, again)?);
                     }
                     Some(pb::weight_update_message::Kind::Commit(c)) => {
-                        let staged = match pending.take() {
-                            Some(p) => p.wait().await?,
-                            None => asm.finish()?,
+                        let staged = match (received.take(), pending.take()) {
+                            (Some(s), _) => s,
+                            (None, Some(mut p)) => p.wait().await?,
+                            (None, None) => asm.finish()?,
                         };
                         let num_bytes = staged.num_bytes;
                         let num_tensors = staged.tensors.len() as u64;

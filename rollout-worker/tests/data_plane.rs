@@ -110,7 +110,7 @@ fn check_equal(staged: &StagedWeights, sent: &[(String, Tensor)]) {
     }
 }
 
-async fn wait(p: Pending) -> Result<StagedWeights, String> {
+async fn wait(mut p: Pending) -> Result<StagedWeights, String> {
     tokio::time::timeout(Duration::from_secs(30), p.wait())
         .await
         .expect("an outcome within 30 s")

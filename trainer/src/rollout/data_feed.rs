@@ -18,9 +18,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use proto::data_plane::{self as dp, Hop, Route};
 
-/// Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max).
-const SOCKET_BUFFER_BYTES: usize = 8 << 20;
-
 /// Why a feed failed. `Connect` and `Refused` mean nothing reached any worker of the route.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
@@ -63,12 +60,14 @@ pub struct Feed {
     pub workers: Vec<usize>,
 }
 
-/// No Nagle, large buffers.
+/// No Nagle; 8 MiB buffers where the kernel allows them (else its autotuning).
 fn tune(s: &TcpStream) {
     let _ = s.set_nodelay(true);
-    let r = socket2::SockRef::from(s);
-    let _ = r.set_send_buffer_size(SOCKET_BUFFER_BYTES);
-    let _ = r.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    if let Some(n) = proto::data_plane::explicit_buffer_bytes() {
+        let r = socket2::SockRef::from(s);
+        let _ = r.set_send_buffer_size(n);
+        let _ = r.set_recv_buffer_size(n);
+    }
 }
 
 impl Feed {
