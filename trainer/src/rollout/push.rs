@@ -483,7 +483,7 @@ impl WeightPush {
             let offer = pb::WeightUpdateMessage {
                 kind: Some(pb::weight_update_message::Kind::DataPlane(
                     pb::DataPlaneOffer {
-                        token: token.to_vec().into(),
+                        token: token.to_vec(),
                     },
                 )),
             };
