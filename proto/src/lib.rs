@@ -12,3 +12,5 @@ pub mod rollout {
 }
 
 pub use rollout::v1;
+
+pub mod data_plane;

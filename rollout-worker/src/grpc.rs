@@ -25,6 +25,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::data_plane::{DataPlane, Pending};
 use crate::engine::EngineHandle;
 use crate::error::EngineError;
 use crate::request::{
@@ -71,6 +72,8 @@ pub struct GrpcService {
     /// Permits to assemble an update (bounds the staging memory).
     staging: Arc<tokio::sync::Semaphore>,
     idle_timeout: Duration,
+    /// The bulk weight data plane, when one listens (not with TLS).
+    data_plane: Option<DataPlane>,
 }
 
 impl GrpcService {
@@ -80,13 +83,50 @@ impl GrpcService {
             update_lock: Arc::new(tokio::sync::Mutex::new(())),
             staging: Arc::new(tokio::sync::Semaphore::new(MAX_STAGED_UPDATES)),
             idle_timeout: UPDATE_IDLE_TIMEOUT,
+            data_plane: None,
         }
+    }
+
+    /// Accepts `DataPlaneOffer`s: updates whose bytes come over `dp`.
+    pub fn with_data_plane(mut self, dp: DataPlane) -> Self {
+        self.data_plane = Some(dp);
+        self
     }
 
     /// Rejects an `UpdateWeights` stream idle for `t` (default [`UPDATE_IDLE_TIMEOUT`]).
     pub fn with_update_idle_timeout(mut self, t: Duration) -> Self {
         self.idle_timeout = t;
         self
+    }
+
+    /// Registers the token of a `DataPlaneOffer`: the update's tensors come over the
+    /// data plane. Refused without a data plane, after chunks, or twice.
+    fn offer(
+        &self,
+        o: pb::DataPlaneOffer,
+        asm: &WeightAssembler,
+        again: bool,
+    ) -> Result<Pending, EngineError> {
+        let Some(dp) = &self.data_plane else {
+            return Err(invalid(
+                "a DataPlaneOffer, but this worker has no data plane (TLS is configured): \
+                 send TensorChunks"
+                    .into(),
+            ));
+        };
+        if again || asm.num_bytes() > 0 {
+            return Err(invalid(
+                "a DataPlaneOffer after chunks or another offer (one update takes one path)".into(),
+            ));
+        }
+        let token: proto::data_plane::Token = o.token.as_slice().try_into().map_err(|_| {
+            invalid(format!(
+                "DataPlaneOffer.token has {} bytes, expected {}",
+                o.token.len(),
+                proto::data_plane::TOKEN_BYTES
+            ))
+        })?;
+        dp.register(token)
     }
 
     /// The tonic server wrapper with the message size limits set.
@@ -111,13 +151,17 @@ pub async fn serve(
     serve_with(listener, engine, &ServeOptions::default(), shutdown).await
 }
 
-/// [`serve`] with the API key, TLS, keepalive and request limits of `opts`.
+/// [`serve`] with the API key, TLS, keepalive and request limits of `opts`. Without TLS
+/// the weight data plane listens beside it (same host, a port of its own, announced in
+/// `GetInfo.data_port`); with TLS there is none and pushes stream over gRPC, so no
+/// weight byte ever crosses the network unencrypted when TLS is configured.
 pub async fn serve_with(
     listener: TcpListener,
     engine: EngineHandle,
     opts: &ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let listener_ip = listener.local_addr().ok().map(|a| a.ip());
     let incoming = TcpListenerStream::new(listener).map(|conn| {
         let conn = conn?;
         conn.set_nodelay(true)?;
@@ -132,11 +176,28 @@ pub async fn serve_with(
     if let Some(tls) = &opts.tls {
         builder = builder.tls_config(tls.tonic_config(opts.header_read_timeout))?;
     }
-    builder
+    let mut service = GrpcService::new(engine.clone());
+    let mut data_task = None;
+    if opts.tls.is_none() {
+        let ip = listener_ip.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+        let specs = engine.param_specs().to_vec();
+        match DataPlane::start(ip, 0, specs, UPDATE_IDLE_TIMEOUT).await {
+            Ok((dp, task)) => {
+                service = service.with_data_plane(dp);
+                data_task = Some(task);
+            }
+            Err(e) => tracing::warn!(error = %e, "no weight data plane (pushes use gRPC)"),
+        }
+    }
+    let served = builder
         .layer(GrpcGuardLayer::new(opts))
-        .add_service(GrpcService::new(engine).into_server())
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await;
+    if let Some(t) = data_task {
+        t.abort();
+    }
+    served
 }
 
 fn invalid(m: String) -> EngineError {
@@ -302,27 +363,64 @@ impl RolloutService for GrpcService {
         let idle = self.idle_timeout;
         let result = async {
             let mut asm = WeightAssembler::new(self.engine.param_specs());
-            let mut num_tensors = 0u64;
+            let mut pending: Option<Pending> = None;
+            let mut received = None;
             loop {
-                let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
-                    return Err(invalid(format!(
-                        "the update stream sent nothing for {:.0}s; nothing was applied",
-                        idle.as_secs_f64()
-                    )));
+                // While the bytes flow over the data plane the stream is quiet until the
+                // commit: its outcome is awaited beside the stream (the data connection
+                // has its own idle timeout), and a failure ends the call at once.
+                let next = if let Some(p) = pending.as_mut() {
+                    tokio::select! {
+                        n = stream.next() => Some(n),
+                        r = p.wait() => {
+                            received = Some(r?);
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                let next = match next {
+                    Some(n) => n,
+                    None if received.is_some() && pending.is_some() => {
+                        pending = None;
+                        continue;
+                    }
+                    None => {
+                        let Ok(n) = tokio::time::timeout(idle, stream.next()).await else {
+                            return Err(invalid(format!(
+                                "the update stream sent nothing for {:.0}s; nothing was applied",
+                                idle.as_secs_f64()
+                            )));
+                        };
+                        n
+                    }
                 };
                 let Some(msg) = next else { break };
                 let msg =
                     msg.map_err(|s| invalid(format!("update stream failed: {}", s.message())))?;
                 match msg.kind {
                     Some(pb::weight_update_message::Kind::Chunk(c)) => {
-                        if c.offset == 0 {
-                            num_tensors += 1;
+                        if pending.is_some() || received.is_some() {
+                            return Err(invalid(
+                                "a TensorChunk after a DataPlaneOffer (one update takes one path)"
+                                    .into(),
+                            ));
                         }
                         asm.add_chunk(chunk_to_domain(c))?;
                     }
+                    Some(pb::weight_update_message::Kind::DataPlane(o)) => {
+                        let again = pending.is_some() || received.is_some();
+                        pending = Some(self.offer(o, &asm, again)?);
+                    }
                     Some(pb::weight_update_message::Kind::Commit(c)) => {
-                        let num_bytes = asm.num_bytes();
-                        let staged = asm.finish()?;
+                        let staged = match (received.take(), pending.take()) {
+                            (Some(s), _) => s,
+                            (None, Some(mut p)) => p.wait().await?,
+                            (None, None) => asm.finish()?,
+                        };
+                        let num_bytes = staged.num_bytes;
+                        let num_tensors = staged.tensors.len() as u64;
                         let span =
                             tracing::info_span!("weight_sync", version = c.version, num_bytes);
                         // Taken only now: the update is complete, nothing waits on the client.
@@ -392,6 +490,7 @@ impl RolloutService for GrpcService {
             num_waiting_seqs: l.num_waiting as u32,
             num_parameters: i.num_parameters,
             eos_token_ids: i.eos_token_ids.clone(),
+            data_port: self.data_plane.as_ref().map_or(0, |d| d.port() as u32),
         }))
     }
 

@@ -13,6 +13,7 @@
 //! for the `generate` command. [`security`] holds the API key, TLS material and server
 //! limits ([`ServeOptions`]); [`http_server`] is the HTTP connection loop.
 pub mod config;
+pub mod data_plane;
 pub mod detok;
 pub mod engine;
 pub mod error;

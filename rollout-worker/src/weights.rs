@@ -211,6 +211,52 @@ impl WeightAssembler {
         Ok(())
     }
 
+    /// Allocates the staging tensor for a whole tensor sent at once (the data plane):
+    /// checks the name, shape, dtype and byte length against the architecture and that
+    /// the name was not staged before, and returns a tensor the caller fills with exactly
+    /// `num_bytes` bytes (the staging is dropped whole if it fails to).
+    pub fn stage(
+        &mut self,
+        name: &str,
+        dtype: Option<WireDType>,
+        shape: &[i64],
+        num_bytes: u64,
+    ) -> Result<Tensor, WeightError> {
+        let malformed = |message: String| WeightError::Malformed {
+            name: name.to_string(),
+            message,
+        };
+        let Some(expected) = self.specs.get(name) else {
+            return Err(WeightError::UnknownTensor { name: name.into() });
+        };
+        if shape != expected.as_slice() {
+            return Err(WeightError::ShapeMismatch {
+                name: name.into(),
+                expected: expected.clone(),
+                found: shape.to_vec(),
+            });
+        }
+        let Some(dtype) = dtype else {
+            return Err(malformed("dtype is unspecified or unknown".into()));
+        };
+        if self.done.contains_key(name) || self.partial.contains_key(name) {
+            return Err(malformed("sent twice in one update".into()));
+        }
+        let numel: i64 = expected.iter().product();
+        let total = numel as u64 * dtype.size() as u64;
+        if num_bytes != total {
+            return Err(malformed(format!(
+                "{num_bytes} bytes announced, the tensor has {total} ({numel} x {} bytes)",
+                dtype.size()
+            )));
+        }
+        let tensor = Tensor::f_empty(expected.as_slice(), (dtype.kind(), tch::Device::Cpu))
+            .map_err(|e| malformed(format!("allocating {total} bytes: {e}")))?;
+        self.done.insert(name.to_string(), tensor.shallow_clone());
+        self.num_bytes += total;
+        Ok(tensor)
+    }
+
     /// The complete update; an error lists what is missing.
     pub fn finish(mut self) -> Result<StagedWeights, WeightError> {
         let missing: Vec<&String> = self

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Weight-push throughput of the trainer's rollout client to in-process workers on
 # loopback (trainer/examples/push_bench.rs), f32 and bf16 on the wire, 1/2/4 workers,
-# against one plain loopback TCP stream measured in the same run.
+# over gRPC chunks, the TCP data plane with one stream per worker, and the data plane's
+# chain, against one plain loopback TCP stream measured in the same run.
 #
 #   bash scripts/bench/push.sh                 # BENCH_WORKERS=1,2,4 BENCH_REPEAT=3
+#   BENCH_TRANSPORTS=chain bash scripts/bench/push.sh
 #
-# Built in the dev profile (dependencies at opt-level 2, as the tests): tonic, h2 and
-# prost, where a push spends its time, are dependencies.
+# Built in the dev profile with opt-level 3 for the workspace's own crates
+# (dependencies are at opt-level 2, as for the tests), so the build shares the test
+# build's dependencies; BENCH_RELEASE=1 builds it in release instead.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
+if [[ "${BENCH_RELEASE:-0}" == 1 ]]; then
+  exec cargo run -q --release -p trainer --example push_bench
+fi
+export CARGO_PROFILE_DEV_OPT_LEVEL=3
 exec cargo run -q -p trainer --example push_bench

@@ -1,7 +1,11 @@
 //! Weight-push benchmark (numbers, not a test): the trainer's `WeightPush` streaming a
 //! ~50M-parameter f32 Qwen2 (~203 MB) to 1, 2 and 4 rollout workers on loopback, with
-//! float32 and bfloat16 on the wire, against the reference measured in the same run: the
-//! same bytes through one plain loopback TCP stream (the wire's ceiling on this machine).
+//! float32 and bfloat16 on the wire, over three transports: `grpc` (chunks on the
+//! `UpdateWeights` streams), `direct` (the TCP data plane, one stream per worker) and
+//! `chain` (the data plane, rank 0 sends once and the workers forward), against the
+//! reference measured in the same run: the same bytes through one plain loopback TCP
+//! stream (the wire's ceiling on this machine; the faster of a tokio and a blocking
+//! std sender).
 //!
 //! Data flow: writes the model once under `target/bench-models/push-50m`, starts the
 //! workers in-process on a runtime of their own (each holds the model and its staging
@@ -9,6 +13,7 @@
 //! `commit` (every worker serving the new version), best of `BENCH_REPEAT` (default 3).
 //!
 //!   bash scripts/bench/push.sh            # BENCH_WORKERS=1,2,4 BENCH_REPEAT=3
+//!                                         # BENCH_TRANSPORTS=grpc,direct,chain
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -81,6 +86,49 @@ async fn tcp_reference(bytes: usize) -> anyhow::Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Seconds to move `bytes` through one loopback TCP stream with blocking std sockets
+/// (what the data plane uses), 4 MiB writes and reads.
+fn std_reference(bytes: usize) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sink = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut got = 0;
+        while got < bytes {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Ok(got)
+    });
+    let data = vec![7u8; 4 << 20];
+    let t = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut sent = 0;
+    while sent < bytes {
+        let n = (bytes - sent).min(data.len());
+        s.write_all(&data[..n])?;
+        sent += n;
+    }
+    let got = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink panicked"))??;
+    anyhow::ensure!(got == bytes, "sink got {got} of {bytes} bytes");
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn env_words(name: &str, default: &[&str]) -> Vec<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.split(',').map(|x| x.trim().to_string()).collect())
+        .unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
+}
+
 fn main() -> anyhow::Result<()> {
     let dir = root().join("target/bench-models/push-50m");
     let (_cfg, weights) = write_model(&dir)?;
@@ -118,54 +166,81 @@ fn main() -> anyhow::Result<()> {
         keep.push(tx);
     }
     let f32_bytes = params as usize * 4;
-    let reference = (0..repeat)
+    let tokio_ref = (0..repeat)
         .map(|_| client_rt.block_on(tcp_reference(f32_bytes)))
         .collect::<anyhow::Result<Vec<f64>>>()?
         .into_iter()
         .fold(f64::INFINITY, f64::min);
+    let std_ref = (0..repeat)
+        .map(|_| std_reference(f32_bytes))
+        .collect::<anyhow::Result<Vec<f64>>>()?
+        .into_iter()
+        .fold(f64::INFINITY, f64::min);
+    let reference = tokio_ref.min(std_ref);
     let ref_gbs = f32_bytes as f64 / reference / 1e9;
     println!(
-        "model: {:.1}M parameters, {:.0} MB in f32; reference: one loopback TCP stream {ref_gbs:.2} GB/s",
+        "model: {:.1}M parameters, {:.0} MB in f32; reference: one loopback TCP stream {ref_gbs:.2} GB/s \
+         (tokio {:.2}, std {:.2})",
         params as f64 / 1e6,
-        f32_bytes as f64 / 1e6
+        f32_bytes as f64 / 1e6,
+        f32_bytes as f64 / tokio_ref / 1e9,
+        f32_bytes as f64 / std_ref / 1e9,
     );
+    let transports = env_words("BENCH_TRANSPORTS", &["grpc", "direct", "chain"]);
     let mut version = 0u64;
-    for wire in ["float32", "bfloat16"] {
-        for &n in &counts {
-            let cfg = RolloutConfig {
-                workers: urls[..n].to_vec(),
-                weight_dtype: wire.into(),
-                request_timeout_secs: 120.0,
-                ..RolloutConfig::default()
-            };
-            let client = client_rt.block_on(RolloutClient::connect(cfg))?;
-            let mut best = f64::INFINITY;
-            let mut bytes = 0;
-            for _ in 0..repeat {
-                version += 1;
-                let t = Instant::now();
-                let report = client_rt.block_on(async {
-                    let mut push = client.begin_push(version).await?;
-                    for (name, t) in weights.named() {
-                        push.send(&name, t).await?;
-                    }
-                    push.commit().await
-                })?;
-                anyhow::ensure!(
-                    report.updated.len() == n,
-                    "workers missed the push: {:?}",
-                    report.failed
-                );
-                best = best.min(t.elapsed().as_secs_f64());
-                bytes = report.bytes;
-            }
-            let per_worker = bytes as f64 / best / 1e9;
-            println!(
-                "push {wire:>8} to {n} worker(s): {best:.3} s | {per_worker:.2} GB/s per worker ({:.2} x reference) | {:.2} GB/s aggregate ({:.2} x reference)",
+    for transport in &transports {
+        for wire in ["float32", "bfloat16"] {
+            for &n in &counts {
+                if transport == "chain" && n == 1 {
+                    continue; // the same as direct
+                }
+                let cfg = RolloutConfig {
+                    workers: urls[..n].to_vec(),
+                    weight_dtype: wire.into(),
+                    weight_transport: if transport == "grpc" { "grpc" } else { "auto" }.into(),
+                    weight_chain: transport == "chain",
+                    request_timeout_secs: 120.0,
+                    ..RolloutConfig::default()
+                };
+                let client = client_rt.block_on(RolloutClient::connect(cfg))?;
+                let mut best = f64::INFINITY;
+                let mut bytes = 0;
+                // Copies of the update that left rank 0: one down a chain, else one per worker.
+                let mut egress = 0;
+                for _ in 0..repeat {
+                    version += 1;
+                    let t = Instant::now();
+                    let report = client_rt.block_on(async {
+                        let mut push = client.begin_push(version).await?;
+                        for (name, t) in weights.named() {
+                            push.send(&name, t).await?;
+                        }
+                        push.commit().await
+                    })?;
+                    anyhow::ensure!(
+                        report.updated.len() == n,
+                        "workers missed the push: {:?}",
+                        report.failed
+                    );
+                    let want = if transport == "grpc" { 0 } else { n };
+                    anyhow::ensure!(
+                        report.data_plane.len() == want,
+                        "{transport}: {} of {n} workers on the data plane",
+                        report.data_plane.len()
+                    );
+                    egress = report.egress_copies;
+                    best = best.min(t.elapsed().as_secs_f64());
+                    bytes = report.bytes;
+                }
+                let per_worker = bytes as f64 / best / 1e9;
+                println!(
+                "push {transport:>6} {wire:>8} to {n} worker(s): {best:.3} s | {per_worker:.2} GB/s per worker ({:.2} x reference) | {:.2} GB/s aggregate ({:.2} x reference) | rank-0 egress {egress} cop{}",
                 per_worker / ref_gbs,
                 per_worker * n as f64,
-                per_worker * n as f64 / ref_gbs
+                per_worker * n as f64 / ref_gbs,
+                if egress == 1 { "y" } else { "ies" }
             );
+            }
         }
     }
     drop(keep);

@@ -8,6 +8,9 @@
 //!   stopped worker ends the run on the same weights as the other one;
 //! - a weight-push client SIGKILLed in the middle of an `UpdateWeights` stream: the
 //!   worker keeps serving the old version, and the next push commits at once.
+//! - the middle worker of a weight-push chain (data plane, w0 -> w1 -> w2) SIGKILLed
+//!   halfway: w0 commits, w1 and w2 are dropped at once (w2 keeps its old version), and
+//!   the next push brings w2 up to date down the shortened chain.
 //!
 //! The third re-runs this test binary with `FAULT_CHILD` set, which turns the
 //! `child_process` test into the pushing client.
@@ -339,4 +342,78 @@ fn a_pusher_killed_mid_update_leaves_the_old_version_serving() {
     assert_ne!(after, before, "the new weights serve");
     // Still the committed version, and deterministic.
     assert_eq!(greedy(&http_at), after);
+}
+
+#[test]
+fn a_worker_killed_mid_chain_is_dropped_and_the_rest_catch_up_on_the_next_push() {
+    let ws: Vec<(Proc, String)> = (0..3)
+        .map(|i| start_worker(&format!("w{i}"), &[]))
+        .collect();
+    let http_at: Vec<String> = ws.iter().map(|(p, _)| http_addr(p)).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg = RolloutConfig {
+        workers: ws.iter().map(|(_, u)| u.clone()).collect(),
+        weight_dtype: "float32".into(),
+        connect_timeout_secs: 2.0,
+        request_timeout_secs: 30.0,
+        retry_backoff_secs: 0.1,
+        ..RolloutConfig::default()
+    };
+    let c = rt.block_on(RolloutClient::connect(cfg)).unwrap();
+    let tensors = perturbed();
+    let mut ws = ws;
+    // Version 1 down the chain w0 -> w1 -> w2; w1 is killed halfway through.
+    let (report, killed) = rt.block_on(async {
+        let mut push = c.begin_push(1).await.unwrap();
+        for (name, t) in &tensors[..tensors.len() / 2] {
+            push.send(name, t).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ws[1].0.kill();
+        let killed = Instant::now();
+        for (name, t) in &tensors[tensors.len() / 2..] {
+            push.send(name, t).await.unwrap();
+        }
+        (push.commit().await.unwrap(), killed)
+    });
+    let took = killed.elapsed();
+    eprintln!("FAULT chain push committed {took:?} after the kill: {report:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert_eq!(report.egress_copies, 1, "{report:?}");
+    assert_eq!(report.updated, vec![ws[0].1.clone()], "{report:?}");
+    let mut failed: Vec<&str> = report.failed.iter().map(|(u, _)| u.as_str()).collect();
+    let mut want = vec![ws[1].1.as_str(), ws[2].1.as_str()];
+    failed.sort();
+    want.sort();
+    assert_eq!(failed, want, "{report:?}");
+    assert_eq!(health(&http_at[0])["weight_version"], 1);
+    assert_eq!(
+        health(&http_at[2])["weight_version"],
+        0,
+        "w2 kept its old version"
+    );
+    // Version 2: the chain without the dead worker brings w2 up to date.
+    let report = rt.block_on(async {
+        let mut push = c.begin_push(2).await.unwrap();
+        for (name, t) in &tensors {
+            push.send(name, t).await.unwrap();
+        }
+        push.commit().await.unwrap()
+    });
+    assert_eq!(
+        report.updated,
+        vec![ws[0].1.clone(), ws[2].1.clone()],
+        "{report:?}"
+    );
+    assert_eq!(report.egress_copies, 1);
+    assert_eq!(health(&http_at[2])["weight_version"], 2);
+    assert_eq!(
+        greedy(&http_at[0]),
+        greedy(&http_at[2]),
+        "the same weights serve"
+    );
 }

@@ -44,6 +44,14 @@ pub struct RolloutConfig {
     /// Wire dtype of pushed weights: `"float32"`, `"bfloat16"`, or `"auto"` (the
     /// trainer's compute dtype: bfloat16 when the policy computes in bfloat16).
     pub weight_dtype: String,
+    /// How pushed tensors travel: `"auto"` (the workers' TCP data plane where they
+    /// announce one, i.e. every `http://` worker without TLS; gRPC chunks otherwise) or
+    /// `"grpc"` (always chunks on the `UpdateWeights` stream).
+    pub weight_transport: String,
+    /// Over the data plane, send every byte once, to the first worker, which forwards it
+    /// down a chain of the others as it arrives (rank 0's egress is one copy); `false`:
+    /// one stream from the trainer to each worker.
+    pub weight_chain: bool,
     /// File holding the workers' API key (sent as `authorization: Bearer`); or set
     /// `ROLLOUT_API_KEY`. The key itself is never a config value.
     pub api_key_file: Option<PathBuf>,
@@ -67,6 +75,8 @@ impl Default for RolloutConfig {
             retry_backoff_secs: 1.0,
             weight_chunk_bytes: 4 << 20,
             weight_dtype: "auto".into(),
+            weight_transport: "auto".into(),
+            weight_chain: true,
             api_key_file: None,
             ssl_ca_certs: None,
             ssl_certfile: None,
@@ -166,6 +176,15 @@ impl RolloutConfig {
             ));
         }
         self.wire_dtype()?;
+        if !matches!(self.weight_transport.as_str(), "auto" | "grpc") {
+            return Err(bad(
+                "rollout.weight_transport",
+                format!(
+                    "rollout.weight_transport = {:?}; allowed: \"auto\", \"grpc\"",
+                    self.weight_transport
+                ),
+            ));
+        }
         if self.ssl_certfile.is_some() != self.ssl_keyfile.is_some() {
             return Err(bad(
                 "rollout.ssl_keyfile",

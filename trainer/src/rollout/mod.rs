@@ -13,6 +13,7 @@
 //! semantics.
 
 pub mod config;
+mod data_feed;
 pub mod dispatch;
 pub mod error;
 mod generate;

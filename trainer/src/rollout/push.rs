@@ -23,7 +23,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::data_feed::Feed;
 use super::{grpc_client, status_text, Inner, RolloutClient, RolloutError, WireDtype};
+use proto::data_plane::{self as dp, Hop, Route};
 
 // Chunks carry the tensors' bytes as the host lays them out; the protocol says little-endian.
 #[cfg(target_endian = "big")]
@@ -41,11 +43,18 @@ pub struct PushReport {
     pub updated: Vec<String>,
     /// `(url, reason)` of each worker that did not take it.
     pub failed: Vec<(String, String)>,
+    /// Workers whose tensors came over the TCP data plane (the others took gRPC chunks).
+    pub data_plane: Vec<String>,
+    /// Copies of the update rank 0 sent: one per data-plane feed (one for a chain) plus
+    /// one per worker fed by gRPC chunks.
+    pub egress_copies: usize,
 }
 
 struct PushStream {
     worker: usize,
     url: String,
+    /// Its tensors come over the data plane (a `Feed`), not as chunks on `tx`.
+    data: bool,
     tx: mpsc::UnboundedSender<pb::WeightUpdateMessage>,
     call: JoinHandle<Result<pb::UpdateWeightsResponse, tonic::Status>>,
 }
@@ -60,6 +69,10 @@ pub struct WeightPush {
     names: HashSet<String>,
     streams: Vec<PushStream>,
     failed: Vec<(String, String)>,
+    /// Data-plane streams (one for a chain, else one per data-plane worker).
+    feeds: Vec<Feed>,
+    data_plane: Vec<String>,
+    egress_copies: usize,
 }
 
 /// Byte ranges of `total` bytes in chunks of `chunk` bytes (the last may be shorter); an
@@ -150,6 +163,9 @@ impl RolloutClient {
             names: HashSet::new(),
             streams: vec![],
             failed: vec![],
+            feeds: vec![],
+            data_plane: vec![],
+            egress_copies: 0,
         };
         let targets: Vec<_> = {
             let pool = self.inner.pool();
@@ -167,6 +183,7 @@ impl RolloutClient {
                 })
                 .collect()
         };
+        let mut data_ports = vec![];
         for (worker, url, conn, known, last_error) in targets {
             let Some(channel) = conn else {
                 let why = last_error.unwrap_or_else(|| "unreachable".into());
@@ -180,6 +197,7 @@ impl RolloutClient {
                 ));
                 continue;
             }
+            data_ports.push(channel.clone());
             let (tx, rx) = mpsc::unbounded_channel();
             let mut client = grpc_client(channel);
             let call = tokio::spawn(async move {
@@ -191,12 +209,17 @@ impl RolloutClient {
             push.streams.push(PushStream {
                 worker,
                 url,
+                data: false,
                 tx,
                 call,
             });
         }
         if push.streams.is_empty() {
             return Err(push.all_failed());
+        }
+        push.egress_copies = push.streams.len();
+        if self.inner.cfg.weight_transport == "auto" {
+            push.open_data_plane(data_ports).await;
         }
         tracing::debug!(version, workers = push.streams.len(), "weight push started");
         Ok(push)
@@ -259,12 +282,17 @@ impl WeightPush {
         }
     }
 
-    /// Queues `msg` on every worker still in the push (returns at once). A worker whose
-    /// call has ended is dropped, with the reason its call gives.
-    async fn broadcast(&mut self, msg: pb::WeightUpdateMessage) -> Result<(), RolloutError> {
+    /// Queues `msg` on every worker still in the push (`chunks`: only those fed by
+    /// chunks; returns at once). A worker whose call has ended is dropped, with the
+    /// reason its call gives.
+    async fn broadcast(
+        &mut self,
+        msg: pb::WeightUpdateMessage,
+        chunks: bool,
+    ) -> Result<(), RolloutError> {
         let streams = std::mem::take(&mut self.streams);
         for mut s in streams {
-            if s.tx.send(msg.clone()).is_ok() {
+            if (chunks && s.data) || s.tx.send(msg.clone()).is_ok() {
                 self.streams.push(s);
             } else {
                 let (why, rejection) = self.ended_call(&mut s).await;
@@ -295,6 +323,21 @@ impl WeightPush {
         let bytes = wire_bytes(tensor, wire).map_err(|e| tensor_err(e.to_string()))?;
         self.names.insert(name.to_string());
         let shape = tensor.size();
+        if !self.feeds.is_empty() {
+            let header = dp::encode_header(&dp::TensorHeader {
+                name: name.to_string(),
+                dtype: wire.wire() as u8,
+                shape: shape.clone(),
+                num_bytes: bytes.len() as u64,
+            });
+            for f in &self.feeds {
+                f.send(header.clone(), bytes.clone());
+            }
+        }
+        if self.streams.iter().all(|s| s.data) {
+            self.bytes += bytes.len() as u64;
+            return Ok(());
+        }
         let chunk = (self.inner.cfg.weight_chunk_bytes / wire.size()).max(1) * wire.size();
         for range in chunk_ranges(bytes.len(), chunk) {
             let msg = pb::WeightUpdateMessage {
@@ -306,7 +349,7 @@ impl WeightPush {
                     data: bytes.slice(range),
                 })),
             };
-            self.broadcast(msg).await?;
+            self.broadcast(msg, true).await?;
         }
         self.bytes += bytes.len() as u64;
         Ok(())
@@ -321,7 +364,8 @@ impl WeightPush {
                 version: self.version,
             })),
         };
-        self.broadcast(commit).await?;
+        self.finish_feeds().await?;
+        self.broadcast(commit, false).await?;
         let timeout = self.inner.cfg.request_timeout();
         // Every worker's answer is awaited at once: the push ends with the slowest.
         let waits = std::mem::take(&mut self.streams)
@@ -332,6 +376,7 @@ impl WeightPush {
                     url,
                     tx,
                     mut call,
+                    ..
                 } = s;
                 // Ends the request stream; the worker answers once the new weights serve.
                 drop(tx);
@@ -380,6 +425,8 @@ impl WeightPush {
             seconds: self.started.elapsed().as_secs_f64(),
             updated,
             failed: std::mem::take(&mut self.failed),
+            data_plane: std::mem::take(&mut self.data_plane),
+            egress_copies: self.egress_copies,
         };
         tracing::debug!(
             version = report.version,
@@ -390,6 +437,130 @@ impl WeightPush {
             "weight push committed"
         );
         Ok(report)
+    }
+}
+
+/// `host:port` of the data plane of the worker at `url` (an `http://` url only: with
+/// TLS the bytes stay on the encrypted gRPC stream).
+fn data_addr(url: &str, port: u32) -> Option<String> {
+    if port == 0 || port > u16::MAX as u32 || !url.starts_with("http://") {
+        return None;
+    }
+    let uri: tonic::codegen::http::Uri = url.parse().ok()?;
+    let host = uri.host()?;
+    Some(if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    })
+}
+
+impl WeightPush {
+    /// Moves every worker that announces a data plane (`GetInfo.data_port`, asked of all
+    /// at once) onto it: a one-time token in a `DataPlaneOffer` on its call, then one
+    /// feed down the chain of them (`weight_chain`) or one feed each. The others keep
+    /// taking chunks on their gRPC stream.
+    async fn open_data_plane(&mut self, conns: Vec<super::Conn>) {
+        let timeout = self.inner.cfg.connect_timeout();
+        let infos = futures::future::join_all(conns.into_iter().map(|c| async move {
+            let mut client = grpc_client(c);
+            let call = client.get_info(pb::GetInfoRequest {});
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(r)) => r.into_inner().data_port,
+                _ => 0,
+            }
+        }))
+        .await;
+        let mut hops: Vec<(usize, Hop)> = vec![];
+        for (s, port) in self.streams.iter_mut().zip(infos) {
+            let Some(addr) = data_addr(&s.url, port) else {
+                continue;
+            };
+            let mut token = [0u8; dp::TOKEN_BYTES];
+            if getrandom::fill(&mut token).is_err() {
+                continue;
+            }
+            let offer = pb::WeightUpdateMessage {
+                kind: Some(pb::weight_update_message::Kind::DataPlane(
+                    pb::DataPlaneOffer {
+                        token: token.to_vec(),
+                    },
+                )),
+            };
+            if s.tx.send(offer).is_ok() {
+                s.data = true;
+                self.data_plane.push(s.url.clone());
+                hops.push((s.worker, Hop { addr, token }));
+            }
+        }
+        let hop_timeout_ms = (timeout.as_millis() as u32).max(1);
+        let routes: Vec<Vec<(usize, Hop)>> = if self.inner.cfg.weight_chain {
+            vec![hops].into_iter().filter(|h| !h.is_empty()).collect()
+        } else {
+            hops.into_iter().map(|h| vec![h]).collect()
+        };
+        for route in routes {
+            let workers = route.iter().map(|(i, _)| *i).collect();
+            let mut hops = route.into_iter().map(|(_, h)| h);
+            let first = hops.next().expect("routes are not empty");
+            let rest = Route {
+                hop_timeout_ms,
+                hops: hops.collect(),
+            };
+            self.feeds.push(Feed::start(first, rest, timeout, workers));
+        }
+        self.egress_copies = self.feeds.len() + self.streams.iter().filter(|s| !s.data).count();
+        tracing::debug!(
+            version = self.version,
+            feeds = self.feeds.len(),
+            data_plane = self.streams.iter().filter(|s| s.data).count(),
+            "weight push over the data plane"
+        );
+    }
+
+    /// Ends every feed and awaits the first worker of each; a feed that reached no
+    /// worker drops its whole route from the push at once (their calls would otherwise
+    /// wait for a connection that never comes). Other failures surface in the
+    /// workers' answers to the commit.
+    async fn finish_feeds(&mut self) -> Result<(), RolloutError> {
+        let feeds = std::mem::take(&mut self.feeds);
+        let results = futures::future::join_all(feeds.into_iter().map(|f| {
+            let workers = f.workers.clone();
+            async move {
+                let r = tokio::task::spawn_blocking(move || f.finish()).await;
+                (workers, r)
+            }
+        }))
+        .await;
+        let mut lost: Vec<(usize, String)> = vec![];
+        for (workers, r) in results {
+            let e = match r {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => super::data_feed::FeedError::Panicked,
+            };
+            tracing::warn!(version = self.version, error = %e, "weight data-plane feed failed");
+            if e.nothing_delivered() {
+                lost.extend(workers.into_iter().map(|w| (w, e.to_string())));
+            }
+        }
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let streams = std::mem::take(&mut self.streams);
+        for s in streams {
+            match lost.iter().find(|(w, _)| *w == s.worker) {
+                Some((_, why)) => {
+                    let why = why.clone();
+                    self.drop_stream(s, why, false);
+                }
+                None => self.streams.push(s),
+            }
+        }
+        if self.streams.is_empty() {
+            return Err(self.all_failed());
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,283 @@
+//! Framing of the bulk weight data plane: a raw TCP stream beside gRPC that carries the
+//! tensors of one update (the control path, `UpdateWeights` with its
+//! `DataPlaneOffer` and `Commit`, stays on gRPC).
+//!
+//! One connection carries one update. All integers are little-endian.
+//!
+//! ```text
+//! sender -> worker  hello   MAGIC (8 bytes) | token (32 bytes, from a DataPlaneOffer)
+//! worker -> sender  status  u8 0 = ok | u8 1, u32 len, UTF-8 message (then it closes)
+//! sender -> worker  route   u32 hop_timeout_ms | u32 hops | per hop: u16 len, "host:port", token (32)
+//! sender -> worker  tensor  u16 name len (> 0) | name | u8 dtype (rollout.v1.Dtype) |
+//!                           u8 ndim | ndim x i64 shape | u64 byte length | the bytes
+//!                   ...     one per parameter, each whole and at most once
+//! sender -> worker  end     u16 0
+//! worker -> sender  status  as above: the update was received in full (or why not)
+//! ```
+//!
+//! The route lists the workers after this one: the worker forwards the route's tail and
+//! every tensor, as its bytes arrive, to the route's first hop (a chain), writing with a
+//! deadline of `hop_timeout_ms`.
+use std::io::{self, Read, Write};
+
+/// Opens every connection: "RWDP", protocol version 1, three zero bytes.
+pub const MAGIC: [u8; 8] = *b"RWDP\x01\0\0\0";
+/// Length of a data-plane token.
+pub const TOKEN_BYTES: usize = 32;
+/// Longest tensor name, route entry or status message accepted.
+pub const MAX_NAME_BYTES: usize = 1024;
+pub const MAX_MESSAGE_BYTES: usize = 64 << 10;
+/// Most dimensions of a tensor and most hops of a route.
+pub const MAX_NDIM: usize = 8;
+pub const MAX_HOPS: usize = 1024;
+
+pub type Token = [u8; TOKEN_BYTES];
+
+/// Socket buffer size the data plane asks for.
+pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+/// The buffer size to set explicitly on data-plane sockets, if any: on Linux an explicit
+/// SO_RCVBUF/SO_SNDBUF turns off the kernel's autotuning (which grows to `tcp_rmem`'s
+/// maximum, often 6-32 MiB) and is capped at `net.core.[rw]mem_max`, so
+/// [`SOCKET_BUFFER_BYTES`] is set only where both caps allow it; else autotuning stays.
+pub fn explicit_buffer_bytes() -> Option<usize> {
+    let read = |p: &str| -> Option<usize> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let caps = [
+        read("/proc/sys/net/core/rmem_max")?,
+        read("/proc/sys/net/core/wmem_max")?,
+    ];
+    caps.iter()
+        .all(|&c| c >= SOCKET_BUFFER_BYTES)
+        .then_some(SOCKET_BUFFER_BYTES)
+}
+
+/// One hop of a chain: the next worker's data-plane address and its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub addr: String,
+    pub token: Token,
+}
+
+/// What the sender asks of the worker besides storing the tensors.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Route {
+    /// Write deadline per hop, and the longest silence a forwarded receiver accepts.
+    pub hop_timeout_ms: u32,
+    pub hops: Vec<Hop>,
+}
+
+/// The header that precedes one tensor's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorHeader {
+    pub name: String,
+    /// A `rollout.v1.Dtype` value.
+    pub dtype: u8,
+    pub shape: Vec<i64>,
+    pub num_bytes: u64,
+}
+
+fn bad(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+fn read_u8(r: &mut impl Read) -> io::Result<u8> {
+    let mut b = [0u8; 1];
+    r.read_exact(&mut b)?;
+    Ok(b[0])
+}
+
+fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    r.read_exact(&mut b)?;
+    Ok(u16::from_le_bytes(b))
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn read_string(r: &mut impl Read, len: usize, what: &str) -> io::Result<String> {
+    if len > MAX_NAME_BYTES {
+        return Err(bad(format!(
+            "{what} of {len} bytes (at most {MAX_NAME_BYTES})"
+        )));
+    }
+    let mut b = vec![0u8; len];
+    r.read_exact(&mut b)?;
+    String::from_utf8(b).map_err(|_| bad(format!("{what} is not UTF-8")))
+}
+
+pub fn write_hello(w: &mut impl Write, token: &Token) -> io::Result<()> {
+    let mut b = [0u8; 8 + TOKEN_BYTES];
+    b[..8].copy_from_slice(&MAGIC);
+    b[8..].copy_from_slice(token);
+    w.write_all(&b)
+}
+
+/// The token of a hello; errors if the magic is wrong.
+pub fn read_hello(r: &mut impl Read) -> io::Result<Token> {
+    let mut b = [0u8; 8 + TOKEN_BYTES];
+    r.read_exact(&mut b)?;
+    if b[..8] != MAGIC {
+        return Err(bad(
+            "not a weight data-plane hello (wrong magic or protocol version)".into(),
+        ));
+    }
+    let mut t = [0u8; TOKEN_BYTES];
+    t.copy_from_slice(&b[8..]);
+    Ok(t)
+}
+
+/// `Ok(())` or the error message the peer reports.
+pub fn write_status(w: &mut impl Write, status: Result<(), &str>) -> io::Result<()> {
+    match status {
+        Ok(()) => w.write_all(&[0]),
+        Err(m) => {
+            let m = &m.as_bytes()[..m.len().min(MAX_MESSAGE_BYTES)];
+            let mut b = Vec::with_capacity(5 + m.len());
+            b.push(1);
+            b.extend_from_slice(&(m.len() as u32).to_le_bytes());
+            b.extend_from_slice(m);
+            w.write_all(&b)
+        }
+    }
+}
+
+/// The peer's status: `Ok(Ok(()))`, `Ok(Err(message))`, or an I/O error reading it.
+pub fn read_status(r: &mut impl Read) -> io::Result<Result<(), String>> {
+    match read_u8(r)? {
+        0 => Ok(Ok(())),
+        1 => {
+            let len = read_u32(r)? as usize;
+            if len > MAX_MESSAGE_BYTES {
+                return Err(bad(format!("status message of {len} bytes")));
+            }
+            let mut b = vec![0u8; len];
+            r.read_exact(&mut b)?;
+            Ok(Err(String::from_utf8_lossy(&b).into_owned()))
+        }
+        other => Err(bad(format!("status byte {other} (expected 0 or 1)"))),
+    }
+}
+
+pub fn write_route(w: &mut impl Write, route: &Route) -> io::Result<()> {
+    let mut b = Vec::with_capacity(8 + route.hops.len() * 64);
+    b.extend_from_slice(&route.hop_timeout_ms.to_le_bytes());
+    b.extend_from_slice(&(route.hops.len() as u32).to_le_bytes());
+    for h in &route.hops {
+        b.extend_from_slice(&(h.addr.len() as u16).to_le_bytes());
+        b.extend_from_slice(h.addr.as_bytes());
+        b.extend_from_slice(&h.token);
+    }
+    w.write_all(&b)
+}
+
+pub fn read_route(r: &mut impl Read) -> io::Result<Route> {
+    let hop_timeout_ms = read_u32(r)?;
+    let n = read_u32(r)? as usize;
+    if n > MAX_HOPS {
+        return Err(bad(format!("route of {n} hops (at most {MAX_HOPS})")));
+    }
+    let mut hops = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = read_u16(r)? as usize;
+        let addr = read_string(r, len, "hop address")?;
+        let mut token = [0u8; TOKEN_BYTES];
+        r.read_exact(&mut token)?;
+        hops.push(Hop { addr, token });
+    }
+    Ok(Route {
+        hop_timeout_ms,
+        hops,
+    })
+}
+
+/// The encoded header (written, then the bytes follow).
+pub fn encode_header(h: &TensorHeader) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + h.name.len() + 8 * h.shape.len());
+    b.extend_from_slice(&(h.name.len() as u16).to_le_bytes());
+    b.extend_from_slice(h.name.as_bytes());
+    b.push(h.dtype);
+    b.push(h.shape.len() as u8);
+    for d in &h.shape {
+        b.extend_from_slice(&d.to_le_bytes());
+    }
+    b.extend_from_slice(&h.num_bytes.to_le_bytes());
+    b
+}
+
+/// The end-of-update marker.
+pub const END: [u8; 2] = [0, 0];
+
+/// The next header, or `None` at the end marker.
+pub fn read_header(r: &mut impl Read) -> io::Result<Option<TensorHeader>> {
+    let len = read_u16(r)? as usize;
+    if len == 0 {
+        return Ok(None);
+    }
+    let name = read_string(r, len, "tensor name")?;
+    let dtype = read_u8(r)?;
+    let ndim = read_u8(r)? as usize;
+    if ndim > MAX_NDIM {
+        return Err(bad(format!(
+            "tensor {name}: {ndim} dimensions (at most {MAX_NDIM})"
+        )));
+    }
+    let mut shape = Vec::with_capacity(ndim);
+    for _ in 0..ndim {
+        shape.push(read_u64(r)? as i64);
+    }
+    let num_bytes = read_u64(r)?;
+    Ok(Some(TensorHeader {
+        name,
+        dtype,
+        shape,
+        num_bytes,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut b = vec![];
+        let token = [7u8; TOKEN_BYTES];
+        write_hello(&mut b, &token).unwrap();
+        let route = Route {
+            hop_timeout_ms: 1500,
+            hops: vec![Hop {
+                addr: "127.0.0.1:9".into(),
+                token: [3u8; TOKEN_BYTES],
+            }],
+        };
+        write_route(&mut b, &route).unwrap();
+        let h = TensorHeader {
+            name: "model.norm.weight".into(),
+            dtype: 2,
+            shape: vec![4, -1],
+            num_bytes: 16,
+        };
+        b.extend(encode_header(&h));
+        b.extend(END);
+        write_status(&mut b, Err("no")).unwrap();
+        let mut r = &b[..];
+        assert_eq!(read_hello(&mut r).unwrap(), token);
+        assert_eq!(read_route(&mut r).unwrap(), route);
+        assert_eq!(read_header(&mut r).unwrap(), Some(h));
+        assert_eq!(read_header(&mut r).unwrap(), None);
+        assert_eq!(read_status(&mut r).unwrap(), Err("no".to_string()));
+        assert!(r.is_empty());
+        let e = read_hello(&mut &[0u8; 40][..]).unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+    }
+}
