@@ -417,11 +417,13 @@ fn forward(
     let mut s = TcpStream::connect_timeout(&addr, deadline)?;
     tune(&s);
     s.set_write_timeout(Some(deadline))?;
-    s.set_read_timeout(Some(deadline))?;
+    // The next hop may hold the hello up to TOKEN_WAIT for its offer (sent on gRPC).
+    s.set_read_timeout(Some(deadline + TOKEN_WAIT))?;
     dp::write_hello(&mut s, &hop.token)?;
     if let Err(m) = dp::read_status(&mut s)? {
         return Err(io::Error::other(m));
     }
+    s.set_read_timeout(Some(deadline))?;
     dp::write_route(&mut s, rest)?;
     for p in rx {
         match p {

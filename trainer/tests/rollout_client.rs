@@ -430,12 +430,26 @@ async fn misbehaving_workers_are_failed_or_skipped_and_their_groups_resent() {
     b.stop().await;
 }
 
+// The proxy sits on the gRPC path only: over the data plane a cut loses the worker's
+// offer or its commit. Direct streams keep the other worker's update; a cut inside a
+// chain fails the hops after it until the next push (trainer/tests/faults.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_lost_mid_push_is_dropped_and_reported() {
+    lost_mid_push("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_lost_mid_direct_data_plane_push_is_dropped_and_reported() {
+    lost_mid_push("auto").await;
+}
+
+async fn lost_mid_push(transport: &str) {
     let (a, b) = (Worker::start().await, Worker::start().await);
     let proxy = FaultProxy::start(&a.url).await.unwrap();
     let mut cfg = config(&[&proxy.url(), &b.url]);
     cfg.weight_chunk_bytes = 1000;
+    cfg.weight_transport = transport.into();
+    cfg.weight_chain = false;
     let client = RolloutClient::connect(cfg).await.unwrap();
     let m = perturbed_model(3);
     let mut push = client.begin_push(1).await.unwrap();

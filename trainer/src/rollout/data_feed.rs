@@ -97,6 +97,10 @@ impl Feed {
     }
 }
 
+/// How long a worker holds a data connection whose offer has not arrived yet
+/// (`rollout_worker::data_plane::TOKEN_WAIT`).
+const OFFER_WAIT: Duration = Duration::from_secs(3);
+
 fn run(
     first: &Hop,
     rest: &Route,
@@ -117,12 +121,17 @@ fn run(
     let mut s = TcpStream::connect_timeout(&sock, deadline).map_err(connect)?;
     tune(&s);
     s.set_write_timeout(Some(deadline)).map_err(connect)?;
-    s.set_read_timeout(Some(deadline)).map_err(connect)?;
+    // The offer travels on the gRPC stream opened at the same moment: the worker may
+    // hold the hello up to its token wait before it answers, so the answer gets that
+    // long on top of the hop deadline.
+    s.set_read_timeout(Some(deadline + OFFER_WAIT))
+        .map_err(connect)?;
     dp::write_hello(&mut s, &first.token).map_err(connect)?;
     match dp::read_status(&mut s).map_err(connect)? {
         Ok(()) => {}
         Err(message) => return Err(FeedError::Refused { addr, message }),
     }
+    s.set_read_timeout(Some(deadline)).map_err(connect)?;
     let stream = |s: &mut TcpStream, source: io::Error| FeedError::Stream {
         addr: addr.clone(),
         peer: dp::read_status(s).ok().and_then(|r| r.err()),
