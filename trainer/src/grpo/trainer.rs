@@ -616,6 +616,7 @@ impl Grpo<'_> {
             input_ids: part.input_ids.shallow_clone(),
             attention_mask: None,
             position_ids: None,
+            segment_ids: None,
         };
         self.engine.forward_backward(&mb, |hidden, head| {
             logprob_objective_at(
@@ -675,6 +676,7 @@ impl Grpo<'_> {
                 input_ids: part.input_ids.shallow_clone(),
                 attention_mask: None,
                 position_ids: None,
+                segment_ids: None,
             };
             let lp = engine.forward_no_grad(&mb, |hidden, head| {
                 let t = part.targets.size()[1];
