@@ -288,6 +288,32 @@ impl Positions {
     }
 }
 
+impl Positions {
+    /// `[1, N, ...]` -> `[B, T, ...]`, summing the rows of repeated positions (the
+    /// adjoint of [`Positions::gather`]: the gradient it passes back), zero elsewhere.
+    pub fn scatter_add(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.size();
+        if s.len() < 2 || s[0] != 1 || s[1] != self.count() {
+            return Err(ModelError::Input(format!(
+                "scatter_add takes [1, {}, ...]; got {s:?}",
+                self.count()
+            )));
+        }
+        let rest = &s[2..];
+        let flat: Vec<i64> = [self.batch * self.len]
+            .iter()
+            .chain(rest)
+            .copied()
+            .collect();
+        let full: Vec<i64> = [self.batch, self.len].iter().chain(rest).copied().collect();
+        let index = self.index.to_device(x.device());
+        let zeros = Tensor::f_zeros(flat.as_slice(), (x.kind(), x.device()))?;
+        Ok(zeros
+            .f_index_add(0, &index, &x.f_squeeze_dim(0)?)?
+            .f_reshape(full.as_slice())?)
+    }
+}
+
 /// [`token_logprobs`] of the positions where `mask` `[B, T]` is non-zero only (the
 /// head runs on those alone); the log-probs and entropy are 0 elsewhere.
 pub fn token_logprobs_at(

@@ -185,6 +185,94 @@ where
     })
 }
 
+/// [`logprob_objective_at`] for a shared-prefix forward: `hidden` `[R, L, H]` of the
+/// packed rows, `predictors` the position predicting each of the `N` `targets`
+/// `[1, N]` (a position may predict several), and `unpacked` where those `N` tokens sit
+/// in the unpacked `[B, T]` layout the loss sees. The gradient of a repeated position
+/// sums its targets' gradients.
+pub fn logprob_objective_shared<F>(
+    hidden: &Tensor,
+    head: &Tensor,
+    predictors: &Positions,
+    targets: &Tensor,
+    unpacked: &Positions,
+    opts: &LogprobOptions,
+    loss: F,
+) -> Result<LossOutput, ObjectiveError>
+where
+    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), BoxError>,
+{
+    let err = ObjectiveError::Model;
+    let hs = predictors.gather(hidden).map_err(err)?;
+    let n = targets.size()[1];
+    let (value, count, dh_flat) = if n * head.size()[0] <= FULL_LOGITS_MAX_ELEMENTS {
+        let leaf = hs.detach().set_requires_grad(true);
+        let out = token_logprobs_full(&leaf, head, targets, opts).map_err(err)?;
+        let logprobs = unpacked.scatter(&out.logprobs).map_err(err)?;
+        let entropy = out
+            .entropy
+            .map(|e| unpacked.scatter(&e.detach()))
+            .transpose()
+            .map_err(err)?;
+        let (loss_sum, count) = loss(&LogprobView {
+            logprobs: &logprobs,
+            entropy: entropy.as_ref(),
+        })
+        .map_err(ObjectiveError::Loss)?;
+        let value = finite(&loss_sum)?;
+        if loss_sum.requires_grad() {
+            loss_sum.f_backward()?;
+        }
+        let g = leaf.grad();
+        (
+            value,
+            count,
+            if g.defined() { g } else { leaf.zeros_like() },
+        )
+    } else {
+        let computed = tch::no_grad(|| token_logprobs(&hs, head, targets, opts)).map_err(err)?;
+        let leaf = unpacked
+            .scatter(&computed.logprobs)
+            .map_err(err)?
+            .detach()
+            .set_requires_grad(true);
+        let entropy = computed
+            .entropy
+            .map(|e| unpacked.scatter(&e))
+            .transpose()
+            .map_err(err)?;
+        let (loss_sum, count) = loss(&LogprobView {
+            logprobs: &leaf,
+            entropy: entropy.as_ref(),
+        })
+        .map_err(ObjectiveError::Loss)?;
+        let value = finite(&loss_sum)?;
+        let mut upstream = leaf.zeros_like();
+        if loss_sum.requires_grad() {
+            loss_sum.f_backward()?;
+            let g = leaf.grad();
+            if g.defined() {
+                upstream = g;
+            }
+        }
+        let upstream = unpacked.gather(&upstream).map_err(err)?;
+        let plain = LogprobOptions {
+            with_entropy: false,
+            ..*opts
+        };
+        let dh =
+            token_logprobs_backward(&hs, head, targets, &plain, &upstream, None).map_err(err)?;
+        (value, count, dh)
+    };
+    let dh = predictors.scatter_add(&dh_flat).map_err(err)?;
+    let surrogate = (hidden * dh.detach()).sum(Kind::Float);
+    let shifted = &surrogate - surrogate.detach() + value;
+    Ok(LossOutput {
+        loss_sum: shifted,
+        count,
+    })
+}
+
 /// The loss's value; an error when it is not finite (before any backward).
 fn finite(loss_sum: &Tensor) -> Result<f64, ObjectiveError> {
     let value = loss_sum.double_value(&[]);

@@ -154,6 +154,29 @@ pub fn pack_shared_prefix(
     })
 }
 
+/// A shared-prefix forward layout and the completion positions of the unpacked
+/// layout its flat log-probs scatter into.
+#[derive(Debug)]
+pub struct SharedLayout {
+    pub batch: SharedPrefixBatch,
+    /// The completion tokens of the unpacked shifted layout `[B, L - 1]`, in order.
+    pub unpacked: Positions,
+}
+
+/// The shared-prefix layout of `samples` (adjacent samples with equal prompts share
+/// one) beside their unpacked `packed` batch (from [`super::batch::pack`]).
+pub fn shared_layout(
+    samples: &[Sample],
+    packed: &super::batch::PackedBatch,
+    pad_id: i64,
+    max_row_tokens: usize,
+) -> Result<SharedLayout, PrefixPackError> {
+    Ok(SharedLayout {
+        batch: pack_shared_prefix(&prompt_runs(samples), pad_id, max_row_tokens)?,
+        unpacked: Positions::new(&packed.completion_mask)?,
+    })
+}
+
 /// Splits `samples` into consecutive runs with equal prompts (a group's samples are
 /// adjacent in a round), the `groups` argument of [`pack_shared_prefix`].
 pub fn prompt_runs(samples: &[Sample]) -> Vec<&[Sample]> {
