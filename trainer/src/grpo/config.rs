@@ -216,6 +216,12 @@ impl GrpoConfig {
     /// Every check that needs no file or peer; errors name the field and what is allowed.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         self.args.validate()?;
+        if self.shared_prefix_max_row_tokens == 0 {
+            return Err(bad(
+                "shared_prefix_max_row_tokens",
+                "shared_prefix_max_row_tokens must be positive, got 0",
+            ));
+        }
         if self.num_generations < 2 {
             return Err(bad("num_generations", format!(
                 "num_generations must be at least 2 (advantages compare completions of a prompt), got {}",
