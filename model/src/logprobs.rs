@@ -180,9 +180,37 @@ pub struct Positions {
     index: Tensor,
     batch: i64,
     len: i64,
+    /// No index repeats (false for shared-prefix predictors): scatter needs it.
+    distinct: bool,
 }
 
 impl Positions {
+    /// Explicit flat `b * T + t` indices into a `[batch, len]` layout, in the order the
+    /// gathered tensors take. An index may repeat (the last prompt position predicts
+    /// the first token of every completion of a shared-prefix row): gather then copies
+    /// it and the backward sums the copies' gradients; scatter needs distinct indices.
+    pub fn from_index(index: &[i64], batch: i64, len: i64) -> Result<Self> {
+        if batch < 0 || len < 0 {
+            return Err(ModelError::Input(format!(
+                "a position layout is [B, T] with B, T >= 0; got [{batch}, {len}]"
+            )));
+        }
+        if let Some(&bad) = index.iter().find(|&&i| i < 0 || i >= batch * len) {
+            return Err(ModelError::Input(format!(
+                "position index {bad} is outside the [{batch}, {len}] layout"
+            )));
+        }
+        let mut sorted = index.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        Ok(Positions {
+            index: Tensor::from_slice(index),
+            batch,
+            len,
+            distinct: sorted.len() == index.len(),
+        })
+    }
+
     /// The positions where `mask` `[B, T]` (any dtype) is non-zero.
     pub fn new(mask: &Tensor) -> Result<Self> {
         let s = mask.size();
@@ -200,6 +228,7 @@ impl Positions {
             index,
             batch: s[0],
             len: s[1],
+            distinct: true,
         })
     }
 
@@ -232,6 +261,11 @@ impl Positions {
     /// `[1, N, ...]` -> `[B, T, ...]`, zero at the positions not selected
     /// (differentiable).
     pub fn scatter(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.distinct {
+            return Err(ModelError::Input(
+                "scatter needs distinct positions (a shared-prefix index repeats)".into(),
+            ));
+        }
         let s = x.size();
         if s.len() < 2 || s[0] != 1 || s[1] != self.count() {
             return Err(ModelError::Input(format!(
@@ -250,6 +284,32 @@ impl Positions {
         let zeros = Tensor::f_zeros(flat.as_slice(), (x.kind(), x.device()))?;
         Ok(zeros
             .f_index_copy(0, &index, &x.f_squeeze_dim(0)?)?
+            .f_reshape(full.as_slice())?)
+    }
+}
+
+impl Positions {
+    /// `[1, N, ...]` -> `[B, T, ...]`, summing the rows of repeated positions (the
+    /// adjoint of [`Positions::gather`]: the gradient it passes back), zero elsewhere.
+    pub fn scatter_add(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.size();
+        if s.len() < 2 || s[0] != 1 || s[1] != self.count() {
+            return Err(ModelError::Input(format!(
+                "scatter_add takes [1, {}, ...]; got {s:?}",
+                self.count()
+            )));
+        }
+        let rest = &s[2..];
+        let flat: Vec<i64> = [self.batch * self.len]
+            .iter()
+            .chain(rest)
+            .copied()
+            .collect();
+        let full: Vec<i64> = [self.batch, self.len].iter().chain(rest).copied().collect();
+        let index = self.index.to_device(x.device());
+        let zeros = Tensor::f_zeros(flat.as_slice(), (x.kind(), x.device()))?;
+        Ok(zeros
+            .f_index_add(0, &index, &x.f_squeeze_dim(0)?)?
             .f_reshape(full.as_slice())?)
     }
 }

@@ -84,6 +84,11 @@ pub struct ForwardInput<'a> {
     /// `[B, T]` i64 positions; `None` derives them from the mask (and cache) as
     /// transformers' `generate` does.
     pub position_ids: Option<&'a Tensor>,
+    /// `[B, T]` i64 segments for shared-prefix training (no cache): 0 = the shared
+    /// prefix (prompt), `k >= 1` = branch (completion) `k`, -1 = padding. Key `j` is
+    /// visible to query `i` iff `j <= i`, `j` is real and in the prefix or in `i`'s
+    /// branch. Needs explicit `position_ids` (each branch continues the prefix's).
+    pub segment_ids: Option<&'a Tensor>,
 }
 
 impl<'a> ForwardInput<'a> {
@@ -92,6 +97,7 @@ impl<'a> ForwardInput<'a> {
             input_ids,
             attention_mask: None,
             position_ids: None,
+            segment_ids: None,
         }
     }
 
@@ -102,6 +108,11 @@ impl<'a> ForwardInput<'a> {
 
     pub fn with_positions(mut self, position_ids: &'a Tensor) -> Self {
         self.position_ids = Some(position_ids);
+        self
+    }
+
+    pub fn with_segments(mut self, segment_ids: &'a Tensor) -> Self {
+        self.segment_ids = Some(segment_ids);
         self
     }
 }
@@ -393,6 +404,7 @@ fn check_input(cfg: &ModelConfig, input: &ForwardInput, cache: Option<&KvCache>)
     for (name, t) in [
         ("attention_mask", input.attention_mask),
         ("position_ids", input.position_ids),
+        ("segment_ids", input.segment_ids),
     ] {
         if let Some(t) = t {
             if t.size() != size {
@@ -426,6 +438,9 @@ pub fn attention_context(
     cache: Option<&KvCache>,
 ) -> Result<AttentionContext> {
     check_input(cfg, input, cache)?;
+    if let Some(seg) = input.segment_ids {
+        return segment_context(rope, kind, input, seg, cache);
+    }
     let ids = input.input_ids;
     let (b, t) = (ids.size()[0], ids.size()[1]);
     let device = ids.device();
@@ -473,6 +488,54 @@ pub fn attention_context(
         sin,
         mask,
         is_causal,
+        key_mask,
+    })
+}
+
+/// The context of a shared-prefix row (see [`ForwardInput::segment_ids`]): the mask
+/// `[B, 1, T, T]` is causal, restricted to real keys of the prefix or the query's own
+/// branch, so each branch sees exactly what it would see after its own copy of the
+/// prefix.
+fn segment_context(
+    rope: &Rope,
+    kind: Kind,
+    input: &ForwardInput,
+    seg: &Tensor,
+    cache: Option<&KvCache>,
+) -> Result<AttentionContext> {
+    if cache.is_some() {
+        return Err(ModelError::Input(
+            "segment_ids are for training forwards without a KV cache".into(),
+        ));
+    }
+    let Some(positions) = input.position_ids else {
+        return Err(ModelError::Input(
+            "segment_ids need explicit position_ids".into(),
+        ));
+    };
+    let device = input.input_ids.device();
+    let (b, t) = (seg.size()[0], seg.size()[1]);
+    let seg = seg.to_device(device).to_kind(Kind::Int64);
+    let mut key_mask = seg.ge(0);
+    if let Some(m) = input.attention_mask {
+        key_mask = key_mask.logical_and(&m.to_device(device).to_kind(Kind::Bool));
+    }
+    let q = Tensor::arange(t, (Kind::Int64, device));
+    let causal = q.unsqueeze(0).le_tensor(&q.unsqueeze(1)); // [T (query), T (key)]
+    let (sq, sk) = (seg.view([b, t, 1]), seg.view([b, 1, t]));
+    let related = sk.eq(0).logical_or(&sk.eq_tensor(&sq)); // [B, T, T]
+    let mask = related
+        .logical_and(&causal.unsqueeze(0))
+        .logical_and(&key_mask.view([b, 1, t]))
+        .unsqueeze(1);
+    // Padding queries see no key: let them see all (outputs unused), as above.
+    let empty = mask.any_dims(&[-1i64][..], true).logical_not();
+    let (cos, sin) = rope.cos_sin(&positions.to_device(device), kind);
+    Ok(AttentionContext {
+        cos,
+        sin,
+        mask: Some(mask.logical_or(&empty)),
+        is_causal: false,
         key_mask,
     })
 }

@@ -5,6 +5,7 @@
 #        [--trl-threads N] [--prompts-per-step 16] [--num-generations 8]
 #        [--max-completion-length 16] [--steps 12] [--warmup 2] [--learning-rate 3e-4]
 #        [--temperature 1.0] [--max-staleness 1] [--repeat 1] [--no-build] [--work DIR]
+#        [--set KEY=VALUE ...]   (passed to `trainer grpo`, e.g. shared_prefix_training=true)
 #
 # What runs. Both sides train the shipped demo model (demo/checkpoint, 0.6M-parameter
 # Qwen2) on the demo task (scripts/demo/make_task.py --no-model, seed 0: two-digit
@@ -55,7 +56,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 
 ranks=1 workers=1 tpp=1 trl_threads="" prompts=16 gens=8 max_len=16 steps=12 warmup=2
-lr=3e-4 temperature=1.0 staleness=1 repeat=1 build=1 work=$root/target/bench-grpo-vs-trl
+lr=3e-4 temperature=1.0 staleness=1 repeat=1 build=1 work=$root/target/bench-grpo-vs-trl extra=()
 while [ $# -gt 0 ]; do
     case $1 in
         --ranks) ranks=$2; shift 2 ;;
@@ -72,6 +73,7 @@ while [ $# -gt 0 ]; do
         --max-staleness) staleness=$2; shift 2 ;;
         --repeat) repeat=$2; shift 2 ;;
         --no-build) build=0; shift ;;
+        --set) extra+=(--set "$2"); shift 2 ;;
         --work) work=$2; shift 2 ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "grpo_vs_trl.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -165,7 +167,7 @@ run_ours() {
         --set "learning_rate=$lr" \
         --set "temperature=$temperature" \
         --set "max_staleness=$staleness" \
-        --set logging_steps=1 --set save_steps=0 >"$dir/ours.log" 2>&1 ||
+        --set logging_steps=1 --set save_steps=0 "${extra[@]}" >"$dir/ours.log" 2>&1 ||
         { tail -30 "$dir/ours.log"; echo "trainer failed (log: $dir/ours.log)" >&2; exit 1; }
     stop_workers
 }

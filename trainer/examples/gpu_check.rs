@@ -682,6 +682,7 @@ fn train(device: Device, cfg: &ModelConfig, b: i64, t: i64, steps: usize) -> Res
             input_ids: ids.shallow_clone(),
             attention_mask: None,
             position_ids: None,
+            segment_ids: None,
         };
         e.forward_backward(&mb, |h, head| {
             let logp = h

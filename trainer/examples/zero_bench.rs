@@ -81,6 +81,7 @@ fn run(world: usize, stage: ZeroStage, overlap_comm: bool) -> (f64, usize) {
                             input_ids: ids.shallow_clone(),
                             attention_mask: None,
                             position_ids: None,
+                            segment_ids: None,
                         };
                         e.forward_backward(&mb, |h, head| {
                             let logp = h.linear::<Tensor>(head, None).log_softmax(-1, Kind::Float);

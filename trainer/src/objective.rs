@@ -185,6 +185,112 @@ where
     })
 }
 
+/// [`logprob_objective_at`] for a shared-prefix forward: `hidden` `[R, L, H]` of the
+/// packed rows, `predictors` the position predicting each of the `N` `targets`
+/// `[1, N]` (a position may predict several), and `unpacked` where those `N` tokens sit
+/// in the unpacked `[B, T]` layout the loss sees. The gradient of a repeated position
+/// sums its targets' gradients.
+pub fn logprob_objective_shared<F>(
+    hidden: &Tensor,
+    head: &Tensor,
+    predictors: &Positions,
+    targets: &Tensor,
+    unpacked: &Positions,
+    opts: &LogprobOptions,
+    loss: F,
+) -> Result<LossOutput, ObjectiveError>
+where
+    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), BoxError>,
+{
+    let max = FULL_LOGITS_MAX_ELEMENTS;
+    shared_objective(hidden, head, predictors, targets, unpacked, opts, max, loss)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shared_objective<F>(
+    hidden: &Tensor,
+    head: &Tensor,
+    predictors: &Positions,
+    targets: &Tensor,
+    unpacked: &Positions,
+    opts: &LogprobOptions,
+    full_max_elements: i64,
+    loss: F,
+) -> Result<LossOutput, ObjectiveError>
+where
+    F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), BoxError>,
+{
+    let err = ObjectiveError::Model;
+    let hs = predictors.gather(hidden).map_err(err)?;
+    let n = targets.size()[1];
+    let (value, count, dh_flat) = if n * head.size()[0] <= full_max_elements {
+        let leaf = hs.detach().set_requires_grad(true);
+        let out = token_logprobs_full(&leaf, head, targets, opts).map_err(err)?;
+        let logprobs = unpacked.scatter(&out.logprobs).map_err(err)?;
+        let entropy = out
+            .entropy
+            .map(|e| unpacked.scatter(&e.detach()))
+            .transpose()
+            .map_err(err)?;
+        let (loss_sum, count) = loss(&LogprobView {
+            logprobs: &logprobs,
+            entropy: entropy.as_ref(),
+        })
+        .map_err(ObjectiveError::Loss)?;
+        let value = finite(&loss_sum)?;
+        if loss_sum.requires_grad() {
+            loss_sum.f_backward()?;
+        }
+        let g = leaf.grad();
+        (
+            value,
+            count,
+            if g.defined() { g } else { leaf.zeros_like() },
+        )
+    } else {
+        let computed = tch::no_grad(|| token_logprobs(&hs, head, targets, opts)).map_err(err)?;
+        let leaf = unpacked
+            .scatter(&computed.logprobs)
+            .map_err(err)?
+            .detach()
+            .set_requires_grad(true);
+        let entropy = computed
+            .entropy
+            .map(|e| unpacked.scatter(&e))
+            .transpose()
+            .map_err(err)?;
+        let (loss_sum, count) = loss(&LogprobView {
+            logprobs: &leaf,
+            entropy: entropy.as_ref(),
+        })
+        .map_err(ObjectiveError::Loss)?;
+        let value = finite(&loss_sum)?;
+        let mut upstream = leaf.zeros_like();
+        if loss_sum.requires_grad() {
+            loss_sum.f_backward()?;
+            let g = leaf.grad();
+            if g.defined() {
+                upstream = g;
+            }
+        }
+        let upstream = unpacked.gather(&upstream).map_err(err)?;
+        let plain = LogprobOptions {
+            with_entropy: false,
+            ..*opts
+        };
+        let dh =
+            token_logprobs_backward(&hs, head, targets, &plain, &upstream, None).map_err(err)?;
+        (value, count, dh)
+    };
+    let dh = predictors.scatter_add(&dh_flat).map_err(err)?;
+    let surrogate = (hidden * dh.detach()).sum(Kind::Float);
+    let shifted = &surrogate - surrogate.detach() + value;
+    Ok(LossOutput {
+        loss_sum: shifted,
+        count,
+    })
+}
+
 /// The loss's value; an error when it is not finite (before any backward).
 fn finite(loss_sum: &Tensor) -> Result<f64, ObjectiveError> {
     let value = loss_sum.double_value(&[]);
@@ -260,6 +366,64 @@ mod tests {
                     "masked {masked} full_max {full_max}: dx {dx} dw {dw}"
                 );
             }
+        }
+    }
+
+    /// Shared-prefix selection (a position predicting several targets): the
+    /// surrogate's gradients equal plain autograd, by the chunked and one-pass path.
+    #[test]
+    fn shared_predictors_match_autograd() {
+        tch::manual_seed(1);
+        let dev = tch::Device::Cpu;
+        let (r, l, h, v) = (2, 6, 8, 11);
+        let x0 = Tensor::randn([r, l, h], (Kind::Float, dev));
+        let w0 = Tensor::randn([v, h], (Kind::Float, dev));
+        let index = [2i64, 2, 3, 2, 8, 8, 9];
+        let predictors = Positions::from_index(&index, r, l).unwrap();
+        let targets = Tensor::randint(v, [1, 7], (Kind::Int64, dev));
+        let unpacked = Positions::from_index(&[1, 2, 4, 5, 6, 9, 10], 3, 4).unwrap();
+        let weights = Tensor::randn([3, 4], (Kind::Float, dev));
+        let opts = LogprobOptions {
+            chunk_size: 3,
+            temperature: 0.8,
+            with_entropy: true,
+        };
+        let x = x0.detach().set_requires_grad(true);
+        let w = w0.detach().set_requires_grad(true);
+        let idx = Tensor::from_slice(&index);
+        let hs = x.reshape([r * l, h]).index_select(0, &idx);
+        let lp = (hs.linear::<Tensor>(&w, None) / 0.8)
+            .log_softmax(-1, Kind::Float)
+            .gather(-1, &targets.view([7, 1]), false)
+            .view([1, 7]);
+        let loss = (unpacked.scatter(&lp).unwrap().exp() * &weights).sum(Kind::Float);
+        loss.backward();
+        for full_max in [0, i64::MAX] {
+            let x2 = x0.detach().set_requires_grad(true);
+            let w2 = w0.detach().set_requires_grad(true);
+            let out = shared_objective(
+                &x2,
+                &w2,
+                &predictors,
+                &targets,
+                &unpacked,
+                &opts,
+                full_max,
+                |view| {
+                    assert!(view.entropy.is_some());
+                    Ok(((view.logprobs.exp() * &weights).sum(Kind::Float), 7))
+                },
+            )
+            .unwrap();
+            let dl = (out.loss_sum.double_value(&[]) - loss.double_value(&[])).abs();
+            assert!(dl < 1e-5, "full_max {full_max}: loss off by {dl}");
+            out.loss_sum.backward();
+            let dx = (x.grad() - x2.grad()).abs().max().double_value(&[]);
+            let dw = (w.grad() - w2.grad()).abs().max().double_value(&[]);
+            assert!(
+                dx < 1e-5 && dw < 1e-5,
+                "full_max {full_max}: dx {dx} dw {dw}"
+            );
         }
     }
 

@@ -152,6 +152,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
                 input_ids: packed.input_ids.shallow_clone(),
                 attention_mask: None,
                 position_ids: None,
+                segment_ids: None,
             };
             engine.forward_backward(&mb, |hidden, head| {
                 logprob_objective_at(

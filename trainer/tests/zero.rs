@@ -154,6 +154,7 @@ fn train(e: &mut ZeroEngine, first_step: u64, steps: u64, micro: i64) -> (Vec<f6
                 input_ids: ids.shallow_clone(),
                 attention_mask: None,
                 position_ids: None,
+                segment_ids: None,
             };
             e.forward_backward(&mb, lm_loss(&ids)).unwrap();
         }

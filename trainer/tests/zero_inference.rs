@@ -103,6 +103,7 @@ fn forward_no_grad_and_weight_walk_match_the_unsharded_model() {
                             input_ids: ids.shallow_clone(),
                             attention_mask: None,
                             position_ids: None,
+                            segment_ids: None,
                         };
                         let lp = e
                             .forward_no_grad(&mb, |h, head| logprobs(h, head, ids))
@@ -249,6 +250,7 @@ fn a_frozen_engine_holds_parameters_only_and_matches_the_model() {
                         input_ids: ids.shallow_clone(),
                         attention_mask: None,
                         position_ids: None,
+                        segment_ids: None,
                     };
                     let lp = e
                         .forward_no_grad(&mb, |h, head| logprobs(h, head, ids))

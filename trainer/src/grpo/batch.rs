@@ -36,6 +36,9 @@ pub struct PackedBatch {
     pub sampler_logprobs: Tensor,
     /// `[B]` f32.
     pub advantages: Tensor,
+    /// The same samples laid out with shared prefixes, when `shared_prefix_training`
+    /// is on: the forward runs on it, the loss on the tensors above.
+    pub shared: Option<super::prefix::SharedLayout>,
 }
 
 /// Why samples could not be packed into a micro-batch.
@@ -101,6 +104,7 @@ pub fn pack(samples: &[Sample], pad_id: i64) -> Result<PackedBatch, PackError> {
         sampler_logprobs: Tensor::from_slice(&sampler).view([b, sh]),
         advantages: Tensor::from_slice(&samples.iter().map(|s| s.advantage).collect::<Vec<_>>())
             .to_kind(Kind::Float),
+        shared: None,
     })
 }
 

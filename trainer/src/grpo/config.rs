@@ -53,6 +53,11 @@ pub struct GrpoConfig {
     pub num_iterations: usize,
     /// Truncated completions (no EOS within max_completion_length) are left out of the loss.
     pub mask_truncated_completions: bool,
+    /// Forward each group's prompt once, its completions attending to it (shared-prefix
+    /// packing); exact to f32 rounding, not bit for bit, hence off by default.
+    pub shared_prefix_training: bool,
+    /// Tokens per shared-prefix row (prompt plus completions); a longer group is split.
+    pub shared_prefix_max_row_tokens: usize,
     /// Reweight the loss by the importance ratio exp(old - sampler) between the trainer's
     /// and the workers' log-probs, truncated or masked at the cap: corrects for the two
     /// being different engines (TRL's names and defaults).
@@ -128,6 +133,8 @@ impl Default for GrpoConfig {
             scale_rewards: ScaleRewards::Group,
             num_iterations: 1,
             mask_truncated_completions: false,
+            shared_prefix_training: false,
+            shared_prefix_max_row_tokens: 4096,
             vllm_importance_sampling_correction: true,
             vllm_importance_sampling_mode: IsCorrectionMode::SequenceMask,
             vllm_importance_sampling_cap: 3.0,
@@ -209,6 +216,12 @@ impl GrpoConfig {
     /// Every check that needs no file or peer; errors name the field and what is allowed.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         self.args.validate()?;
+        if self.shared_prefix_max_row_tokens == 0 {
+            return Err(bad(
+                "shared_prefix_max_row_tokens",
+                "shared_prefix_max_row_tokens must be positive, got 0",
+            ));
+        }
         if self.num_generations < 2 {
             return Err(bad("num_generations", format!(
                 "num_generations must be at least 2 (advantages compare completions of a prompt), got {}",

@@ -24,6 +24,7 @@ mod fill;
 pub mod loss;
 pub mod phases;
 pub mod pipeline;
+pub mod prefix;
 mod report;
 pub mod stats;
 mod sync;

@@ -34,15 +34,17 @@ use super::fill::Filled;
 use super::loss::{policy_loss, PolicyBatch};
 use super::phases::{Phase, Timings};
 use super::pipeline::{pending_batches, staleness, Pipeline, Request};
+use super::prefix::shared_layout;
 use super::stats::{all_reduce_f64, RoundStats};
 use crate::data::{self, PromptExample, Sampler};
 use crate::dist::{Communicator, ReduceOp, SharedComm};
 use crate::metrics::{Phase as RunPhase, StepLog};
-use crate::objective::logprob_objective_at;
+use crate::objective::{logprob_objective_at, logprob_objective_shared, LogprobView};
 use crate::rewards::{build_reward_functions, RewardFunction, RewardInput};
 use crate::rollout::{PromptJob, RolloutClient, RolloutGroup};
 use crate::session::{record_memory, RunSkeleton, Session};
 use crate::shutdown::Shutdown;
+use crate::zero::engine::BoxError;
 use crate::zero::{MicroBatch, StepStats, ZeroEngine};
 
 /// Runs GRPO on this rank until the last step.
@@ -510,14 +512,29 @@ impl Grpo<'_> {
         let parts: Vec<PackedBatch> = self
             .micro_batches(&samples)?
             .iter()
-            .map(|rows| {
-                let part: Vec<Sample> = rows.iter().map(|&i| samples[i].clone()).collect();
-                pack(&part, self.pad)
-            })
-            .collect::<Result<_, _>>()?;
-        stats.train_tokens = parts.iter().map(|p| p.input_ids.numel() as f64).sum();
-        stats.padding_tokens = stats.train_tokens - stats.prompt_tokens - stats.completion_tokens;
+            .map(|rows| self.pack_part(&samples, rows))
+            .collect::<Result<_>>()?;
+        stats.train_tokens = parts.iter().map(forwarded_tokens).sum();
+        stats.padding_tokens = stats.train_tokens - stats.prompt_tokens - stats.completion_tokens
+            + parts.iter().map(prompt_tokens_saved).sum::<f64>();
         Ok(parts)
+    }
+
+    /// One micro-batch of `samples[rows]`; under `shared_prefix_training` the rows are
+    /// taken in sample order (a group's completions adjacent, sharing one prompt) and
+    /// the shared-prefix layout is attached.
+    fn pack_part(&self, samples: &[Sample], rows: &[usize]) -> Result<PackedBatch> {
+        let mut rows = rows.to_vec();
+        if self.cfg.shared_prefix_training {
+            rows.sort_unstable();
+        }
+        let part: Vec<Sample> = rows.iter().map(|&i| samples[i].clone()).collect();
+        let mut packed = pack(&part, self.pad)?;
+        if self.cfg.shared_prefix_training {
+            let max = self.cfg.shared_prefix_max_row_tokens;
+            packed.shared = Some(shared_layout(&part, &packed, self.pad, max)?);
+        }
+        Ok(packed)
     }
 
     /// The samples of each micro-batch: `gradient_accumulation_steps` equal-count runs,
@@ -610,43 +627,51 @@ impl Grpo<'_> {
             with_entropy: stats.is_some(),
             ..*opts
         };
-        let mb = MicroBatch {
-            input_ids: part.input_ids.shallow_clone(),
-            attention_mask: None,
-            position_ids: None,
-        };
+        let mb = micro_batch_of(part);
         self.engine.forward_backward(&mb, |hidden, head| {
-            logprob_objective_at(
-                hidden,
-                head,
-                &part.targets,
-                &part.completion_mask,
-                &opts,
-                |view| {
-                    let loss = policy_loss(
-                        &PolicyBatch {
-                            logprobs: view.logprobs,
-                            old_logprobs: old,
-                            ref_logprobs: reference,
-                            sampler_logprobs: Some(&part.sampler_logprobs),
-                            advantages: &part.advantages,
-                            mask: &part.loss_mask,
-                        },
-                        &loss_cfg,
-                    )?;
-                    if let Some(stats) = stats.as_deref_mut() {
-                        stats.add_loss(&loss.stats);
-                        if let Some(ent) = view.entropy {
-                            stats.entropy_sum += (ent * &part.completion_mask)
-                                .sum(Kind::Float)
-                                .double_value(&[]);
-                            stats.entropy_tokens +=
-                                part.completion_mask.sum(Kind::Float).double_value(&[]);
-                        }
+            let loss = |view: &LogprobView<'_>| -> std::result::Result<(Tensor, i64), BoxError> {
+                let loss = policy_loss(
+                    &PolicyBatch {
+                        logprobs: view.logprobs,
+                        old_logprobs: old,
+                        ref_logprobs: reference,
+                        sampler_logprobs: Some(&part.sampler_logprobs),
+                        advantages: &part.advantages,
+                        mask: &part.loss_mask,
+                    },
+                    &loss_cfg,
+                )?;
+                if let Some(stats) = stats.as_deref_mut() {
+                    stats.add_loss(&loss.stats);
+                    if let Some(ent) = view.entropy {
+                        stats.entropy_sum += (ent * &part.completion_mask)
+                            .sum(Kind::Float)
+                            .double_value(&[]);
+                        stats.entropy_tokens +=
+                            part.completion_mask.sum(Kind::Float).double_value(&[]);
                     }
-                    Ok((loss.loss_sum, loss.count))
-                },
-            )
+                }
+                Ok((loss.loss_sum, loss.count))
+            };
+            match &part.shared {
+                Some(sh) => logprob_objective_shared(
+                    hidden,
+                    head,
+                    &sh.batch.predictors,
+                    &sh.batch.targets,
+                    &sh.unpacked,
+                    &opts,
+                    loss,
+                ),
+                None => logprob_objective_at(
+                    hidden,
+                    head,
+                    &part.targets,
+                    &part.completion_mask,
+                    &opts,
+                    loss,
+                ),
+            }
             .map_err(Into::into)
         })?;
         Ok(())
@@ -669,12 +694,13 @@ impl Grpo<'_> {
         };
         let mut out = vec![];
         for part in parts {
-            let mb = MicroBatch {
-                input_ids: part.input_ids.shallow_clone(),
-                attention_mask: None,
-                position_ids: None,
-            };
+            let mb = micro_batch_of(part);
             let lp = engine.forward_no_grad(&mb, |hidden, head| {
+                if let Some(sh) = &part.shared {
+                    let h = sh.batch.predictors.gather(hidden)?;
+                    let lp = model::token_logprobs(&h, head, &sh.batch.targets, opts)?;
+                    return Ok(sh.unpacked.scatter(&lp.logprobs)?);
+                }
                 let t = part.targets.size()[1];
                 let h = hidden.narrow(1, 0, t);
                 model::token_logprobs_at(&h, head, &part.targets, &part.completion_mask, opts)
@@ -782,4 +808,37 @@ impl Grpo<'_> {
         );
         Ok(())
     }
+}
+
+/// The engine's input for `part`: its shared-prefix rows when it has them.
+fn micro_batch_of(part: &PackedBatch) -> MicroBatch {
+    match &part.shared {
+        Some(sh) => MicroBatch {
+            input_ids: sh.batch.input_ids.shallow_clone(),
+            attention_mask: None,
+            position_ids: Some(sh.batch.position_ids.shallow_clone()),
+            segment_ids: Some(sh.batch.segment_ids.shallow_clone()),
+        },
+        None => MicroBatch {
+            input_ids: part.input_ids.shallow_clone(),
+            attention_mask: None,
+            position_ids: None,
+            segment_ids: None,
+        },
+    }
+}
+
+/// Token positions the forward of `part` runs on (padding included).
+fn forwarded_tokens(part: &PackedBatch) -> f64 {
+    match &part.shared {
+        Some(sh) => sh.batch.input_ids.numel() as f64,
+        None => part.input_ids.numel() as f64,
+    }
+}
+
+/// Prompt tokens `part`'s shared-prefix layout does not forward.
+fn prompt_tokens_saved(part: &PackedBatch) -> f64 {
+    part.shared
+        .as_ref()
+        .map_or(0.0, |sh| sh.batch.prompt_tokens_saved as f64)
 }

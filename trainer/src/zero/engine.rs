@@ -58,6 +58,8 @@ pub struct MicroBatch {
     pub input_ids: Tensor,
     pub attention_mask: Option<Tensor>,
     pub position_ids: Option<Tensor>,
+    /// Shared-prefix segments ([`model::ForwardInput::segment_ids`]; needs positions).
+    pub segment_ids: Option<Tensor>,
 }
 
 /// What a loss function returns for one micro-batch.
@@ -532,9 +534,11 @@ impl ZeroEngine {
         let ids = mb.input_ids.to_device(self.device);
         let mask = mb.attention_mask.as_ref().map(|m| m.to_device(self.device));
         let pos = mb.position_ids.as_ref().map(|p| p.to_device(self.device));
+        let seg = mb.segment_ids.as_ref().map(|s| s.to_device(self.device));
         let mut input = ForwardInput::new(&ids);
         input.attention_mask = mask.as_ref();
         input.position_ids = pos.as_ref();
+        input.segment_ids = seg.as_ref();
         let ctx = attention_context(&self.cfg, &self.rope, self.kind, &input, None)?;
         Ok((ids, ctx))
     }

@@ -61,6 +61,7 @@ pub fn forward_backward(e: &mut ZeroEngine, step: u64, scale: f64) {
         input_ids: ids.shallow_clone(),
         attention_mask: None,
         position_ids: None,
+        segment_ids: None,
     };
     e.forward_backward(&mb, |hidden, head| {
         let t = SEQ - 1;
