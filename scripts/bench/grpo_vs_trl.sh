@@ -5,7 +5,12 @@
 #        [--trl-threads N] [--prompts-per-step 16] [--num-generations 8]
 #        [--max-completion-length 16] [--steps 12] [--warmup 2] [--learning-rate 3e-4]
 #        [--temperature 1.0] [--max-staleness 1] [--repeat 1] [--no-build] [--work DIR]
-#        [--set KEY=VALUE ...]   (passed to `trainer grpo`, e.g. shared_prefix_training=true)
+#        [--set KEY=VALUE ...]   (passed to `trainer grpo` after the recipe's settings)
+#
+# Shared-prefix training is on for our side (shared_prefix_training=true: each group's
+# prompt is forwarded once and its completions attend to it; the same objective, equal
+# to the unpacked layout within f32 rounding, trainer/tests/grpo_shared_prefix.rs);
+# `--set shared_prefix_training=false` measures the unpacked layout.
 #
 # What runs. Both sides train the shipped demo model (demo/checkpoint, 0.6M-parameter
 # Qwen2) on the demo task (scripts/demo/make_task.py --no-model, seed 0: two-digit
@@ -56,7 +61,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 
 ranks=1 workers=1 tpp=1 trl_threads="" prompts=16 gens=8 max_len=16 steps=12 warmup=2
-lr=3e-4 temperature=1.0 staleness=1 repeat=1 build=1 work=$root/target/bench-grpo-vs-trl extra=()
+lr=3e-4 temperature=1.0 staleness=1 repeat=1 build=1 work=$root/target/bench-grpo-vs-trl
+extra=(--set shared_prefix_training=true)
 while [ $# -gt 0 ]; do
     case $1 in
         --ranks) ranks=$2; shift 2 ;;
