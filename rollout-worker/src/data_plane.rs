@@ -60,6 +60,9 @@ struct Shared {
     /// Signalled at every registration.
     registered: std::sync::Condvar,
     connections: AtomicUsize,
+    /// The staging tensors of the last applied update, by name: the next update reads
+    /// into them (already faulted in) instead of fresh allocations.
+    spare: Arc<Mutex<HashMap<String, Tensor>>>,
 }
 
 // `Slot` holds a oneshot sender (not Debug); wrapped so `Shared` can derive Debug.
@@ -125,6 +128,7 @@ impl DataPlane {
             slots: Mutex::new(HashMap::new()),
             registered: std::sync::Condvar::new(),
             connections: AtomicUsize::new(0),
+            spare: Arc::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -328,7 +332,8 @@ fn receive(s: &mut TcpStream, shared: &Shared) -> Outcome {
             3 => Some(WireDType::F16),
             _ => None,
         };
-        let tensor = asm.stage(&h.name, dtype, &h.shape, h.num_bytes)?;
+        let spare = shared.spare.lock().expect("spare lock").remove(&h.name);
+        let tensor = asm.stage_reusing(&h.name, dtype, &h.shape, h.num_bytes, spare)?;
         if let Some(f) = &forward {
             f.send(Piece::Header(dp::encode_header(&h)));
         }
@@ -369,7 +374,20 @@ fn receive(s: &mut TcpStream, shared: &Shared) -> Outcome {
     if let Some(f) = &forward {
         f.send(Piece::End);
     }
-    Ok(asm.finish()?)
+    let mut staged = asm.finish()?;
+    // Once applied (or dropped) the tensors become the next update's staging; not while
+    // the forwarder may still write from them (then they are freed instead).
+    let spare = shared.spare.clone();
+    let forwarded = forward.map(|f| f.finished);
+    staged.recycle = Some(Box::new(move |tensors| {
+        if forwarded.is_some_and(|d| !d.load(Ordering::SeqCst)) {
+            return;
+        }
+        if let Ok(mut spare) = spare.lock() {
+            spare.extend(tensors);
+        }
+    }));
+    Ok(staged)
 }
 
 enum Piece {
@@ -383,18 +401,23 @@ enum Piece {
 /// waits on it. The queue holds only headers and views of the staging tensors.
 struct Forwarder {
     tx: mpsc::Sender<Piece>,
+    /// Set when the forwarding thread has ended (it holds no staging tensor any more).
+    finished: Arc<AtomicBool>,
 }
 
 impl Forwarder {
     fn start(hop: Hop, rest: Route, deadline: Duration) -> Forwarder {
         let (tx, rx) = mpsc::channel();
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
         std::thread::spawn(move || {
             if let Err(e) = forward(&hop, &rest, deadline, rx) {
                 tracing::warn!(next = %hop.addr, error = %e,
                     "next worker cut from the weight chain; it keeps its old version until a later push");
             }
+            done.store(true, Ordering::SeqCst);
         });
-        Forwarder { tx }
+        Forwarder { tx, finished }
     }
 
     /// Queues `p`; a forwarder that stopped (its hop was cut) ignores it.
