@@ -16,7 +16,8 @@
 //! serves until then, and a sender that dies mid-stream leaves it serving.
 //!
 //! Bounds: an update holds one copy of the model in the wire dtype (the staging permit
-//! of the gRPC handler covers it); reads time out after the idle timeout (or the
+//! of the gRPC handler covers it), and the last applied update's copy is kept as the
+//! next one's staging (already faulted in); reads time out after the idle timeout (or the
 //! route's hop timeout, if shorter); at most [`MAX_CONNECTIONS`] connections at once.
 //! Framing: `proto::data_plane`.
 use std::collections::HashMap;
