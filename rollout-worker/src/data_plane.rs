@@ -16,7 +16,8 @@
 //! serves until then, and a sender that dies mid-stream leaves it serving.
 //!
 //! Bounds: an update holds one copy of the model in the wire dtype (the staging permit
-//! of the gRPC handler covers it); reads time out after the idle timeout (or the
+//! of the gRPC handler covers it), and the last applied update's copy is kept as the
+//! next one's staging (already faulted in); reads time out after the idle timeout (or the
 //! route's hop timeout, if shorter); at most [`MAX_CONNECTIONS`] connections at once.
 //! Framing: `proto::data_plane`.
 use std::collections::HashMap;
@@ -60,6 +61,9 @@ struct Shared {
     /// Signalled at every registration.
     registered: std::sync::Condvar,
     connections: AtomicUsize,
+    /// The staging tensors of the last applied update, by name: the next update reads
+    /// into them (already faulted in) instead of fresh allocations.
+    spare: Arc<Mutex<HashMap<String, Tensor>>>,
 }
 
 // `Slot` holds a oneshot sender (not Debug); wrapped so `Shared` can derive Debug.
@@ -125,6 +129,7 @@ impl DataPlane {
             slots: Mutex::new(HashMap::new()),
             registered: std::sync::Condvar::new(),
             connections: AtomicUsize::new(0),
+            spare: Arc::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -328,7 +333,8 @@ fn receive(s: &mut TcpStream, shared: &Shared) -> Outcome {
             3 => Some(WireDType::F16),
             _ => None,
         };
-        let tensor = asm.stage(&h.name, dtype, &h.shape, h.num_bytes)?;
+        let spare = shared.spare.lock().expect("spare lock").remove(&h.name);
+        let tensor = asm.stage_reusing(&h.name, dtype, &h.shape, h.num_bytes, spare)?;
         if let Some(f) = &forward {
             f.send(Piece::Header(dp::encode_header(&h)));
         }
@@ -369,7 +375,20 @@ fn receive(s: &mut TcpStream, shared: &Shared) -> Outcome {
     if let Some(f) = &forward {
         f.send(Piece::End);
     }
-    Ok(asm.finish()?)
+    let mut staged = asm.finish()?;
+    // Once applied (or dropped) the tensors become the next update's staging; not while
+    // the forwarder may still write from them (then they are freed instead).
+    let spare = shared.spare.clone();
+    let forwarded = forward.map(|f| f.finished);
+    staged.recycle = Some(Box::new(move |tensors| {
+        if forwarded.is_some_and(|d| !d.load(Ordering::SeqCst)) {
+            return;
+        }
+        if let Ok(mut spare) = spare.lock() {
+            spare.extend(tensors);
+        }
+    }));
+    Ok(staged)
 }
 
 enum Piece {
@@ -383,18 +402,23 @@ enum Piece {
 /// waits on it. The queue holds only headers and views of the staging tensors.
 struct Forwarder {
     tx: mpsc::Sender<Piece>,
+    /// Set when the forwarding thread has ended (it holds no staging tensor any more).
+    finished: Arc<AtomicBool>,
 }
 
 impl Forwarder {
     fn start(hop: Hop, rest: Route, deadline: Duration) -> Forwarder {
         let (tx, rx) = mpsc::channel();
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
         std::thread::spawn(move || {
             if let Err(e) = forward(&hop, &rest, deadline, rx) {
                 tracing::warn!(next = %hop.addr, error = %e,
                     "next worker cut from the weight chain; it keeps its old version until a later push");
             }
+            done.store(true, Ordering::SeqCst);
         });
-        Forwarder { tx }
+        Forwarder { tx, finished }
     }
 
     /// Queues `p`; a forwarder that stopped (its hop was cut) ignores it.

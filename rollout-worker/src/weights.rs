@@ -112,11 +112,33 @@ pub struct WeightAssembler {
 }
 
 /// A complete, validated update, held on the host until the engine applies it.
-#[derive(Debug)]
 pub struct StagedWeights {
     /// `(name, tensor)` in parameter order, in the wire dtype, on the CPU.
     pub tensors: Vec<(String, Tensor)>,
     pub num_bytes: u64,
+    /// Takes the tensors back once the update is applied or dropped (the data plane keeps
+    /// them as the next update's staging, already faulted in).
+    pub recycle: Option<Recycle>,
+}
+
+/// Receives the staging tensors of a `StagedWeights` when it is dropped.
+pub type Recycle = Box<dyn FnOnce(Vec<(String, Tensor)>) + Send>;
+
+impl std::fmt::Debug for StagedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedWeights")
+            .field("tensors", &self.tensors.len())
+            .field("num_bytes", &self.num_bytes)
+            .finish()
+    }
+}
+
+impl Drop for StagedWeights {
+    fn drop(&mut self) {
+        if let Some(r) = self.recycle.take() {
+            r(std::mem::take(&mut self.tensors));
+        }
+    }
 }
 
 impl WeightAssembler {
@@ -222,6 +244,20 @@ impl WeightAssembler {
         shape: &[i64],
         num_bytes: u64,
     ) -> Result<Tensor, WeightError> {
+        self.stage_reusing(name, dtype, shape, num_bytes, None)
+    }
+
+    /// [`stage`](Self::stage), filling `spare` (a staging tensor of an earlier update, no
+    /// longer referenced elsewhere) instead of a fresh allocation when its dtype and
+    /// shape match.
+    pub fn stage_reusing(
+        &mut self,
+        name: &str,
+        dtype: Option<WireDType>,
+        shape: &[i64],
+        num_bytes: u64,
+        spare: Option<Tensor>,
+    ) -> Result<Tensor, WeightError> {
         let malformed = |message: String| WeightError::Malformed {
             name: name.to_string(),
             message,
@@ -250,8 +286,11 @@ impl WeightAssembler {
                 dtype.size()
             )));
         }
-        let tensor = Tensor::f_empty(expected.as_slice(), (dtype.kind(), tch::Device::Cpu))
-            .map_err(|e| malformed(format!("allocating {total} bytes: {e}")))?;
+        let tensor = match spare {
+            Some(t) if t.kind() == dtype.kind() && t.size() == *expected && t.is_contiguous() => t,
+            _ => Tensor::f_empty(expected.as_slice(), (dtype.kind(), tch::Device::Cpu))
+                .map_err(|e| malformed(format!("allocating {total} bytes: {e}")))?,
+        };
         self.done.insert(name.to_string(), tensor.shallow_clone());
         self.num_bytes += total;
         Ok(tensor)
@@ -278,6 +317,7 @@ impl WeightAssembler {
         Ok(StagedWeights {
             tensors,
             num_bytes: self.num_bytes,
+            recycle: None,
         })
     }
 }

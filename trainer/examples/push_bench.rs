@@ -122,6 +122,49 @@ fn std_reference(bytes: usize) -> anyhow::Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Seconds to move `bytes` through one loopback TCP stream from a `bytes`-long source
+/// into a `bytes`-long destination (the memory a push really touches, not cache-hot
+/// 4 MiB buffers): `fresh` allocates the destination per run (faulted in by the reads,
+/// as a staging copy is), else it is reused and already faulted in.
+fn std_memory_reference(src: &[u8], dst: &mut Vec<u8>, fresh: bool) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let bytes = src.len();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut buf = if fresh {
+        vec![0u8; bytes]
+    } else {
+        std::mem::take(dst)
+    };
+    let t = Instant::now();
+    let sink = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let (mut s, _) = listener.accept()?;
+        let mut got = 0;
+        while got < bytes {
+            let end = (got + (4 << 20)).min(bytes);
+            let n = s.read(&mut buf[got..end])?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Ok(buf)
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    for c in src.chunks(4 << 20) {
+        s.write_all(c)?;
+    }
+    let buf = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink panicked"))??;
+    let dt = t.elapsed().as_secs_f64();
+    if !fresh {
+        *dst = buf;
+    }
+    Ok(dt)
+}
+
 fn env_words(name: &str, default: &[&str]) -> Vec<String> {
     std::env::var(name)
         .ok()
@@ -177,6 +220,24 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .fold(f64::INFINITY, f64::min);
     let reference = tokio_ref.min(std_ref);
+    {
+        let src = vec![7u8; f32_bytes];
+        let mut dst = vec![1u8; f32_bytes];
+        for fresh in [false, true] {
+            let best = (0..repeat)
+                .map(|_| std_memory_reference(&src, &mut dst, fresh))
+                .collect::<anyhow::Result<Vec<f64>>>()?
+                .into_iter()
+                .fold(f64::INFINITY, f64::min);
+            println!(
+                "memory reference: {:.0} MB source -> {} {:.0} MB destination over one loopback TCP stream: {:.2} GB/s",
+                f32_bytes as f64 / 1e6,
+                if fresh { "fresh (unfaulted)" } else { "reused (faulted-in)" },
+                f32_bytes as f64 / 1e6,
+                f32_bytes as f64 / best / 1e9
+            );
+        }
+    }
     let ref_gbs = f32_bytes as f64 / reference / 1e9;
     println!(
         "model: {:.1}M parameters, {:.0} MB in f32; reference: one loopback TCP stream {ref_gbs:.2} GB/s \
