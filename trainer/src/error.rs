@@ -13,6 +13,7 @@ use crate::dist::CommError;
 use crate::grpo::advantages::AdvantageError;
 use crate::grpo::batch::PackError;
 use crate::grpo::pipeline::PendingStateError;
+use crate::grpo::prefix::PrefixPackError;
 use crate::inference::client::ClientError;
 use crate::inference::jsonl::JsonlError;
 use crate::rewards::RewardError;
@@ -37,6 +38,8 @@ pub enum Cause {
     Comm(#[from] CommError),
     #[error(transparent)]
     Pack(#[from] PackError),
+    #[error(transparent)]
+    PrefixPack(#[from] PrefixPackError),
     #[error(transparent)]
     Advantage(#[from] AdvantageError),
     #[error(transparent)]
@@ -150,6 +153,7 @@ from_cause!(
     EngineError,
     CommError,
     PackError,
+    PrefixPackError,
     AdvantageError,
     PendingStateError,
     RewardError,
