@@ -176,11 +176,16 @@ fn launch_stops_the_other_ranks_and_fails_when_one_rank_fails() {
 #[test]
 fn launch_forwards_sigterm_to_every_rank() {
     let mut cmd = launch();
+    // A Python rank, not `sh -c 'trap ...'`: dash 0.5.12 loses a trapped SIGTERM that
+    // lands while it waits for a foreground child (about 1 run in 5 under load hung).
     cmd.args(["--nproc-per-node", "2", "--"])
         .args([
-            "sh",
+            "python3",
             "-c",
-            "trap 'echo got TERM; exit 0' TERM; echo ready; while :; do sleep 0.05; done",
+            "import signal, sys, time\n\
+             signal.signal(signal.SIGTERM, lambda *_: (print('got TERM', flush=True), sys.exit(0)))\n\
+             print('ready', flush=True)\n\
+             while True: time.sleep(0.05)",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -201,4 +206,67 @@ fn launch_forwards_sigterm_to_every_rank() {
     assert_eq!(rest, vec!["[rank0]: got TERM", "[rank1]: got TERM"]);
     // Interrupted runs exit like a process killed by the signal: 128 + 15.
     assert_eq!(child.wait().unwrap().code(), Some(143));
+}
+
+/// A rank that ignores SIGTERM: the launcher SIGKILLs it `--signal-grace-secs` after the
+/// forwarded signal (without the flag it would wait; a second signal kills at once).
+#[test]
+fn launch_kills_a_rank_that_ignores_sigterm_after_the_signal_grace() {
+    for second_signal in [false, true] {
+        let mut cmd = launch();
+        cmd.args(["--nproc-per-node", "2"]);
+        if !second_signal {
+            cmd.args(["--signal-grace-secs", "0.5"]);
+        }
+        cmd.args([
+            "--",
+            "python3",
+            "-c",
+            "import signal, time\n\
+             signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+             print('ready', flush=True)\n\
+             while True: time.sleep(0.05)",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut ready = 0;
+        while ready < 2 {
+            let line = lines.next().expect("launcher output ended").unwrap();
+            ready += usize::from(line.ends_with("ready"));
+        }
+        let term = || {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        };
+        term();
+        if second_signal {
+            thread::sleep(Duration::from_millis(300));
+            term();
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let code = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "launcher still waiting for its ranks"
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(code, Some(143), "second signal: {second_signal}");
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        let expected = if second_signal {
+            "launch: second signal; sending SIGKILL to every rank"
+        } else {
+            "launch: ranks still running --signal-grace-secs after the signal; sending SIGKILL"
+        };
+        assert!(err.contains(expected), "{err}");
+    }
 }
