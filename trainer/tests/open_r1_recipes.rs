@@ -409,13 +409,23 @@ fn olympic_coder_sft_recipe_loads() {
 /// leaves no whole number of groups is refused naming the numbers.
 #[test]
 fn open_r1_batch_shape_with_groups_spanning_ranks_validates() {
-    let text = SIMPLE_RL.replace(
-        "gradient_accumulation_steps: 2",
-        "gradient_accumulation_steps: 1\nnum_generations: 7\nper_device_train_batch_size: 16",
-    );
+    let text = SIMPLE_RL
+        .replace(
+            "gradient_accumulation_steps: 2",
+            "gradient_accumulation_steps: 1",
+        )
+        .replace("num_generations: 4", "num_generations: 7")
+        .replace(
+            "per_device_train_batch_size: 8",
+            "per_device_train_batch_size: 16",
+        )
+        + "\nrollout:\n  workers: [\"http://127.0.0.1:1\"]";
     let l: Loaded<GrpoConfig> = load(&text);
     let c = &l.config;
-    assert_eq!((c.num_generations, c.args.per_device_train_batch_size), (7, 16));
+    assert_eq!(
+        (c.num_generations, c.args.per_device_train_batch_size),
+        (7, 16)
+    );
     c.validate().unwrap();
     let layout = c.validate_world(7).unwrap();
     assert_eq!(layout.groups(), 16);
