@@ -9,6 +9,7 @@
 //!   seeds by global index; rewards gathered before normalising), as do the step's loss
 //!   and grad norm (so the per-completion losses agree in sum), with shared-prefix
 //!   training off and on.
+//! - With `max_staleness: 1`, `scale_rewards: batch` and `dr_grpo`, spanning groups train.
 //! - A global batch `num_generations` does not divide is refused naming the numbers.
 mod e2e_support;
 
@@ -171,6 +172,44 @@ fn groups_spanning_three_ranks_match_one_rank_holding_them() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The other paths with spanning groups: rounds generated one version ahead
+/// (`max_staleness: 1`, each share of a group with its own version), batch-scaled
+/// advantages and Dr. GRPO's normalisation over 3 ranks train every step.
+#[test]
+fn spanning_groups_train_with_staleness_batch_scaling_and_dr_grpo() {
+    let dir = tempdir("spanning-paths");
+    let (_worker, url) = start_worker("worker", &["--max-num-seqs", "64"]);
+    let cfg = grpo_config(
+        &dir,
+        &[url],
+        "per_device_train_batch_size: 2\nmax_steps: 3\nsave_steps: 0\nmax_staleness: 1\n\
+         scale_rewards: batch\nloss_type: dr_grpo\nnum_generations: 3\n",
+    );
+    let args = vec!["grpo".into(), "--config".into(), cfg];
+    let mut ranks = ranks_with_completions(3, &args);
+    let mut all = vec![];
+    for r in &mut ranks {
+        assert!(r.wait(Duration::from_secs(300)), "a rank failed");
+        all.extend(r.output());
+    }
+    let out = ranks[0].output();
+    let steps = step_lines(&out);
+    assert_eq!(steps.len(), 3, "{}", out.join("\n"));
+    for l in &steps {
+        assert_eq!(field(l, "groups"), Some(2.0), "{l}");
+    }
+    // Every step logs all 6 completions once over the ranks.
+    assert_eq!(count_completion_lines(&all), 3 * 6);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn count_completion_lines(lines: &[String]) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.contains("completion ") && l.contains(" advantage "))
+        .count()
 }
 
 #[test]
