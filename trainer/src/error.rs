@@ -12,6 +12,7 @@ use crate::data::DataError;
 use crate::dist::CommError;
 use crate::grpo::advantages::AdvantageError;
 use crate::grpo::batch::PackError;
+use crate::grpo::gather::GatherError;
 use crate::grpo::pipeline::PendingStateError;
 use crate::grpo::prefix::PrefixPackError;
 use crate::inference::client::ClientError;
@@ -44,6 +45,8 @@ pub enum Cause {
     Advantage(#[from] AdvantageError),
     #[error(transparent)]
     PendingState(#[from] PendingStateError),
+    #[error(transparent)]
+    Gather(#[from] GatherError),
     #[error(transparent)]
     Reward(#[from] RewardError),
     #[error(transparent)]
@@ -125,9 +128,49 @@ pub enum RunError {
         expected: &'static str,
         got: String,
     },
-    /// The GRPO loop's own invariants and limits (the message names the setting).
-    #[error("{0}")]
-    Loop(String),
+    /// Dynamic sampling spent `max_num_gen_batches` generation rounds and a rank still
+    /// misses `short` of its `target` informative groups (`dynamic_sampling_unfilled: error`).
+    #[error(
+        "dynamic sampling: after max_num_gen_batches = {max_num_gen_batches} generation rounds a rank \
+         still misses {short} of its {target} groups with distinct rewards (every \
+         completion of the others scored the same); raise max_num_gen_batches, or set \
+         dynamic_sampling_unfilled: train to train on the groups there are"
+    )]
+    DynamicSamplingUnfilled {
+        max_num_gen_batches: usize,
+        short: usize,
+        target: usize,
+    },
+    /// Fewer dropped (flat) groups than the unfilled batch needs as padding.
+    #[error("dynamic sampling: {available} groups to pad the batch with, {needed} needed")]
+    DynamicSamplingPadding { available: usize, needed: usize },
+    /// Pushing `version` to the workers failed (`why`: rank 0's error, if any).
+    #[error("pushing weight version {version} to the rollout workers failed{}", why.as_ref().map(|f| format!(": {f}")).unwrap_or_default())]
+    WeightPush { version: u64, why: Option<String> },
+    /// A worker returned a group of a version above the last one pushed.
+    #[error(
+        "worker {worker} returned a group of weight version {version}, above version {pushed} that \
+         this trainer pushed last: its weights do not come from this run"
+    )]
+    VersionAhead {
+        worker: String,
+        version: u64,
+        pushed: u64,
+    },
+    /// A rollout group does not hold the completions this rank asked for of `group`.
+    #[error("group {group} of the round came back with {got} completions, {want} were requested")]
+    ShareSize {
+        group: usize,
+        want: usize,
+        got: usize,
+    },
+    /// A reward function returned the wrong number of scores.
+    #[error("reward function {func} returned {scores} scores for {completions} completions")]
+    RewardCount {
+        func: String,
+        scores: usize,
+        completions: usize,
+    },
     #[error("weight version {version} cannot be incremented")]
     VersionOverflow { version: u64 },
     #[error("a rollout worker serves weight version {highest}, beyond any this trainer pushes; restart it")]
@@ -156,6 +199,7 @@ from_cause!(
     PrefixPackError,
     AdvantageError,
     PendingStateError,
+    GatherError,
     RewardError,
     RunLogError,
     ClientError,

@@ -404,7 +404,10 @@ fn bad_configuration_and_rows_give_clear_errors() {
     );
     check(
         &["per_device_train_batch_size=12"],
-        &["multiple of num_generations"],
+        &[
+            "per_device_train_batch_size (12) x world size (1) x gradient_accumulation_steps (1) = 12",
+            "evenly divisible by num_generations (8)",
+        ],
     );
     check(&["loss_type=ppo"], &["loss_type", "ppo"]);
     check(&["zero.stage=4"], &["stage", "4"]);

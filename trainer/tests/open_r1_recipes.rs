@@ -402,3 +402,47 @@ fn olympic_coder_sft_recipe_loads() {
         ]
     );
 }
+
+/// Open-R1's GRPO batch shape, `num_generations: 7` with `per_device_train_batch_size:
+/// 16` on 7 processes (16 groups of 7, most spanning two ranks), used to be refused for
+/// not giving each rank whole groups; it validates now, as in TRL, and a world size that
+/// leaves no whole number of groups is refused naming the numbers.
+#[test]
+fn open_r1_batch_shape_with_groups_spanning_ranks_validates() {
+    let text = SIMPLE_RL
+        .replace(
+            "gradient_accumulation_steps: 2",
+            "gradient_accumulation_steps: 1",
+        )
+        .replace("num_generations: 4", "num_generations: 7")
+        .replace(
+            "per_device_train_batch_size: 8",
+            "per_device_train_batch_size: 16",
+        )
+        + "\nrollout:\n  workers: [\"http://127.0.0.1:1\"]";
+    let l: Loaded<GrpoConfig> = load(&text);
+    let c = &l.config;
+    assert_eq!(
+        (c.num_generations, c.args.per_device_train_batch_size),
+        (7, 16)
+    );
+    c.validate().unwrap();
+    let layout = c.validate_world(7).unwrap();
+    assert_eq!(layout.groups(), 16);
+    assert!(layout.spans_ranks());
+    let e = c.validate_world(4).unwrap_err().to_string();
+    assert!(
+        e.contains("(16) x world size (4) x gradient_accumulation_steps (1) = 64"),
+        "{e}"
+    );
+    assert!(e.contains("num_generations (7)"), "{e}");
+    // Dynamic sampling refills whole groups per rank: that combination is refused.
+    let ds: Loaded<GrpoConfig> = load(&format!("{text}\ndynamic_sampling: true"));
+    let e = ds.config.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("dynamic_sampling needs every rank to hold whole groups")
+            && e.contains("(16)")
+            && e.contains("num_generations (7)"),
+        "{e}"
+    );
+}

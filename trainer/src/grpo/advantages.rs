@@ -319,6 +319,9 @@ pub struct StepAdvantages {
     pub values: Vec<f64>,
     /// Included groups whose rewards are all equal (std at most [`ZERO_STD_TOL`]).
     pub zero_std_groups: usize,
+    /// `[groups]`: which groups those are (a rank counts those it owns when groups span
+    /// ranks).
+    pub zero_std: Vec<bool>,
 }
 
 /// Group-relative advantages of one rank's groups, where some groups are `excluded`
@@ -360,17 +363,18 @@ pub fn step_advantages(
             *v /= std + STD_EPS;
         }
     }
-    let mut zero_std_groups = 0;
+    let mut zero_std = vec![false; excluded.len()];
     for (g, ex) in excluded.iter().enumerate() {
         if *ex {
             values[g * num_generations..(g + 1) * num_generations].fill(0.0);
         } else if local.group_std[g] <= ZERO_STD_TOL {
-            zero_std_groups += 1;
+            zero_std[g] = true;
         }
     }
     Ok(StepAdvantages {
         values,
-        zero_std_groups,
+        zero_std_groups: zero_std.iter().filter(|z| **z).count(),
+        zero_std,
     })
 }
 

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::advantages::ScaleRewards;
 use super::dynamic_sampling::WhenUnfilled;
+use super::layout::{check_global_batch, GroupLayout};
 use super::loss::{
     ImportanceSamplingLevel, IsCorrection, IsCorrectionMode, LossType, PolicyLossConfig,
 };
@@ -168,9 +169,32 @@ impl GrpoConfig {
         self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
     }
 
-    /// Prompts each rank sends per generation round.
+    /// Prompts each rank sends per generation round when every rank holds whole groups
+    /// (dynamic sampling requires it).
     pub fn prompts_per_rank(&self) -> usize {
         self.completions_per_rank() / self.num_generations.max(1)
+    }
+
+    /// Where a round's completions live over `world` ranks (see [`GroupLayout`]).
+    pub fn layout(&self, world: usize) -> GroupLayout {
+        GroupLayout {
+            num_generations: self.num_generations,
+            per_rank: self.completions_per_rank(),
+            world,
+        }
+    }
+
+    /// The checks that need the world size, known only at launch: TRL's rule that
+    /// `num_generations` divides the global batch (`per_device_train_batch_size × world ×
+    /// gradient_accumulation_steps`); the message names the numbers.
+    pub fn validate_world(&self, world: usize) -> Result<GroupLayout, InvalidConfig> {
+        check_global_batch(
+            self.args.per_device_train_batch_size,
+            world,
+            self.args.gradient_accumulation_steps,
+            self.num_generations,
+        )
+        .map_err(|e| bad("num_generations", e.to_string()))
     }
 
     /// How the workers sample training (and evaluation) completions, built once from
@@ -228,15 +252,25 @@ impl GrpoConfig {
                 self.num_generations
             )));
         }
+        // Groups may span ranks (TRL's layout; the global rule is `validate_world`'s),
+        // except under dynamic sampling, whose refill draws whole groups per rank.
         let per_rank = self.completions_per_rank();
-        if !per_rank.is_multiple_of(self.num_generations) {
+        if per_rank == 0 {
             return Err(bad(
                 "per_device_train_batch_size",
+                "per_device_train_batch_size and gradient_accumulation_steps must be at least 1",
+            ));
+        }
+        if self.dynamic_sampling && !per_rank.is_multiple_of(self.num_generations) {
+            return Err(bad(
+                "dynamic_sampling",
                 format!(
-                "per_device_train_batch_size * gradient_accumulation_steps ({per_rank}) must be a \
-                 multiple of num_generations ({}) so each rank holds whole groups",
-                self.num_generations
-            ),
+                    "dynamic_sampling needs every rank to hold whole groups: \
+                     per_device_train_batch_size x gradient_accumulation_steps ({per_rank}) must be \
+                     a multiple of num_generations ({}) (groups that span ranks are supported \
+                     without dynamic sampling)",
+                    self.num_generations
+                ),
             ));
         }
         if self.max_prompt_length == 0 || self.max_completion_length == 0 {

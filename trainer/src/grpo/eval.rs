@@ -104,17 +104,14 @@ pub fn evaluate(
             })
             .collect()
     };
-    let sampling = cfg.sampling(Some(cfg.args.seed));
+    // Streams by global prompt index, so the sampled accuracy does not depend on the
+    // world size.
+    let n = cfg.eval_num_generations;
+    let sampling = cfg.sampling(Some(cfg.args.seed.wrapping_add((range.start * n) as u64)));
     let greedy =
         rt.block_on(client.generate(jobs(), 1, sampling.greedy(), true, version, |_| {}))?;
-    let sampled = rt.block_on(client.generate(
-        jobs(),
-        cfg.eval_num_generations as u32,
-        sampling,
-        true,
-        version,
-        |_| {},
-    ))?;
+    let sampled =
+        rt.block_on(client.generate(jobs(), n as u32, sampling, true, version, |_| {}))?;
     let offset = range.start;
     let g_scores = score(set, offset, &greedy)?;
     let s_scores = score(set, offset, &sampled)?;

@@ -78,12 +78,15 @@ impl Grpo<'_> {
             }
             extra += 1;
             let global = self.sampler.next_batch(m * world);
-            let mine = global[split_even(m * world, world)[rank].clone()].to_vec();
+            let split = split_even(m * world, world)[rank].clone();
+            let mine = global[split.clone()].to_vec();
             if batch.missing() == 0 {
                 batch.skip_round();
                 continue;
             }
-            let seed = self.round_seed(round) ^ extra.wrapping_mul(0xD1CE_5EED_0000_0001);
+            // Streams by global completion index, as the round's first batch.
+            let seed = (self.round_seed(round) ^ extra.wrapping_mul(0xD1CE_5EED_0000_0001))
+                .wrapping_add((split.start * cfg.num_generations) as u64);
             let jobs = self.jobs(&mine);
             let n = cfg.num_generations as u32;
             let groups = times.time(Phase::Rollout, || {
@@ -102,20 +105,18 @@ impl Grpo<'_> {
         let (mut kept, ds) = batch.finish();
         let short = self.max_over_ranks(target - kept.len())?;
         if short > 0 && cfg.dynamic_sampling_unfilled == WhenUnfilled::Error {
-            return Err(RunError::Loop(format!(
-                "dynamic sampling: after max_num_gen_batches = {} generation rounds a rank \
-                 still misses {short} of its {target} groups with distinct rewards (every \
-                 completion of the others scored the same); raise max_num_gen_batches, or set \
-                 dynamic_sampling_unfilled: train to train on the groups there are",
-                cfg.max_num_gen_batches
-            )));
+            return Err(RunError::DynamicSamplingUnfilled {
+                max_num_gen_batches: cfg.max_num_gen_batches,
+                short,
+                target,
+            });
         }
         let pad = target - kept.len();
         if flat.len() < pad {
-            return Err(RunError::Loop(format!(
-                "dynamic sampling: {} groups to pad the batch with, {pad} needed",
-                flat.len()
-            )));
+            return Err(RunError::DynamicSamplingPadding {
+                available: flat.len(),
+                needed: pad,
+            });
         }
         stats.ds_rounds = ds.rounds as f64;
         stats.ds_dropped += ds.dropped_groups as f64;

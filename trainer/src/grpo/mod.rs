@@ -8,7 +8,8 @@
 //!   over ranks; [`eval`] scores held-out prompts; [`trainer`] is the loop of one rank
 //!   (its phases and their timings in [`phases`], the rollouts requested ahead with
 //!   bounded staleness in [`pipeline`], DAPO's dynamic sampling in `fill` around the pure
-//!   [`dynamic_sampling`]) and [`config`] its settings.
+//!   [`dynamic_sampling`]) and [`config`] its settings; [`layout`] places a round's
+//!   groups on the ranks as TRL does (a group may span ranks).
 //!
 //! Data flow of a step: rollouts from the workers → reward functions score each
 //! completion → [`combine_rewards`] → [`group_advantages`] per prompt group →
@@ -21,11 +22,14 @@ pub mod config;
 pub mod dynamic_sampling;
 pub mod eval;
 mod fill;
+pub mod gather;
+pub mod layout;
 pub mod loss;
 pub mod phases;
 pub mod pipeline;
 pub mod prefix;
 mod report;
+mod requests;
 pub mod stats;
 mod sync;
 pub mod trainer;

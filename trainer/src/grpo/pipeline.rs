@@ -53,17 +53,40 @@ pub struct Pipeline {
     intervals: Vec<(Instant, Arc<Mutex<Option<Instant>>>)>,
 }
 
+/// One generation request of a batch: `n` completions of each job (a rank's shares of
+/// groups; see [`super::layout::generation_runs`]).
+pub struct GenerationPart {
+    pub jobs: Vec<PromptJob>,
+    pub n: u32,
+    pub sampling: Sampling,
+}
+
 /// What [`Pipeline::request`] needs to start a batch.
 pub struct Request<'a> {
     pub round: u64,
     pub prompts: Vec<usize>,
     pub global: Vec<usize>,
-    pub jobs: Vec<PromptJob>,
+    /// Generated concurrently; their groups are concatenated in this order.
+    pub parts: Vec<GenerationPart>,
     pub sampler_before: SamplerState,
-    pub n: u32,
-    pub sampling: Sampling,
     pub min_version: u64,
     pub client: &'a RolloutClient,
+}
+
+/// Generates `parts` concurrently at `min_version`; their groups in part order.
+pub async fn generate_parts(
+    client: &RolloutClient,
+    parts: Vec<GenerationPart>,
+    min_version: u64,
+) -> Result<Vec<RolloutGroup>, RolloutError> {
+    let runs = parts
+        .into_iter()
+        .map(|p| client.generate(p.jobs, p.n, p.sampling, true, min_version, |_| {}));
+    Ok(futures::future::try_join_all(runs)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect())
 }
 
 impl Pipeline {
@@ -91,11 +114,9 @@ impl Pipeline {
         let client = r.client.clone();
         let finished = Arc::new(Mutex::new(None));
         let done = finished.clone();
-        let (jobs, n, sampling, min_version) = (r.jobs, r.n, r.sampling, r.min_version);
+        let (parts, min_version) = (r.parts, r.min_version);
         let task = rt.spawn(async move {
-            let out = client
-                .generate(jobs, n, sampling, true, min_version, |_| {})
-                .await;
+            let out = generate_parts(&client, parts, min_version).await;
             *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             out
         });

@@ -99,10 +99,10 @@ impl Grpo<'_> {
         let mut ok = Tensor::from_slice(&[i64::from(failure.is_none())]);
         self.engine.comm().broadcast(&mut ok, 0)?;
         if ok.int64_value(&[0]) == 0 {
-            return Err(RunError::Loop(format!(
-                "pushing weight version {version} to the rollout workers failed{}",
-                failure.map(|f| format!(": {f}")).unwrap_or_default()
-            )));
+            return Err(RunError::WeightPush {
+                version,
+                why: failure,
+            });
         }
         self.version = version;
         self.sess.rt.block_on(self.client.refresh());

@@ -9,7 +9,9 @@
 //! gathers). Each phase is a tracing span and fills the round's [`Timings`].
 //!
 //! Every rank draws the same global prompt batch from the seeded sampler and takes its
-//! contiguous slice (whole groups). With `max_staleness = 0` a round generates its
+//! contiguous slice of the flattened completions, TRL's layout ([`super::layout`]): a
+//! group may span ranks, each rank generating its share, and the rewards are gathered
+//! so every group is normalised over all its completions. With `max_staleness = 0` a round generates its
 //! groups from the weights of the previous step; with `k >= 1` the next `k` rounds' groups
 //! are generated while this one trains, and the push of new weights waits until the
 //! oldest batch in flight has arrived (for `k = 1` the workers are then idle, so which
@@ -23,7 +25,7 @@ use model::LogprobOptions;
 use serde_json::json;
 use tch::{Kind, Tensor};
 
-use super::advantages::{combine_rewards, step_advantages, RewardMoments};
+use super::advantages::{combine_rewards, step_advantages};
 use super::batch::{
     micro_batches_needed, pack, partition_by_tokens, split_even, PackedBatch, Sample,
 };
@@ -31,11 +33,13 @@ use super::completions::{completion_rows, completions_table};
 use super::config::GrpoConfig;
 use super::eval::{evaluate, EvalSet, EvalSums};
 use super::fill::Filled;
+use super::gather::gather_rewards;
+use super::layout::{GroupLayout, Share};
 use super::loss::{policy_loss, PolicyBatch};
 use super::phases::{Phase, Timings};
-use super::pipeline::{pending_batches, staleness, Pipeline, Request};
+use super::pipeline::{generate_parts, pending_batches, staleness, Pipeline, Request};
 use super::prefix::shared_layout;
-use super::stats::{all_reduce_f64, RoundStats};
+use super::stats::RoundStats;
 use crate::data::{self, PromptExample, Sampler};
 use crate::dist::{Communicator, ReduceOp, SharedComm};
 use crate::metrics::{Phase as RunPhase, StepLog};
@@ -50,6 +54,11 @@ use crate::zero::{MicroBatch, StepStats, ZeroEngine};
 /// Runs GRPO on this rank until the last step.
 pub fn run(cfg: &GrpoConfig) -> Result<()> {
     cfg.validate().map_err(RunError::Configuration)?;
+    // TRL's global batch rule needs the world size: the launcher's environment has it.
+    let world = crate::dist::RendezvousEnv::from_env()
+        .context("reading the launcher's environment")?
+        .world_size;
+    let layout = cfg.validate_world(world).map_err(RunError::Configuration)?;
     let args = &cfg.args;
     let mut sess = Session::start(args)?;
     let (prompts, report) =
@@ -73,8 +82,7 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
     }
     let funcs = build_reward_functions(&cfg.reward_funcs, &cfg.rewards, cfg.max_completion_length)
         .map_err(RunError::RewardFuncs)?;
-    let world = sess.env.world_size;
-    let prompts_per_round = cfg.prompts_per_rank() * world;
+    let prompts_per_round = layout.groups();
     let total = if args.max_steps > 0 {
         args.max_steps as u64
     } else {
@@ -130,6 +138,8 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
         version: 0,
         pending_push: false,
         pipeline: Pipeline::default(),
+        shares: layout.shares(sess.env.rank),
+        layout,
         next_round: 0,
         resume_pending: Default::default(),
         total,
@@ -180,6 +190,9 @@ pub(super) struct Grpo<'a> {
     pub(super) pending_push: bool,
     /// Rollouts requested and not yet trained on.
     pipeline: Pipeline,
+    /// Where a round's completions live, and this rank's share of each group it touches.
+    pub(super) layout: GroupLayout,
+    pub(super) shares: Vec<Share>,
     /// The generation round the next requested batch belongs to.
     next_round: u64,
     /// Global prompt batches a checkpoint recorded as requested and not yet trained
@@ -287,28 +300,24 @@ impl Grpo<'_> {
 
     /// Draws the next round's prompts and requests their groups at the served version.
     fn request_next(&mut self) {
-        let cfg = self.cfg;
-        let (rank, world) = (self.rank(), self.sess.env.world_size);
-        let per_round = cfg.prompts_per_rank() * world;
+        let per_round = self.layout.groups();
         let sampler_before = self.sampler.state();
         let batch = match self.resume_pending.pop_front() {
             Some(b) => b,
             None => self.sampler.next_batch(per_round),
         };
-        let prompts: Vec<usize> = batch[split_even(per_round, world)[rank].clone()].to_vec();
+        let prompts: Vec<usize> = self.shares.iter().map(|s| batch[s.group]).collect();
         let round = self.next_round;
         self.next_round += 1;
-        let jobs = self.jobs(&prompts);
+        let parts = self.generation_parts(&prompts, &self.shares, self.round_seed(round));
         self.pipeline.request(
             &self.sess.rt,
             Request {
                 round,
                 prompts,
                 global: batch,
-                jobs,
+                parts,
                 sampler_before,
-                n: cfg.num_generations as u32,
-                sampling: cfg.sampling(Some(self.round_seed(round))),
                 min_version: self.version,
                 client: &self.client,
             },
@@ -326,13 +335,15 @@ impl Grpo<'_> {
             .collect()
     }
 
-    /// The sampling seed of this rank's groups of generation round `round`.
+    /// The sampling seed of generation round `round`: completion `c` of the global batch
+    /// draws from stream `round_seed + c` whatever the world size (see
+    /// [`super::layout`]; on one rank these are the streams of earlier versions).
     pub(super) fn round_seed(&self, round: u64) -> u64 {
         self.cfg
             .args
             .seed
             .wrapping_mul(1_000_003)
-            .wrapping_add(round * self.sess.env.world_size as u64 + self.rank() as u64)
+            .wrapping_add(round)
             .wrapping_mul(0x9E37_79B9)
     }
 
@@ -351,11 +362,11 @@ impl Grpo<'_> {
         for (i, g) in groups.iter().enumerate() {
             match staleness(self.version, g.weight_version) {
                 Err(v) => {
-                    return Err(RunError::Loop(format!(
-                        "worker {} returned a group of weight version {v}, above version {} that \
-                         this trainer pushed last: its weights do not come from this run",
-                        g.worker, self.version
-                    )))
+                    return Err(RunError::VersionAhead {
+                        worker: g.worker.clone(),
+                        version: v,
+                        pushed: self.version,
+                    })
                 }
                 Ok(s) if s > k => stale.push(i),
                 Ok(_) => {}
@@ -368,15 +379,12 @@ impl Grpo<'_> {
         if !stale.is_empty() {
             tracing::debug!(round, count = stale.len(), "regenerating stale groups");
             let idx: Vec<usize> = stale.iter().map(|&i| prompts[i]).collect();
-            let cfg = self.cfg;
-            let fresh = self.sess.rt.block_on(self.client.generate(
-                self.jobs(&idx),
-                cfg.num_generations as u32,
-                cfg.sampling(Some(self.round_seed(round) ^ 0x5EED)),
-                true,
-                self.version,
-                |_| {},
-            ))?;
+            let shares: Vec<Share> = stale.iter().map(|&i| self.shares[i]).collect();
+            let parts = self.generation_parts(&idx, &shares, self.round_seed(round) ^ 0x5EED);
+            let fresh = self
+                .sess
+                .rt
+                .block_on(generate_parts(&self.client, parts, self.version))?;
             for (i, mut g) in stale.into_iter().zip(fresh) {
                 g.key = i as u64;
                 groups[i] = g;
@@ -416,12 +424,11 @@ impl Grpo<'_> {
         for f in &self.funcs {
             let scores = f.score(&inputs)?;
             if scores.len() != inputs.len() {
-                return Err(RunError::Loop(format!(
-                    "reward function {} returned {} scores for {} completions",
-                    f.name(),
-                    scores.len(),
-                    inputs.len()
-                )));
+                return Err(RunError::RewardCount {
+                    func: f.name().to_string(),
+                    scores: scores.len(),
+                    completions: inputs.len(),
+                });
             }
             per_func.push(scores);
         }
@@ -440,30 +447,34 @@ impl Grpo<'_> {
         Ok(per_func)
     }
 
-    /// Group-relative advantages (the batch std reduced over ranks in f64) and the
-    /// micro-batches to train on. A group with any unscorable completion, or padding a
-    /// batch dynamic sampling could not fill, is left out of the loss entirely.
+    /// Group-relative advantages over the whole global batch (the rewards gathered from
+    /// every rank, so a group spanning ranks is normalised over all its completions) and
+    /// the micro-batches of this rank's slice. A group with any unscorable completion, or
+    /// padding a batch dynamic sampling could not fill, is left out of the loss entirely.
     fn advantages(&mut self, batch: &Filled, stats: &mut RoundStats) -> Result<Vec<PackedBatch>> {
         let (prompts, groups) = (&batch.prompts[..], &batch.groups[..]);
         let cfg = self.cfg;
         let n = cfg.num_generations;
-        let combined = combine_rewards(&batch.scores, &cfg.reward_weights())?;
-        let excluded: Vec<bool> = combined
-            .chunks(n)
-            .zip(&batch.padding)
-            .map(|(g, pad)| *pad || g.iter().any(Option::is_none))
+        let local = combine_rewards(&batch.scores, &cfg.reward_weights())?;
+        let global = gather_rewards(
+            self.engine.comm(),
+            &self.layout,
+            &local,
+            &self.shares,
+            &batch.padding,
+        )?;
+        let excluded_global = global.excluded(n);
+        let all: Vec<f64> = global.rewards.iter().map(|r| r.unwrap_or(0.0)).collect();
+        // Every rank holds the global batch: its moments need no reduction.
+        let adv = step_advantages(&all, &excluded_global, n, cfg.scale_rewards, Ok)?;
+        let mine = self.layout.slice(self.rank());
+        let rewards = &all[mine.clone()];
+        let adv_values = &adv.values[mine.clone()];
+        let excluded: Vec<bool> = self
+            .shares
+            .iter()
+            .map(|s| excluded_global[s.group])
             .collect();
-        let rewards: Vec<f64> = combined.iter().map(|r| r.unwrap_or(0.0)).collect();
-        let comm = self.engine.comm();
-        let adv = step_advantages(&rewards, &excluded, n, cfg.scale_rewards, |m| {
-            let mut v = [m.count, m.sum, m.sum_sq];
-            all_reduce_f64(comm, &mut v)?;
-            Ok(RewardMoments {
-                count: v[0],
-                sum: v[1],
-                sum_sq: v[2],
-            })
-        })?;
         let step = self.engine.steps_done() + 1;
         if cfg.log_completions
             && self.sess.is_main()
@@ -472,27 +483,48 @@ impl Grpo<'_> {
                 .log_interval(self.steps_per_epoch, self.total)
                 .due(step)
         {
-            let rows = completion_rows(&self.prompts, prompts, groups, &rewards, &adv.values);
+            let rows = completion_rows(&self.prompts, prompts, groups, rewards, adv_values);
             print!(
                 "{}",
                 completions_table(step, &rows, cfg.num_completions_to_print)
             );
         }
 
-        stats.groups += groups.len() as f64;
-        stats.zero_std_groups += adv.zero_std_groups as f64;
-        let mut samples = Vec::with_capacity(groups.len() * n);
+        // A group spanning ranks is counted by the rank holding its first completion.
+        let mut samples = Vec::with_capacity(mine_len(&self.shares));
+        let mut offset = 0;
         for (g, group) in groups.iter().enumerate() {
-            if excluded[g] {
-                stats.excluded_groups += 1.0;
-            } else {
-                for &r in &rewards[g * n..(g + 1) * n] {
+            let share = self.shares[g];
+            let len = share.len;
+            if share.owns_group() {
+                stats.groups += 1.0;
+                stats.excluded_groups += f64::from(u8::from(excluded[g]));
+                stats.zero_std_groups += f64::from(u8::from(adv.zero_std[share.group]));
+            }
+            if group.completions.len() != len {
+                return Err(RunError::ShareSize {
+                    group: share.group,
+                    want: len,
+                    got: group.completions.len(),
+                });
+            }
+            if !excluded[g] {
+                for &r in &rewards[offset..offset + len] {
                     stats.reward[0] += r;
                     stats.reward[1] += r * r;
                     stats.reward[2] += 1.0;
                 }
             }
             for (j, c) in group.completions.iter().enumerate() {
+                // Global index, full precision: what the layout tests compare.
+                tracing::debug!(
+                    target: "trainer::grpo::completion",
+                    "completion {} reward {:?} advantage {:?} tokens {:?}",
+                    mine.start + offset + j,
+                    rewards[offset + j],
+                    adv_values[offset + j],
+                    c.token_ids
+                );
                 let truncated = c.truncated();
                 stats.completions += 1.0;
                 stats.completion_tokens += c.token_ids.len() as f64;
@@ -504,10 +536,11 @@ impl Grpo<'_> {
                     prompt_ids: group.prompt_ids.clone(),
                     completion_ids: c.token_ids.clone(),
                     sampler_logprobs: c.logprobs.clone(),
-                    advantage: adv.values[g * n + j] as f32,
+                    advantage: adv_values[offset + j] as f32,
                     in_loss: !(excluded[g] || (cfg.mask_truncated_completions && truncated)),
                 });
             }
+            offset += len;
         }
         let parts: Vec<PackedBatch> = self
             .micro_batches(&samples)?
@@ -808,6 +841,11 @@ impl Grpo<'_> {
         );
         Ok(())
     }
+}
+
+/// Completions this rank holds in `shares`.
+fn mine_len(shares: &[Share]) -> usize {
+    shares.iter().map(|s| s.len).sum()
 }
 
 /// The engine's input for `part`: its shared-prefix rows when it has them.
