@@ -92,9 +92,13 @@ fn lines(series: &Series, wants: fn(&str) -> bool) -> Vec<(String, Vec<(f64, f64
     out.into_iter().collect()
 }
 
-/// `lo..hi` padded by 5%, never empty.
+/// `lo..hi` padded by 5%, never empty. A flat series (a KL of 0 with beta = 0) gets a
+/// span of its magnitude (at least 1), so its tick labels stay distinct (a 1e-9 span
+/// printed every tick as "0.0").
 fn padded(lo: f64, hi: f64) -> std::ops::Range<f64> {
-    let span = (hi - lo).abs().max(1e-9 * hi.abs().max(1.0));
+    let scale = hi.abs().max(lo.abs()).max(1.0);
+    let span = hi - lo;
+    let span = if span.abs() <= 1e-9 * scale { scale } else { span.abs() };
     (lo - 0.05 * span)..(hi + 0.05 * span)
 }
 
@@ -250,6 +254,16 @@ mod tests {
         // An empty series draws the "not logged" notes, and text still renders.
         let blank = render(&Series::new(), "empty").unwrap();
         assert!(dark_pixels(&blank, 0..40) > 50);
+    }
+
+    #[test]
+    fn a_flat_series_gets_a_readable_range() {
+        let r = padded(0.0, 0.0);
+        assert!((r.end - r.start - 0.1).abs() < 1e-12, "{r:?}");
+        let r = padded(250.0, 250.0);
+        assert!(r.start < 250.0 && r.end > 250.0 && r.end - r.start > 20.0, "{r:?}");
+        let r = padded(1.0, 3.0);
+        assert!((r.start - 0.9).abs() < 1e-12 && (r.end - 3.1).abs() < 1e-12, "{r:?}");
     }
 
     #[test]
