@@ -354,7 +354,7 @@ fn whole_group_micro_batches_keep_the_loss_and_gradients() {
     let group_of: Vec<usize> = groups
         .iter()
         .enumerate()
-        .flat_map(|(g, (_, c))| std::iter::repeat(g).take(c.len()))
+        .flat_map(|(g, (_, c))| std::iter::repeat_n(g, c.len()))
         .collect();
     let cfg = PolicyLossConfig::default();
     let opts = LogprobOptions::default();
