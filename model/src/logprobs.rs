@@ -266,36 +266,30 @@ impl Positions {
                 "scatter needs distinct positions (a shared-prefix index repeats)".into(),
             ));
         }
-        let s = x.size();
-        if s.len() < 2 || s[0] != 1 || s[1] != self.count() {
-            return Err(ModelError::Input(format!(
-                "scatter takes [1, {}, ...]; got {s:?}",
-                self.count()
-            )));
-        }
-        let rest = &s[2..];
-        let flat: Vec<i64> = [self.batch * self.len]
-            .iter()
-            .chain(rest)
-            .copied()
-            .collect();
-        let full: Vec<i64> = [self.batch, self.len].iter().chain(rest).copied().collect();
-        let index = self.index.to_device(x.device());
-        let zeros = Tensor::f_zeros(flat.as_slice(), (x.kind(), x.device()))?;
-        Ok(zeros
-            .f_index_copy(0, &index, &x.f_squeeze_dim(0)?)?
-            .f_reshape(full.as_slice())?)
+        self.spread(x, "scatter", |zeros, index, src| {
+            zeros.f_index_copy(0, index, src)
+        })
     }
-}
 
-impl Positions {
     /// `[1, N, ...]` -> `[B, T, ...]`, summing the rows of repeated positions (the
     /// adjoint of [`Positions::gather`]: the gradient it passes back), zero elsewhere.
     pub fn scatter_add(&self, x: &Tensor) -> Result<Tensor> {
+        self.spread(x, "scatter_add", |zeros, index, src| {
+            zeros.f_index_add(0, index, src)
+        })
+    }
+
+    /// `[1, N, ...]` -> `[B, T, ...]` by `op(zeros [B * T, ...], index [N], x [N, ...])`.
+    fn spread(
+        &self,
+        x: &Tensor,
+        what: &str,
+        op: impl FnOnce(&Tensor, &Tensor, &Tensor) -> std::result::Result<Tensor, tch::TchError>,
+    ) -> Result<Tensor> {
         let s = x.size();
         if s.len() < 2 || s[0] != 1 || s[1] != self.count() {
             return Err(ModelError::Input(format!(
-                "scatter_add takes [1, {}, ...]; got {s:?}",
+                "{what} takes [1, {}, ...]; got {s:?}",
                 self.count()
             )));
         }
@@ -308,9 +302,7 @@ impl Positions {
         let full: Vec<i64> = [self.batch, self.len].iter().chain(rest).copied().collect();
         let index = self.index.to_device(x.device());
         let zeros = Tensor::f_zeros(flat.as_slice(), (x.kind(), x.device()))?;
-        Ok(zeros
-            .f_index_add(0, &index, &x.f_squeeze_dim(0)?)?
-            .f_reshape(full.as_slice())?)
+        Ok(op(&zeros, &index, &x.f_squeeze_dim(0)?)?.f_reshape(full.as_slice())?)
     }
 }
 

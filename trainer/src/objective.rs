@@ -86,6 +86,8 @@ where
     objective(hidden, head, targets, Some(mask), opts, max, loss)
 }
 
+/// Narrows `hidden` to the `T` positions scoring `targets` `[B, T]` and selects the
+/// mask's positions (every one without a mask).
 fn objective<F>(
     hidden: &Tensor,
     head: &Tensor,
@@ -99,90 +101,19 @@ where
     F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), BoxError>,
 {
     let err = ObjectiveError::Model;
-    let t = targets.size()[1];
-    let h = hidden.narrow(1, 0, t);
-    let at = mask.map(Positions::new).transpose().map_err(err)?;
-    let (hs, ts) = match &at {
-        Some(p) => (p.gather(&h).map_err(err)?, p.gather(targets).map_err(err)?),
-        None => (h.shallow_clone(), targets.shallow_clone()),
-    };
-    let spread = |x: Tensor| -> Result<Tensor, ObjectiveError> {
-        match &at {
-            Some(p) => p.scatter(&x).map_err(err),
-            None => Ok(x),
+    let h = hidden.narrow(1, 0, targets.size()[1]);
+    match mask {
+        Some(mask) => {
+            let at = Positions::new(mask).map_err(err)?;
+            let ts = at.gather(targets).map_err(err)?;
+            let select = Selection {
+                predictors: &at,
+                unpacked: &at,
+            };
+            objective_over(&h, head, &ts, Some(select), opts, full_max_elements, loss)
         }
-    };
-    let ts_size = ts.size();
-    let n = ts_size[0] * ts_size[1];
-    let (value, count, dh) = if n == 0 {
-        let zeros = targets.zeros_like().to_kind(Kind::Float);
-        let leaf = zeros.detach().set_requires_grad(true);
-        let entropy = opts.with_entropy.then(|| zeros.shallow_clone());
-        let (loss_sum, count) = loss(&LogprobView {
-            logprobs: &leaf,
-            entropy: entropy.as_ref(),
-        })
-        .map_err(ObjectiveError::Loss)?;
-        (loss_sum.double_value(&[]), count, h.zeros_like())
-    } else if n * head.size()[0] <= full_max_elements {
-        // One pass: the logits whole, under autograd.
-        let leaf = hs.detach().set_requires_grad(true);
-        let out = token_logprobs_full(&leaf, head, &ts, opts).map_err(err)?;
-        let logprobs = spread(out.logprobs)?;
-        let entropy = out.entropy.map(|e| spread(e.detach())).transpose()?;
-        let (loss_sum, count) = loss(&LogprobView {
-            logprobs: &logprobs,
-            entropy: entropy.as_ref(),
-        })
-        .map_err(ObjectiveError::Loss)?;
-        let value = finite(&loss_sum)?;
-        if loss_sum.requires_grad() {
-            loss_sum.f_backward()?;
-        }
-        let g = leaf.grad();
-        let g = if g.defined() { g } else { leaf.zeros_like() };
-        (value, count, spread(g)?)
-    } else {
-        let computed = tch::no_grad(|| token_logprobs(&hs, head, &ts, opts)).map_err(err)?;
-        let leaf = spread(computed.logprobs)?.detach().set_requires_grad(true);
-        let entropy = computed.entropy.map(spread).transpose()?;
-        let (loss_sum, count) = loss(&LogprobView {
-            logprobs: &leaf,
-            entropy: entropy.as_ref(),
-        })
-        .map_err(ObjectiveError::Loss)?;
-        let value = finite(&loss_sum)?;
-        let upstream = if loss_sum.requires_grad() {
-            loss_sum.f_backward()?;
-            let g = leaf.grad();
-            if g.defined() {
-                g
-            } else {
-                leaf.zeros_like()
-            }
-        } else {
-            leaf.zeros_like()
-        };
-        let upstream = match &at {
-            Some(p) => p.gather(&upstream).map_err(err)?,
-            None => upstream,
-        };
-        let plain = LogprobOptions {
-            with_entropy: false,
-            ..*opts
-        };
-        let dh = token_logprobs_backward(&hs, head, &ts, &plain, &upstream, None).map_err(err)?;
-        (value, count, spread(dh)?)
-    };
-    if !value.is_finite() {
-        return Err(ObjectiveError::NotFinite { value });
+        None => objective_over(&h, head, targets, None, opts, full_max_elements, loss),
     }
-    let surrogate = (&h * dh.detach()).sum(Kind::Float);
-    let shifted = &surrogate - surrogate.detach() + value;
-    Ok(LossOutput {
-        loss_sum: shifted,
-        count,
-    })
 }
 
 /// [`logprob_objective_at`] for a shared-prefix forward: `hidden` `[R, L, H]` of the
@@ -202,17 +133,30 @@ pub fn logprob_objective_shared<F>(
 where
     F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), BoxError>,
 {
+    let select = Selection {
+        predictors,
+        unpacked,
+    };
     let max = FULL_LOGITS_MAX_ELEMENTS;
-    shared_objective(hidden, head, predictors, targets, unpacked, opts, max, loss)
+    objective_over(hidden, head, targets, Some(select), opts, max, loss)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn shared_objective<F>(
-    hidden: &Tensor,
+/// The scored positions: `predictors` index the hidden states (one per target, a
+/// position may repeat) and `unpacked` places the `N` log-probs in the `[B, T]` layout
+/// the loss sees (the same positions for a plain masked selection).
+#[derive(Clone, Copy)]
+struct Selection<'a> {
+    predictors: &'a Positions,
+    unpacked: &'a Positions,
+}
+
+/// The one body: `h` `[R, L, H]` scores `targets`, `[1, N]` under a selection (the
+/// positions of `h` its predictors name) or `[R, L]` position by position without one.
+fn objective_over<F>(
+    h: &Tensor,
     head: &Tensor,
-    predictors: &Positions,
     targets: &Tensor,
-    unpacked: &Positions,
+    select: Option<Selection<'_>>,
     opts: &LogprobOptions,
     full_max_elements: i64,
     loss: F,
@@ -221,17 +165,41 @@ where
     F: FnOnce(&LogprobView<'_>) -> Result<(Tensor, i64), BoxError>,
 {
     let err = ObjectiveError::Model;
-    let hs = predictors.gather(hidden).map_err(err)?;
-    let n = targets.size()[1];
-    let (value, count, dh_flat) = if n * head.size()[0] <= full_max_elements {
+    let hs = match select {
+        Some(s) => s.predictors.gather(h).map_err(err)?,
+        None => h.shallow_clone(),
+    };
+    // Flat `[1, N]` -> the loss's `[B, T]`, and back.
+    let spread = |x: Tensor| -> Result<Tensor, ObjectiveError> {
+        match select {
+            Some(s) => s.unpacked.scatter(&x).map_err(err),
+            None => Ok(x),
+        }
+    };
+    let collect = |x: Tensor| -> Result<Tensor, ObjectiveError> {
+        match select {
+            Some(s) => s.unpacked.gather(&x).map_err(err),
+            None => Ok(x),
+        }
+    };
+    let ts_size = targets.size();
+    let n = ts_size[0] * ts_size[1];
+    let (value, count, dh_selected) = if n == 0 {
+        let zeros = spread(targets.zeros_like().to_kind(Kind::Float))?;
+        let leaf = zeros.detach().set_requires_grad(true);
+        let entropy = opts.with_entropy.then(|| zeros.shallow_clone());
+        let (loss_sum, count) = loss(&LogprobView {
+            logprobs: &leaf,
+            entropy: entropy.as_ref(),
+        })
+        .map_err(ObjectiveError::Loss)?;
+        (loss_sum.double_value(&[]), count, hs.zeros_like())
+    } else if n * head.size()[0] <= full_max_elements {
+        // One pass: the logits whole, under autograd.
         let leaf = hs.detach().set_requires_grad(true);
         let out = token_logprobs_full(&leaf, head, targets, opts).map_err(err)?;
-        let logprobs = unpacked.scatter(&out.logprobs).map_err(err)?;
-        let entropy = out
-            .entropy
-            .map(|e| unpacked.scatter(&e.detach()))
-            .transpose()
-            .map_err(err)?;
+        let logprobs = spread(out.logprobs)?;
+        let entropy = out.entropy.map(|e| spread(e.detach())).transpose()?;
         let (loss_sum, count) = loss(&LogprobView {
             logprobs: &logprobs,
             entropy: entropy.as_ref(),
@@ -249,16 +217,8 @@ where
         )
     } else {
         let computed = tch::no_grad(|| token_logprobs(&hs, head, targets, opts)).map_err(err)?;
-        let leaf = unpacked
-            .scatter(&computed.logprobs)
-            .map_err(err)?
-            .detach()
-            .set_requires_grad(true);
-        let entropy = computed
-            .entropy
-            .map(|e| unpacked.scatter(&e))
-            .transpose()
-            .map_err(err)?;
+        let leaf = spread(computed.logprobs)?.detach().set_requires_grad(true);
+        let entropy = computed.entropy.map(spread).transpose()?;
         let (loss_sum, count) = loss(&LogprobView {
             logprobs: &leaf,
             entropy: entropy.as_ref(),
@@ -273,17 +233,24 @@ where
                 upstream = g;
             }
         }
-        let upstream = unpacked.gather(&upstream).map_err(err)?;
         let plain = LogprobOptions {
             with_entropy: false,
             ..*opts
         };
+        let upstream = collect(upstream)?;
         let dh =
             token_logprobs_backward(&hs, head, targets, &plain, &upstream, None).map_err(err)?;
         (value, count, dh)
     };
-    let dh = predictors.scatter_add(&dh_flat).map_err(err)?;
-    let surrogate = (hidden * dh.detach()).sum(Kind::Float);
+    if !value.is_finite() {
+        return Err(ObjectiveError::NotFinite { value });
+    }
+    // The adjoint of the gather: a repeated predictor sums its targets' gradients.
+    let dh = match select {
+        Some(s) => s.predictors.scatter_add(&dh_selected).map_err(err)?,
+        None => dh_selected,
+    };
+    let surrogate = (h * dh.detach()).sum(Kind::Float);
     let shifted = &surrogate - surrogate.detach() + value;
     Ok(LossOutput {
         loss_sum: shifted,
@@ -401,19 +368,14 @@ mod tests {
         for full_max in [0, i64::MAX] {
             let x2 = x0.detach().set_requires_grad(true);
             let w2 = w0.detach().set_requires_grad(true);
-            let out = shared_objective(
-                &x2,
-                &w2,
-                &predictors,
-                &targets,
-                &unpacked,
-                &opts,
-                full_max,
-                |view| {
-                    assert!(view.entropy.is_some());
-                    Ok(((view.logprobs.exp() * &weights).sum(Kind::Float), 7))
-                },
-            )
+            let select = Selection {
+                predictors: &predictors,
+                unpacked: &unpacked,
+            };
+            let out = objective_over(&x2, &w2, &targets, Some(select), &opts, full_max, |view| {
+                assert!(view.entropy.is_some());
+                Ok(((view.logprobs.exp() * &weights).sum(Kind::Float), 7))
+            })
             .unwrap();
             let dl = (out.loss_sum.double_value(&[]) - loss.double_value(&[])).abs();
             assert!(dl < 1e-5, "full_max {full_max}: loss off by {dl}");

@@ -333,3 +333,114 @@ fn packed_equals_unpacked_through_the_zero_engine() {
         assert!(rel <= 1e-5, "recompute {recompute}: {st_p:?} vs {st_u:?}");
     }
 }
+
+/// Micro-batches cut from whole prompt runs (`PromptUnits`, the shared-prefix
+/// micro-batching): every sample lands in exactly one micro-batch, a group that fits the
+/// budget is never split (its prompt is forwarded once), one that exceeds it is, and the
+/// loss and every gradient accumulated over the shared-prefix micro-batches equal the
+/// unpacked whole batch's within 1e-5.
+#[test]
+fn whole_group_micro_batches_keep_the_loss_and_gradients() {
+    use trainer::grpo::batch::PromptUnits;
+    let m = model("qwen2-tiny");
+    let groups: &[(usize, &[usize])] = &[
+        (5, &[3, 1, 7, 2]),
+        (2, &[1, 4]),
+        (9, &[4, 1, 2]),
+        (3, &[8, 8, 8, 8]),
+        (4, &[2]),
+    ];
+    let s = samples(m.config.vocab_size, groups, 5);
+    let group_of: Vec<usize> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, (_, c))| std::iter::repeat_n(g, c.len()))
+        .collect();
+    let cfg = PolicyLossConfig::default();
+    let opts = LogprobOptions::default();
+    let head = m.weights.head();
+    let zero_grads = || {
+        for (_, t) in m.weights.named() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    };
+    let grads = || -> Vec<Tensor> {
+        m.weights
+            .named()
+            .into_iter()
+            .map(|(_, t)| t.grad().copy())
+            .collect()
+    };
+    // The loss sum of `part`, backpropagated (gradients accumulate).
+    let step = |part: &[Sample], shared: bool| -> f64 {
+        let unpacked = pack(part, PAD).unwrap();
+        let at = Positions::new(&unpacked.completion_mask).unwrap();
+        let flat = if shared {
+            let sp = pack_shared_prefix(&prompt_runs(part), PAD, 4096).unwrap();
+            let input = ForwardInput::new(&sp.input_ids)
+                .with_positions(&sp.position_ids)
+                .with_segments(&sp.segment_ids);
+            let h = m.hidden_states(&input, None).unwrap();
+            token_logprobs_full(&sp.predictors.gather(&h).unwrap(), head, &sp.targets, &opts)
+        } else {
+            let h = m
+                .hidden_states(&ForwardInput::new(&unpacked.input_ids), None)
+                .unwrap();
+            let h = h.narrow(1, 0, unpacked.targets.size()[1]);
+            let t = at.gather(&unpacked.targets).unwrap();
+            token_logprobs_full(&at.gather(&h).unwrap(), head, &t, &opts)
+        };
+        let logprobs = at.scatter(&flat.unwrap().logprobs).unwrap();
+        let out = policy_loss(
+            &PolicyBatch {
+                logprobs: &logprobs,
+                old_logprobs: None,
+                ref_logprobs: None,
+                sampler_logprobs: None,
+                advantages: &unpacked.advantages,
+                mask: &unpacked.loss_mask,
+            },
+            &cfg,
+        )
+        .unwrap();
+        out.loss_sum.backward();
+        out.loss_sum.double_value(&[])
+    };
+    zero_grads();
+    let want_loss = step(&s, false);
+    let want = grads();
+    // Group 3 (3 + 32 tokens) exceeds the budget of 24 and is split; the others fit.
+    let budget = 24;
+    let units = PromptUnits::new(&s, budget);
+    assert_eq!(units.lengths(), [18, 7, 16, 19, 19, 6]);
+    for parts in [units.micro_batches_needed(budget), 3, 6] {
+        let plan = PromptUnits::new(&s, budget).partition(&s, parts);
+        assert_eq!(plan.len(), parts);
+        let mut all = plan.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..s.len()).collect::<Vec<_>>(), "each sample once");
+        for g in [0, 1, 2, 4] {
+            let holding = plan
+                .iter()
+                .filter(|p| p.iter().any(|&i| group_of[i] == g))
+                .count();
+            assert_eq!(holding, 1, "{parts} parts: group {g} split: {plan:?}");
+        }
+        zero_grads();
+        let mut loss = 0.0;
+        for rows in &plan {
+            let part: Vec<Sample> = rows.iter().map(|&i| s[i].clone()).collect();
+            loss += step(&part, true);
+        }
+        let d = (loss - want_loss).abs();
+        assert!(d <= 1e-5, "{parts} parts: loss differs by {d:e}");
+        for ((n, _), (g, w)) in m.weights.named().iter().zip(grads().iter().zip(&want)) {
+            let scale = 1.0 + w.abs().max().double_value(&[]);
+            let d = max_diff(g, w) / scale;
+            assert!(d <= 1e-5, "{parts} parts: gradient of {n} differs by {d:e}");
+        }
+    }
+}

@@ -193,6 +193,109 @@ pub fn partition_by_tokens(lengths: &[usize], parts: usize) -> Vec<Vec<usize>> {
     runs
 }
 
+/// The units micro-batches are cut from under shared-prefix training: runs of adjacent
+/// samples with one prompt (a group, or the part of one a rank holds), so that a
+/// micro-batch forwards each prompt once. A run whose shared-prefix row `P + sum C_i`
+/// exceeds the budget is cut greedily into pieces within it (a completion longer than
+/// the budget is a piece alone): the fallback that forwards its prompt more than once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptUnits {
+    /// Sample ranges, in sample order.
+    ranges: Vec<std::ops::Range<usize>>,
+    /// `P + sum C_i` of each unit: the tokens of its shared-prefix row.
+    lengths: Vec<usize>,
+}
+
+impl PromptUnits {
+    /// The units of `samples` of at most `budget` tokens each (`budget` is the smaller
+    /// of `micro_batch_max_tokens` and `shared_prefix_max_row_tokens`, so a unit packs
+    /// into one row).
+    pub fn new(samples: &[Sample], budget: usize) -> Self {
+        let mut units = PromptUnits {
+            ranges: vec![],
+            lengths: vec![],
+        };
+        let mut start = 0;
+        let mut len = 0;
+        for (i, s) in samples.iter().enumerate() {
+            let (p, c) = (s.prompt_ids.len(), s.completion_ids.len());
+            let same = i > start && s.prompt_ids == samples[start].prompt_ids;
+            if i > start && (!same || len + c > budget) {
+                units.ranges.push(start..i);
+                units.lengths.push(len);
+                start = i;
+            }
+            len = if i == start { p + c } else { len + c };
+        }
+        if start < samples.len() {
+            units.ranges.push(start..samples.len());
+            units.lengths.push(len);
+        }
+        units
+    }
+
+    /// Number of units.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Tokens of each unit's shared-prefix row.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// [`micro_batches_needed`] over the units.
+    pub fn micro_batches_needed(&self, max_tokens: usize) -> usize {
+        micro_batches_needed(&self.lengths, max_tokens)
+    }
+
+    /// Cuts the units into `parts` micro-batches by [`partition_by_tokens`] (fewer
+    /// units than parts: the unit with most samples is halved until there are enough,
+    /// or every unit is one sample). Returns the sample indices of each micro-batch,
+    /// ascending (a unit's samples adjacent).
+    pub fn partition(mut self, samples: &[Sample], parts: usize) -> Vec<Vec<usize>> {
+        while self.ranges.len() < parts {
+            let Some((k, _)) = self
+                .ranges
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.len() > 1)
+                .max_by_key(|(k, r)| (r.len(), std::cmp::Reverse(*k)))
+            else {
+                break;
+            };
+            let r = self.ranges.remove(k);
+            let mid = r.start + r.len() / 2;
+            self.ranges.insert(k, mid..r.end);
+            self.ranges.insert(k, r.start..mid);
+            let tokens = |r: &std::ops::Range<usize>| {
+                samples[r.start].prompt_ids.len()
+                    + samples[r.clone()]
+                        .iter()
+                        .map(|s| s.completion_ids.len())
+                        .sum::<usize>()
+            };
+            self.lengths.splice(
+                k..k + 1,
+                [tokens(&self.ranges[k]), tokens(&self.ranges[k + 1])],
+            );
+        }
+        partition_by_tokens(&self.lengths, parts)
+            .into_iter()
+            .map(|units| {
+                let mut rows: Vec<usize> =
+                    units.iter().flat_map(|&u| self.ranges[u].clone()).collect();
+                rows.sort_unstable();
+                rows
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +399,27 @@ mod tests {
             .map(|p| padded(&lengths, p))
             .sum();
         assert!(sorted < even, "{sorted} vs {even}");
+    }
+
+    #[test]
+    fn prompt_units_keep_runs_whole_and_split_only_beyond_the_budget() {
+        let s: Vec<Sample> = [(&[1, 2][..], 3), (&[1, 2], 1), (&[5], 2), (&[1, 2], 4)]
+            .iter()
+            .map(|(p, c)| sample(p, &vec![9; *c], 0.0, true))
+            .collect();
+        // Runs: samples 0-1 (2 + 3 + 1), 2 (1 + 2), 3 (2 + 4: equal prompt, not adjacent).
+        let units = PromptUnits::new(&s, 100);
+        assert_eq!(units.lengths(), [6, 3, 6]);
+        // A budget of 5 cuts the first run after its first completion.
+        assert_eq!(PromptUnits::new(&s, 5).lengths(), [5, 3, 3, 6]);
+        // Longest first: units 0 and 2 (6 tokens each) share a micro-batch, unit 1 alone.
+        let plan = units.clone().partition(&s, 2);
+        assert_eq!(plan, vec![vec![0, 1, 3], vec![2]]);
+        // More parts than units: the run with most samples is halved.
+        let plan = units.partition(&s, 4);
+        assert_eq!(plan.len(), 4);
+        let mut all = plan.concat();
+        all.sort_unstable();
+        assert_eq!(all, [0, 1, 2, 3]);
     }
 }

@@ -55,7 +55,7 @@ pub struct GrpoConfig {
     /// Truncated completions (no EOS within max_completion_length) are left out of the loss.
     pub mask_truncated_completions: bool,
     /// Forward each group's prompt once, its completions attending to it (shared-prefix
-    /// packing); exact to f32 rounding, not bit for bit, hence off by default.
+    /// packing); exact to f32 rounding, not bit for bit (off restores the unpacked layout).
     pub shared_prefix_training: bool,
     /// Tokens per shared-prefix row (prompt plus completions); a longer group is split.
     pub shared_prefix_max_row_tokens: usize,
@@ -134,7 +134,7 @@ impl Default for GrpoConfig {
             scale_rewards: ScaleRewards::Group,
             num_iterations: 1,
             mask_truncated_completions: false,
-            shared_prefix_training: false,
+            shared_prefix_training: true,
             shared_prefix_max_row_tokens: 4096,
             vllm_importance_sampling_correction: true,
             vllm_importance_sampling_mode: IsCorrectionMode::SequenceMask,

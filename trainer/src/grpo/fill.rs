@@ -171,7 +171,7 @@ impl Grpo<'_> {
         Ok(batch.offer(entries, &combined, n))
     }
 
-    fn max_over_ranks(&mut self, x: usize) -> Result<usize> {
+    pub(super) fn max_over_ranks(&mut self, x: usize) -> Result<usize> {
         let mut t = Tensor::from_slice(&[x as i64]);
         self.engine.comm().all_reduce(&mut t, ReduceOp::Max)?;
         Ok(t.int64_value(&[0]) as usize)

@@ -34,6 +34,9 @@ pub struct RoundStats {
     pub prompt_tokens: f64,
     /// Positions of the trained micro-batches that are padding.
     pub padding_tokens: f64,
+    /// Prompt tokens shared-prefix training did not forward (a prompt forwarded once
+    /// per micro-batch row instead of once per completion).
+    pub prompt_tokens_saved: f64,
     /// Trained groups by staleness (`[j]`: generated `j` versions before the policy).
     pub staleness: Vec<f64>,
     /// Groups dropped for being more than `max_staleness` versions old (regenerated).
@@ -116,6 +119,7 @@ impl RoundStats {
             self.train_tokens,
             self.prompt_tokens,
             self.padding_tokens,
+            self.prompt_tokens_saved,
             self.stale_dropped,
             self.rollout_wait,
             self.ds_dropped,
@@ -150,6 +154,7 @@ impl RoundStats {
         self.train_tokens = next();
         self.prompt_tokens = next();
         self.padding_tokens = next();
+        self.prompt_tokens_saved = next();
         self.stale_dropped = next();
         self.rollout_wait = next();
         self.ds_dropped = next();
@@ -241,6 +246,11 @@ impl RoundStats {
         log.insert(
             "tokens/padding_share".into(),
             ratio(self.padding_tokens, self.train_tokens),
+        );
+        // Share of the prompt tokens not forwarded (0 with shared-prefix training off).
+        log.insert(
+            "tokens/prompt_saved_share".into(),
+            ratio(self.prompt_tokens_saved, self.prompt_tokens),
         );
         let trained: f64 = self.staleness.iter().sum();
         let weighted: f64 = self

@@ -27,7 +27,7 @@ use tch::{Kind, Tensor};
 
 use super::advantages::{combine_rewards, step_advantages};
 use super::batch::{
-    micro_batches_needed, pack, partition_by_tokens, split_even, PackedBatch, Sample,
+    micro_batches_needed, pack, partition_by_tokens, split_even, PackedBatch, PromptUnits, Sample,
 };
 use super::completions::{completion_rows, completions_table};
 use super::config::GrpoConfig;
@@ -548,8 +548,9 @@ impl Grpo<'_> {
             .map(|rows| self.pack_part(&samples, rows))
             .collect::<Result<_>>()?;
         stats.train_tokens = parts.iter().map(forwarded_tokens).sum();
+        stats.prompt_tokens_saved = parts.iter().map(prompt_tokens_saved).sum();
         stats.padding_tokens = stats.train_tokens - stats.prompt_tokens - stats.completion_tokens
-            + parts.iter().map(prompt_tokens_saved).sum::<f64>();
+            + stats.prompt_tokens_saved;
         Ok(parts)
     }
 
@@ -583,16 +584,19 @@ impl Grpo<'_> {
                     .collect(),
             );
         };
+        if self.cfg.shared_prefix_training {
+            // Whole prompt runs per micro-batch, so each prompt is forwarded once.
+            let row_budget = budget.min(self.cfg.shared_prefix_max_row_tokens);
+            let units = PromptUnits::new(samples, row_budget);
+            let need = self.max_over_ranks(units.micro_batches_needed(budget))?;
+            return Ok(units.partition(samples, need));
+        }
         let lengths: Vec<usize> = samples
             .iter()
             .map(|s| s.prompt_ids.len() + s.completion_ids.len())
             .collect();
-        let mut need = Tensor::from_slice(&[micro_batches_needed(&lengths, budget) as i64]);
-        self.engine.comm().all_reduce(&mut need, ReduceOp::Max)?;
-        Ok(partition_by_tokens(
-            &lengths,
-            need.int64_value(&[0]) as usize,
-        ))
+        let need = self.max_over_ranks(micro_batches_needed(&lengths, budget))?;
+        Ok(partition_by_tokens(&lengths, need))
     }
 
     /// `num_iterations` optimizer steps on `parts`; returns the last step's statistics.
