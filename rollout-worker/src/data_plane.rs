@@ -10,14 +10,19 @@
 //! tensor's memory, with no buffer in between. When the route names a next hop, every
 //! header and every piece of bytes, as it lands, is queued to a forwarding thread that
 //! writes it to the next worker from that same memory, with a per-hop write deadline; a
-//! hop that misses it, or fails, is cut (its receiver sees the stream end and rejects
-//! its update) while this worker keeps receiving. The complete update reaches the gRPC
+//! hop that misses it, or fails, is cut while this worker keeps receiving, and the
+//! forwarder reconnects to the hop after it (the route lists every downstream worker
+//! with its token), sending the update again from its start: only the cut worker misses
+//! it. A forwarded receiver whose stream breaks keeps its token for the route's
+//! `rejoin_ms` for that reconnection, and a newer connection presenting a token whose
+//! update is still arriving replaces the older one. The complete update reaches the gRPC
 //! handler through the [`Pending`], which applies it at the `Commit`: the old version
 //! serves until then, and a sender that dies mid-stream leaves it serving.
 //!
 //! Bounds: an update holds one copy of the model in the wire dtype (the staging permit
 //! of the gRPC handler covers it), and the last applied update's copy is kept as the
-//! next one's staging (already faulted in); reads time out after the idle timeout (or the
+//! next one's staging (already faulted in; with a swap at the commit, the storage the
+//! model gave up), never while a forwarder may still read it; reads time out after the idle timeout (or the
 //! route's hop timeout, if shorter); at most [`MAX_CONNECTIONS`] connections at once.
 //! Framing: `proto::data_plane`.
 use std::collections::HashMap;

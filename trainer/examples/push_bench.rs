@@ -12,8 +12,14 @@
 //! copy), connects a `RolloutClient` and times `begin_push` → `send` of every tensor →
 //! `commit` (every worker serving the new version), best of `BENCH_REPEAT` (default 3).
 //!
+//! Cases (`BENCH_CASES`): `f32` (an f32 policy, f32 wire, f32 workers), `f32-bf16` (the
+//! f32 policy on a bf16 wire to the f32 workers) and `bf16` (a bf16 policy sending its
+//! own memory to workers serving bf16: the realistic bf16 case); bf16 rows print their
+//! per-byte rate against the f32 row of the same transport and worker count.
+//!
 //!   bash scripts/bench/push.sh            # BENCH_WORKERS=1,2,4 BENCH_REPEAT=3
 //!                                         # BENCH_TRANSPORTS=grpc,direct,chain
+//!                                         # BENCH_CASES=f32,f32-bf16,bf16
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
