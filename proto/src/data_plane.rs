@@ -7,7 +7,8 @@
 //! ```text
 //! sender -> worker  hello   MAGIC (8 bytes) | token (32 bytes, from a DataPlaneOffer)
 //! worker -> sender  status  u8 0 = ok | u8 1, u32 len, UTF-8 message (then it closes)
-//! sender -> worker  route   u32 hop_timeout_ms | u32 hops | per hop: u16 len, "host:port", token (32)
+//! sender -> worker  route   u32 hop_timeout_ms | u32 rejoin_ms | u32 hops |
+//!                           per hop: u16 len, "host:port", token (32)
 //! sender -> worker  tensor  u16 name len (> 0) | name | u8 dtype (rollout.v1.Dtype) |
 //!                           u8 ndim | ndim x i64 shape | u64 byte length | the bytes
 //!                   ...     one per parameter, each whole and at most once
@@ -17,11 +18,21 @@
 //!
 //! The route lists the workers after this one: the worker forwards the route's tail and
 //! every tensor, as its bytes arrive, to the route's first hop (a chain), writing with a
-//! deadline of `hop_timeout_ms`.
+//! deadline of `hop_timeout_ms`. A hop that fails or misses the deadline is cut and the
+//! worker reconnects to the hop after it with the same route minus the cut hop, sending
+//! the update again from its start; so a worker whose incoming stream breaks keeps its
+//! token for `rejoin_ms` (set by a forwarding worker; 0 from the trainer, which does not
+//! reconnect) for the upstream to come back, and a newer connection presenting a token
+//! whose update is still being received replaces the older one.
 use std::io::{self, Read, Write};
 
-/// Opens every connection: "RWDP", protocol version 1, three zero bytes.
-pub const MAGIC: [u8; 8] = *b"RWDP\x01\0\0\0";
+use crate::frame::{
+    invalid, put_u32_prefixed, read_magic, read_u16, read_u32, read_u32_prefixed, read_u64,
+    read_u8, read_vec,
+};
+
+/// Opens every connection: "RWDP", protocol version 2, three zero bytes.
+pub const MAGIC: [u8; 8] = *b"RWDP\x02\0\0\0";
 /// Length of a data-plane token.
 pub const TOKEN_BYTES: usize = 32;
 /// Longest tensor name, route entry or status message accepted.
@@ -63,6 +74,9 @@ pub struct Hop {
 pub struct Route {
     /// Write deadline per hop, and the longest silence a forwarded receiver accepts.
     pub hop_timeout_ms: u32,
+    /// How long the receiver keeps its token after its stream broke, for the upstream
+    /// to reconnect around a cut hop (0: the failure is final at once).
+    pub rejoin_ms: u32,
     pub hops: Vec<Hop>,
 }
 
@@ -77,41 +91,11 @@ pub struct TensorHeader {
 }
 
 fn bad(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message)
-}
-
-fn read_u8(r: &mut impl Read) -> io::Result<u8> {
-    let mut b = [0u8; 1];
-    r.read_exact(&mut b)?;
-    Ok(b[0])
-}
-
-fn read_u16(r: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0u8; 2];
-    r.read_exact(&mut b)?;
-    Ok(u16::from_le_bytes(b))
-}
-
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
-}
-
-fn read_u64(r: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_le_bytes(b))
+    invalid(message)
 }
 
 fn read_string(r: &mut impl Read, len: usize, what: &str) -> io::Result<String> {
-    if len > MAX_NAME_BYTES {
-        return Err(bad(format!(
-            "{what} of {len} bytes (at most {MAX_NAME_BYTES})"
-        )));
-    }
-    let mut b = vec![0u8; len];
-    r.read_exact(&mut b)?;
+    let b = read_vec(r, len, MAX_NAME_BYTES, what)?;
     String::from_utf8(b).map_err(|_| bad(format!("{what} is not UTF-8")))
 }
 
@@ -124,15 +108,13 @@ pub fn write_hello(w: &mut impl Write, token: &Token) -> io::Result<()> {
 
 /// The token of a hello; errors if the magic is wrong.
 pub fn read_hello(r: &mut impl Read) -> io::Result<Token> {
-    let mut b = [0u8; 8 + TOKEN_BYTES];
-    r.read_exact(&mut b)?;
-    if b[..8] != MAGIC {
+    if !read_magic(r, &MAGIC)? {
         return Err(bad(
             "not a weight data-plane hello (wrong magic or protocol version)".into(),
         ));
     }
     let mut t = [0u8; TOKEN_BYTES];
-    t.copy_from_slice(&b[8..]);
+    r.read_exact(&mut t)?;
     Ok(t)
 }
 
@@ -144,8 +126,7 @@ pub fn write_status(w: &mut impl Write, status: Result<(), &str>) -> io::Result<
             let m = &m.as_bytes()[..m.len().min(MAX_MESSAGE_BYTES)];
             let mut b = Vec::with_capacity(5 + m.len());
             b.push(1);
-            b.extend_from_slice(&(m.len() as u32).to_le_bytes());
-            b.extend_from_slice(m);
+            put_u32_prefixed(&mut b, m);
             w.write_all(&b)
         }
     }
@@ -156,12 +137,7 @@ pub fn read_status(r: &mut impl Read) -> io::Result<Result<(), String>> {
     match read_u8(r)? {
         0 => Ok(Ok(())),
         1 => {
-            let len = read_u32(r)? as usize;
-            if len > MAX_MESSAGE_BYTES {
-                return Err(bad(format!("status message of {len} bytes")));
-            }
-            let mut b = vec![0u8; len];
-            r.read_exact(&mut b)?;
+            let b = read_u32_prefixed(r, MAX_MESSAGE_BYTES, "status message")?;
             Ok(Err(String::from_utf8_lossy(&b).into_owned()))
         }
         other => Err(bad(format!("status byte {other} (expected 0 or 1)"))),
@@ -171,6 +147,7 @@ pub fn read_status(r: &mut impl Read) -> io::Result<Result<(), String>> {
 pub fn write_route(w: &mut impl Write, route: &Route) -> io::Result<()> {
     let mut b = Vec::with_capacity(8 + route.hops.len() * 64);
     b.extend_from_slice(&route.hop_timeout_ms.to_le_bytes());
+    b.extend_from_slice(&route.rejoin_ms.to_le_bytes());
     b.extend_from_slice(&(route.hops.len() as u32).to_le_bytes());
     for h in &route.hops {
         b.extend_from_slice(&(h.addr.len() as u16).to_le_bytes());
@@ -182,6 +159,7 @@ pub fn write_route(w: &mut impl Write, route: &Route) -> io::Result<()> {
 
 pub fn read_route(r: &mut impl Read) -> io::Result<Route> {
     let hop_timeout_ms = read_u32(r)?;
+    let rejoin_ms = read_u32(r)?;
     let n = read_u32(r)? as usize;
     if n > MAX_HOPS {
         return Err(bad(format!("route of {n} hops (at most {MAX_HOPS})")));
@@ -196,6 +174,7 @@ pub fn read_route(r: &mut impl Read) -> io::Result<Route> {
     }
     Ok(Route {
         hop_timeout_ms,
+        rejoin_ms,
         hops,
     })
 }
@@ -255,6 +234,7 @@ mod tests {
         write_hello(&mut b, &token).unwrap();
         let route = Route {
             hop_timeout_ms: 1500,
+            rejoin_ms: 700,
             hops: vec![Hop {
                 addr: "127.0.0.1:9".into(),
                 token: [3u8; TOKEN_BYTES],

@@ -14,3 +14,4 @@ pub mod rollout {
 pub use rollout::v1;
 
 pub mod data_plane;
+pub mod frame;

@@ -111,6 +111,10 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// OpenAI-compatible HTTP API, `/metrics` and `/health`.
     pub http_addr: SocketAddr,
+    /// Port of the raw TCP weight data plane (on `grpc_addr`'s host, announced in
+    /// `GetInfo.data_port`); 0 picks a free one. Fixed where a firewall, a
+    /// Kubernetes `containerPort` or a network policy must name it. Unused with TLS.
+    pub data_port: u16,
     /// With an API key: `/health`, `/metrics` and the gRPC `Health` call stay open to
     /// clients without it (probes, Prometheus), as vLLM leaves them.
     pub open_health_and_metrics: bool,
@@ -146,6 +150,7 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_addr: "0.0.0.0:50051".parse().expect("a valid address"),
             http_addr: "0.0.0.0:8000".parse().expect("a valid address"),
+            data_port: 0,
             open_health_and_metrics: true,
             ssl_certfile: None,
             ssl_keyfile: None,
@@ -170,6 +175,17 @@ impl ServerConfig {
                 format!(
                     "equals server.grpc_addr ({}); use two ports",
                     self.grpc_addr
+                ),
+            ));
+        }
+        if self.data_port != 0
+            && [self.grpc_addr.port(), self.http_addr.port()].contains(&self.data_port)
+        {
+            return Err(err(
+                "server.data_port",
+                format!(
+                    "{} is also the gRPC or HTTP port; use a port of its own (or 0: any free one)",
+                    self.data_port
                 ),
             ));
         }

@@ -10,14 +10,19 @@
 //! tensor's memory, with no buffer in between. When the route names a next hop, every
 //! header and every piece of bytes, as it lands, is queued to a forwarding thread that
 //! writes it to the next worker from that same memory, with a per-hop write deadline; a
-//! hop that misses it, or fails, is cut (its receiver sees the stream end and rejects
-//! its update) while this worker keeps receiving. The complete update reaches the gRPC
+//! hop that misses it, or fails, is cut while this worker keeps receiving, and the
+//! forwarder reconnects to the hop after it (the route lists every downstream worker
+//! with its token), sending the update again from its start: only the cut worker misses
+//! it. A forwarded receiver whose stream breaks keeps its token for the route's
+//! `rejoin_ms` for that reconnection, and a newer connection presenting a token whose
+//! update is still arriving replaces the older one. The complete update reaches the gRPC
 //! handler through the [`Pending`], which applies it at the `Commit`: the old version
 //! serves until then, and a sender that dies mid-stream leaves it serving.
 //!
 //! Bounds: an update holds one copy of the model in the wire dtype (the staging permit
 //! of the gRPC handler covers it), and the last applied update's copy is kept as the
-//! next one's staging (already faulted in); reads time out after the idle timeout (or the
+//! next one's staging (already faulted in; with a swap at the commit, the storage the
+//! model gave up), never while a forwarder may still read it; reads time out after the idle timeout (or the
 //! route's hop timeout, if shorter); at most [`MAX_CONNECTIONS`] connections at once.
 //! Framing: `proto::data_plane`.
 use std::collections::HashMap;
@@ -64,6 +69,15 @@ struct Shared {
     /// The staging tensors of the last applied update, by name: the next update reads
     /// into them (already faulted in) instead of fresh allocations.
     spare: Arc<Mutex<HashMap<String, Tensor>>>,
+    /// Connections receiving an update, by token (id, a handle on the socket): a newer
+    /// connection presenting the same token (the upstream rerouting around a cut hop)
+    /// shuts the older one down and takes its place.
+    active: Mutex<HashMap<Token, (u64, TcpStream)>>,
+    next_id: std::sync::atomic::AtomicU64,
+    /// Forwarding threads running: they read staging memory (or, once applied, memory
+    /// the model's parameters took over), so no update's tensors are recycled as
+    /// staging, to be written again, while any runs.
+    forwarding: Arc<AtomicUsize>,
 }
 
 // `Slot` holds a oneshot sender (not Debug); wrapped so `Shared` can derive Debug.
@@ -130,6 +144,9 @@ impl DataPlane {
             registered: std::sync::Condvar::new(),
             connections: AtomicUsize::new(0),
             spare: Arc::default(),
+            active: Mutex::new(HashMap::new()),
+            next_id: Default::default(),
+            forwarding: Arc::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -244,23 +261,51 @@ fn serve_connection(mut s: TcpStream, peer: SocketAddr, shared: &Shared) {
             return;
         }
     };
+    // A token whose update another connection is receiving: the upstream rerouting
+    // around a cut hop. The older connection is shut down; it hands the slot back.
+    let replaced = shared
+        .active
+        .lock()
+        .expect("active lock")
+        .remove(&token)
+        .map(|(_, old)| old.shutdown(std::net::Shutdown::Both));
     let Some(SlotCell(slot)) = take_slot(shared, &token) else {
         tracing::warn!(%peer, "data-plane connection with an unknown token refused");
         refuse(
             &mut s,
             "refused: unknown or expired data-plane token (tokens come with an \
-             authenticated UpdateWeights call and serve one connection)",
+             authenticated UpdateWeights call and serve one update)",
         );
         return;
     };
-    slot.connected.store(true, Ordering::SeqCst);
-    if dp::write_status(&mut s, Ok(())).is_err() {
-        let _ = slot.done.send(Err(EngineError::Unavailable(
-            "data plane: the sender left after the hello".into(),
-        )));
-        return;
+    if replaced.is_some() {
+        tracing::info!(%peer, "data-plane update restarted on a new connection (upstream rerouted)");
     }
-    let outcome = receive(&mut s, shared);
+    slot.connected.store(true, Ordering::SeqCst);
+    let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+    if let Ok(handle) = s.try_clone() {
+        shared
+            .active
+            .lock()
+            .expect("active lock")
+            .insert(token, (id, handle));
+    }
+    let ok = dp::write_status(&mut s, Ok(()));
+    let (outcome, rejoin_wait) = match ok {
+        Ok(()) => receive(&mut s, shared),
+        Err(_) => (
+            Err(EngineError::Unavailable(
+                "data plane: the sender left after the hello".into(),
+            )),
+            Duration::ZERO,
+        ),
+    };
+    {
+        let mut active = shared.active.lock().expect("active lock");
+        if active.get(&token).is_some_and(|(i, _)| *i == id) {
+            active.remove(&token);
+        }
+    }
     let status = match &outcome {
         Ok(_) => Ok(()),
         Err(e) => {
@@ -268,12 +313,49 @@ fn serve_connection(mut s: TcpStream, peer: SocketAddr, shared: &Shared) {
             Err(e.to_string())
         }
     };
-    let _ = slot.done.send(outcome);
+    let rejoin = match outcome {
+        // A broken stream from a forwarding worker: it may reconnect around a cut hop.
+        Err(e @ EngineError::Unavailable(_)) if !rejoin_wait.is_zero() => Some((slot, e)),
+        outcome => {
+            let _ = slot.done.send(outcome);
+            None
+        }
+    };
     match status {
         Ok(()) => {
             let _ = dp::write_status(&mut s, Ok(()));
         }
         Err(m) => refuse(&mut s, &m),
+    }
+    if let Some((slot, e)) = rejoin {
+        rejoin_or_fail(shared, token, slot, e, rejoin_wait);
+    }
+}
+
+/// Puts `slot` back under `token` for `wait`, so the upstream can present the token
+/// again on a new connection (the update then starts over); fails it with `error` if
+/// none does.
+fn rejoin_or_fail(shared: &Shared, token: Token, slot: Slot, error: EngineError, wait: Duration) {
+    let deadline = std::time::Instant::now() + wait;
+    shared
+        .slots
+        .lock()
+        .expect("slots lock")
+        .insert(token, SlotCell(slot));
+    shared.registered.notify_all();
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        if !shared
+            .slots
+            .lock()
+            .expect("slots lock")
+            .contains_key(&token)
+        {
+            return; // taken by a new connection (or withdrawn with its call)
+        }
+    }
+    if let Some(SlotCell(slot)) = shared.slots.lock().expect("slots lock").remove(&token) {
+        let _ = slot.done.send(Err(error));
     }
 }
 
@@ -307,22 +389,30 @@ fn refuse(s: &mut TcpStream, message: &str) {
     }
 }
 
-fn receive(s: &mut TcpStream, shared: &Shared) -> Outcome {
+/// Receives one update; with the time the token may wait for the upstream to reconnect
+/// if the stream breaks (the route's `rejoin_ms`, 0 before the route is read).
+fn receive(s: &mut TcpStream, shared: &Shared) -> (Outcome, Duration) {
     let idle = shared.idle;
-    let route = dp::read_route(s).map_err(|e| io_error("reading the route", e, idle))?;
+    let route = match dp::read_route(s) {
+        Ok(r) => r,
+        Err(e) => return (Err(io_error("reading the route", e, idle)), Duration::ZERO),
+    };
+    let rejoin = Duration::from_millis(route.rejoin_ms as u64).min(idle);
+    (receive_tensors(s, shared, &route), rejoin)
+}
+
+fn receive_tensors(s: &mut TcpStream, shared: &Shared, route: &Route) -> Outcome {
+    let idle = shared.idle;
     let timeout = match route.hop_timeout_ms {
         0 => idle,
         ms => idle.min(Duration::from_millis(ms as u64)),
     };
     let _ = s.set_read_timeout(Some(timeout));
-    let forward = route.hops.split_first().map(|(first, rest)| {
+    let forward = (!route.hops.is_empty()).then(|| {
         Forwarder::start(
-            first.clone(),
-            Route {
-                hop_timeout_ms: route.hop_timeout_ms,
-                hops: rest.to_vec(),
-            },
+            route.hops.clone(),
             Duration::from_millis(route.hop_timeout_ms.max(1) as u64),
+            &shared.forwarding,
         )
     });
     let mut asm = WeightAssembler::new(&shared.specs);
@@ -375,13 +465,14 @@ fn receive(s: &mut TcpStream, shared: &Shared) -> Outcome {
     if let Some(f) = &forward {
         f.send(Piece::End);
     }
+    drop(forward);
     let mut staged = asm.finish()?;
     // Once applied (or dropped) the tensors become the next update's staging; not while
-    // the forwarder may still write from them (then they are freed instead).
+    // any forwarder may still write from them (then they are freed instead).
     let spare = shared.spare.clone();
-    let forwarded = forward.map(|f| f.finished);
+    let forwarding = shared.forwarding.clone();
     staged.recycle = Some(Box::new(move |tensors| {
-        if forwarded.is_some_and(|d| !d.load(Ordering::SeqCst)) {
+        if forwarding.load(Ordering::SeqCst) > 0 {
             return;
         }
         if let Ok(mut spare) = spare.lock() {
@@ -398,41 +489,142 @@ enum Piece {
     End,
 }
 
-/// Forwards one update to the next hop on a thread of its own, so the receiver never
-/// waits on it. The queue holds only headers and views of the staging tensors.
+impl Piece {
+    /// A second handle on the same bytes (kept to send the update again after a cut).
+    fn share(&self) -> Piece {
+        match self {
+            Piece::Header(h) => Piece::Header(h.clone()),
+            Piece::Bytes(t, o, l) => Piece::Bytes(t.shallow_clone(), *o, *l),
+            Piece::End => Piece::End,
+        }
+    }
+}
+
+/// Forwards one update down the rest of the chain on a thread of its own, so the
+/// receiver never waits on it. The queue holds only headers and views of the staging
+/// tensors. A hop that fails or misses the write deadline is cut and the thread
+/// reconnects to the hop after it (with that hop's token, the route minus the cut hop,
+/// and `rejoin_ms` set so each receiver waits for such a reconnection), sending what it
+/// sent so far again, then the rest: only the cut worker misses the update.
 struct Forwarder {
     tx: mpsc::Sender<Piece>,
-    /// Set when the forwarding thread has ended (it holds no staging tensor any more).
-    finished: Arc<AtomicBool>,
+}
+
+/// Decrements the running-forwarder count when the thread ends, however it ends.
+struct Running(Arc<AtomicUsize>);
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Why a hop's stream ended.
+enum HopEnd {
+    /// The hop answered the end marker: the update reached it (and it forwards on).
+    Done,
+    /// The receiver failed before the end: nothing more to forward.
+    Upstream,
+    /// The hop failed or missed the deadline: cut it.
+    Cut(io::Error),
 }
 
 impl Forwarder {
-    fn start(hop: Hop, rest: Route, deadline: Duration) -> Forwarder {
+    fn start(hops: Vec<Hop>, deadline: Duration, running: &Arc<AtomicUsize>) -> Forwarder {
         let (tx, rx) = mpsc::channel();
-        let finished = Arc::new(AtomicBool::new(false));
-        let done = finished.clone();
+        running.fetch_add(1, Ordering::SeqCst);
+        let running = Running(running.clone());
         std::thread::spawn(move || {
-            if let Err(e) = forward(&hop, &rest, deadline, rx) {
-                tracing::warn!(next = %hop.addr, error = %e,
-                    "next worker cut from the weight chain; it keeps its old version until a later push");
+            let _running = running;
+            let mut sent: Vec<Piece> = vec![];
+            for i in 0..hops.len() {
+                let rest = Route {
+                    hop_timeout_ms: deadline.as_millis().min(u32::MAX as u128) as u32,
+                    rejoin_ms: rejoin_ms(deadline),
+                    hops: hops[i + 1..].to_vec(),
+                };
+                match forward(&hops[i], &rest, deadline, &rx, &mut sent) {
+                    HopEnd::Done => return,
+                    HopEnd::Upstream => return,
+                    HopEnd::Cut(e) => tracing::warn!(next = %hops[i].addr, error = %e,
+                        rerouted_to = hops.get(i + 1).map(|h| h.addr.as_str()).unwrap_or("none"),
+                        "next worker cut from the weight chain; it keeps its old version until a later push"),
+                }
             }
-            done.store(true, Ordering::SeqCst);
         });
-        Forwarder { tx, finished }
+        Forwarder { tx }
     }
 
-    /// Queues `p`; a forwarder that stopped (its hop was cut) ignores it.
+    /// Queues `p`; a forwarder that stopped (every hop after it was cut) ignores it.
     fn send(&self, p: Piece) {
         let _ = self.tx.send(p);
     }
 }
 
+/// How long a forwarded receiver keeps its token after its stream broke: the forwarder
+/// notices a cut within its write deadline, then reconnects (the hello may wait up to
+/// [`TOKEN_WAIT`] for a slot being handed back).
+fn rejoin_ms(deadline: Duration) -> u32 {
+    (deadline + TOKEN_WAIT).as_millis().min(u32::MAX as u128) as u32
+}
+
+fn write_piece(s: &mut TcpStream, p: &Piece) -> io::Result<()> {
+    match p {
+        Piece::Header(h) => s.write_all(h),
+        Piece::Bytes(t, offset, len) => {
+            // SAFETY: these bytes of the staging tensor were written before the piece was
+            // queued and are never written again while a forwarder runs (recycling waits
+            // for every forwarder to end); `t` keeps the storage alive.
+            let src = unsafe {
+                std::slice::from_raw_parts((t.data_ptr() as *const u8).add(*offset), *len)
+            };
+            s.write_all(src)
+        }
+        Piece::End => s.write_all(&dp::END),
+    }
+}
+
+/// Streams the update to `hop`: first `sent` (what earlier hops got), then the queue,
+/// adding each piece to `sent`.
 fn forward(
     hop: &Hop,
     rest: &Route,
     deadline: Duration,
-    rx: mpsc::Receiver<Piece>,
-) -> io::Result<()> {
+    rx: &mpsc::Receiver<Piece>,
+    sent: &mut Vec<Piece>,
+) -> HopEnd {
+    let mut s = match connect_hop(hop, rest, deadline) {
+        Ok(s) => s,
+        Err(e) => return HopEnd::Cut(e),
+    };
+    let end = |s: &mut TcpStream| match dp::read_status(s) {
+        Ok(Ok(())) => HopEnd::Done,
+        Ok(Err(m)) => HopEnd::Cut(io::Error::other(format!("it rejected the update: {m}"))),
+        Err(e) => HopEnd::Cut(e),
+    };
+    for p in sent.iter() {
+        if let Err(e) = write_piece(&mut s, p) {
+            return HopEnd::Cut(e);
+        }
+        if matches!(p, Piece::End) {
+            return end(&mut s);
+        }
+    }
+    // Dropping the socket on the way out tells the next hop the update failed.
+    for p in rx.iter() {
+        let r = write_piece(&mut s, &p);
+        let last = matches!(p, Piece::End);
+        sent.push(p.share());
+        if let Err(e) = r {
+            return HopEnd::Cut(e);
+        }
+        if last {
+            return end(&mut s);
+        }
+    }
+    HopEnd::Upstream
+}
+
+fn connect_hop(hop: &Hop, rest: &Route, deadline: Duration) -> io::Result<TcpStream> {
     let addr = hop
         .addr
         .to_socket_addrs()?
@@ -449,26 +641,5 @@ fn forward(
     }
     s.set_read_timeout(Some(deadline))?;
     dp::write_route(&mut s, rest)?;
-    for p in rx {
-        match p {
-            Piece::Header(h) => s.write_all(&h)?,
-            Piece::Bytes(t, offset, len) => {
-                // SAFETY: these bytes of the staging tensor were written before the piece
-                // was queued and are never written again; `t` keeps the storage alive.
-                let src = unsafe {
-                    std::slice::from_raw_parts((t.data_ptr() as *const u8).add(offset), len)
-                };
-                s.write_all(src)?;
-            }
-            Piece::End => {
-                s.write_all(&dp::END)?;
-                return match dp::read_status(&mut s)? {
-                    Ok(()) => Ok(()),
-                    Err(m) => Err(io::Error::other(format!("it rejected the update: {m}"))),
-                };
-            }
-        }
-    }
-    // The receiver failed before the end: dropping the socket tells the next hop.
-    Err(io::Error::other("the update failed upstream"))
+    Ok(s)
 }

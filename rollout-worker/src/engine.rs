@@ -24,8 +24,9 @@
 //!
 //! Weight updates never mix versions within a group: once an update is committed, groups
 //! that already started finish on the old weights (tagged with the old version) and new
-//! groups wait; when no started group is left the staged tensors are copied into the
-//! model in place between two steps, the version increases and waiting groups start on
+//! groups wait; when no started group is left the staged tensors become the model's
+//! between two steps (`weights::apply`: storage swapped where dtypes match, else copied
+//! in place), the version increases and waiting groups start on
 //! the new weights. Model compute is blocking, which is why it lives on its own thread
 //! and never on the tokio runtime.
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -181,12 +181,16 @@ pub async fn serve_with(
     if opts.tls.is_none() {
         let ip = listener_ip.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
         let specs = engine.param_specs().to_vec();
-        match DataPlane::start(ip, 0, specs, UPDATE_IDLE_TIMEOUT).await {
+        match DataPlane::start(ip, opts.data_port, specs, UPDATE_IDLE_TIMEOUT).await {
             Ok((dp, task)) => {
                 service = service.with_data_plane(dp);
                 data_task = Some(task);
             }
-            Err(e) => tracing::warn!(error = %e, "no weight data plane (pushes use gRPC)"),
+            Err(e) => tracing::warn!(
+                port = opts.data_port,
+                error = %e,
+                "no weight data plane (pushes use gRPC)"
+            ),
         }
     }
     let served = builder

@@ -51,6 +51,9 @@ struct ServeArgs {
     grpc_addr: Option<SocketAddr>,
     #[arg(long, env = "ROLLOUT_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
+    /// Port of the weight data plane on the gRPC host (0: any free one, the default).
+    #[arg(long, env = "ROLLOUT_DATA_PORT")]
+    data_port: Option<u16>,
     #[arg(long, env = "ROLLOUT_MAX_NUM_SEQS")]
     max_num_seqs: Option<usize>,
     #[arg(long, env = "ROLLOUT_KV_CACHE_BYTES")]
@@ -118,6 +121,9 @@ fn worker_settings(a: ServeArgs) -> anyhow::Result<WorkerConfig> {
     }
     if let Some(v) = a.http_addr {
         c.server.http_addr = v;
+    }
+    if let Some(v) = a.data_port {
+        c.server.data_port = v;
     }
     if a.ssl_certfile.is_some() {
         c.server.ssl_certfile = a.ssl_certfile;

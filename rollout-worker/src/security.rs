@@ -189,6 +189,8 @@ pub struct ServeOptions {
     pub api_key: Option<ApiKey>,
     pub open_health_and_metrics: bool,
     pub tls: Option<TlsMaterial>,
+    /// Port of the weight data plane (`server.data_port`; 0: any free one).
+    pub data_port: u16,
     pub max_connections: usize,
     pub max_idle_connections: usize,
     pub header_read_timeout: Duration,
@@ -213,6 +215,7 @@ impl ServeOptions {
             api_key,
             open_health_and_metrics: c.open_health_and_metrics,
             tls,
+            data_port: c.data_port,
             max_connections: c.max_connections,
             max_idle_connections: c.max_idle_connections,
             header_read_timeout: secs(c.header_read_timeout_secs),

@@ -7,8 +7,10 @@
 //! copy between the network buffer and the tensor). A tensor's chunks arrive in order.
 //! [`WeightAssembler::finish`]
 //! requires every parameter and yields [`StagedWeights`], which the engine thread applies
-//! with [`apply`] between two decode steps (an in-place `copy_`, converting dtype and
-//! device), so the model is never seen half-updated.
+//! with [`apply`] between two decode steps, so the model is never seen half-updated: a
+//! parameter whose staging tensor has its dtype and device takes over that storage (a
+//! swap, no copy; its old storage becomes the next update's staging), any other is
+//! converted into place by one `copy_`.
 //!
 //! Extra memory is bounded by one copy of the model in the wire dtype on the host: one
 //! buffer per known parameter of exactly its size, nothing for unknown names, and the
@@ -322,20 +324,62 @@ impl WeightAssembler {
     }
 }
 
-/// Copies `staged` into `weights` in place (dtype and device converted by `copy_`).
-/// Names and shapes were validated against the same architecture, so the copies
-/// cannot fail on shapes; a torch error (device out of memory) is returned.
-pub fn apply(weights: &Weights, staged: &StagedWeights) -> Result<(), tch::TchError> {
+/// How an update reached the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Parameters that took over their staging tensor's storage (no copy).
+    pub swapped: usize,
+    /// Parameters converted into the live tensor in place (`copy_`).
+    pub copied: usize,
+}
+
+/// True when `live` can take over `staged`'s storage as is: same dtype, device and
+/// shape, both contiguous, and `live` outside autograd.
+fn swappable(live: &Tensor, staged: &Tensor) -> bool {
+    live.kind() == staged.kind()
+        && live.device() == staged.device()
+        && live.size() == staged.size()
+        && live.is_contiguous()
+        && staged.is_contiguous()
+        && !live.requires_grad()
+}
+
+/// Makes `staged` the serving weights of `weights`; the engine calls it between two
+/// decode steps with no group started, so no forward ever sees a half-updated model.
+///
+/// Where a staging tensor already is what the live parameter holds (same dtype, device
+/// and layout: an f32 wire to an f32 CPU model, bf16 to bf16), the live parameter takes
+/// over the staging storage (`set_data`, no copy) and its old storage takes the staging
+/// tensor's place in `staged`, so dropping `staged` recycles it as the next update's
+/// staging: no allocation and no copy per update. `set_data` changes the parameter's
+/// own `TensorImpl`, which every holder of the parameter shares: a tied head
+/// ([`Weights::head`] is `embed_tokens` itself) stays tied, and the model keeps no
+/// derived copy of its weights (no fused or transposed cache) that could go stale.
+/// Elsewhere (a bf16 wire to an f32 model, a GPU model) one in-place `copy_` converts the
+/// staged bytes into the live tensor. Names and shapes were validated against the same
+/// architecture, so neither can fail on shapes; a torch error (device out of memory) is
+/// returned.
+pub fn apply(weights: &Weights, staged: &mut StagedWeights) -> Result<Applied, tch::TchError> {
     let _guard = tch::no_grad_guard();
     let mut by_name: HashMap<String, &Tensor> = weights.named().into_iter().collect();
-    for (name, src) in &staged.tensors {
-        let dst = by_name.remove(name).ok_or_else(|| {
+    let mut out = Applied::default();
+    for (name, src) in staged.tensors.iter_mut() {
+        let dst = by_name.remove(name.as_str()).ok_or_else(|| {
             tch::TchError::Shape(format!("{name} is not a parameter of the serving model"))
         })?;
-        // A shallow clone shares the parameter's storage: the copy lands in the model.
-        dst.shallow_clone().f_copy_(src)?;
+        if swappable(dst, src) {
+            // `detach` is a second handle on the old storage; the shallow clone shares
+            // the parameter's `TensorImpl`, so `set_data` lands in the model.
+            let old = dst.f_detach()?;
+            dst.shallow_clone().f_set_data(src)?;
+            *src = old;
+            out.swapped += 1;
+        } else {
+            dst.shallow_clone().f_copy_(src)?;
+            out.copied += 1;
+        }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Splits `weights` into chunks of at most `chunk_bytes`, as a sender does (used by

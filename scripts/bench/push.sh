@@ -6,6 +6,7 @@
 #
 #   bash scripts/bench/push.sh                 # BENCH_WORKERS=1,2,4 BENCH_REPEAT=3
 #   BENCH_TRANSPORTS=chain bash scripts/bench/push.sh
+#   BENCH_CASES=f32,bf16 bash scripts/bench/push.sh   # f32, f32-bf16 (f32 policy, bf16 wire), bf16 (bf16 policy to bf16 workers)
 #
 # Built in the dev profile with opt-level 3 for the workspace's own crates
 # (dependencies are at opt-level 2, as for the tests), so the build shares the test

@@ -12,8 +12,14 @@
 //! copy), connects a `RolloutClient` and times `begin_push` → `send` of every tensor →
 //! `commit` (every worker serving the new version), best of `BENCH_REPEAT` (default 3).
 //!
+//! Cases (`BENCH_CASES`): `f32` (an f32 policy, f32 wire, f32 workers), `f32-bf16` (the
+//! f32 policy on a bf16 wire to the f32 workers) and `bf16` (a bf16 policy sending its
+//! own memory to workers serving bf16: the realistic bf16 case); bf16 rows print their
+//! per-byte rate against the f32 row of the same transport and worker count.
+//!
 //!   bash scripts/bench/push.sh            # BENCH_WORKERS=1,2,4 BENCH_REPEAT=3
 //!                                         # BENCH_TRANSPORTS=grpc,direct,chain
+//!                                         # BENCH_CASES=f32,f32-bf16,bf16
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -187,27 +193,32 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let max = counts.iter().copied().max().unwrap_or(1);
-    let mut urls = vec![];
-    let mut keep = vec![];
-    for _ in 0..max {
-        let mut c = WorkerConfig::new(&dir);
-        c.device = "cpu".into();
-        c.engine.max_num_seqs = 4;
-        c.engine.kv_cache_bytes = 64 << 20;
-        let engine = EngineHandle::load(&c, Arc::new(Metrics::new("test")))?;
-        let (grpc, http) = servers.block_on(async {
-            anyhow::Ok((
-                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-            ))
-        })?;
-        urls.push(format!("http://{}", grpc.local_addr()?));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        servers.spawn(rollout_worker::serve(grpc, http, engine, async move {
-            let _ = rx.await;
-        }));
-        keep.push(tx);
-    }
+    let keep = std::sync::Mutex::new(vec![]);
+    let cases = env_words("BENCH_CASES", &["f32", "f32-bf16", "bf16"]);
+    let start = |dtype: &str| -> anyhow::Result<Vec<String>> {
+        let mut urls = vec![];
+        for _ in 0..max {
+            let mut c = WorkerConfig::new(&dir);
+            c.device = "cpu".into();
+            c.dtype = Some(dtype.into());
+            c.engine.max_num_seqs = 4;
+            c.engine.kv_cache_bytes = 64 << 20;
+            let engine = EngineHandle::load(&c, Arc::new(Metrics::new("test")))?;
+            let (grpc, http) = servers.block_on(async {
+                anyhow::Ok((
+                    tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+                    tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+                ))
+            })?;
+            urls.push(format!("http://{}", grpc.local_addr()?));
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            servers.spawn(rollout_worker::serve(grpc, http, engine, async move {
+                let _ = rx.await;
+            }));
+            keep.lock().expect("keep lock").push(tx);
+        }
+        Ok(urls)
+    };
     let f32_bytes = params as usize * 4;
     let tokio_ref = (0..repeat)
         .map(|_| client_rt.block_on(tcp_reference(f32_bytes)))
@@ -248,9 +259,45 @@ fn main() -> anyhow::Result<()> {
         f32_bytes as f64 / std_ref / 1e9,
     );
     let transports = env_words("BENCH_TRANSPORTS", &["grpc", "direct", "chain"]);
+    // The f32 workers serve the f32 policy over either wire; the bf16 ones serve a bf16
+    // policy sent as its own bf16 memory (the realistic bf16 case: no conversion anywhere).
+    let f32_urls = start("float32")?;
+    let bf16_urls = if cases.iter().any(|c| c == "bf16") {
+        start("bfloat16")?
+    } else {
+        vec![]
+    };
+    let bf16_policy: Vec<(String, tch::Tensor)> = weights
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_kind(tch::Kind::BFloat16)))
+        .collect();
+    let f32_policy: Vec<(String, tch::Tensor)> = weights
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n, t.shallow_clone()))
+        .collect();
+    // GB/s per worker of the f32 case, by (transport, workers): bf16 rows compare to it.
+    let mut f32_rate = std::collections::HashMap::new();
     let mut version = 0u64;
     for transport in &transports {
-        for wire in ["float32", "bfloat16"] {
+        for case in &cases {
+            let (wire, policy, urls, label) = match case.as_str() {
+                "f32" => ("float32", &f32_policy, &f32_urls, "f32 -> f32 wire -> f32"),
+                "f32-bf16" => (
+                    "bfloat16",
+                    &f32_policy,
+                    &f32_urls,
+                    "f32 -> bf16 wire -> f32",
+                ),
+                "bf16" => (
+                    "bfloat16",
+                    &bf16_policy,
+                    &bf16_urls,
+                    "bf16 -> bf16 wire -> bf16",
+                ),
+                other => anyhow::bail!("BENCH_CASES: unknown case {other:?} (f32, f32-bf16, bf16)"),
+            };
             for &n in &counts {
                 if transport == "chain" && n == 1 {
                     continue; // the same as direct
@@ -273,8 +320,8 @@ fn main() -> anyhow::Result<()> {
                     let t = Instant::now();
                     let report = client_rt.block_on(async {
                         let mut push = client.begin_push(version).await?;
-                        for (name, t) in weights.named() {
-                            push.send(&name, t).await?;
+                        for (name, t) in policy {
+                            push.send(name, t).await?;
                         }
                         push.commit().await
                     })?;
@@ -294,13 +341,22 @@ fn main() -> anyhow::Result<()> {
                     bytes = report.bytes;
                 }
                 let per_worker = bytes as f64 / best / 1e9;
+                let per_byte = if *case == "f32" {
+                    f32_rate.insert((transport.clone(), n), per_worker);
+                    String::new()
+                } else {
+                    f32_rate
+                        .get(&(transport.clone(), n))
+                        .map(|f| format!(" | per byte {:.2} x f32", per_worker / f))
+                        .unwrap_or_default()
+                };
                 println!(
-                "push {transport:>6} {wire:>8} to {n} worker(s): {best:.3} s | {per_worker:.2} GB/s per worker ({:.2} x reference) | {:.2} GB/s aggregate ({:.2} x reference) | rank-0 egress {egress} cop{}",
-                per_worker / ref_gbs,
-                per_worker * n as f64,
-                per_worker * n as f64 / ref_gbs,
-                if egress == 1 { "y" } else { "ies" }
-            );
+                    "push {transport:>6} {label:>26} to {n} worker(s): {best:.3} s | {per_worker:.2} GB/s per worker ({:.2} x reference) | {:.2} GB/s aggregate ({:.2} x reference) | rank-0 egress {egress} cop{}{per_byte}",
+                    per_worker / ref_gbs,
+                    per_worker * n as f64,
+                    per_worker * n as f64 / ref_gbs,
+                    if egress == 1 { "y" } else { "ies" }
+                );
             }
         }
     }

@@ -357,13 +357,13 @@ impl Engine {
         if self.pending.is_none() || self.groups.values().any(|g| g.started.is_some()) {
             return;
         }
-        let p = self.pending.take().expect("checked above");
+        let mut p = self.pending.take().expect("checked above");
         let span = tracing::info_span!("weight_sync", version = p.version);
         let _e = span.enter();
         let m = &self.shared.metrics;
-        let result = weights::apply(&self.model.weights, &p.staged);
+        let result = weights::apply(&self.model.weights, &mut p.staged);
         match result {
-            Ok(()) => {
+            Ok(applied) => {
                 // Cached prefixes hold keys of the old weights.
                 self.sched.reset_prefix_cache();
                 self.version = p.version;
@@ -371,7 +371,13 @@ impl Engine {
                 m.weight_version.set(p.version as i64);
                 m.weight_updates_total.with_label_values(&["applied"]).inc();
                 let apply_seconds = p.committed.elapsed().as_secs_f64();
-                tracing::info!(version = p.version, apply_seconds, "weights updated");
+                tracing::info!(
+                    version = p.version,
+                    apply_seconds,
+                    swapped = applied.swapped,
+                    copied = applied.copied,
+                    "weights updated"
+                );
                 let _ = p.reply.send(Ok(UpdateOutcome {
                     version: p.version,
                     apply_seconds,

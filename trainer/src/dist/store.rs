@@ -24,6 +24,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use proto::frame::{self, put_u32_prefixed as put_bytes, read_u32, read_u64};
+
 use super::auth::{self, JobSecret, MAC_LEN, NONCE_LEN};
 use super::error::CommError;
 
@@ -158,10 +160,8 @@ impl Drop for StoreServer {
 fn accept_handshake(conn: &mut TcpStream, secret: &JobSecret) -> io::Result<()> {
     conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     conn.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let mut magic = [0u8; 8];
-    conn.read_exact(&mut magic)?;
-    if &magic != MAGIC {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad magic"));
+    if !frame::read_magic(conn, MAGIC)? {
+        return Err(frame::invalid("bad magic"));
     }
     let ns = auth::nonce()?;
     let mut hello = MAGIC.to_vec();
@@ -250,39 +250,13 @@ fn serve_connection(mut conn: TcpStream, state: &State, secret: &JobSecret) -> i
     }
 }
 
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
-}
-
-fn read_u64(r: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_le_bytes(b))
-}
-
 fn read_bytes(r: &mut impl Read, max: usize) -> io::Result<Vec<u8>> {
-    let len = read_u32(r)? as usize;
-    if len > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("length {len} exceeds {max}"),
-        ));
-    }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)?;
-    Ok(buf)
+    frame::read_u32_prefixed(r, max, "value")
 }
 
 fn read_str(r: &mut impl Read) -> io::Result<String> {
-    String::from_utf8(read_bytes(r, MAX_KEY)?)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "key is not UTF-8"))
-}
-
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-    out.extend_from_slice(bytes);
+    String::from_utf8(frame::read_u32_prefixed(r, MAX_KEY, "key")?)
+        .map_err(|_| frame::invalid("key is not UTF-8"))
 }
 
 /// One connection to the store. Calls are blocking and each is bounded by its

@@ -163,6 +163,8 @@ struct Inner {
     next_resolve: Mutex<Instant>,
     /// Groups dropped because their weight version was below the call's minimum.
     stale_dropped: std::sync::atomic::AtomicU64,
+    /// Host buffers of converted tensors, reused by every push (`push::WireBuffers`).
+    wire_buffers: push::WireBuffers,
 }
 
 type Pool = pool::Pool<Conn>;
@@ -349,6 +351,7 @@ impl RolloutClient {
             sources,
             next_resolve,
             stale_dropped: Default::default(),
+            wire_buffers: Default::default(),
         });
         inner.probe_now(true).await;
         let pool = inner.pool();

@@ -88,8 +88,25 @@ pub fn chunk_ranges(total: usize, chunk: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// A contiguous host tensor viewed as its bytes (kept alive by the [`Bytes`] it backs).
-struct TensorBytes(Tensor);
+/// A contiguous host tensor viewed as its bytes (kept alive by the [`Bytes`] it backs;
+/// shared with [`WireBuffers`] when it is a reused conversion buffer).
+struct TensorBytes(Arc<HostBuf>);
+
+/// A host tensor shared between threads that only read it.
+struct HostBuf(Tensor);
+
+// SAFETY: a `HostBuf` is written (converted into) only while [`WireBuffers::take`]'s
+// caller holds the sole reference besides the map, under the map's lock; every thread
+// holding it otherwise only reads its memory and metadata (kind, numel, data pointer),
+// which libtorch does not mutate.
+unsafe impl Sync for HostBuf {}
+
+impl std::ops::Deref for HostBuf {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        &self.0
+    }
+}
 
 impl AsRef<[u8]> for TensorBytes {
     fn as_ref(&self) -> &[u8] {
@@ -105,34 +122,63 @@ impl AsRef<[u8]> for TensorBytes {
     }
 }
 
+/// One host buffer per tensor name for the tensors a push has to convert (another
+/// dtype than the wire's, or not on the host), kept across pushes: a push converts into
+/// the buffer of the push before (`copy_`, one conversion, no allocation and no page
+/// faults) once nothing references it any more, i.e. the streams that sent from it have
+/// ended. Holds one copy of those tensors in the wire dtype between pushes.
+#[derive(Default)]
+pub(super) struct WireBuffers(std::sync::Mutex<std::collections::HashMap<String, Arc<HostBuf>>>);
+
+impl WireBuffers {
+    /// A buffer for `name` of `shape` and `kind` on the host that nothing else holds:
+    /// the kept one when it is free and fits, else a new one (kept for the next push).
+    fn take(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Arc<HostBuf>, tch::TchError> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get(name) {
+            // Only the map holds it (every `Bytes` that sent from it is gone); new
+            // references are made under this lock only, so it stays free until returned.
+            if Arc::strong_count(b) == 1 && b.kind() == kind && b.size() == shape {
+                return Ok(b.clone());
+            }
+        }
+        let b = Arc::new(HostBuf(Tensor::f_empty(shape, (kind, Device::Cpu))?));
+        map.insert(name.to_string(), b.clone());
+        Ok(b)
+    }
+}
+
 /// The little-endian bytes of `t` in `wire` dtype, on the host, without a copy when `t`
-/// already is a contiguous host tensor of that dtype. Narrowing conversions run on the
-/// tensor's device (less to copy), widening ones on the host.
-fn wire_bytes(t: &Tensor, wire: WireDtype) -> Result<Bytes, WireError> {
+/// already is a contiguous host tensor of that dtype (a bf16 policy to a bf16 wire sends
+/// its own memory). Otherwise one conversion, into the reused buffer `name` of `buffers`
+/// (narrowing and device-to-host in one `copy_`).
+fn wire_bytes(
+    t: &Tensor,
+    wire: WireDtype,
+    name: &str,
+    buffers: &WireBuffers,
+) -> Result<Bytes, WireError> {
     if !t.defined() {
         return Err(WireError::Undefined);
     }
     let kind = t.f_kind().map_err(WireError::Torch)?;
-    let size = match kind {
-        Kind::Double => 8,
-        Kind::Float => 4,
-        Kind::Half | Kind::BFloat16 => 2,
-        other => return Err(WireError::NotFloat { kind: other }),
-    };
+    if !matches!(
+        kind,
+        Kind::Double | Kind::Float | Kind::Half | Kind::BFloat16
+    ) {
+        return Err(WireError::NotFloat { kind });
+    }
     let _g = tch::no_grad_guard();
     let t = t.detach();
-    let host = if kind == wire.kind() {
-        t.f_to_device(Device::Cpu)
-    } else if wire.size() <= size {
-        t.f_to_kind(wire.kind())
-            .and_then(|x| x.f_to_device(Device::Cpu))
-    } else {
-        t.f_to_device(Device::Cpu)
-            .and_then(|x| x.f_to_kind(wire.kind()))
+    let conversion = |source| WireError::Conversion { wire, source };
+    if kind == wire.kind() && t.device() == Device::Cpu && t.is_contiguous() {
+        return Ok(Bytes::from_owner(TensorBytes(Arc::new(HostBuf(t)))));
     }
-    .and_then(|x| x.f_contiguous())
-    .map_err(|source| WireError::Conversion { wire, source })?;
-    Ok(Bytes::from_owner(TensorBytes(host)))
+    let buf = buffers
+        .take(name, &t.size(), wire.kind())
+        .map_err(conversion)?;
+    buf.shallow_clone().f_copy_(&t).map_err(conversion)?;
+    Ok(Bytes::from_owner(TensorBytes(buf)))
 }
 
 /// A rejection by the worker (bad chunk, stale version) leaves it healthy; anything
@@ -320,7 +366,8 @@ impl WeightPush {
             return Err(tensor_err("sent twice in one push".into()));
         }
         let wire = self.inner.wire;
-        let bytes = wire_bytes(tensor, wire).map_err(|e| tensor_err(e.to_string()))?;
+        let bytes = wire_bytes(tensor, wire, name, &self.inner.wire_buffers)
+            .map_err(|e| tensor_err(e.to_string()))?;
         self.names.insert(name.to_string());
         let shape = tensor.size();
         if !self.feeds.is_empty() {
@@ -503,8 +550,11 @@ impl WeightPush {
             let workers = route.iter().map(|(i, _)| *i).collect();
             let mut hops = route.into_iter().map(|(_, h)| h);
             let first = hops.next().expect("routes are not empty");
+            // The trainer does not reconnect to a first worker whose stream broke
+            // (rejoin 0); the workers reroute around a cut further down.
             let rest = Route {
                 hop_timeout_ms,
+                rejoin_ms: 0,
                 hops: hops.collect(),
             };
             self.feeds.push(Feed::start(first, rest, timeout, workers));
@@ -587,14 +637,15 @@ mod tests {
 
     #[test]
     fn wire_bytes_converts_and_rejects_non_floats() {
+        let bufs = WireBuffers::default();
         let t = Tensor::from_slice(&[1.0f64, -2.5, 3.25]).view([3, 1]);
-        let b = wire_bytes(&t, WireDtype::Float32).unwrap();
+        let b = wire_bytes(&t, WireDtype::Float32, "t", &bufs).unwrap();
         let back: Vec<f32> = b
             .chunks(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(back, vec![1.0, -2.5, 3.25]);
-        let b = wire_bytes(&t.to_kind(Kind::Half), WireDtype::BFloat16).unwrap();
+        let b = wire_bytes(&t.to_kind(Kind::Half), WireDtype::BFloat16, "h", &bufs).unwrap();
         let back: Vec<f32> = b
             .chunks(2)
             .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
@@ -604,11 +655,38 @@ mod tests {
         let m = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
             .view([2, 2])
             .tr();
-        let b = wire_bytes(&m, WireDtype::Float32).unwrap();
+        let b = wire_bytes(&m, WireDtype::Float32, "m", &bufs).unwrap();
         assert_eq!(f32::from_le_bytes(b[4..8].try_into().unwrap()), 3.0);
-        let e = wire_bytes(&Tensor::from_slice(&[1i64]), WireDtype::Float32)
+        let e = wire_bytes(&Tensor::from_slice(&[1i64]), WireDtype::Float32, "i", &bufs)
             .unwrap_err()
             .to_string();
         assert!(e.contains("Int64"), "{e}");
+    }
+
+    #[test]
+    fn wire_bytes_sends_own_memory_or_reuses_one_buffer_per_tensor() {
+        let bufs = WireBuffers::default();
+        // The wire dtype already: the tensor's own memory, nothing kept.
+        let own = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        let b = wire_bytes(&own, WireDtype::Float32, "own", &bufs).unwrap();
+        assert_eq!(b.as_ptr() as usize, own.data_ptr() as usize);
+        // Converted: the second push's bytes land in the first push's buffer once its
+        // bytes are released, and never while they are held.
+        let t = Tensor::from_slice(&[1.5f32, -2.0, 0.1]);
+        let first = wire_bytes(&t, WireDtype::BFloat16, "w", &bufs).unwrap();
+        let held = wire_bytes(&(&t * 2.0), WireDtype::BFloat16, "w", &bufs).unwrap();
+        assert_ne!(
+            first.as_ptr(),
+            held.as_ptr(),
+            "a buffer still sending is not reused"
+        );
+        let ptr = held.as_ptr() as usize;
+        drop((first, held));
+        let again = wire_bytes(&(&t * 3.0), WireDtype::BFloat16, "w", &bufs).unwrap();
+        assert_eq!(again.as_ptr() as usize, ptr, "the kept buffer is reused");
+        let want = (&t * 3.0).to_kind(Kind::BFloat16);
+        let mut bytes = vec![0u8; 6];
+        want.copy_data_u8(&mut bytes, 3);
+        assert_eq!(&again[..], &bytes[..], "torch's own rounding, bit for bit");
     }
 }
