@@ -27,7 +27,13 @@
 //! groups wait; when no started group is left the staged tensors are copied into the
 //! model in place between two steps, the version increases and waiting groups start on
 //! the new weights. Model compute is blocking, which is why it lives on its own thread
-//! and never on the tokio runtime.
+//! and never on the tokio runtime. The loop never waits for a command while a pending
+//! update could be applied (the last started group may end with no request behind it).
+//! At most one update is pending: a newer version supersedes it (its caller gets
+//! [`EngineError::Superseded`]), one whose caller went away (the trainer's commit timed
+//! out) is dropped, and an update still draining after `DRAIN_WARN_AFTER` (10 s) logs a
+//! WARN naming the version and what it waits for; refusals, supersessions and
+//! cancellations are WARNs too, the apply one INFO line.
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
