@@ -340,12 +340,12 @@ impl Engine {
             return;
         }
         if let Some(old) = self.pending.take() {
-            let waiting = old.reply.is_closed();
+            let caller_gone = old.reply.is_closed();
             tracing::warn!(
                 version = old.version,
                 by = version,
                 waited_seconds = old.committed.elapsed().as_secs_f64(),
-                caller_gone = waiting,
+                caller_gone,
                 "pending weight update superseded before it was applied"
             );
             m.weight_updates_total
