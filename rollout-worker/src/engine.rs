@@ -28,7 +28,13 @@
 //! between two steps (`weights::apply`: storage swapped where dtypes match, else copied
 //! in place), the version increases and waiting groups start on
 //! the new weights. Model compute is blocking, which is why it lives on its own thread
-//! and never on the tokio runtime.
+//! and never on the tokio runtime. The loop never waits for a command while a pending
+//! update could be applied (the last started group may end with no request behind it).
+//! At most one update is pending: a newer version supersedes it (its caller gets
+//! [`EngineError::Superseded`]), one whose caller went away (the trainer's commit timed
+//! out) is dropped, and an update still draining after `DRAIN_WARN_AFTER` (10 s) logs a
+//! WARN naming the version and what it waits for; refusals, supersessions and
+//! cancellations are WARNs too, the apply one INFO line.
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;

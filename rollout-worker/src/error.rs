@@ -21,6 +21,10 @@ pub enum EngineError {
     /// A weight version that does not increase. gRPC FAILED_PRECONDITION, HTTP 409.
     #[error("weight version {requested} is not greater than the current version {current}")]
     StaleVersion { current: u64, requested: u64 },
+    /// A pending (committed, not yet applied) update replaced by a newer version before
+    /// it served. gRPC ABORTED, HTTP 409.
+    #[error("weight version {version} was superseded by version {by} before it was applied")]
+    Superseded { version: u64, by: u64 },
     /// The engine thread has stopped. gRPC UNAVAILABLE, HTTP 503.
     #[error("engine unavailable: {0}")]
     Unavailable(String),

@@ -58,6 +58,7 @@ pub fn status(e: EngineError) -> Status {
         EngineError::InvalidArgument(_) | EngineError::Weights(_) => Status::invalid_argument(msg),
         EngineError::Overloaded { .. } => Status::resource_exhausted(msg),
         EngineError::StaleVersion { .. } => Status::failed_precondition(msg),
+        EngineError::Superseded { .. } => Status::aborted(msg),
         EngineError::Unavailable(_) => Status::unavailable(msg),
         EngineError::Internal(_) => Status::internal(msg),
     }
@@ -365,6 +366,7 @@ impl RolloutService for GrpcService {
         let started = Instant::now();
         let metrics = self.engine.metrics().clone();
         let idle = self.idle_timeout;
+        let mut committed = None;
         let result = async {
             let mut asm = WeightAssembler::new(self.engine.param_specs());
             let mut pending: Option<Pending> = None;
@@ -418,6 +420,7 @@ impl RolloutService for GrpcService {
                         pending = Some(self.offer(o, &asm, again)?);
                     }
                     Some(pb::weight_update_message::Kind::Commit(c)) => {
+                        committed = Some(c.version);
                         let staged = match (received.take(), pending.take()) {
                             (Some(s), _) => s,
                             (None, Some(mut p)) => p.wait().await?,
@@ -461,11 +464,14 @@ impl RolloutService for GrpcService {
                 Ok(Response::new(r))
             }
             Err(e) => {
-                metrics
-                    .weight_updates_total
-                    .with_label_values(&["rejected"])
-                    .inc();
-                tracing::warn!(error = %e, "weight update rejected; the old weights keep serving");
+                // The engine counts (and logs) a superseded update itself.
+                if !matches!(e, EngineError::Superseded { .. }) {
+                    metrics
+                        .weight_updates_total
+                        .with_label_values(&["rejected"])
+                        .inc();
+                }
+                tracing::warn!(version = ?committed, error = %e, "weight update rejected; the old weights keep serving");
                 Err(status(e))
             }
         }

@@ -161,7 +161,7 @@ impl Metrics {
             ),
             weight_updates_total: counter_vec(
                 "rollout_weight_updates_total",
-                "Weight updates by outcome (applied, rejected).",
+                "Weight updates by outcome (applied, rejected, superseded, cancelled).",
                 "outcome",
             ),
         };

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use model::paged::{PagedKvCache, PagedStep, SeqSpan};
 use model::{SamplingParams, SeqRng, Transformer};
@@ -59,7 +59,12 @@ struct PendingUpdate {
     version: u64,
     committed: Instant,
     reply: oneshot::Sender<Result<UpdateOutcome, EngineError>>,
+    /// The slow-drain warning was logged.
+    warned: bool,
 }
+
+/// A committed update still waiting for in-flight groups after this long logs a WARN.
+pub(super) const DRAIN_WARN_AFTER: Duration = Duration::from_secs(10);
 
 pub(super) struct Engine {
     model: Transformer,
@@ -131,7 +136,10 @@ impl Engine {
     pub(super) fn run(mut self, rx: Receiver<Command>) {
         let _no_grad = tch::no_grad_guard();
         'outer: loop {
-            let block = self.paused || self.sched.is_idle();
+            // Never wait for a command while a committed update could be applied now: the
+            // last started group may have finished in the step just taken, and with no
+            // further request the update would otherwise wait for one.
+            let block = self.paused || (self.sched.is_idle() && self.pending.is_none());
             let first = if block {
                 match rx.recv() {
                     Ok(c) => Some(c),
@@ -149,6 +157,7 @@ impl Engine {
                 }
             }
             self.drop_cancelled();
+            self.drop_abandoned_update();
             self.maybe_apply_update();
             if !self.paused && !self.sched.is_idle() {
                 let span = tracing::trace_span!("step", running = self.sched.num_running());
@@ -226,26 +235,7 @@ impl Engine {
                 staged,
                 version,
                 reply,
-            } => {
-                let current = self.pending.as_ref().map_or(self.version, |p| p.version);
-                if version <= current {
-                    let _ = reply.send(Err(EngineError::StaleVersion {
-                        current,
-                        requested: version,
-                    }));
-                } else if self.pending.is_some() {
-                    let _ = reply.send(Err(EngineError::InvalidArgument(
-                        "another weight update is pending".into(),
-                    )));
-                } else {
-                    self.pending = Some(PendingUpdate {
-                        staged,
-                        version,
-                        committed: Instant::now(),
-                        reply,
-                    });
-                }
-            }
+            } => self.accept_update(staged, version, reply),
             Command::SetPaused(p) => self.paused = p,
             Command::InjectFault(f) => self.fault = Some(f),
             Command::Shutdown => return false,
@@ -321,6 +311,106 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// Takes a committed update: a version not above the newest known one is refused; a
+    /// newer one replaces a pending update (whose caller is told it was superseded), so
+    /// an update whose caller gave up never blocks the next one.
+    fn accept_update(
+        &mut self,
+        staged: StagedWeights,
+        version: u64,
+        reply: oneshot::Sender<Result<UpdateOutcome, EngineError>>,
+    ) {
+        let m = &self.shared.metrics;
+        let current = self.pending.as_ref().map_or(self.version, |p| p.version);
+        if version <= current {
+            tracing::warn!(
+                version,
+                current,
+                serving = self.version,
+                "weight update refused: its version is not above the newest one"
+            );
+            // Counted as rejected by the front end that gets the error.
+            let _ = reply.send(Err(EngineError::StaleVersion {
+                current,
+                requested: version,
+            }));
+            return;
+        }
+        if let Some(old) = self.pending.take() {
+            let caller_gone = old.reply.is_closed();
+            tracing::warn!(
+                version = old.version,
+                by = version,
+                waited_seconds = old.committed.elapsed().as_secs_f64(),
+                caller_gone,
+                "pending weight update superseded before it was applied"
+            );
+            m.weight_updates_total
+                .with_label_values(&["superseded"])
+                .inc();
+            let _ = old.reply.send(Err(EngineError::Superseded {
+                version: old.version,
+                by: version,
+            }));
+        }
+        let started = self.groups.values().filter(|g| g.started.is_some()).count();
+        tracing::debug!(
+            version,
+            serving = self.version,
+            started_groups = started,
+            "weight update committed; applying once the started groups finish"
+        );
+        self.pending = Some(PendingUpdate {
+            staged,
+            version,
+            committed: Instant::now(),
+            reply,
+            warned: false,
+        });
+    }
+
+    /// Drops a pending update whose caller went away (the trainer gave up on the
+    /// commit and counts this worker as having missed the version): new groups start
+    /// again on the serving weights, and the next push is not refused.
+    fn drop_abandoned_update(&mut self) {
+        let Some(p) = &mut self.pending else {
+            return;
+        };
+        if p.reply.is_closed() {
+            tracing::warn!(
+                version = p.version,
+                serving = self.version,
+                waited_seconds = p.committed.elapsed().as_secs_f64(),
+                "pending weight update cancelled: its commit's caller went away; the old weights keep serving"
+            );
+            self.shared
+                .metrics
+                .weight_updates_total
+                .with_label_values(&["cancelled"])
+                .inc();
+            self.pending = None;
+            return;
+        }
+        if !p.warned && p.committed.elapsed() >= DRAIN_WARN_AFTER {
+            p.warned = true;
+            let started: Vec<&Group> = self
+                .groups
+                .values()
+                .filter(|g| g.started.is_some())
+                .collect();
+            tracing::warn!(
+                version = p.version,
+                waited_seconds = p.committed.elapsed().as_secs_f64(),
+                started_groups = started.len(),
+                unfinished_sequences = started.iter().map(|g| g.remaining).sum::<usize>(),
+                running = self.sched.num_running(),
+                waiting = self.sched.num_waiting(),
+                paused = self.paused,
+                "committed weight update still waits for in-flight groups"
+            );
         }
     }
 
