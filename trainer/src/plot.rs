@@ -98,7 +98,11 @@ fn lines(series: &Series, wants: fn(&str) -> bool) -> Vec<(String, Vec<(f64, f64
 fn padded(lo: f64, hi: f64) -> std::ops::Range<f64> {
     let scale = hi.abs().max(lo.abs()).max(1.0);
     let span = hi - lo;
-    let span = if span.abs() <= 1e-9 * scale { scale } else { span.abs() };
+    let span = if span.abs() <= 1e-9 * scale {
+        scale
+    } else {
+        span.abs()
+    };
     (lo - 0.05 * span)..(hi + 0.05 * span)
 }
 
@@ -261,9 +265,15 @@ mod tests {
         let r = padded(0.0, 0.0);
         assert!((r.end - r.start - 0.1).abs() < 1e-12, "{r:?}");
         let r = padded(250.0, 250.0);
-        assert!(r.start < 250.0 && r.end > 250.0 && r.end - r.start > 20.0, "{r:?}");
+        assert!(
+            r.start < 250.0 && r.end > 250.0 && r.end - r.start > 20.0,
+            "{r:?}"
+        );
         let r = padded(1.0, 3.0);
-        assert!((r.start - 0.9).abs() < 1e-12 && (r.end - 3.1).abs() < 1e-12, "{r:?}");
+        assert!(
+            (r.start - 0.9).abs() < 1e-12 && (r.end - 3.1).abs() < 1e-12,
+            "{r:?}"
+        );
     }
 
     #[test]
