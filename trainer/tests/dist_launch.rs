@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Lines};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -173,6 +173,26 @@ fn launch_stops_the_other_ranks_and_fails_when_one_rank_fails() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Spawns `cmd` and reads its stdout until `ranks` lines ended in "ready".
+fn spawn_until_ready(mut cmd: Command, ranks: usize) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut ready = 0;
+    while ready < ranks {
+        let line = lines.next().expect("launcher output ended").unwrap();
+        ready += usize::from(line.ends_with("ready"));
+    }
+    (child, lines)
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 #[test]
 fn launch_forwards_sigterm_to_every_rank() {
     let mut cmd = launch();
@@ -189,18 +209,8 @@ fn launch_forwards_sigterm_to_every_rank() {
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut ready = 0;
-    while ready < 2 {
-        let line = lines.next().expect("launcher output ended").unwrap();
-        ready += usize::from(line.ends_with("ready"));
-    }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (mut child, lines) = spawn_until_ready(cmd, 2);
+    sigterm(&child);
     let mut rest: Vec<String> = lines.map_while(Result::ok).collect();
     rest.sort();
     assert_eq!(rest, vec!["[rank0]: got TERM", "[rank1]: got TERM"]);
@@ -229,24 +239,11 @@ fn launch_kills_a_rank_that_ignores_sigterm_after_the_signal_grace() {
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut ready = 0;
-        while ready < 2 {
-            let line = lines.next().expect("launcher output ended").unwrap();
-            ready += usize::from(line.ends_with("ready"));
-        }
-        let term = || {
-            let status = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success());
-        };
-        term();
+        let (mut child, _lines) = spawn_until_ready(cmd, 2);
+        sigterm(&child);
         if second_signal {
             thread::sleep(Duration::from_millis(300));
-            term();
+            sigterm(&child);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         let code = loop {

@@ -14,7 +14,6 @@
 mod e2e_support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e_support::*;
@@ -24,25 +23,12 @@ type Completions = BTreeMap<usize, (f64, f64, String)>;
 
 /// `world` ranks with the per-completion debug lines on.
 fn ranks_with_completions(world: usize, args: &[String]) -> Vec<Proc> {
-    let port = free_port();
-    (0..world)
-        .map(|rank| {
-            let mut cmd = Command::new(trainer_bin());
-            cmd.args(args)
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_WORLD_SIZE", world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env("OMP_NUM_THREADS", "1")
-                .env(
-                    "RUST_LOG",
-                    "warn,trainer=info,trainer::grpo::completion=debug",
-                );
-            Proc::spawn(cmd, &format!("w{world}-rank{rank}"))
-        })
-        .collect()
+    start_ranks_with(
+        world,
+        args,
+        "warn,trainer=info,trainer::grpo::completion=debug",
+        &format!("w{world}-"),
+    )
 }
 
 fn parse_completions(lines: &[String]) -> Completions {

@@ -175,6 +175,11 @@ pub fn start_worker(tag: &str, extra: &[&str]) -> (Proc, String) {
 
 /// Starts `world` trainer ranks with torchrun's environment.
 pub fn start_ranks(world: usize, args: &[String]) -> Vec<Proc> {
+    start_ranks_with(world, args, "warn,trainer=info", "")
+}
+
+/// [`start_ranks`] with its own `RUST_LOG` and a prefix for the ranks' log names.
+pub fn start_ranks_with(world: usize, args: &[String], rust_log: &str, label: &str) -> Vec<Proc> {
     let port = free_port();
     (0..world)
         .map(|rank| {
@@ -187,8 +192,8 @@ pub fn start_ranks(world: usize, args: &[String]) -> Vec<Proc> {
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("OMP_NUM_THREADS", "1")
-                .env("RUST_LOG", "warn,trainer=info");
-            Proc::spawn(cmd, &format!("rank{rank}"))
+                .env("RUST_LOG", rust_log);
+            Proc::spawn(cmd, &format!("{label}rank{rank}"))
         })
         .collect()
 }
