@@ -344,9 +344,11 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let tuning = model::host_alloc::tune();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
+    tracing::debug!("host allocator: {tuning:?}");
     match Cli::parse().command {
         Command::Serve(a) => run_serve(a),
         Command::Generate(a) => run_generate(a),

@@ -75,6 +75,7 @@ struct DistCheckArgs {
 }
 
 fn main() -> Result<()> {
+    model::host_alloc::tune();
     match Cli::parse().command {
         Command::Sft(args) => {
             let loaded: trainer::config::Loaded<trainer::sft::SftConfig> =
@@ -136,6 +137,7 @@ fn init_tracing(level: trainer::config::LogLevel) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+    tracing::debug!("host allocator: {:?}", model::host_alloc::tune());
 }
 
 fn dist_check(args: &DistCheckArgs) -> Result<()> {
