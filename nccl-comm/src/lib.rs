@@ -167,14 +167,38 @@ pub struct Group {
 
 impl Group {
     /// Joins the communicator `id` as `rank` of `world_size` on CUDA device
-    /// `device_index`. Blocks until every member joined (NCCL's own bootstrap timeout
-    /// covers a member that never comes). Call [`probe`] first.
+    /// `device_index`. Blocks until every member joined, at most `timeout` (then the
+    /// join is aborted); `timeout` also bounds every later call. Call [`probe`] first.
+    pub fn join_bounded(
+        id: &UniqueId,
+        world_size: usize,
+        rank: usize,
+        device_index: usize,
+        timeout: Duration,
+    ) -> Result<Group, NcclError> {
+        Self::init(id, world_size, rank, device_index, timeout, false)
+    }
+
+    /// As [`join_bounded`](Self::join_bounded), with NCCL's blocking init: it returns
+    /// once all members joined, NCCL's own bootstrap timeout covering one that dies (the
+    /// trainer's ranks, which a store rendezvous has already seen arrive).
     pub fn join(
         id: &UniqueId,
         world_size: usize,
         rank: usize,
         device_index: usize,
         timeout: Duration,
+    ) -> Result<Group, NcclError> {
+        Self::init(id, world_size, rank, device_index, timeout, true)
+    }
+
+    fn init(
+        id: &UniqueId,
+        world_size: usize,
+        rank: usize,
+        device_index: usize,
+        timeout: Duration,
+        blocking: bool,
     ) -> Result<Group, NcclError> {
         if rank >= world_size {
             return Err(NcclError::Call {
@@ -186,9 +210,93 @@ impl Group {
         let ctx = CudaContext::new(device_index).map_err(driver_err("context"))?;
         let stream = ctx.new_stream().map_err(driver_err("stream"))?;
         let mut comm: ncs::ncclComm_t = std::ptr::null_mut();
-        // SAFETY: `comm` is a valid out-pointer; `id` came from one get_uniqueid.
-        unsafe { nc::comm_init_rank(&mut comm, world_size as i32, id.0, rank as i32) }
-            .map_err(call_err("comm_init_rank"))?;
+        if blocking {
+            // SAFETY: `comm` is a valid out-pointer; `id` came from one get_uniqueid.
+            unsafe { nc::comm_init_rank(&mut comm, world_size as i32, id.0, rank as i32) }
+                .map_err(call_err("comm_init_rank"))?;
+            return Ok(Group {
+                rank,
+                world_size,
+                device_index,
+                timeout,
+                comm: CommHandle(comm),
+                ctx,
+                stream,
+                poisoned: None,
+            });
+        }
+        // Non-blocking init (NCCL_CONFIG_INITIALIZER with blocking = 0), polled until
+        // every member joined or `timeout` passed: a member that never comes (a worker
+        // that refused) aborts the join instead of hanging it.
+        const UNDEF: i32 = i32::MIN;
+        let mut config = ncs::ncclConfig_t {
+            size: std::mem::size_of::<ncs::ncclConfig_t>(),
+            magic: 0xcafebeef,
+            version: 22800,
+            blocking: 0,
+            cgaClusterSize: UNDEF,
+            minCTAs: UNDEF,
+            maxCTAs: UNDEF,
+            netName: std::ptr::null(),
+            splitShare: UNDEF,
+            trafficClass: UNDEF,
+            commName: std::ptr::null(),
+            collnetEnable: UNDEF,
+            CTAPolicy: UNDEF,
+            shrinkShare: UNDEF,
+            nvlsCTAs: UNDEF,
+            nChannelsPerNetPeer: UNDEF,
+            nvlinkCentricSched: UNDEF,
+        };
+        ctx.bind_to_thread().map_err(driver_err("comm_init_rank"))?;
+        // SAFETY: valid out-pointer and config; `id` came from one get_uniqueid.
+        let started = unsafe {
+            ncs::ncclCommInitRankConfig(
+                &mut comm,
+                world_size as i32,
+                id.0,
+                rank as i32,
+                &mut config,
+            )
+        };
+        if !matches!(
+            started,
+            ncs::ncclResult_t::ncclSuccess | ncs::ncclResult_t::ncclInProgress
+        ) {
+            return Err(NcclError::Call {
+                op: "comm_init_rank",
+                detail: format!("{started:?}"),
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut state = ncs::ncclResult_t::ncclInProgress;
+            // SAFETY: valid communicator (being initialised) and out-pointer.
+            unsafe { ncs::ncclCommGetAsyncError(comm, &mut state) };
+            match state {
+                ncs::ncclResult_t::ncclSuccess => break,
+                ncs::ncclResult_t::ncclInProgress if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                other => {
+                    // SAFETY: aborting the communicator being initialised; never used again.
+                    unsafe {
+                        let _ = nc::comm_abort(comm);
+                    }
+                    let detail = if other == ncs::ncclResult_t::ncclInProgress {
+                        format!(
+                            "not every one of the {world_size} members joined within {timeout:?}"
+                        )
+                    } else {
+                        format!("{other:?}")
+                    };
+                    return Err(NcclError::Call {
+                        op: "comm_init_rank",
+                        detail,
+                    });
+                }
+            }
+        }
         Ok(Group {
             rank,
             world_size,
@@ -233,24 +341,26 @@ impl Group {
         tch::Cuda::synchronize(self.device_index as i64);
         let stream: ncs::cudaStream_t = self.stream.cu_stream().cast();
         call(self.comm.0, stream).map_err(call_err(op))?;
-        // Sync point 2: poll until our stream drained, the comm failed, or timeout.
+        // Sync point 2: poll until our stream drained, the comm failed, or timeout. A
+        // non-blocking communicator may still be enqueueing (ncclInProgress): the stream
+        // is only looked at once NCCL reports success.
         let deadline = Instant::now() + self.timeout;
         loop {
-            // SAFETY: the stream belongs to our context, bound to this thread above.
-            let status = unsafe { cu::cuStreamQuery(self.stream.cu_stream()) };
-            match status {
-                cu::CUresult::CUDA_SUCCESS => return Ok(()),
-                cu::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(self.abort(op, format!("CUDA stream error {other:?}"))),
-            }
             let mut async_err = ncs::ncclResult_t::ncclSuccess;
             // SAFETY: valid communicator and out-pointer.
             unsafe { ncs::ncclCommGetAsyncError(self.comm.0, &mut async_err) };
-            if !matches!(
-                async_err,
-                ncs::ncclResult_t::ncclSuccess | ncs::ncclResult_t::ncclInProgress
-            ) {
-                return Err(self.abort(op, format!("asynchronous NCCL error {async_err:?}")));
+            match async_err {
+                ncs::ncclResult_t::ncclSuccess => {
+                    // SAFETY: the stream belongs to our context, bound to this thread above.
+                    let status = unsafe { cu::cuStreamQuery(self.stream.cu_stream()) };
+                    match status {
+                        cu::CUresult::CUDA_SUCCESS => return Ok(()),
+                        cu::CUresult::CUDA_ERROR_NOT_READY => {}
+                        other => return Err(self.abort(op, format!("CUDA stream error {other:?}"))),
+                    }
+                }
+                ncs::ncclResult_t::ncclInProgress => {}
+                other => return Err(self.abort(op, format!("asynchronous NCCL error {other:?}"))),
             }
             if Instant::now() >= deadline {
                 let timeout = self.timeout;
