@@ -28,6 +28,7 @@
 
 pub mod bucket;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -163,6 +164,8 @@ pub struct Group {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     poisoned: Option<String>,
+    /// Set from another thread to abort the call in progress (and the communicator).
+    cancel: Arc<AtomicBool>,
 }
 
 impl Group {
@@ -223,6 +226,7 @@ impl Group {
                 ctx,
                 stream,
                 poisoned: None,
+                cancel: Arc::default(),
             });
         }
         // Non-blocking init (NCCL_CONFIG_INITIALIZER with blocking = 0), polled until
@@ -306,6 +310,7 @@ impl Group {
             ctx,
             stream,
             poisoned: None,
+            cancel: Arc::default(),
         })
     }
 
@@ -319,6 +324,13 @@ impl Group {
 
     pub fn device_index(&self) -> usize {
         self.device_index
+    }
+
+    /// A flag that, once set (from any thread), makes the call in progress or the next
+    /// one abort the communicator: how a caller that learns a member is gone (its gRPC
+    /// call ended) stops a broadcast that would otherwise wait for the timeout.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
     }
 
     /// Why the communicator was aborted, if it was.
@@ -361,6 +373,9 @@ impl Group {
                 }
                 ncs::ncclResult_t::ncclInProgress => {}
                 other => return Err(self.abort(op, format!("asynchronous NCCL error {other:?}"))),
+            }
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(self.abort(op, "cancelled: a member is gone".into()));
             }
             if Instant::now() >= deadline {
                 let timeout = self.timeout;

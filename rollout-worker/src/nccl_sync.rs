@@ -10,6 +10,7 @@
 //! communicator; the update is rejected and the trainer re-forms it at its next push.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ struct Member {
 pub struct NcclSync {
     device: Device,
     member: Arc<Mutex<Option<Member>>>,
+    /// The held communicator's cancel flag, reachable without its lock (a receive holds
+    /// the lock while it waits on NCCL).
+    cancel: Arc<Mutex<Option<Arc<AtomicBool>>>>,
 }
 
 impl std::fmt::Debug for NcclSync {
@@ -90,6 +94,7 @@ impl NcclSync {
         NcclSync {
             device,
             member: Arc::new(Mutex::new(None)),
+            cancel: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -130,7 +135,11 @@ impl NcclSync {
         }
         let id = UniqueId::from_bytes(&req.nccl_id).map_err(|e| invalid(e.to_string()))?;
         nccl_comm::probe(index).map_err(|e| sync_err(e.to_string()))?;
-        // The old communicator (if any) goes first: a device holds one member per job.
+        // The old communicator (if any) goes first: a device holds one member per job. A
+        // receive still waiting on it (its push was abandoned) is cancelled, not waited for.
+        if let Some(c) = self.cancel.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            c.store(true, Ordering::SeqCst);
+        }
         *self.lock() = None;
         let staging = Tensor::f_empty([req.bucket_elements as i64], (dtype.kind(), self.device))
             .map_err(|e| sync_err(format!("allocating the staging bucket: {e}")))?;
@@ -143,6 +152,7 @@ impl NcclSync {
             timeout,
         )
         .map_err(|e| sync_err(e.to_string()))?;
+        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = Some(group.cancel_flag());
         *self.lock() = Some(Member {
             session: req.session,
             group,

@@ -322,7 +322,11 @@ impl WeightPush {
             return Err(self.nccl_failed("a worker left the push before a broadcast".into()));
         }
         let kind = self.inner.wire.kind();
-        let outcome = tokio::task::spawn_blocking(move || {
+        let cancel = match lock(&link).as_ref() {
+            Some(l) => l.group.cancel_flag(),
+            None => return Err(self.nccl_failed("the communicator is gone".into())),
+        };
+        let mut task = tokio::task::spawn_blocking(move || {
             let mut g = lock(&link);
             let l = g.as_mut().ok_or("the communicator is gone".to_string())?;
             let dtype = nccl_comm::nccl_dtype(kind).ok_or("no NCCL dtype".to_string())?;
@@ -330,8 +334,20 @@ impl WeightPush {
             // SAFETY: the bucket is a contiguous device tensor of capacity >= count
             // elements of `dtype`, held under the lock until the call returns.
             unsafe { l.group.broadcast_raw(ptr, count, dtype, 0) }.map_err(|e| e.to_string())
-        })
-        .await;
+        });
+        // A worker whose call ends during the broadcast will not take part: cancel it
+        // at once rather than wait for the timeout. (Its JoinHandle is polled here; the
+        // failure path below only aborts the calls, never polls them again.)
+        let ended = futures::future::select_all(self.streams.iter_mut().map(|s| &mut s.call));
+        let outcome = tokio::select! {
+            r = &mut task => r,
+            (_, i, _) = ended => {
+                let url = self.streams[i].url.clone();
+                cancel.store(true, Ordering::SeqCst);
+                let _ = task.await;
+                return Err(self.nccl_failed(format!("{url} ended its UpdateWeights call during a broadcast")));
+            }
+        };
         match outcome {
             Ok(Ok(())) => Ok(()),
             Ok(Err(why)) => Err(self.nccl_failed(why)),
