@@ -178,8 +178,11 @@ impl WeightPush {
     async fn form_link(&mut self, conns: &[Conn], index: usize) -> Result<(), String> {
         let members: Vec<String> = self.streams.iter().map(|s| s.url.clone()).collect();
         let link = self.inner.nccl.link.clone();
-        if let Some(l) = lock(&link).as_ref() {
+        if let Some(l) = lock(&link).as_mut() {
             if l.members == members && l.group.poisoned().is_none() {
+                // A push dropped half-way (a tensor it could not send) may have left
+                // segments in the bucket: this push starts with an empty one.
+                l.packer.take();
                 return Ok(());
             }
         }
