@@ -25,6 +25,10 @@ pub enum EngineError {
     /// it served. gRPC ABORTED, HTTP 409.
     #[error("weight version {version} was superseded by version {by} before it was applied")]
     Superseded { version: u64, by: u64 },
+    /// The NCCL weight path cannot run here (a CPU worker, no libnccl) or its
+    /// communicator failed. gRPC FAILED_PRECONDITION, HTTP 409.
+    #[error("NCCL weight sync: {0}")]
+    WeightSync(String),
     /// The engine thread has stopped. gRPC UNAVAILABLE, HTTP 503.
     #[error("engine unavailable: {0}")]
     Unavailable(String),

@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::data_plane::{DataPlane, Pending};
 use crate::engine::EngineHandle;
 use crate::error::EngineError;
+use crate::nccl_sync::{NcclFill, NcclSync};
 use crate::request::{
     CompletionOutput, Event, FinishReason, GenerateRequest, GroupOutput, PromptInput, PromptSpec,
 };
@@ -57,7 +58,9 @@ pub fn status(e: EngineError) -> Status {
     match e {
         EngineError::InvalidArgument(_) | EngineError::Weights(_) => Status::invalid_argument(msg),
         EngineError::Overloaded { .. } => Status::resource_exhausted(msg),
-        EngineError::StaleVersion { .. } => Status::failed_precondition(msg),
+        EngineError::StaleVersion { .. } | EngineError::WeightSync(_) => {
+            Status::failed_precondition(msg)
+        }
         EngineError::Superseded { .. } => Status::aborted(msg),
         EngineError::Unavailable(_) => Status::unavailable(msg),
         EngineError::Internal(_) => Status::internal(msg),
@@ -75,11 +78,15 @@ pub struct GrpcService {
     idle_timeout: Duration,
     /// The bulk weight data plane, when one listens (not with TLS).
     data_plane: Option<DataPlane>,
+    /// The NCCL communicator of weight pushes (GPU workers, after `InitWeightSync`).
+    nccl: NcclSync,
 }
 
 impl GrpcService {
     pub fn new(engine: EngineHandle) -> Self {
+        let device = model::parse_device(&engine.info().device).unwrap_or(tch::Device::Cpu);
         GrpcService {
+            nccl: NcclSync::new(device),
             engine,
             update_lock: Arc::new(tokio::sync::Mutex::new(())),
             staging: Arc::new(tokio::sync::Semaphore::new(MAX_STAGED_UPDATES)),
@@ -371,6 +378,7 @@ impl RolloutService for GrpcService {
             let mut asm = WeightAssembler::new(self.engine.param_specs());
             let mut pending: Option<Pending> = None;
             let mut received = None;
+            let mut nccl: Option<NcclFill> = None;
             loop {
                 // While the bytes flow over the data plane the stream is quiet until the
                 // commit: its outcome is awaited beside the stream (the data connection
@@ -407,7 +415,7 @@ impl RolloutService for GrpcService {
                     msg.map_err(|s| invalid(format!("update stream failed: {}", s.message())))?;
                 match msg.kind {
                     Some(pb::weight_update_message::Kind::Chunk(c)) => {
-                        if pending.is_some() || received.is_some() {
+                        if pending.is_some() || received.is_some() || nccl.is_some() {
                             return Err(invalid(
                                 "a TensorChunk after a DataPlaneOffer (one update takes one path)"
                                     .into(),
@@ -415,8 +423,27 @@ impl RolloutService for GrpcService {
                         }
                         asm.add_chunk(chunk_to_domain(c))?;
                     }
+                    Some(pb::weight_update_message::Kind::NcclBucket(b)) => {
+                        if pending.is_some() || received.is_some() || (asm.num_bytes() > 0 && nccl.is_none()) {
+                            return Err(invalid(
+                                "an NcclBucket after chunks or a DataPlaneOffer (one update takes one path)"
+                                    .into(),
+                            ));
+                        }
+                        let sync = self.nccl.clone();
+                        let mut fill = nccl.take().unwrap_or_default();
+                        let (r, a, f) = tokio::task::spawn_blocking(move || {
+                            let r = sync.receive(&b, &mut asm, &mut fill);
+                            (r, asm, fill)
+                        })
+                        .await
+                        .map_err(|e| EngineError::Internal(format!("NCCL receive task: {e}")))?;
+                        r?;
+                        asm = a;
+                        nccl = Some(f);
+                    }
                     Some(pb::weight_update_message::Kind::DataPlane(o)) => {
-                        let again = pending.is_some() || received.is_some();
+                        let again = pending.is_some() || received.is_some() || nccl.is_some();
                         pending = Some(self.offer(o, &asm, again)?);
                     }
                     Some(pb::weight_update_message::Kind::Commit(c)) => {
@@ -424,7 +451,12 @@ impl RolloutService for GrpcService {
                         let staged = match (received.take(), pending.take()) {
                             (Some(s), _) => s,
                             (None, Some(mut p)) => p.wait().await?,
-                            (None, None) => asm.finish()?,
+                            (None, None) => {
+                                if let Some(f) = &nccl {
+                                    f.check_complete()?;
+                                }
+                                asm.finish()?
+                            }
                         };
                         let num_bytes = staged.num_bytes;
                         let num_tensors = staged.tensors.len() as u64;
@@ -502,6 +534,24 @@ impl RolloutService for GrpcService {
             eos_token_ids: i.eos_token_ids.clone(),
             data_port: self.data_plane.as_ref().map_or(0, |d| d.port() as u32),
         }))
+    }
+
+    async fn init_weight_sync(
+        &self,
+        request: Request<pb::InitWeightSyncRequest>,
+    ) -> Result<Response<pb::InitWeightSyncResponse>, Status> {
+        let req = request.into_inner();
+        let sync = self.nccl.clone();
+        let joined = tokio::task::spawn_blocking(move || sync.join(&req))
+            .await
+            .map_err(|e| Status::internal(format!("NCCL join task: {e}")))?;
+        match joined {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => {
+                tracing::warn!(error = %e, "InitWeightSync refused");
+                Err(status(e))
+            }
+        }
     }
 
     async fn health(

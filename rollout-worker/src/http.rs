@@ -58,9 +58,9 @@ impl From<EngineError> for ApiError {
         let status = match e {
             EngineError::InvalidArgument(_) | EngineError::Weights(_) => StatusCode::BAD_REQUEST,
             EngineError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            EngineError::StaleVersion { .. } | EngineError::Superseded { .. } => {
-                StatusCode::CONFLICT
-            }
+            EngineError::StaleVersion { .. }
+            | EngineError::Superseded { .. }
+            | EngineError::WeightSync(_) => StatusCode::CONFLICT,
             EngineError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

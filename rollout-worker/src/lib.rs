@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod http;
 pub mod http_server;
 pub mod metrics;
+pub mod nccl_sync;
 pub mod request;
 pub mod run_error;
 pub mod scheduler;

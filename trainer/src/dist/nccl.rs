@@ -1,29 +1,9 @@
-//! The NCCL backend, through cudarc's bindings loaded at run time.
-//!
-//! Nothing CUDA-related is linked: cudarc opens libcuda and libnccl with dlopen on
-//! first use and panics if they are missing, so [`probe`] checks for both libraries
-//! and a device before any other call and turns their absence into
-//! [`CommError::NcclUnavailable`]. cudarc looks for `libnccl.so`, while PyTorch's
-//! nvidia-nccl wheel ships `libnccl.so.2`; `scripts/setup.sh` adds the link, and its
-//! directory must be on the library path (see docs/collectives.md).
-//!
-//! Streams: tch exposes no handle to PyTorch's current CUDA stream, so NCCL runs on
-//! a stream of our own and every collective is bracketed by host-side syncs:
-//! `torch.cuda.synchronize(device)` before (the inputs are complete, sync point 1)
-//! and polling our stream to completion after (sync point 2), so later tensor ops on
-//! any stream see the results. That costs overlap, not correctness.
-//!
-//! Timeouts: collectives are enqueued and then polled (`cuStreamQuery`, plus
-//! `ncclCommGetAsyncError`) until they finish or the timeout passes; on timeout the
-//! communicator is aborted (`ncclCommAbort`) and poisoned instead of hanging. NCCL
-//! cannot say which peer is missing, so the error says which collective stalled.
+//! The NCCL backend of [`Communicator`]: the collectives on CUDA tensors, over the
+//! runtime-loaded NCCL group of the `nccl-comm` crate (shared with the rollout workers'
+//! weight broadcast), which does the probing, the host sync points around each call and
+//! the timeouts (a stalled collective aborts and poisons the communicator).
 
-use std::sync::Arc;
-use std::thread;
-use std::time::{Duration, Instant};
-
-use cudarc::driver::{sys as cu, CudaContext, CudaStream};
-use cudarc::nccl::{result as nc, sys as ncs};
+use nccl_comm::{result as nc, Group, NcclError, NcclStatus, UniqueId};
 use tch::{Device, Tensor};
 
 use super::comm::{check_root, check_shard, Communicator, Dtype, ReduceOp};
@@ -34,83 +14,53 @@ use super::shard::ShardLayout;
 /// Checks that libcuda, libnccl and CUDA device `device_index` are usable, without
 /// touching any cudarc entry point that would panic if a library is missing.
 pub fn probe(device_index: usize) -> Result<(), CommError> {
-    // SAFETY: is_culib_present only attempts to dlopen the library.
-    if !unsafe { cu::is_culib_present() } {
-        return Err(CommError::NcclUnavailable(
-            "the CUDA driver library (libcuda.so) was not found: no NVIDIA driver on this \
-             machine; use the ring backend for CPU tensors"
-                .into(),
-        ));
-    }
-    // SAFETY: as above.
-    if !unsafe { ncs::is_culib_present() } {
-        return Err(CommError::NcclUnavailable(
-            "libnccl.so was not found on the library path; scripts/setup.sh links it next \
-             to the wheel's libnccl.so.2 in <venv>/lib/python3.*/site-packages/nvidia/nccl/lib, \
-             which must be on LD_LIBRARY_PATH"
-                .into(),
-        ));
-    }
-    let count = CudaContext::device_count().map_err(|e| {
-        CommError::NcclUnavailable(format!("CUDA driver initialisation failed: {e:?}"))
-    })?;
-    if device_index >= count.max(0) as usize {
-        return Err(CommError::NcclUnavailable(format!(
-            "CUDA device {device_index} requested but {count} visible"
-        )));
-    }
-    Ok(())
+    nccl_comm::probe(device_index).map_err(|e| match e {
+        NcclError::Unavailable(why) => {
+            CommError::NcclUnavailable(format!("{why}; use the ring backend for CPU tensors"))
+        }
+        other => other.into(),
+    })
 }
 
-/// An NCCL communicator handle. NCCL allows a communicator to be used from any
-/// thread as long as calls are not concurrent; `&mut self` on every collective
-/// guarantees that.
-struct CommHandle(ncs::ncclComm_t);
-
-// SAFETY: see the type's doc comment; the handle is only used through `&mut NcclComm`.
-unsafe impl Send for CommHandle {}
+impl From<NcclError> for CommError {
+    fn from(e: NcclError) -> CommError {
+        match e {
+            NcclError::Unavailable(why) => CommError::NcclUnavailable(why),
+            NcclError::Call { op, detail } => CommError::Nccl { op, detail },
+            NcclError::Poisoned(why) => CommError::Poisoned(why),
+            e @ NcclError::BadId { .. } => CommError::Store {
+                addr: "nccl/id".into(),
+                detail: e.to_string(),
+            },
+        }
+    }
+}
 
 /// The NCCL communicator for CUDA tensors on one device.
 pub struct NcclComm {
     rank: usize,
     world_size: usize,
     device_index: usize,
-    timeout: Duration,
-    comm: CommHandle,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    poisoned: Option<String>,
+    group: Group,
     _rdzv: Rendezvous,
 }
 
-fn nccl_err(op: &'static str) -> impl Fn(nc::NcclError) -> CommError {
-    move |e| CommError::Nccl {
-        op,
-        detail: format!("{:?}", e.0),
-    }
-}
-
-fn driver_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CommError {
-    move |e| CommError::Nccl {
-        op,
-        detail: format!("CUDA driver: {e:?}"),
-    }
-}
-
-fn nccl_dtype(dtype: Dtype) -> ncs::ncclDataType_t {
+fn nccl_dtype(dtype: Dtype) -> nccl_comm::ncclDataType_t {
+    use nccl_comm::ncclDataType_t as T;
     match dtype {
-        Dtype::F32 => ncs::ncclDataType_t::ncclFloat32,
-        Dtype::Bf16 => ncs::ncclDataType_t::ncclBfloat16,
-        Dtype::F16 => ncs::ncclDataType_t::ncclFloat16,
-        Dtype::I64 => ncs::ncclDataType_t::ncclInt64,
+        Dtype::F32 => T::ncclFloat32,
+        Dtype::Bf16 => T::ncclBfloat16,
+        Dtype::F16 => T::ncclFloat16,
+        Dtype::I64 => T::ncclInt64,
     }
 }
 
-fn nccl_op(op: ReduceOp) -> ncs::ncclRedOp_t {
+fn nccl_op(op: ReduceOp) -> nccl_comm::ncclRedOp_t {
+    use nccl_comm::ncclRedOp_t as R;
     match op {
-        ReduceOp::Sum => ncs::ncclRedOp_t::ncclSum,
-        ReduceOp::Avg => ncs::ncclRedOp_t::ncclAvg,
-        ReduceOp::Max => ncs::ncclRedOp_t::ncclMax,
+        ReduceOp::Sum => R::ncclSum,
+        ReduceOp::Avg => R::ncclAvg,
+        ReduceOp::Max => R::ncclMax,
     }
 }
 
@@ -121,51 +71,29 @@ impl NcclComm {
     pub fn connect(rdzv: Rendezvous, device_index: usize) -> Result<NcclComm, CommError> {
         let (rank, world_size, timeout) = (rdzv.env.rank, rdzv.env.world_size, rdzv.timeout);
         let id = if rank == 0 {
-            let id = nc::get_uniqueid().map_err(nccl_err("get_uniqueid"))?;
-            let bytes: Vec<u8> = id.internal.iter().map(|&b| b as u8).collect();
-            rdzv.store.set("nccl/id", &bytes)?;
+            let id = UniqueId::new()?;
+            rdzv.store.set("nccl/id", &id.to_bytes())?;
             id
         } else {
-            let bytes = rdzv.store.get("nccl/id", timeout)?;
-            if bytes.len() != 128 {
-                return Err(CommError::Store {
-                    addr: "nccl/id".into(),
-                    detail: format!("expected a 128-byte NCCL id, got {} bytes", bytes.len()),
-                });
-            }
-            let mut id = ncs::ncclUniqueId { internal: [0; 128] };
-            for (dst, src) in id.internal.iter_mut().zip(&bytes) {
-                *dst = *src as std::ffi::c_char;
-            }
-            id
+            UniqueId::from_bytes(&rdzv.store.get("nccl/id", timeout)?)?
         };
-        // The primary context, which PyTorch's runtime API also uses.
-        let ctx = CudaContext::new(device_index).map_err(driver_err("context"))?;
-        let stream = ctx.new_stream().map_err(driver_err("stream"))?;
-        let mut comm: ncs::ncclComm_t = std::ptr::null_mut();
         // Blocking init: it returns once all ranks joined. The store rendezvous has
         // already seen every rank arrive, which leaves NCCL's own bootstrap timeout
         // to cover a rank dying in between.
-        // SAFETY: `comm` is a valid out-pointer; `id` came from rank 0's get_uniqueid.
-        unsafe { nc::comm_init_rank(&mut comm, world_size as i32, id, rank as i32) }
-            .map_err(nccl_err("comm_init_rank"))?;
+        let group = Group::join(&id, world_size, rank, device_index, timeout)?;
         Ok(NcclComm {
             rank,
             world_size,
             device_index,
-            timeout,
-            comm: CommHandle(comm),
-            ctx,
-            stream,
-            poisoned: None,
+            group,
             _rdzv: rdzv,
         })
     }
 
     /// Checks a tensor argument: on this communicator's device, supported dtype.
     fn check(&self, op: &'static str, tensor: &Tensor) -> Result<Dtype, CommError> {
-        if let Some(reason) = &self.poisoned {
-            return Err(CommError::Poisoned(reason.clone()));
+        if let Some(reason) = self.group.poisoned() {
+            return Err(CommError::Poisoned(reason.to_string()));
         }
         let dtype = Dtype::of(op, tensor)?;
         if tensor.device() != Device::Cuda(self.device_index) {
@@ -181,76 +109,22 @@ impl NcclComm {
         Ok(dtype)
     }
 
-    /// Runs one NCCL call on our stream between the two host sync points, bounded
-    /// by the timeout.
+    /// Runs one NCCL call between the group's host sync points, bounded by its timeout.
     fn launch(
         &mut self,
         op: &'static str,
-        call: impl FnOnce(ncs::ncclComm_t, ncs::cudaStream_t) -> Result<nc::NcclStatus, nc::NcclError>,
+        call: impl FnOnce(
+            nccl_comm::ncclComm_t,
+            nccl_comm::cudaStream_t,
+        ) -> Result<NcclStatus, nc::NcclError>,
     ) -> Result<(), CommError> {
-        self.ctx.bind_to_thread().map_err(driver_err(op))?;
-        // Sync point 1: inputs written by PyTorch's streams are complete.
-        tch::Cuda::synchronize(self.device_index as i64);
-        let stream: ncs::cudaStream_t = self.stream.cu_stream().cast();
-        call(self.comm.0, stream).map_err(nccl_err(op))?;
-        // Sync point 2: poll until our stream drained, the comm failed, or timeout.
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            // SAFETY: the stream belongs to our context, bound to this thread above.
-            let status = unsafe { cu::cuStreamQuery(self.stream.cu_stream()) };
-            match status {
-                cu::CUresult::CUDA_SUCCESS => return Ok(()),
-                cu::CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(self.abort(op, format!("CUDA stream error {other:?}"))),
-            }
-            let mut async_err = ncs::ncclResult_t::ncclSuccess;
-            // SAFETY: valid communicator and out-pointer.
-            unsafe { ncs::ncclCommGetAsyncError(self.comm.0, &mut async_err) };
-            if !matches!(
-                async_err,
-                ncs::ncclResult_t::ncclSuccess | ncs::ncclResult_t::ncclInProgress
-            ) {
-                return Err(self.abort(op, format!("asynchronous NCCL error {async_err:?}")));
-            }
-            if Instant::now() >= deadline {
-                let timeout = self.timeout;
-                return Err(self.abort(
-                    op,
-                    format!(
-                        "did not complete within {timeout:?}: a peer died, stalled or called \
-                         a different collective (NCCL cannot tell which)"
-                    ),
-                ));
-            }
-            thread::sleep(Duration::from_micros(50));
-        }
-    }
-
-    fn abort(&mut self, op: &'static str, detail: String) -> CommError {
-        // SAFETY: aborting a valid communicator; it is never used again (poisoned).
-        unsafe {
-            let _ = nc::comm_abort(self.comm.0);
-        }
-        self.comm.0 = std::ptr::null_mut();
-        self.poisoned = Some(format!("NCCL {op}: {detail}"));
-        CommError::Nccl { op, detail }
+        Ok(self.group.launch(op, call)?)
     }
 
     fn contiguous(op: &'static str, t: &Tensor) -> Result<Tensor, CommError> {
         t.f_reshape([-1])
             .and_then(|f| f.f_contiguous())
             .map_err(CommError::torch(op))
-    }
-}
-
-impl Drop for NcclComm {
-    fn drop(&mut self) {
-        if !self.comm.0.is_null() {
-            // SAFETY: valid communicator, not used after this.
-            unsafe {
-                let _ = nc::comm_destroy(self.comm.0);
-            }
-        }
     }
 }
 

@@ -96,8 +96,20 @@ impl Grpo<'_> {
                 Err(e) => failure = Some(e.to_string()),
             }
         }
-        let mut ok = Tensor::from_slice(&[i64::from(failure.is_none())]);
+        // 1: committed; 0: failed; 2: the NCCL path failed, so every rank streams the
+        // weights once more and the push takes gRPC / the data plane.
+        let retry = main && failure.is_some() && self.client.take_nccl_failure();
+        let state = if retry {
+            2
+        } else {
+            i64::from(failure.is_none())
+        };
+        let mut ok = Tensor::from_slice(&[state]);
         self.engine.comm().broadcast(&mut ok, 0)?;
+        if ok.int64_value(&[0]) == 2 {
+            tracing::warn!(version, why = ?failure, "NCCL weight push failed; pushing again over gRPC / the data plane");
+            return self.push_weights(version);
+        }
         if ok.int64_value(&[0]) == 0 {
             return Err(RunError::WeightPush {
                 version,

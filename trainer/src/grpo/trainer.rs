@@ -125,6 +125,8 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
             cfg.rollout.clone().with_compute_dtype(compute),
         ))
         .context("connecting to the rollout workers")?;
+    // `rollout.weight_transport` auto/nccl choose NCCL only for a CUDA policy.
+    client.set_policy_device(sess.device);
     let skeleton = RunSkeleton::new(args, total, &sess.model_dir, steps_per_epoch);
     let mut run = Grpo {
         cfg,

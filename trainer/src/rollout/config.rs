@@ -44,9 +44,11 @@ pub struct RolloutConfig {
     /// Wire dtype of pushed weights: `"float32"`, `"bfloat16"`, or `"auto"` (the
     /// trainer's compute dtype: bfloat16 when the policy computes in bfloat16).
     pub weight_dtype: String,
-    /// How pushed tensors travel: `"auto"` (the workers' TCP data plane where they
-    /// announce one, i.e. every `http://` worker without TLS; gRPC chunks otherwise) or
-    /// `"grpc"` (always chunks on the `UpdateWeights` stream).
+    /// How pushed tensors travel: `"auto"` (NCCL broadcast when the trainer's policy is
+    /// on CUDA and every worker reports a CUDA device; else the workers' TCP data plane
+    /// where they announce one, i.e. every `http://` worker without TLS; gRPC chunks
+    /// otherwise), `"grpc"` (always chunks on the `UpdateWeights` stream) or `"nccl"`
+    /// (NCCL broadcast; an error at the push when the trainer or a worker is not on CUDA).
     pub weight_transport: String,
     /// Over the data plane, send every byte once, to the first worker, which forwards it
     /// down a chain of the others as it arrives (rank 0's egress is one copy); `false`:
@@ -176,11 +178,11 @@ impl RolloutConfig {
             ));
         }
         self.wire_dtype()?;
-        if !matches!(self.weight_transport.as_str(), "auto" | "grpc") {
+        if !matches!(self.weight_transport.as_str(), "auto" | "grpc" | "nccl") {
             return Err(bad(
                 "rollout.weight_transport",
                 format!(
-                    "rollout.weight_transport = {:?}; allowed: \"auto\", \"grpc\"",
+                    "rollout.weight_transport = {:?}; allowed: \"auto\", \"grpc\", \"nccl\"",
                     self.weight_transport
                 ),
             ));

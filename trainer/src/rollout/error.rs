@@ -42,6 +42,16 @@ pub enum RolloutError {
     /// `failed` lists `url: reason` for each worker.
     #[error("weight push of version {version} failed on every worker: {failed}")]
     PushFailed { version: u64, failed: String },
+
+    /// `rollout.weight_transport = "nccl"` where NCCL cannot carry the push; the message
+    /// names the side (the trainer's device, or each CPU worker).
+    #[error("rollout.weight_transport = \"nccl\": {0}")]
+    WeightTransport(String),
+
+    /// The NCCL path of a push failed (its communicator is aborted); the push is retried
+    /// over gRPC / the TCP data plane and the communicator re-formed at the next push.
+    #[error("weight push of version {version} over NCCL failed: {why}")]
+    NcclFailed { version: u64, why: String },
 }
 
 /// Why a `rollout.workers` entry cannot be parsed; the message reads after the entry

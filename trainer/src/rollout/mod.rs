@@ -165,6 +165,8 @@ struct Inner {
     stale_dropped: std::sync::atomic::AtomicU64,
     /// Host buffers of converted tensors, reused by every push (`push::WireBuffers`).
     wire_buffers: push::WireBuffers,
+    /// Rank 0's NCCL weight-sync communicator and choice (`push::nccl_push`).
+    nccl: push::nccl_push::NcclState,
 }
 
 type Pool = pool::Pool<Conn>;
@@ -352,6 +354,7 @@ impl RolloutClient {
             next_resolve,
             stale_dropped: Default::default(),
             wire_buffers: Default::default(),
+            nccl: Default::default(),
         });
         inner.probe_now(true).await;
         let pool = inner.pool();

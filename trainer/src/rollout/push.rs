@@ -27,6 +27,8 @@ use super::data_feed::Feed;
 use super::{grpc_client, status_text, Inner, RolloutClient, RolloutError, WireDtype};
 use proto::data_plane::{self as dp, Hop, Route};
 
+pub mod nccl_push;
+
 // Chunks carry the tensors' bytes as the host lays them out; the protocol says little-endian.
 #[cfg(target_endian = "big")]
 compile_error!("weight pushes send host-order bytes; the protocol requires little-endian");
@@ -73,6 +75,8 @@ pub struct WeightPush {
     feeds: Vec<Feed>,
     data_plane: Vec<String>,
     egress_copies: usize,
+    /// The bytes go by NCCL broadcast ([`nccl_push`]), not chunks or the data plane.
+    nccl: bool,
 }
 
 /// Byte ranges of `total` bytes in chunks of `chunk` bytes (the last may be shorter); an
@@ -212,6 +216,7 @@ impl RolloutClient {
             feeds: vec![],
             data_plane: vec![],
             egress_copies: 0,
+            nccl: false,
         };
         let targets: Vec<_> = {
             let pool = self.inner.pool();
@@ -264,7 +269,9 @@ impl RolloutClient {
             return Err(push.all_failed());
         }
         push.egress_copies = push.streams.len();
-        if self.inner.cfg.weight_transport == "auto" {
+        if push.open_nccl(&data_ports).await? == nccl_push::Carrier::Nccl {
+            push.nccl = true;
+        } else if self.inner.cfg.weight_transport != "grpc" {
             push.open_data_plane(data_ports).await;
         }
         tracing::debug!(version, workers = push.streams.len(), "weight push started");
@@ -365,6 +372,10 @@ impl WeightPush {
         if self.names.contains(name) {
             return Err(tensor_err("sent twice in one push".into()));
         }
+        if self.nccl {
+            self.names.insert(name.to_string());
+            return self.send_nccl(name, tensor).await;
+        }
         let wire = self.inner.wire;
         let bytes = wire_bytes(tensor, wire, name, &self.inner.wire_buffers)
             .map_err(|e| tensor_err(e.to_string()))?;
@@ -411,6 +422,9 @@ impl WeightPush {
                 version: self.version,
             })),
         };
+        if self.nccl {
+            self.flush_nccl().await?;
+        }
         self.finish_feeds().await?;
         self.broadcast(commit, false).await?;
         let timeout = self.inner.cfg.request_timeout();

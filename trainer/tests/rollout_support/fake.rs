@@ -142,4 +142,11 @@ impl RolloutService for Fake {
             num_waiting_seqs: 0,
         }))
     }
+
+    async fn init_weight_sync(
+        &self,
+        _request: Request<pb::InitWeightSyncRequest>,
+    ) -> Result<Response<pb::InitWeightSyncResponse>, Status> {
+        Err(Status::failed_precondition("the fake worker has no GPU"))
+    }
 }

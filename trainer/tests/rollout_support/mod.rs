@@ -43,8 +43,13 @@ impl Worker {
     /// `max_num_seqs == n` its groups finish one after another (all completions have
     /// the same length), so a fault after the first group still hits groups in progress.
     pub async fn start_with(max_num_seqs: usize) -> Worker {
+        Self::start_on("cpu", max_num_seqs).await
+    }
+
+    /// As [`Worker::start_with`], with the model on `device` (`"cpu"`, `"cuda:1"`).
+    pub async fn start_on(device: &str, max_num_seqs: usize) -> Worker {
         let mut c = WorkerConfig::new(fixture("qwen2-tiny"));
-        c.device = "cpu".into();
+        c.device = device.into();
         c.engine.max_num_seqs = max_num_seqs;
         c.engine.max_n = 8;
         c.engine.max_waiting_seqs = 1024;
