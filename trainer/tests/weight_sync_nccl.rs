@@ -168,7 +168,7 @@ async fn nccl_push_to_a_gpu_worker_gpu() {
         eprintln!("skipping nccl_push_to_a_gpu_worker_gpu: needs 2 GPUs, {gpus} visible");
         return;
     }
-    let w = Worker::start_on("cuda:1", 4).await;
+    let w = Worker::start_on_device("cuda:1", 4).await;
     let urls = [w.url.as_str()];
     let mut cfg = config(&urls);
     cfg.weight_transport = "nccl".into();

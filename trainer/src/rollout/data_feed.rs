@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proto::data_plane::{self as dp, Hop, Route};
 
-/// Why a feed failed. `Connect` and `Refused` mean nothing reached any worker of the route.
+/// Why a feed's stream to one worker failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
     #[error("data plane {addr}: cannot connect: {source}")]
@@ -37,14 +37,14 @@ pub enum FeedError {
     Panicked,
 }
 
-impl FeedError {
-    /// True when no byte reached the route's first worker (the whole route missed it).
-    pub fn nothing_delivered(&self) -> bool {
-        matches!(
-            self,
-            FeedError::Connect { .. } | FeedError::Refused { .. } | FeedError::Panicked
-        )
-    }
+/// How a feed ended: the workers of its route it had to cut (dead, refusing, stalled
+/// past the deadline: they miss this version), and the verdict of the worker that took
+/// the stream to its end (`None`: it accepted; the route's other workers answer at the
+/// commit).
+#[derive(Debug, Default)]
+pub struct FeedEnd {
+    pub cut: Vec<(usize, FeedError)>,
+    pub rejected: Option<FeedError>,
 }
 
 enum Frame {
@@ -52,10 +52,10 @@ enum Frame {
     End,
 }
 
-/// One data-plane stream to the first worker of a route.
+/// One data-plane stream down a route, starting at its first reachable worker.
 pub struct Feed {
     tx: mpsc::Sender<Frame>,
-    thread: JoinHandle<Result<(), FeedError>>,
+    thread: JoinHandle<FeedEnd>,
     /// Pool indices of every worker the route reaches.
     pub workers: Vec<usize>,
 }
@@ -71,11 +71,15 @@ fn tune(s: &TcpStream) {
 }
 
 impl Feed {
-    /// Starts streaming to `first`, which forwards to `rest` (each hop writing within
-    /// `deadline`); `workers` are the pool indices of `first` and of the hops of `rest`.
-    pub fn start(first: Hop, rest: Route, deadline: Duration, workers: Vec<usize>) -> Feed {
+    /// Starts streaming down `route` (pool index and hop of each worker, in order; not
+    /// empty), each hop writing within `deadline`. The first worker takes the stream and
+    /// forwards it to the rest; one that cannot be reached, refuses, or misses the
+    /// deadline (before or during the stream) is cut and the feed starts again at the
+    /// next worker, sending the update from its start (it keeps views of what it sent).
+    pub fn start(route: Vec<(usize, Hop)>, deadline: Duration) -> Feed {
         let (tx, rx) = mpsc::channel();
-        let thread = std::thread::spawn(move || run(&first, &rest, deadline, rx));
+        let workers = route.iter().map(|(w, _)| *w).collect();
+        let thread = std::thread::spawn(move || run(&route, deadline, rx));
         Feed {
             tx,
             thread,
@@ -84,16 +88,23 @@ impl Feed {
     }
 
     /// Queues one tensor (`header` from `proto::data_plane::encode_header`); returns at
-    /// once. A feed that already failed ignores it (its error comes from `finish`).
+    /// once. A feed that already cut every worker ignores it.
     pub fn send(&self, header: Vec<u8>, bytes: Bytes) {
         let _ = self.tx.send(Frame::Tensor { header, bytes });
     }
 
-    /// Ends the update and waits (blocking) for the first worker's verdict.
-    pub fn finish(self) -> Result<(), FeedError> {
+    /// Ends the update and waits (blocking) for the outcome.
+    pub fn finish(self) -> FeedEnd {
         let _ = self.tx.send(Frame::End);
         drop(self.tx);
-        self.thread.join().unwrap_or(Err(FeedError::Panicked))
+        let workers = self.workers;
+        self.thread.join().unwrap_or_else(|_| FeedEnd {
+            cut: workers
+                .into_iter()
+                .map(|w| (w, FeedError::Panicked))
+                .collect(),
+            rejected: None,
+        })
     }
 }
 
@@ -101,18 +112,52 @@ impl Feed {
 /// (`rollout_worker::data_plane::TOKEN_WAIT`).
 const OFFER_WAIT: Duration = Duration::from_secs(3);
 
-fn run(
-    first: &Hop,
-    rest: &Route,
-    deadline: Duration,
-    rx: mpsc::Receiver<Frame>,
-) -> Result<(), FeedError> {
-    let addr = first.addr.clone();
+/// Why one hop's stream ended.
+enum HopEnd {
+    /// The worker answered the end marker (accepted or rejected).
+    Verdict(Option<FeedError>),
+    /// The push was dropped without a commit.
+    Abandoned,
+    /// The worker failed or missed the deadline: cut it.
+    Cut(FeedError),
+}
+
+fn run(route: &[(usize, Hop)], deadline: Duration, rx: mpsc::Receiver<Frame>) -> FeedEnd {
+    let mut end = FeedEnd::default();
+    let mut sent: Vec<Frame> = vec![];
+    for (i, (worker, hop)) in route.iter().enumerate() {
+        // A worker after this one keeps its token for `rejoin_ms` when its stream
+        // breaks, so the feed (or a forwarder) can start again at it.
+        let rest = Route {
+            hop_timeout_ms: deadline.as_millis().clamp(1, u32::MAX as u128) as u32,
+            rejoin_ms: (deadline + OFFER_WAIT).as_millis().min(u32::MAX as u128) as u32,
+            hops: route[i + 1..].iter().map(|(_, h)| h.clone()).collect(),
+        };
+        match stream_to(hop, &rest, deadline, &rx, &mut sent) {
+            HopEnd::Verdict(rejected) => {
+                end.rejected = rejected;
+                return end;
+            }
+            HopEnd::Abandoned => return end,
+            HopEnd::Cut(e) => {
+                tracing::warn!(worker = %hop.addr, error = %e,
+                    rerouted_to = route.get(i + 1).map(|(_, h)| h.addr.as_str()).unwrap_or("none"),
+                    "first worker of the weight chain cut; the feed starts at the next one");
+                end.cut.push((*worker, e));
+            }
+        }
+    }
+    end
+}
+
+/// Connects to `hop`, presents its token and the route `rest`.
+fn connect(hop: &Hop, rest: &Route, deadline: Duration) -> Result<TcpStream, FeedError> {
+    let addr = hop.addr.clone();
     let connect = |source| FeedError::Connect {
         addr: addr.clone(),
         source,
     };
-    let sock = first
+    let sock = hop
         .addr
         .to_socket_addrs()
         .map_err(connect)?
@@ -126,46 +171,86 @@ fn run(
     // long on top of the hop deadline.
     s.set_read_timeout(Some(deadline + OFFER_WAIT))
         .map_err(connect)?;
-    dp::write_hello(&mut s, &first.token).map_err(connect)?;
+    dp::write_hello(&mut s, &hop.token).map_err(connect)?;
     match dp::read_status(&mut s).map_err(connect)? {
         Ok(()) => {}
         Err(message) => return Err(FeedError::Refused { addr, message }),
     }
     s.set_read_timeout(Some(deadline)).map_err(connect)?;
-    let stream = |s: &mut TcpStream, source: io::Error| FeedError::Stream {
-        addr: addr.clone(),
+    if let Err(e) = dp::write_route(&mut s, rest) {
+        return Err(stream_error(&mut s, &hop.addr, e));
+    }
+    Ok(s)
+}
+
+/// A failed write, with the worker's reason if it sent one (waiting at most a second:
+/// a stalled worker sends none, and the workers after it wait for the feed to rejoin).
+fn stream_error(s: &mut TcpStream, addr: &str, source: io::Error) -> FeedError {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    FeedError::Stream {
+        addr: addr.to_string(),
         peer: dp::read_status(s).ok().and_then(|r| r.err()),
         source,
-    };
-    if let Err(e) = dp::write_route(&mut s, rest) {
-        return Err(stream(&mut s, e));
     }
-    for f in rx {
-        match f {
-            Frame::Tensor { header, bytes } => {
-                if let Err(e) = s.write_all(&header).and_then(|_| s.write_all(&bytes)) {
-                    return Err(stream(&mut s, e));
-                }
-            }
-            Frame::End => {
-                if let Err(e) = s.write_all(&dp::END).and_then(|_| s.flush()) {
-                    return Err(stream(&mut s, e));
-                }
-                return match dp::read_status(&mut s) {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(message)) => Err(FeedError::Rejected { addr, message }),
-                    Err(e) => Err(FeedError::Stream {
-                        addr: addr.clone(),
-                        source: e,
-                        peer: None,
-                    }),
-                };
-            }
+}
+
+fn write_frame(s: &mut TcpStream, f: &Frame) -> io::Result<()> {
+    match f {
+        Frame::Tensor { header, bytes } => s.write_all(header).and_then(|_| s.write_all(bytes)),
+        Frame::End => s.write_all(&dp::END).and_then(|_| s.flush()),
+    }
+}
+
+/// Streams the update to `hop`: first `sent` (what a cut worker before it got), then
+/// the queue, adding each frame to `sent`.
+fn stream_to(
+    hop: &Hop,
+    rest: &Route,
+    deadline: Duration,
+    rx: &mpsc::Receiver<Frame>,
+    sent: &mut Vec<Frame>,
+) -> HopEnd {
+    let mut s = match connect(hop, rest, deadline) {
+        Ok(s) => s,
+        Err(e) => return HopEnd::Cut(e),
+    };
+    let verdict = |s: &mut TcpStream| match dp::read_status(s) {
+        Ok(Ok(())) => HopEnd::Verdict(None),
+        Ok(Err(message)) => HopEnd::Verdict(Some(FeedError::Rejected {
+            addr: hop.addr.clone(),
+            message,
+        })),
+        // No verdict within the deadline (a stall) or the connection broke: the worker
+        // may hold every byte, but without a verdict it is cut (its call is dropped, so
+        // it cannot commit) and the next one takes the update.
+        Err(e) => HopEnd::Cut(FeedError::Stream {
+            addr: hop.addr.clone(),
+            source: e,
+            peer: None,
+        }),
+    };
+    for f in sent.iter() {
+        if let Err(e) = write_frame(&mut s, f) {
+            return HopEnd::Cut(stream_error(&mut s, &hop.addr, e));
+        }
+        if matches!(f, Frame::End) {
+            return verdict(&mut s);
+        }
+    }
+    for f in rx.iter() {
+        let r = write_frame(&mut s, &f);
+        let is_end = matches!(f, Frame::End);
+        sent.push(f);
+        if let Err(e) = r {
+            return HopEnd::Cut(stream_error(&mut s, &hop.addr, e));
+        }
+        if is_end {
+            return verdict(&mut s);
         }
     }
     // The push was dropped without a commit: closing the socket tells the worker.
     let _ = s.shutdown(std::net::Shutdown::Both);
     let mut sink = [0u8; 1];
     let _ = s.read(&mut sink);
-    Ok(())
+    HopEnd::Abandoned
 }

@@ -23,9 +23,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::data_feed::Feed;
+use super::data_feed::{Feed, FeedEnd, FeedError};
 use super::{grpc_client, status_text, Inner, RolloutClient, RolloutError, WireDtype};
-use proto::data_plane::{self as dp, Hop, Route};
+use proto::data_plane::{self as dp, Hop};
 
 pub mod nccl_push;
 
@@ -554,24 +554,13 @@ impl WeightPush {
                 hops.push((s.worker, Hop { addr, token }));
             }
         }
-        let hop_timeout_ms = (timeout.as_millis() as u32).max(1);
         let routes: Vec<Vec<(usize, Hop)>> = if self.inner.cfg.weight_chain {
             vec![hops].into_iter().filter(|h| !h.is_empty()).collect()
         } else {
             hops.into_iter().map(|h| vec![h]).collect()
         };
         for route in routes {
-            let workers = route.iter().map(|(i, _)| *i).collect();
-            let mut hops = route.into_iter().map(|(_, h)| h);
-            let first = hops.next().expect("routes are not empty");
-            // The trainer does not reconnect to a first worker whose stream broke
-            // (rejoin 0); the workers reroute around a cut further down.
-            let rest = Route {
-                hop_timeout_ms,
-                rejoin_ms: 0,
-                hops: hops.collect(),
-            };
-            self.feeds.push(Feed::start(first, rest, timeout, workers));
+            self.feeds.push(Feed::start(route, timeout));
         }
         self.egress_copies = self.feeds.len() + self.streams.iter().filter(|s| !s.data).count();
         tracing::debug!(
@@ -582,31 +571,32 @@ impl WeightPush {
         );
     }
 
-    /// Ends every feed and awaits the first worker of each; a feed that reached no
-    /// worker drops its whole route from the push at once (their calls would otherwise
-    /// wait for a connection that never comes). Other failures surface in the
-    /// workers' answers to the commit.
+    /// Ends every feed and awaits each one's outcome. The workers a feed cut (dead,
+    /// refusing or stalled while they were its first hop) are dropped from the push at
+    /// once (their calls would otherwise wait for a connection that never comes); the
+    /// feed went on at the next worker of its route, so the others still take the
+    /// version. Other failures surface in the workers' answers to the commit.
     async fn finish_feeds(&mut self) -> Result<(), RolloutError> {
         let feeds = std::mem::take(&mut self.feeds);
-        let results = futures::future::join_all(feeds.into_iter().map(|f| {
+        let ends = futures::future::join_all(feeds.into_iter().map(|f| async move {
             let workers = f.workers.clone();
-            async move {
-                let r = tokio::task::spawn_blocking(move || f.finish()).await;
-                (workers, r)
-            }
+            tokio::task::spawn_blocking(move || f.finish())
+                .await
+                .unwrap_or_else(|_| FeedEnd {
+                    cut: workers
+                        .into_iter()
+                        .map(|w| (w, FeedError::Panicked))
+                        .collect(),
+                    rejected: None,
+                })
         }))
         .await;
         let mut lost: Vec<(usize, String)> = vec![];
-        for (workers, r) in results {
-            let e = match r {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => e,
-                Err(_) => super::data_feed::FeedError::Panicked,
-            };
-            tracing::warn!(version = self.version, error = %e, "weight data-plane feed failed");
-            if e.nothing_delivered() {
-                lost.extend(workers.into_iter().map(|w| (w, e.to_string())));
+        for end in ends {
+            if let Some(e) = &end.rejected {
+                tracing::warn!(version = self.version, error = %e, "weight data-plane feed rejected");
             }
+            lost.extend(end.cut.into_iter().map(|(w, e)| (w, e.to_string())));
         }
         if lost.is_empty() {
             return Ok(());

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use model::{ForwardInput, Transformer};
+use rollout_worker::security::ServeOptions;
 use rollout_worker::{EngineHandle, Metrics, WorkerConfig};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
@@ -43,11 +44,21 @@ impl Worker {
     /// `max_num_seqs == n` its groups finish one after another (all completions have
     /// the same length), so a fault after the first group still hits groups in progress.
     pub async fn start_with(max_num_seqs: usize) -> Worker {
-        Self::start_on("cpu", max_num_seqs).await
+        Self::start_on("127.0.0.1", max_num_seqs, ServeOptions::default()).await
+    }
+
+    /// A worker listening on `ip` (port 0) with the serving options `opts` (e.g. a fixed
+    /// `data_port`, so a proxy on another loopback address can stand in front of it).
+    pub async fn start_on(ip: &str, max_num_seqs: usize, opts: ServeOptions) -> Worker {
+        Self::start_at(ip, "cpu", max_num_seqs, opts).await
     }
 
     /// As [`Worker::start_with`], with the model on `device` (`"cpu"`, `"cuda:1"`).
-    pub async fn start_on(device: &str, max_num_seqs: usize) -> Worker {
+    pub async fn start_on_device(device: &str, max_num_seqs: usize) -> Worker {
+        Self::start_at("127.0.0.1", device, max_num_seqs, ServeOptions::default()).await
+    }
+
+    async fn start_at(ip: &str, device: &str, max_num_seqs: usize, opts: ServeOptions) -> Worker {
         let mut c = WorkerConfig::new(fixture("qwen2-tiny"));
         c.device = device.into();
         c.engine.max_num_seqs = max_num_seqs;
@@ -55,14 +66,15 @@ impl Worker {
         c.engine.max_waiting_seqs = 1024;
         let engine =
             EngineHandle::load(&c, Arc::new(Metrics::new(&c.model_name()))).expect("engine starts");
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let http = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let url = format!("http://{}", grpc.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(rollout_worker::serve(
+        let task = tokio::spawn(rollout_worker::serve_with(
             grpc,
             http,
             engine.clone(),
+            opts,
             async move {
                 let _ = rx.await;
             },
