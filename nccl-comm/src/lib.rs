@@ -217,87 +217,77 @@ impl Group {
             // SAFETY: `comm` is a valid out-pointer; `id` came from one get_uniqueid.
             unsafe { nc::comm_init_rank(&mut comm, world_size as i32, id.0, rank as i32) }
                 .map_err(call_err("comm_init_rank"))?;
-            return Ok(Group {
-                rank,
-                world_size,
-                device_index,
-                timeout,
-                comm: CommHandle(comm),
-                ctx,
-                stream,
-                poisoned: None,
-                cancel: Arc::default(),
-            });
-        }
-        // Non-blocking init (NCCL_CONFIG_INITIALIZER with blocking = 0), polled until
-        // every member joined or `timeout` passed: a member that never comes (a worker
-        // that refused) aborts the join instead of hanging it.
-        const UNDEF: i32 = i32::MIN;
-        let mut config = ncs::ncclConfig_t {
-            size: std::mem::size_of::<ncs::ncclConfig_t>(),
-            magic: 0xcafebeef,
-            version: 22800,
-            blocking: 0,
-            cgaClusterSize: UNDEF,
-            minCTAs: UNDEF,
-            maxCTAs: UNDEF,
-            netName: std::ptr::null(),
-            splitShare: UNDEF,
-            trafficClass: UNDEF,
-            commName: std::ptr::null(),
-            collnetEnable: UNDEF,
-            CTAPolicy: UNDEF,
-            shrinkShare: UNDEF,
-            nvlsCTAs: UNDEF,
-            nChannelsPerNetPeer: UNDEF,
-            nvlinkCentricSched: UNDEF,
-        };
-        ctx.bind_to_thread().map_err(driver_err("comm_init_rank"))?;
-        // SAFETY: valid out-pointer and config; `id` came from one get_uniqueid.
-        let started = unsafe {
-            ncs::ncclCommInitRankConfig(
-                &mut comm,
-                world_size as i32,
-                id.0,
-                rank as i32,
-                &mut config,
-            )
-        };
-        if !matches!(
-            started,
-            ncs::ncclResult_t::ncclSuccess | ncs::ncclResult_t::ncclInProgress
-        ) {
-            return Err(NcclError::Call {
-                op: "comm_init_rank",
-                detail: format!("{started:?}"),
-            });
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut state = ncs::ncclResult_t::ncclInProgress;
-            // SAFETY: valid communicator (being initialised) and out-pointer.
-            unsafe { ncs::ncclCommGetAsyncError(comm, &mut state) };
-            match state {
-                ncs::ncclResult_t::ncclSuccess => break,
-                ncs::ncclResult_t::ncclInProgress if Instant::now() < deadline => {
-                    thread::sleep(Duration::from_millis(1));
-                }
-                other => {
-                    // SAFETY: aborting the communicator being initialised; never used again.
-                    unsafe {
-                        let _ = nc::comm_abort(comm);
+        } else {
+            // Non-blocking init (NCCL_CONFIG_INITIALIZER with blocking = 0), polled until
+            // every member joined or `timeout` passed: a member that never comes (a worker
+            // that refused) aborts the join instead of hanging it.
+            const UNDEF: i32 = i32::MIN;
+            let mut config = ncs::ncclConfig_t {
+                size: std::mem::size_of::<ncs::ncclConfig_t>(),
+                magic: 0xcafebeef,
+                version: 22800,
+                blocking: 0,
+                cgaClusterSize: UNDEF,
+                minCTAs: UNDEF,
+                maxCTAs: UNDEF,
+                netName: std::ptr::null(),
+                splitShare: UNDEF,
+                trafficClass: UNDEF,
+                commName: std::ptr::null(),
+                collnetEnable: UNDEF,
+                CTAPolicy: UNDEF,
+                shrinkShare: UNDEF,
+                nvlsCTAs: UNDEF,
+                nChannelsPerNetPeer: UNDEF,
+                nvlinkCentricSched: UNDEF,
+            };
+            ctx.bind_to_thread().map_err(driver_err("comm_init_rank"))?;
+            // SAFETY: valid out-pointer and config; `id` came from one get_uniqueid.
+            let started = unsafe {
+                ncs::ncclCommInitRankConfig(
+                    &mut comm,
+                    world_size as i32,
+                    id.0,
+                    rank as i32,
+                    &mut config,
+                )
+            };
+            if !matches!(
+                started,
+                ncs::ncclResult_t::ncclSuccess | ncs::ncclResult_t::ncclInProgress
+            ) {
+                return Err(NcclError::Call {
+                    op: "comm_init_rank",
+                    detail: format!("{started:?}"),
+                });
+            }
+            let deadline = Instant::now() + timeout;
+            loop {
+                let mut state = ncs::ncclResult_t::ncclInProgress;
+                // SAFETY: valid communicator (being initialised) and out-pointer.
+                unsafe { ncs::ncclCommGetAsyncError(comm, &mut state) };
+                match state {
+                    ncs::ncclResult_t::ncclSuccess => break,
+                    ncs::ncclResult_t::ncclInProgress if Instant::now() < deadline => {
+                        thread::sleep(Duration::from_millis(1));
                     }
-                    let detail = if other == ncs::ncclResult_t::ncclInProgress {
-                        format!(
+                    other => {
+                        // SAFETY: aborting the communicator being initialised; never used again.
+                        unsafe {
+                            let _ = nc::comm_abort(comm);
+                        }
+                        let detail = if other == ncs::ncclResult_t::ncclInProgress {
+                            format!(
                             "not every one of the {world_size} members joined within {timeout:?}"
                         )
-                    } else {
-                        format!("{other:?}")
-                    };
-                    return Err(NcclError::Call {
-                        op: "comm_init_rank",
-                        detail,
-                    });
+                        } else {
+                            format!("{other:?}")
+                        };
+                        return Err(NcclError::Call {
+                            op: "comm_init_rank",
+                            detail,
+                        });
+                    }
                 }
             }
         }

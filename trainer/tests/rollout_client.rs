@@ -259,19 +259,6 @@ async fn all_workers_down_is_a_clear_error_within_the_bound() {
     b.stop().await;
 }
 
-/// Pushes every parameter of `m` as `version`.
-async fn push_model(
-    client: &RolloutClient,
-    m: &model::Transformer,
-    version: u64,
-) -> Result<trainer::rollout::PushReport, RolloutError> {
-    let mut push = client.begin_push(version).await?;
-    for (name, t) in m.weights.named() {
-        push.send(&name, t).await?;
-    }
-    push.commit().await
-}
-
 /// Checks greedy groups against the full-forward reference of `m`.
 fn check_greedy(groups: &[RolloutGroup], m: &model::Transformer, len: usize, tol: f32) {
     for g in groups {

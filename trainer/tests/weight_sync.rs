@@ -8,19 +8,7 @@ mod rollout_support;
 use std::collections::HashSet;
 
 use rollout_support::*;
-use trainer::rollout::{RolloutClient, RolloutError};
-
-async fn push_model(
-    client: &RolloutClient,
-    m: &model::Transformer,
-    version: u64,
-) -> Result<trainer::rollout::PushReport, RolloutError> {
-    let mut push = client.begin_push(version).await?;
-    for (name, t) in m.weights.named() {
-        push.send(&name, t).await?;
-    }
-    push.commit().await
-}
+use trainer::rollout::RolloutClient;
 
 /// Generates on every worker at `version` and checks each group against `m`.
 async fn check_all_serve(client: &RolloutClient, m: &model::Transformer, version: u64, n: usize) {

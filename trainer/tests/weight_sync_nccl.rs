@@ -11,19 +11,7 @@ use proto::v1 as pb;
 use proto::v1::rollout_service_client::RolloutServiceClient;
 use rollout_support::*;
 use tch::Device;
-use trainer::rollout::{RolloutClient, RolloutError};
-
-async fn push_model(
-    client: &RolloutClient,
-    m: &model::Transformer,
-    version: u64,
-) -> Result<trainer::rollout::PushReport, RolloutError> {
-    let mut push = client.begin_push(version).await?;
-    for (name, t) in m.weights.named() {
-        push.send(&name, t).await?;
-    }
-    push.commit().await
-}
+use trainer::rollout::RolloutClient;
 
 async fn serves(client: &RolloutClient, m: &model::Transformer, version: u64) {
     let groups = client

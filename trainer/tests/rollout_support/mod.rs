@@ -13,7 +13,9 @@ use rollout_worker::security::ServeOptions;
 use rollout_worker::{EngineHandle, Metrics, WorkerConfig};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
-use trainer::rollout::{PromptJob, RolloutConfig, RolloutGroup, Sampling};
+use trainer::rollout::{
+    PromptJob, PushReport, RolloutClient, RolloutConfig, RolloutError, RolloutGroup, Sampling,
+};
 
 pub fn fixture(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -158,6 +160,19 @@ pub fn tokens(groups: &[RolloutGroup]) -> Vec<Vec<Vec<i64>>> {
         .iter()
         .map(|g| g.completions.iter().map(|c| c.token_ids.clone()).collect())
         .collect()
+}
+
+/// Pushes every parameter of `m` as `version` and commits.
+pub async fn push_model(
+    client: &RolloutClient,
+    m: &Transformer,
+    version: u64,
+) -> Result<PushReport, RolloutError> {
+    let mut push = client.begin_push(version).await?;
+    for (name, t) in m.weights.named() {
+        push.send(&name, t).await?;
+    }
+    push.commit().await
 }
 
 pub fn load_model() -> Transformer {
