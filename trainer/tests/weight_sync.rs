@@ -5,35 +5,13 @@
 //! path is still chosen when asked for.
 mod rollout_support;
 
-use std::collections::HashSet;
-
 use rollout_support::*;
 use trainer::rollout::RolloutClient;
 
 /// Generates on every worker at `version` and checks each group against `m`.
 async fn check_all_serve(client: &RolloutClient, m: &model::Transformer, version: u64, n: usize) {
-    let len = 5usize;
-    let groups = client
-        .generate(
-            jobs(12),
-            1,
-            sampling(len as u32, None),
-            false,
-            version,
-            |_| {},
-        )
-        .await
-        .unwrap();
-    let used: HashSet<&str> = groups.iter().map(|g| g.worker.as_str()).collect();
+    let used = check_served(client, m, version).await;
     assert_eq!(used.len(), n, "every worker serves version {version}");
-    for g in &groups {
-        assert_eq!(g.weight_version, version);
-        let (ids, lps) = greedy_reference(m, &g.prompt_ids, len);
-        assert_eq!(g.completions[0].token_ids, ids, "from {}", g.worker);
-        for (x, y) in g.completions[0].logprobs.iter().zip(&lps) {
-            assert!((x - y).abs() <= 1e-4, "{}: logprob {x} vs {y}", g.worker);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

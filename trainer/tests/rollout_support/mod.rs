@@ -175,6 +175,37 @@ pub async fn push_model(
     push.commit().await
 }
 
+/// Generates greedily on the client's workers at `version` and checks every group against
+/// the full-forward reference of `m` (tokens equal, log-probs within 1e-4); returns the
+/// URLs of the workers that served.
+pub async fn check_served(
+    client: &RolloutClient,
+    m: &Transformer,
+    version: u64,
+) -> std::collections::HashSet<String> {
+    let len = 5usize;
+    let groups = client
+        .generate(
+            jobs(12),
+            1,
+            sampling(len as u32, None),
+            false,
+            version,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    for g in &groups {
+        assert_eq!(g.weight_version, version);
+        let (ids, lps) = greedy_reference(m, &g.prompt_ids, len);
+        assert_eq!(g.completions[0].token_ids, ids, "from {}", g.worker);
+        for (x, y) in g.completions[0].logprobs.iter().zip(&lps) {
+            assert!((x - y).abs() <= 1e-4, "{}: logprob {x} vs {y}", g.worker);
+        }
+    }
+    groups.into_iter().map(|g| g.worker).collect()
+}
+
 pub fn load_model() -> Transformer {
     Transformer::from_pretrained(fixture("qwen2-tiny"), Device::Cpu, None).unwrap()
 }
