@@ -417,7 +417,7 @@ impl RolloutService for GrpcService {
                     Some(pb::weight_update_message::Kind::Chunk(c)) => {
                         if pending.is_some() || received.is_some() || nccl.is_some() {
                             return Err(invalid(
-                                "a TensorChunk after a DataPlaneOffer (one update takes one path)"
+                                "a TensorChunk after a DataPlaneOffer or an NcclBucket (one update takes one path)"
                                     .into(),
                             ));
                         }
