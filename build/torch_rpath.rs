@@ -8,7 +8,13 @@
 //! unavailable on a GPU machine.
 use std::path::Path;
 
+#[allow(dead_code)]
 fn main() {
+    rpath();
+}
+
+/// The RUNPATH and link arguments above (also called by model/build.rs).
+pub fn rpath() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;

@@ -13,6 +13,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod host_alloc;
 pub mod hub;
 pub mod kv_cache;

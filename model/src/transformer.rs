@@ -139,17 +139,10 @@ impl KvCache {
     }
 }
 
-/// transformers' `LlamaRMSNorm`: normalise in fp32, cast back, then scale.
+/// transformers' `LlamaRMSNorm`: normalise in fp32, cast back, then scale. One fused
+/// pass (forward and backward) for CPU f32/f64 tensors ([`crate::fused`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let kind = x.kind();
-    let x32 = x.to_kind(Kind::Float);
-    let var = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-    weight * (x32 * (var + eps).rsqrt()).to_kind(kind)
-}
-
-fn rotate_half(x: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3)
+    crate::fused::rms_norm(x, weight, eps)
 }
 
 /// Qwen3's per-head RMSNorm over `head_dim` of `[B, T, heads, head_dim]` (before RoPE);
@@ -159,10 +152,6 @@ pub(crate) fn head_norm(x: Tensor, weight: &Option<Tensor>, cfg: &ModelConfig) -
         Some(w) => rms_norm(&x, w, cfg.rms_norm_eps),
         None => x,
     }
-}
-
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    x * cos + rotate_half(x) * sin
 }
 
 /// One decoder block: `h + attn(norm(h))`, then `+ mlp(norm(.))`. `h` is `[B, T, H]`.
@@ -233,12 +222,12 @@ pub(crate) fn decoder_layer(
     );
     let a = &layer.self_attn;
     let x = rms_norm(h, &layer.input_layernorm, cfg.rms_norm_eps);
-    let q = head_norm(a.q_proj.forward(&x).view([b, t, nh, d]), &a.q_norm, cfg).transpose(1, 2);
-    let k = head_norm(a.k_proj.forward(&x).view([b, t, nkv, d]), &a.k_norm, cfg).transpose(1, 2);
+    // RoPE on `[B, T, heads, d]` (one fused pass on CPU), then heads first for SDPA.
+    let q = head_norm(a.q_proj.forward(&x).view([b, t, nh, d]), &a.q_norm, cfg);
+    let k = head_norm(a.k_proj.forward(&x).view([b, t, nkv, d]), &a.k_norm, cfg);
+    let q = crate::fused::rope(&q, cos, sin).transpose(1, 2);
+    let k = crate::fused::rope(&k, cos, sin).transpose(1, 2);
     let v = a.v_proj.forward(&x).view([b, t, nkv, d]).transpose(1, 2);
-    let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
-    let q = apply_rope(&q, &cos, &sin);
-    let k = apply_rope(&k, &cos, &sin);
     let attn = attend(q, k, v)?;
     Ok(layer_tail(cfg, layer, h, &attn))
 }

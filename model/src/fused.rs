@@ -1,0 +1,135 @@
+//! Fused CPU ops with hand-written backward (csrc/fused_ops.cpp): RMSNorm and rotary
+//! embedding as single-pass torch autograd functions. [`rms_norm`] and [`rope`] take the
+//! fused kernel for contiguous-able CPU `f32`/`f64` tensors of matching dtype and fall
+//! back to the composite ops (the reference, and what runs on GPUs and in bf16)
+//! elsewhere. Both paths compute the same function; `model/tests/fused_ops.rs` checks
+//! values and gradients against the composite ops in f64 (1e-12) and f32.
+use std::ffi::{c_char, CStr};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn grpo_fused_rms_norm(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        eps: f64,
+        err: *mut *mut c_char,
+    ) -> *mut C_tensor;
+    fn grpo_fused_rope(
+        x: *const C_tensor,
+        cos: *const C_tensor,
+        sin: *const C_tensor,
+        err: *mut *mut c_char,
+    ) -> *mut C_tensor;
+}
+
+/// Takes the result of a fused call: the tensor, or the C++ exception's message.
+fn take(out: *mut C_tensor, err: *mut c_char) -> Result<Tensor, String> {
+    if out.is_null() {
+        let message = if err.is_null() {
+            "unknown error".to_string()
+        } else {
+            // SAFETY: a non-null `err` is a NUL-terminated string malloc'd by the C++
+            // side for us to free.
+            let m = unsafe { CStr::from_ptr(err) }
+                .to_string_lossy()
+                .into_owned();
+            unsafe { libc::free(err.cast()) };
+            m
+        };
+        return Err(message);
+    }
+    // SAFETY: a non-null result is a `new at::Tensor` we now own, freed by tch's drop.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+fn fusable(kind: Kind) -> bool {
+    matches!(kind, Kind::Float | Kind::Double)
+}
+
+/// transformers' `LlamaRMSNorm` over the last dimension: `weight * x / sqrt(mean(x^2) +
+/// eps)`, normalised in fp32 (f64 inputs too, as transformers casts to float32). The
+/// fused kernel takes CPU f32 inputs with an f32 weight; everything else runs the
+/// composite op.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let fused = x.kind() == Kind::Float
+        && weight.kind() == Kind::Float
+        && x.device() == Device::Cpu
+        && weight.device() == Device::Cpu
+        && weight.dim() == 1
+        && x.dim() >= 1
+        && x.size().last() == weight.size().first();
+    if fused {
+        match rms_norm_fused(x, weight, eps) {
+            Ok(t) => return t,
+            Err(e) => fallback("rms_norm", &e),
+        }
+    }
+    rms_norm_composite(x, weight, eps)
+}
+
+/// The fused RMSNorm kernel itself, in the inputs' dtype (CPU f32 or f64, one dtype for
+/// both, `weight` 1-D of `x`'s last size); an error names what torch refused.
+pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, String> {
+    let mut err = std::ptr::null_mut();
+    // SAFETY: both pointers are live tensors for the duration of the call.
+    let out = unsafe { grpo_fused_rms_norm(x.as_ptr(), weight.as_ptr(), eps, &mut err) };
+    take(out, err)
+}
+
+/// The composite RMSNorm (the reference of the fused kernel).
+pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let x32 = x.to_kind(Kind::Float);
+    let var = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    weight * (x32 * (var + eps).rsqrt()).to_kind(kind)
+}
+
+/// Rotary embedding of `x` `[B, T, heads, d]` with `cos`/`sin` `[B, T, d]` (constants):
+/// `x * cos + rotate_half(x) * sin`, `rotate_half(x) = cat(-x[.., d/2..], x[.., ..d/2])`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let (xs, cs) = (x.size(), cos.size());
+    let fused = x.device() == Device::Cpu
+        && fusable(x.kind())
+        && cos.kind() == x.kind()
+        && sin.kind() == x.kind()
+        && cos.device() == Device::Cpu
+        && sin.device() == Device::Cpu
+        && xs.len() == 4
+        && xs[3] % 2 == 0
+        && cs.len() == 3
+        && cs == sin.size()
+        && cs[..] == [xs[0], xs[1], xs[3]]
+        && !cos.requires_grad()
+        && !sin.requires_grad();
+    if fused {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: the pointers are live tensors for the duration of the call.
+        let out = unsafe { grpo_fused_rope(x.as_ptr(), cos.as_ptr(), sin.as_ptr(), &mut err) };
+        match take(out, err) {
+            Ok(t) => return t,
+            Err(e) => fallback("rope", &e),
+        }
+    }
+    rope_composite(x, cos, sin)
+}
+
+/// The composite rotary embedding (the reference of the fused kernel).
+pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let rotated = Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3);
+    let (cos, sin) = (cos.unsqueeze(2), sin.unsqueeze(2));
+    x * &cos + rotated * &sin
+}
+
+/// A fused kernel raised (it checks what the caller checked, so this means a torch
+/// error such as a failed allocation): the composite op runs instead and either succeeds
+/// or raises through tch. Said once per process on stderr, so a slow path is not silent.
+fn fallback(op: &str, why: &str) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        eprintln!("model::fused::{op}: falling back to the composite op: {why}");
+    }
+}
