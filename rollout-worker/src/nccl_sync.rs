@@ -23,7 +23,7 @@ use crate::error::EngineError;
 use crate::weights::{WeightAssembler, WireDType};
 
 /// The largest staging bucket a trainer may ask for (elements; 1 GiB of bf16).
-pub const MAX_BUCKET_ELEMENTS: u64 = 1 << 29;
+pub use nccl_comm::bucket::MAX_BUCKET_ELEMENTS;
 
 struct Member {
     session: u64,

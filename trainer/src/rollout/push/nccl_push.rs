@@ -5,11 +5,12 @@
 //! re-formed when the set of workers changes or it was aborted.
 //!
 //! Per tensor (the ZeRO engine streams them unit by unit), rank 0 packs it into one
-//! reused device bucket of the wire dtype ([`Packer`]: no per-tensor buffers, a tensor
-//! larger than the space left is split); each full bucket is announced on every
-//! worker's `UpdateWeights` stream as an `NcclBucket` (names, shapes, offsets) and then
-//! `ncclBroadcast` from rank 0. The `Commit` still comes on the stream, so versions and
-//! the old-weights-serve-until-commit rule are those of every push.
+//! reused device bucket of `update_weights_bucket_megabytes` MiB in the wire dtype
+//! ([`Packer`]: no per-tensor buffers, a tensor larger than the space left is split);
+//! each full bucket is announced on every worker's `UpdateWeights` stream as an
+//! `NcclBucket` (names, shapes, offsets) and then `ncclBroadcast` from rank 0. The
+//! `Commit` still comes on the stream, so versions and the old-weights-serve-until-commit
+//! rule are those of every push.
 //!
 //! Failures: a broadcast that fails or times out aborts the communicator (NCCL cannot
 //! drop one member); the push fails with [`RolloutError::NcclFailed`], the caller
@@ -26,10 +27,6 @@ use tch::{Device, Tensor};
 
 use super::{grpc_client, status_text, RolloutClient, RolloutError, WeightPush};
 use crate::rollout::{Conn, WireDtype};
-
-/// Bytes of the broadcast bucket (allocated once on the trainer's device and on each
-/// worker's).
-pub const BUCKET_BYTES: usize = 256 << 20;
 
 /// Which carrier moves a push's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,7 +191,8 @@ impl WeightPush {
         getrandom::fill(&mut session).map_err(|e| format!("session id: {e}"))?;
         let session = u64::from_le_bytes(session);
         let wire: WireDtype = self.inner.wire;
-        let elements = BUCKET_BYTES / wire.size();
+        let bucket_bytes = self.inner.cfg.bucket_bytes();
+        let elements = bucket_bytes / wire.size();
         let world = members.len() + 1;
         let timeout = self.inner.cfg.request_timeout();
         let id_bytes = id.to_bytes();
@@ -218,7 +216,7 @@ impl WeightPush {
             let group =
                 Group::join_bounded(&id, world, 0, index, timeout).map_err(|e| e.to_string())?;
             let bucket = Tensor::f_empty([elements as i64], (kind, Device::Cuda(index)))
-                .map_err(|e| format!("allocating the {BUCKET_BYTES}-byte bucket: {e}"))?;
+                .map_err(|e| format!("allocating the {bucket_bytes}-byte bucket: {e}"))?;
             Ok((group, Packer::new(bucket).map_err(|e| e.to_string())?))
         });
         let (answers, own) = tokio::join!(futures::future::join_all(calls), own);
