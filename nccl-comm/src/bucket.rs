@@ -10,6 +10,11 @@
 
 use tch::{Kind, Tensor};
 
+/// The largest bucket a receiver allocates (elements; 1 GiB of bf16): a worker refuses
+/// a larger `InitWeightSync`, and the trainer's `update_weights_bucket_megabytes` is
+/// bounded by it.
+pub const MAX_BUCKET_ELEMENTS: u64 = 1 << 29;
+
 /// One tensor's elements `tensor_offset..tensor_offset + len` (row-major) at
 /// `bucket_offset..bucket_offset + len` of a bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use model::ParamSpec;
 use proto::data_plane::{self as dp, Hop, Route, Token};
-use tch::Tensor;
+use tch::{Device, Tensor};
 use tokio::sync::oneshot;
 
 use crate::error::EngineError;
@@ -424,7 +424,8 @@ fn receive_tensors(s: &mut TcpStream, shared: &Shared, route: &Route) -> Outcome
             _ => None,
         };
         let spare = shared.spare.lock().expect("spare lock").remove(&h.name);
-        let tensor = asm.stage_reusing(&h.name, dtype, &h.shape, h.num_bytes, spare)?;
+        let tensor =
+            asm.stage_reusing(&h.name, dtype, &h.shape, h.num_bytes, spare, Device::Cpu)?;
         if let Some(f) = &forward {
             f.send(Piece::Header(dp::encode_header(&h)));
         }

@@ -451,12 +451,10 @@ impl RolloutService for GrpcService {
                         let staged = match (received.take(), pending.take()) {
                             (Some(s), _) => s,
                             (None, Some(mut p)) => p.wait().await?,
-                            (None, None) => {
-                                if let Some(f) = &nccl {
-                                    f.check_complete()?;
-                                }
-                                asm.finish()?
-                            }
+                            (None, None) => match nccl.take() {
+                                Some(fill) => self.nccl.finish(fill, asm)?,
+                                None => asm.finish()?,
+                            },
                         };
                         let num_bytes = staged.num_bytes;
                         let num_tensors = staged.tensors.len() as u64;

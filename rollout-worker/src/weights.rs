@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use model::{ParamSpec, Weights};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Element type of chunk bytes (little-endian).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,13 @@ pub enum WeightError {
     },
     #[error("tensor {name}: malformed chunk: {message}")]
     Malformed { name: String, message: String },
+    /// No memory for the tensor's staging (host or device out of memory).
+    #[error("tensor {name}: allocating {bytes} bytes of staging: {message}")]
+    Alloc {
+        name: String,
+        bytes: u64,
+        message: String,
+    },
     #[error("update incomplete: {count} tensor(s) missing or partial, e.g. {names:?}")]
     Incomplete { count: usize, names: Vec<String> },
 }
@@ -189,8 +196,12 @@ impl WeightAssembler {
         let numel: i64 = expected.iter().product();
         let total = numel as usize * dtype.size();
         if !self.partial.contains_key(&name) {
-            let tensor = Tensor::f_empty(expected.as_slice(), (dtype.kind(), tch::Device::Cpu))
-                .map_err(|e| malformed(format!("allocating {total} bytes: {e}")))?;
+            let tensor = Tensor::f_empty(expected.as_slice(), (dtype.kind(), Device::Cpu))
+                .map_err(|e| WeightError::Alloc {
+                    name: name.clone(),
+                    bytes: total as u64,
+                    message: e.to_string(),
+                })?;
             self.partial.insert(
                 name.clone(),
                 Partial {
@@ -246,12 +257,13 @@ impl WeightAssembler {
         shape: &[i64],
         num_bytes: u64,
     ) -> Result<Tensor, WeightError> {
-        self.stage_reusing(name, dtype, shape, num_bytes, None)
+        self.stage_reusing(name, dtype, shape, num_bytes, None, Device::Cpu)
     }
 
-    /// [`stage`](Self::stage), filling `spare` (a staging tensor of an earlier update, no
-    /// longer referenced elsewhere) instead of a fresh allocation when its dtype and
-    /// shape match.
+    /// [`stage`](Self::stage) on `device`: returns `spare` (a staging tensor of an
+    /// earlier update that nothing else references, the engine's serving weights least
+    /// of all) when its dtype, shape and device match and it is contiguous, else a fresh
+    /// allocation on `device`. Nothing is allocated for a request that fails the checks.
     pub fn stage_reusing(
         &mut self,
         name: &str,
@@ -259,6 +271,7 @@ impl WeightAssembler {
         shape: &[i64],
         num_bytes: u64,
         spare: Option<Tensor>,
+        device: Device,
     ) -> Result<Tensor, WeightError> {
         let malformed = |message: String| WeightError::Malformed {
             name: name.to_string(),
@@ -288,10 +301,21 @@ impl WeightAssembler {
                 dtype.size()
             )));
         }
+        let fits = |t: &Tensor| {
+            t.kind() == dtype.kind()
+                && t.size() == *expected
+                && t.device() == device
+                && t.is_contiguous()
+        };
         let tensor = match spare {
-            Some(t) if t.kind() == dtype.kind() && t.size() == *expected && t.is_contiguous() => t,
-            _ => Tensor::f_empty(expected.as_slice(), (dtype.kind(), tch::Device::Cpu))
-                .map_err(|e| malformed(format!("allocating {total} bytes: {e}")))?,
+            Some(t) if fits(&t) => t,
+            _ => Tensor::f_empty(expected.as_slice(), (dtype.kind(), device)).map_err(|e| {
+                WeightError::Alloc {
+                    name: name.into(),
+                    bytes: total,
+                    message: e.to_string(),
+                }
+            })?,
         };
         self.done.insert(name.to_string(), tensor.shallow_clone());
         self.num_bytes += total;
@@ -387,10 +411,7 @@ pub fn apply(weights: &Weights, staged: &mut StagedWeights) -> Result<Applied, t
 pub fn chunks_of(weights: &Weights, dtype: WireDType, chunk_bytes: usize) -> Vec<TensorChunk> {
     let mut out = vec![];
     for (name, t) in weights.named() {
-        let host = t
-            .to_device(tch::Device::Cpu)
-            .to_kind(dtype.kind())
-            .contiguous();
+        let host = t.to_device(Device::Cpu).to_kind(dtype.kind()).contiguous();
         let mut bytes = vec![0u8; host.numel() * dtype.size()];
         host.copy_data_u8(&mut bytes, host.numel());
         for (i, part) in bytes.chunks(chunk_bytes.max(1)).enumerate() {

@@ -161,6 +161,9 @@ async fn nccl_push_to_a_gpu_worker_gpu() {
     let mut cfg = config(&urls);
     cfg.weight_transport = "nccl".into();
     cfg.weight_dtype = "float32".into();
+    // The smallest bucket (1 MiB): the setting reaches both ends and larger tensors
+    // split across broadcasts.
+    cfg.update_weights_bucket_megabytes = 1;
     let client = RolloutClient::connect(cfg).await.unwrap();
     client.set_policy_device(Device::Cuda(0));
     for version in 1..=2u64 {

@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize};
 /// message carries its name and shape besides the data.
 pub const MAX_WEIGHT_CHUNK_BYTES: usize = 48 << 20;
 
+/// Largest `update_weights_bucket_megabytes`: a worker accepts a bucket of at most
+/// [`nccl_comm::bucket::MAX_BUCKET_ELEMENTS`] elements, and this many MiB of the
+/// narrowest wire dtype (bfloat16, 2 bytes) is exactly that (1024 MiB).
+pub const MAX_UPDATE_WEIGHTS_BUCKET_MEGABYTES: usize =
+    (nccl_comm::bucket::MAX_BUCKET_ELEMENTS as usize * 2) >> 20;
+
 /// Upper bound of the re-probe backoff of a failed worker.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -54,6 +60,11 @@ pub struct RolloutConfig {
     /// down a chain of the others as it arrives (rank 0's egress is one copy); `false`:
     /// one stream from the trainer to each worker.
     pub weight_chain: bool,
+    /// MiB of the NCCL broadcast bucket (verl's `update_weights_bucket_megabytes`): rank
+    /// 0 packs the pushed tensors into one device buffer of this size and broadcasts it
+    /// each time it fills; every worker holds a staging bucket of the same size. Larger
+    /// means fewer broadcasts and more device memory on each GPU.
+    pub update_weights_bucket_megabytes: usize,
     /// File holding the workers' API key (sent as `authorization: Bearer`); or set
     /// `ROLLOUT_API_KEY`. The key itself is never a config value.
     pub api_key_file: Option<PathBuf>,
@@ -79,6 +90,7 @@ impl Default for RolloutConfig {
             weight_dtype: "auto".into(),
             weight_transport: "auto".into(),
             weight_chain: true,
+            update_weights_bucket_megabytes: 256,
             api_key_file: None,
             ssl_ca_certs: None,
             ssl_certfile: None,
@@ -187,6 +199,17 @@ impl RolloutConfig {
                 ),
             ));
         }
+        let mib = self.update_weights_bucket_megabytes;
+        if !(1..=MAX_UPDATE_WEIGHTS_BUCKET_MEGABYTES).contains(&mib) {
+            return Err(bad(
+                "rollout.update_weights_bucket_megabytes",
+                format!(
+                    "rollout.update_weights_bucket_megabytes = {mib}; allowed \
+                     1..={MAX_UPDATE_WEIGHTS_BUCKET_MEGABYTES} (MiB of the NCCL broadcast \
+                     bucket)"
+                ),
+            ));
+        }
         if self.ssl_certfile.is_some() != self.ssl_keyfile.is_some() {
             return Err(bad(
                 "rollout.ssl_keyfile",
@@ -229,6 +252,11 @@ impl RolloutConfig {
                 ),
             )),
         }
+    }
+
+    /// Bytes of the NCCL broadcast bucket (`update_weights_bucket_megabytes` MiB).
+    pub fn bucket_bytes(&self) -> usize {
+        self.update_weights_bucket_megabytes << 20
     }
 
     pub(crate) fn request_timeout(&self) -> Duration {
@@ -276,9 +304,44 @@ mod tests {
         assert_eq!(c.max_prompts_per_request, 8);
         assert_eq!(c.max_requests_per_worker, 2);
         assert_eq!(c.weight_chunk_bytes, 4 << 20);
+        assert_eq!(c.update_weights_bucket_megabytes, 256);
+        assert_eq!(c.bucket_bytes(), 256 << 20);
         assert_eq!(c.wire_dtype().unwrap(), WireDtype::BFloat16);
         let e = serde_json::from_str::<RolloutConfig>(r#"{"workerz": []}"#).unwrap_err();
         assert!(e.to_string().contains("workerz"), "{e}");
+    }
+
+    #[test]
+    fn the_nccl_bucket_is_set_in_mib_up_to_what_a_worker_accepts() {
+        let c: RolloutConfig = serde_json::from_str(
+            r#"{"workers": ["http://a:1"], "update_weights_bucket_megabytes": 64}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.bucket_bytes(), 64 << 20);
+        for mib in [1, MAX_UPDATE_WEIGHTS_BUCKET_MEGABYTES] {
+            let c = RolloutConfig {
+                update_weights_bucket_megabytes: mib,
+                ..ok()
+            };
+            c.validate().unwrap();
+        }
+        // The largest bucket in bfloat16 is the largest a worker allocates.
+        let largest = RolloutConfig {
+            update_weights_bucket_megabytes: MAX_UPDATE_WEIGHTS_BUCKET_MEGABYTES,
+            ..ok()
+        };
+        assert_eq!(
+            (largest.bucket_bytes() / WireDtype::BFloat16.size()) as u64,
+            nccl_comm::bucket::MAX_BUCKET_ELEMENTS
+        );
+        let e = RolloutConfig {
+            update_weights_bucket_megabytes: 0,
+            ..ok()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.field(), "rollout.update_weights_bucket_megabytes");
     }
 
     #[test]
@@ -320,6 +383,14 @@ mod tests {
                 "weight_chunk_bytes",
             ),
             (Box::new(|c| c.weight_dtype = "fp8".into()), "weight_dtype"),
+            (
+                Box::new(|c| c.update_weights_bucket_megabytes = 0),
+                "rollout.update_weights_bucket_megabytes = 0; allowed 1..=1024",
+            ),
+            (
+                Box::new(|c| c.update_weights_bucket_megabytes = 1025),
+                "rollout.update_weights_bucket_megabytes = 1025; allowed 1..=1024",
+            ),
             (
                 Box::new(|c| c.workers[0] = "dns:///svc".into()),
                 "port is required",

@@ -310,6 +310,7 @@ impl WeightPush {
 
     fn drop_worker(&mut self, worker: usize, url: String, reason: String, rejection: bool) {
         tracing::warn!(worker = %url, version = self.version, error = %reason, "worker dropped from weight push");
+        self.inner.nccl.forget_device(&url);
         if !rejection {
             self.inner
                 .pool()

@@ -4,18 +4,24 @@
 //! `InitWeightSync` call to each worker. The communicator is kept across pushes and
 //! re-formed when the set of workers changes or it was aborted.
 //!
+//! Which workers are on CUDA comes from their `GetInfo` answers, kept per worker URL in a
+//! [`DeviceCache`] while the communicator formed from them carries on: a push to the
+//! workers of the last one asks nobody.
+//!
 //! Per tensor (the ZeRO engine streams them unit by unit), rank 0 packs it into one
-//! reused device bucket of the wire dtype ([`Packer`]: no per-tensor buffers, a tensor
-//! larger than the space left is split); each full bucket is announced on every
-//! worker's `UpdateWeights` stream as an `NcclBucket` (names, shapes, offsets) and then
-//! `ncclBroadcast` from rank 0. The `Commit` still comes on the stream, so versions and
-//! the old-weights-serve-until-commit rule are those of every push.
+//! reused device bucket of `update_weights_bucket_megabytes` MiB in the wire dtype
+//! ([`Packer`]: no per-tensor buffers, a tensor larger than the space left is split);
+//! each full bucket is announced on every worker's `UpdateWeights` stream as an
+//! `NcclBucket` (names, shapes, offsets) and then `ncclBroadcast` from rank 0. The
+//! `Commit` still comes on the stream, so versions and the old-weights-serve-until-commit
+//! rule are those of every push.
 //!
 //! Failures: a broadcast that fails or times out aborts the communicator (NCCL cannot
 //! drop one member); the push fails with [`RolloutError::NcclFailed`], the caller
 //! retries it once over gRPC / the TCP data plane ([`RolloutClient::take_nccl_failure`]),
 //! and the next push re-forms the communicator with the workers still healthy.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -26,10 +32,6 @@ use tch::{Device, Tensor};
 
 use super::{grpc_client, status_text, RolloutClient, RolloutError, WeightPush};
 use crate::rollout::{Conn, WireDtype};
-
-/// Bytes of the broadcast bucket (allocated once on the trainer's device and on each
-/// worker's).
-pub const BUCKET_BYTES: usize = 256 << 20;
 
 /// Which carrier moves a push's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +89,64 @@ pub fn worker_side(
     Ok(Carrier::Existing)
 }
 
+/// The device each worker named in its `GetInfo` answer, by URL, so that a push asks
+/// only the workers it has no answer from. A worker's device does not change while it
+/// stays in the push set on one connection under one communicator; so an entry holds
+/// for one connection epoch (the pool's failure count of the worker, which moves
+/// whenever its connection is dropped) and is dropped when its worker leaves the set or
+/// fails a push, and every entry when the communicator is aborted or formed anew (its
+/// members are then asked afresh). No answer is not remembered.
+#[derive(Debug, Default)]
+pub struct DeviceCache(HashMap<String, (u64, String)>);
+
+impl DeviceCache {
+    /// Prepares a push to `workers` (`(url, epoch)`, in stream order): forgets the
+    /// workers outside it or on another connection, and everything when `reform` (the
+    /// communicator is to be formed anew). Returns the indices into `workers` of those
+    /// to ask.
+    pub fn to_ask(&mut self, workers: &[(String, u64)], reform: bool) -> Vec<usize> {
+        if reform {
+            self.0.clear();
+        }
+        self.0
+            .retain(|u, (epoch, _)| workers.iter().any(|(w, e)| w == u && e == epoch));
+        (0..workers.len())
+            .filter(|&i| !self.0.contains_key(&workers[i].0))
+            .collect()
+    }
+
+    /// Records the answer of `(url, epoch)` (`None`: it did not answer, so it is asked
+    /// again).
+    pub fn record(&mut self, (url, epoch): &(String, u64), device: Option<String>) {
+        match device {
+            Some(d) => self.0.insert(url.clone(), (*epoch, d)),
+            None => self.0.remove(url),
+        };
+    }
+
+    /// `(url, device)` of each of `workers`, `None` for a worker with no answer on its
+    /// current connection.
+    pub fn devices(&self, workers: &[(String, u64)]) -> Vec<(String, Option<String>)> {
+        workers
+            .iter()
+            .map(|(u, e)| {
+                let d = self.0.get(u).filter(|(epoch, _)| epoch == e);
+                (u.clone(), d.map(|(_, d)| d.clone()))
+            })
+            .collect()
+    }
+
+    /// `url` failed a push: it is asked again.
+    pub fn forget(&mut self, url: &str) {
+        self.0.remove(url);
+    }
+
+    /// The communicator is gone: every worker is asked again.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// The communicator and its bucket, kept across pushes.
 struct Link {
     session: u64,
@@ -95,10 +155,18 @@ struct Link {
     packer: Packer,
 }
 
+impl Link {
+    /// This communicator can carry a push to `members` (in stream order).
+    fn serves(&self, members: &[String]) -> bool {
+        self.members == members && self.group.poisoned().is_none()
+    }
+}
+
 /// Rank 0's NCCL state, part of the rollout client.
 #[derive(Default)]
 pub(in crate::rollout) struct NcclState {
     device: Mutex<Option<Device>>,
+    devices: Mutex<DeviceCache>,
     link: Arc<Mutex<Option<Link>>>,
     /// The next push uses the existing path (the last NCCL attempt failed).
     fallback_next: AtomicBool,
@@ -124,6 +192,13 @@ impl RolloutClient {
     }
 }
 
+impl NcclState {
+    /// `url` failed a push (dropped from it): its device is asked again next time.
+    pub(in crate::rollout) fn forget_device(&self, url: &str) {
+        lock(&self.devices).forget(url);
+    }
+}
+
 impl WeightPush {
     /// The dispatch point of `begin_push`: decides the carrier and, for NCCL, forms (or
     /// reuses) the communicator with exactly this push's workers (`conns`, in stream
@@ -142,21 +217,7 @@ impl WeightPush {
             );
             return Ok(Carrier::Existing);
         }
-        let timeout = self.inner.cfg.connect_timeout();
-        let infos = futures::future::join_all(conns.iter().cloned().map(|c| async move {
-            let mut client = grpc_client(c);
-            match tokio::time::timeout(timeout, client.get_info(pb::GetInfoRequest {})).await {
-                Ok(Ok(r)) => Some(r.into_inner().device),
-                _ => None,
-            }
-        }))
-        .await;
-        let workers: Vec<(String, Option<String>)> = self
-            .streams
-            .iter()
-            .map(|s| s.url.clone())
-            .zip(infos)
-            .collect();
+        let workers = self.worker_devices(conns).await;
         if worker_side(&transport, &workers)? == Carrier::Existing {
             return Ok(Carrier::Existing);
         }
@@ -175,11 +236,46 @@ impl WeightPush {
         }
     }
 
+    /// `(url, device)` of this push's workers (`conns`, in stream order): the cached
+    /// answers while the communicator can carry this push, a `GetInfo` to each worker
+    /// without one (all at once); every worker is asked when the communicator is to be
+    /// formed (anew).
+    async fn worker_devices(&self, conns: &[Conn]) -> Vec<(String, Option<String>)> {
+        let urls: Vec<String> = self.streams.iter().map(|s| s.url.clone()).collect();
+        let workers: Vec<(String, u64)> = {
+            let pool = self.inner.pool();
+            self.streams
+                .iter()
+                .map(|s| (s.url.clone(), pool.slots[s.worker].failures))
+                .collect()
+        };
+        let nccl = &self.inner.nccl;
+        // No communicator carries this push: one is formed from fresh answers.
+        let reform = !lock(&nccl.link).as_ref().is_some_and(|l| l.serves(&urls));
+        let ask = lock(&nccl.devices).to_ask(&workers, reform);
+        let timeout = self.inner.cfg.connect_timeout();
+        let answers = futures::future::join_all(ask.iter().map(|&i| {
+            let mut client = grpc_client(conns[i].clone());
+            async move {
+                match tokio::time::timeout(timeout, client.get_info(pb::GetInfoRequest {})).await {
+                    Ok(Ok(r)) => Some(r.into_inner().device),
+                    _ => None,
+                }
+            }
+        }))
+        .await;
+        let mut cache = lock(&nccl.devices);
+        for (&i, device) in ask.iter().zip(answers) {
+            cache.record(&workers[i], device);
+        }
+        cache.devices(&workers)
+    }
+
     async fn form_link(&mut self, conns: &[Conn], index: usize) -> Result<(), String> {
         let members: Vec<String> = self.streams.iter().map(|s| s.url.clone()).collect();
         let link = self.inner.nccl.link.clone();
         if let Some(l) = lock(&link).as_mut() {
-            if l.members == members && l.group.poisoned().is_none() {
+            if l.serves(&members) {
                 // A push dropped half-way (a tensor it could not send) may have left
                 // segments in the bucket: this push starts with an empty one.
                 l.packer.take();
@@ -194,7 +290,8 @@ impl WeightPush {
         getrandom::fill(&mut session).map_err(|e| format!("session id: {e}"))?;
         let session = u64::from_le_bytes(session);
         let wire: WireDtype = self.inner.wire;
-        let elements = BUCKET_BYTES / wire.size();
+        let bucket_bytes = self.inner.cfg.bucket_bytes();
+        let elements = bucket_bytes / wire.size();
         let world = members.len() + 1;
         let timeout = self.inner.cfg.request_timeout();
         let id_bytes = id.to_bytes();
@@ -218,7 +315,7 @@ impl WeightPush {
             let group =
                 Group::join_bounded(&id, world, 0, index, timeout).map_err(|e| e.to_string())?;
             let bucket = Tensor::f_empty([elements as i64], (kind, Device::Cuda(index)))
-                .map_err(|e| format!("allocating the {BUCKET_BYTES}-byte bucket: {e}"))?;
+                .map_err(|e| format!("allocating the {bucket_bytes}-byte bucket: {e}"))?;
             Ok((group, Packer::new(bucket).map_err(|e| e.to_string())?))
         });
         let (answers, own) = tokio::join!(futures::future::join_all(calls), own);
@@ -364,6 +461,7 @@ impl WeightPush {
     fn nccl_failed(&mut self, why: String) -> RolloutError {
         tracing::warn!(version = self.version, error = %why, "NCCL weight push failed; retrying over gRPC / the data plane");
         *lock(&self.inner.nccl.link) = None;
+        lock(&self.inner.nccl.devices).clear();
         self.inner.nccl.fallback_next.store(true, Ordering::SeqCst);
         self.inner.nccl.failed.store(true, Ordering::SeqCst);
         for s in std::mem::take(&mut self.streams) {
@@ -382,6 +480,53 @@ mod tests {
 
     fn w(url: &str, dev: Option<&str>) -> (String, Option<String>) {
         (url.to_string(), dev.map(str::to_string))
+    }
+
+    fn at(workers: &[(&str, u64)]) -> Vec<(String, u64)> {
+        workers.iter().map(|(u, e)| (u.to_string(), *e)).collect()
+    }
+
+    #[test]
+    fn a_push_asks_only_the_workers_without_a_current_answer() {
+        let mut cache = DeviceCache::default();
+        let ab = at(&[("http://a", 0), ("http://b", 0)]);
+        // The first push asks everyone; a worker that did not answer is asked again.
+        assert_eq!(cache.to_ask(&ab, false), vec![0, 1]);
+        cache.record(&ab[0], Some("cuda:0".into()));
+        cache.record(&ab[1], None);
+        assert_eq!(
+            cache.devices(&ab),
+            vec![w("http://a", Some("cuda:0")), w("http://b", None)]
+        );
+        assert_eq!(cache.to_ask(&ab, false), vec![1]);
+        cache.record(&ab[1], Some("cuda:1".into()));
+        assert_eq!(cache.to_ask(&ab, false), Vec::<usize>::new());
+        assert_eq!(
+            cache.devices(&ab),
+            vec![w("http://a", Some("cuda:0")), w("http://b", Some("cuda:1"))]
+        );
+        // b left the set: forgotten, and asked again when it is back.
+        let a = at(&[("http://a", 0)]);
+        assert_eq!(cache.to_ask(&a, false), Vec::<usize>::new());
+        assert_eq!(cache.to_ask(&ab, false), vec![1]);
+        cache.record(&ab[1], Some("cuda:1".into()));
+        // a failed a push: asked again.
+        cache.forget("http://a");
+        assert_eq!(cache.to_ask(&ab, false), vec![0]);
+        cache.record(&ab[0], Some("cuda:0".into()));
+        // a's connection was dropped and made anew (its epoch moved): asked again, and
+        // its old answer is not reported meanwhile.
+        let moved = at(&[("http://a", 1), ("http://b", 0)]);
+        assert_eq!(cache.devices(&moved)[0], w("http://a", None));
+        assert_eq!(cache.to_ask(&moved, false), vec![0]);
+        cache.record(&moved[0], Some("cpu".into()));
+        assert_eq!(cache.devices(&moved)[0], w("http://a", Some("cpu")));
+        // The communicator is formed anew, or it was aborted: everyone is asked.
+        assert_eq!(cache.to_ask(&moved, true), vec![0, 1]);
+        cache.record(&moved[0], Some("cuda:0".into()));
+        cache.record(&moved[1], Some("cuda:1".into()));
+        cache.clear();
+        assert_eq!(cache.to_ask(&moved, false), vec![0, 1]);
     }
 
     #[test]
