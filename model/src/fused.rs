@@ -1,9 +1,9 @@
 //! Fused CPU ops with hand-written backward (csrc/fused_ops.cpp): RMSNorm and rotary
-//! embedding as single-pass torch autograd functions. [`rms_norm`] and [`rope`] take the
-//! fused kernel for contiguous-able CPU `f32`/`f64` tensors of matching dtype and fall
-//! back to the composite ops (the reference, and what runs on GPUs and in bf16)
-//! elsewhere. Both paths compute the same function; `model/tests/fused_ops.rs` checks
-//! values and gradients against the composite ops in f64 (1e-12) and f32.
+//! embedding as single-pass torch autograd functions. [`rms_norm`] takes the fused
+//! kernel for CPU f32 tensors and [`rope`] for CPU f32/f64 ones (one dtype for all
+//! inputs); everything else (GPUs, bf16, mixed dtypes) runs the composite ops, which are
+//! also the reference. `model/tests/fused_ops.rs` checks values and gradients against
+//! them in f64 (1e-12) and f32.
 use std::ffi::{c_char, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -43,10 +43,6 @@ fn take(out: *mut C_tensor, err: *mut c_char) -> Result<Tensor, String> {
     }
     // SAFETY: a non-null result is a `new at::Tensor` we now own, freed by tch's drop.
     Ok(unsafe { Tensor::from_ptr(out) })
-}
-
-fn fusable(kind: Kind) -> bool {
-    matches!(kind, Kind::Float | Kind::Double)
 }
 
 /// transformers' `LlamaRMSNorm` over the last dimension: `weight * x / sqrt(mean(x^2) +
@@ -92,7 +88,7 @@ pub fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let (xs, cs) = (x.size(), cos.size());
     let fused = x.device() == Device::Cpu
-        && fusable(x.kind())
+        && matches!(x.kind(), Kind::Float | Kind::Double)
         && cos.kind() == x.kind()
         && sin.kind() == x.kind()
         && cos.device() == Device::Cpu
@@ -105,15 +101,21 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         && !cos.requires_grad()
         && !sin.requires_grad();
     if fused {
-        let mut err = std::ptr::null_mut();
-        // SAFETY: the pointers are live tensors for the duration of the call.
-        let out = unsafe { grpo_fused_rope(x.as_ptr(), cos.as_ptr(), sin.as_ptr(), &mut err) };
-        match take(out, err) {
+        match rope_fused(x, cos, sin) {
             Ok(t) => return t,
             Err(e) => fallback("rope", &e),
         }
     }
     rope_composite(x, cos, sin)
+}
+
+/// The fused RoPE kernel itself (CPU f32 or f64, `x` `[B, T, heads, d]` with `d` even,
+/// `cos`/`sin` `[B, T, d]` of its dtype); an error names what torch refused.
+pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, String> {
+    let mut err = std::ptr::null_mut();
+    // SAFETY: the pointers are live tensors for the duration of the call.
+    let out = unsafe { grpo_fused_rope(x.as_ptr(), cos.as_ptr(), sin.as_ptr(), &mut err) };
+    take(out, err)
 }
 
 /// The composite rotary embedding (the reference of the fused kernel).

@@ -140,7 +140,7 @@ impl KvCache {
 }
 
 /// transformers' `LlamaRMSNorm`: normalise in fp32, cast back, then scale. One fused
-/// pass (forward and backward) for CPU f32/f64 tensors ([`crate::fused`]).
+/// pass (forward and backward) for CPU f32 tensors ([`crate::fused`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     crate::fused::rms_norm(x, weight, eps)
 }
