@@ -297,8 +297,22 @@ async fn probe(
     url: String,
     timeout: Duration,
 ) -> Result<(Conn, u64), ProbeError> {
+    probe_over(transport, url, None, timeout).await
+}
+
+/// [`probe`] over `live` when the worker has a healthy connection (no new TCP and
+/// HTTP/2 handshake), else over a fresh one.
+async fn probe_over(
+    transport: &Transport,
+    url: String,
+    live: Option<Conn>,
+    timeout: Duration,
+) -> Result<(Conn, u64), ProbeError> {
     let attempt = async {
-        let channel = transport.connect(url, timeout).await?;
+        let channel = match live {
+            Some(c) => c,
+            None => transport.connect(url, timeout).await?,
+        };
         let health = grpc_client(channel.clone())
             .health(pb::HealthRequest {})
             .await
@@ -383,14 +397,24 @@ impl RolloutClient {
     /// worker that does not answer is failed and re-probed with backoff.
     pub async fn refresh(&self) {
         self.inner.resolve_if_due().await;
-        let targets = self.inner.pool().take_all_probes();
+        // Healthy workers answer over their live connection; a reconnect per push
+        // costs every rank a TCP and HTTP/2 handshake per worker and step.
+        let targets: Vec<(usize, String, Option<Conn>)> = {
+            let mut pool = self.inner.pool();
+            let due = pool.take_all_probes();
+            due.into_iter()
+                .map(|(i, url)| {
+                    let live = pool.slots[i].conn.clone();
+                    (i, url, live)
+                })
+                .collect()
+        };
         let timeout = self.inner.cfg.connect_timeout();
-        let results = futures::future::join_all(
-            targets
-                .iter()
-                .map(|(_, url)| probe(&self.inner.transport, url.clone(), timeout)),
-        )
+        let results = futures::future::join_all(targets.iter().map(|(_, url, live)| {
+            probe_over(&self.inner.transport, url.clone(), live.clone(), timeout)
+        }))
         .await;
+        let targets = targets.into_iter().map(|(i, url, _)| (i, url));
         for ((i, _), r) in targets.into_iter().zip(results) {
             match r {
                 Ok(_) => self.inner.apply_probe(i, r),
