@@ -414,8 +414,7 @@ impl RolloutClient {
             probe_over(&self.inner.transport, url.clone(), live.clone(), timeout)
         }))
         .await;
-        let targets = targets.into_iter().map(|(i, url, _)| (i, url));
-        for ((i, _), r) in targets.into_iter().zip(results) {
+        for ((i, _, _), r) in targets.into_iter().zip(results) {
             match r {
                 Ok(_) => self.inner.apply_probe(i, r),
                 Err(e) => {
