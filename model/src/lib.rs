@@ -18,6 +18,7 @@ pub mod host_alloc;
 pub mod hub;
 pub mod kv_cache;
 pub mod logprobs;
+pub mod packing;
 pub mod paged;
 pub mod pycompat;
 pub mod sampling;
@@ -33,6 +34,7 @@ pub use logprobs::{
     token_logprobs, token_logprobs_at, token_logprobs_backward, token_logprobs_full,
     LogprobOptions, Positions, TokenLogprobs, FULL_LOGITS_MAX_ELEMENTS,
 };
+pub use packing::TokenPacking;
 pub use sampling::{sample, SamplingParams, SeqRng};
 pub use tokenizer::{ChatMessage, ChatTemplateOptions, Tokenizer, TokenizerError};
 pub use transformer::{

@@ -20,6 +20,7 @@ use crate::checkpoint::load_pretrained;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::packing::TokenPacking;
 use crate::weights::{DecoderLayer, Weights};
 
 /// Rotary position embedding frequencies, `inv_freq` `[head_dim / 2]` in fp32.
@@ -130,6 +131,24 @@ pub struct AttentionContext {
     /// `[B, S]` bool: validity of every key position, cached ones included. Stored in
     /// the cache by [`KvCache::commit`] after the step.
     pub key_mask: Tensor,
+    /// Set by [`AttentionContext::pack_real_tokens`]: the blocks take and return the
+    /// real tokens as `[1, N, H]` (and `cos`/`sin` are `[1, N, head_dim]`).
+    pub packing: Option<TokenPacking>,
+}
+
+impl AttentionContext {
+    /// Packs the real tokens (see [`crate::packing`]) when more than
+    /// `max_padding_share` of the positions are padding; for forwards without a KV
+    /// cache. The caller then embeds [`TokenPacking::pack_ids`] and unpacks the final
+    /// hidden states.
+    pub fn pack_real_tokens(mut self, max_padding_share: f64) -> Self {
+        if let Some(p) = TokenPacking::new(&self.key_mask, max_padding_share) {
+            self.cos = p.pack(&self.cos);
+            self.sin = p.pack(&self.sin);
+            self.packing = Some(p);
+        }
+        self
+    }
 }
 
 impl KvCache {
@@ -185,6 +204,25 @@ fn contiguous_attention(
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
+    if let Some(p) = &ctx.packing {
+        if kv.is_some() {
+            return Err(ModelError::Input(
+                "packed real tokens are for forwards without a KV cache".into(),
+            ));
+        }
+        let (q, k, v) = (p.unpack_heads(&q), p.unpack_heads(&k), p.unpack_heads(&v));
+        let attn = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            ctx.mask.as_ref(),
+            0.0,
+            ctx.is_causal,
+            None,
+            nh != nkv,
+        )?;
+        return Ok(p.pack_heads(&attn));
+    }
     let (k, v) = match kv {
         Some((cache, i)) => cache.append(i, k, v),
         None => (k, v),
@@ -478,6 +516,7 @@ pub fn attention_context(
         mask,
         is_causal,
         key_mask,
+        packing: None,
     })
 }
 
@@ -526,6 +565,7 @@ fn segment_context(
         mask: Some(mask.logical_or(&empty)),
         is_causal: false,
         key_mask,
+        packing: None,
     })
 }
 

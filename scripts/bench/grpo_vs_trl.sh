@@ -4,7 +4,7 @@
 #   bash scripts/bench/grpo_vs_trl.sh [--ranks 1] [--workers 1] [--threads-per-process 1]
 #        [--trl-threads N] [--prompts-per-step 16] [--num-generations 8]
 #        [--max-completion-length 16] [--steps 12] [--warmup 2] [--learning-rate 3e-4]
-#        [--temperature 1.0] [--max-staleness 1] [--repeat 1] [--no-build] [--work DIR]
+#        [--temperature 1.0] [--max-staleness K] [--repeat 1] [--no-build] [--work DIR]
 #        [--set KEY=VALUE ...]   (passed to `trainer grpo` after the recipe's settings)
 #
 # Shared-prefix training is on for our side (shared_prefix_training=true: each group's
@@ -39,10 +39,14 @@
 # other and TRL's steps got up to 15x slower (docs/benchmarks.md). The first --warmup
 # steps of each side are left out (one-off allocation, first gRPC calls, lazy init).
 #
-# Overlap. Ours runs with --max-staleness (default 1, TRL AsyncGRPO's name): the workers
+# Overlap. Ours runs with --max-staleness (TRL AsyncGRPO's name): with 1 the workers
 # generate the next step's groups while the ranks train this one (one version old, with
-# the truncated importance-sampling correction); --max-staleness 0 is the sequential
-# round. TRL's GRPOTrainer is sequential either way.
+# the truncated importance-sampling correction); 0 is the sequential round. The default
+# is 1 when every process can have its cores, (ranks + workers) x threads-per-process <=
+# the machine's cores, else 0: on fewer cores the overlapped phases only take turns on
+# the same cores, and the round is slower than the sequential one (2 + 2 on 2 cores:
+# 0.178 s against 0.166 s a step, docs/benchmarks.md). TRL's GRPOTrainer is sequential
+# either way.
 #
 # Figures (scripts/bench/grpo_vs_trl.py, same reduction on both sides): step time; generated
 # tokens/s = completion tokens / generation seconds; training tokens/s = (prompt +
@@ -61,7 +65,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 
 ranks=1 workers=1 tpp=1 trl_threads="" prompts=16 gens=8 max_len=16 steps=12 warmup=2
-lr=3e-4 temperature=1.0 staleness=1 repeat=1 build=1 work=$root/target/bench-grpo-vs-trl
+lr=3e-4 temperature=1.0 staleness="" repeat=1 build=1 work=$root/target/bench-grpo-vs-trl
 extra=(--set shared_prefix_training=true)
 while [ $# -gt 0 ]; do
     case $1 in
@@ -88,12 +92,16 @@ done
 for v in ranks workers tpp prompts gens max_len steps repeat; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "grpo_vs_trl.sh: $v must be a positive integer, got '${!v}'" >&2; exit 2; }
 done
-[[ $staleness =~ ^[0-9]+$ ]] || { echo "grpo_vs_trl.sh: --max-staleness must be >= 0, got '$staleness'" >&2; exit 2; }
+[[ -z $staleness || $staleness =~ ^[0-9]+$ ]] || { echo "grpo_vs_trl.sh: --max-staleness must be >= 0, got '$staleness'" >&2; exit 2; }
 [[ $warmup =~ ^[0-9]+$ ]] || { echo "grpo_vs_trl.sh: --warmup must be >= 0, got '$warmup'" >&2; exit 2; }
 ((steps > warmup)) || { echo "grpo_vs_trl.sh: --steps ($steps) must exceed --warmup ($warmup)" >&2; exit 2; }
 ((gens >= 2)) || { echo "grpo_vs_trl.sh: --num-generations must be at least 2" >&2; exit 2; }
 ((prompts % ranks == 0)) || { echo "grpo_vs_trl.sh: --prompts-per-step ($prompts) must be a multiple of --ranks ($ranks)" >&2; exit 2; }
 cores=$(nproc)
+if [ -z "$staleness" ]; then
+    staleness=0
+    (((ranks + workers) * tpp <= cores)) && staleness=1
+fi
 if [ -z "$trl_threads" ]; then
     trl_threads=$(((ranks > workers ? ranks : workers) * tpp))
     ((trl_threads > cores)) && trl_threads=$cores
@@ -188,7 +196,7 @@ run_trl() {
         { tail -30 "$dir/trl.log"; echo "TRL failed (log: $dir/trl.log)" >&2; exit 1; }
 }
 
-label="ours: $ranks rank(s) + $workers worker(s) x OMP_NUM_THREADS=$tpp; TRL: $trl_threads torch threads; $prompts prompts x $gens generations, max $max_len new tokens, $steps steps, warm-up $warmup"
+label="ours: $ranks rank(s) + $workers worker(s) x OMP_NUM_THREADS=$tpp, max_staleness=$staleness; TRL: $trl_threads torch threads; $prompts prompts x $gens generations, max $max_len new tokens, $steps steps, warm-up $warmup"
 echo "$label"
 runs=()
 for ((r = 1; r <= repeat; r++)); do

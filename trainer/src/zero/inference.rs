@@ -2,7 +2,7 @@
 //! reference log-probs) and a unit-by-unit walk over the full weights (weight sync to the
 //! rollout workers and export), both collective and never holding more than one unit's
 //! gathered parameters beyond what the stage keeps resident.
-use model::{embed, layer_forward, rms_norm};
+use model::{layer_forward, rms_norm};
 use tch::{Kind, Tensor};
 
 use super::engine::{BoxError, EngineError, MicroBatch, Result, ZeroEngine};
@@ -25,12 +25,12 @@ impl ZeroEngine {
         } else {
             &outer[2]
         };
-        let mut h = embed(&outer[0], &ids);
+        let mut h = Self::embed_input(&outer[0], &ids, &ctx);
         for i in 0..self.cfg.num_hidden_layers {
             let leaves = self.gather(i + 1)?;
             h = layer_forward(&self.cfg, &self.layer(i, &leaves)?, &h, &ctx, None)?;
         }
-        let hn = rms_norm(&h, &outer[1], self.cfg.rms_norm_eps);
+        let hn = Self::unpack_output(rms_norm(&h, &outer[1], self.cfg.rms_norm_eps), &ctx);
         f(&hn, head).map_err(EngineError::Loss)
     }
 
