@@ -127,6 +127,7 @@ pub fn run(cfg: &GrpoConfig) -> Result<()> {
         .context("connecting to the rollout workers")?;
     // `rollout.weight_transport` auto/nccl choose NCCL only for a CUDA policy.
     client.set_policy_device(sess.device);
+    client.spread_over_ranks(sess.env.rank, sess.env.world_size);
     let skeleton = RunSkeleton::new(args, total, &sess.model_dir, steps_per_epoch);
     let mut run = Grpo {
         cfg,

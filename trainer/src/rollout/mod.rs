@@ -333,6 +333,11 @@ async fn probe_over(
 }
 
 impl RolloutClient {
+    /// This client is trainer rank `rank` of `world`: see [`Pool::spread_over_ranks`].
+    pub fn spread_over_ranks(&self, rank: usize, world: usize) {
+        self.inner.pool().spread_over_ranks(rank, world);
+    }
+
     /// Connects; fails if no worker answers Health within `connect_timeout_secs` (the
     /// message lists each worker's error). Workers that do not answer are probed again
     /// later with backoff.

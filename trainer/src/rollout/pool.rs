@@ -137,6 +137,18 @@ impl<C: Clone> Pool<C> {
         (0..self.slots.len()).any(|i| self.usable(i, min_version))
     }
 
+    /// Starts this rank's rotation at worker `rank * n / world`, so the ranks' clients
+    /// (each sees only its own calls) spread their first requests of a step over
+    /// different workers instead of all picking worker 0, then 1, ... together. The
+    /// ranks send as many requests per step (their shares of the prompts are equal), so
+    /// the offsets hold from step to step.
+    pub fn spread_over_ranks(&mut self, rank: usize, world: usize) {
+        let n = self.slots.len();
+        if world > 0 && n > 0 {
+            self.cursor = rank % world * n / world;
+        }
+    }
+
     /// The usable worker with a free request slot and the fewest calls in flight (ties
     /// rotate), with its connection; its in-flight count is taken. `None` if all are busy
     /// or unusable.
@@ -320,6 +332,33 @@ mod tests {
         );
         p.release(1);
         assert_eq!(p.acquire(0).unwrap().0, 1);
+    }
+
+    #[test]
+    fn ranks_start_their_rotation_on_different_workers() {
+        let now = Instant::now();
+        // Picks of `per_rank` requests by each of `world` ranks over `n` workers.
+        let load = |n: usize, world: usize, per_rank: usize| {
+            let mut counts = vec![0; n];
+            for rank in 0..world {
+                let mut p = pool(n, now);
+                p.spread_over_ranks(rank, world);
+                for _ in 0..per_rank {
+                    counts[p.acquire(0).unwrap().0] += 1;
+                }
+            }
+            counts
+        };
+        assert_eq!(load(2, 2, 1), [1, 1], "one request per rank");
+        assert_eq!(load(4, 2, 2), [1, 1, 1, 1]);
+        assert_eq!(load(2, 4, 1), [2, 2]);
+        assert_eq!(load(3, 2, 1), [1, 1, 0]);
+        // Without the offsets every rank's first request goes to worker 0.
+        let mut counts = [0; 2];
+        for _ in 0..2 {
+            counts[pool(2, now).acquire(0).unwrap().0] += 1;
+        }
+        assert_eq!(counts, [2, 0]);
     }
 
     #[test]
