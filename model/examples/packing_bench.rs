@@ -56,22 +56,8 @@ fn step(m: &Transformer, ids: &Tensor, pos: &Tensor, seg: &Tensor, pack: bool) -
         .with_positions(pos)
         .with_segments(seg);
     let t0 = Instant::now();
-    let mut ctx = m.context(&input, None).unwrap();
-    if pack {
-        ctx = ctx.pack_real_tokens(0.0);
-    }
-    let mut h = match &ctx.packing {
-        Some(p) => m.embed(&p.pack_ids(ids)),
-        None => m.embed(ids),
-    };
-    for i in 0..m.config.num_hidden_layers {
-        h = m.block(i, &h, &ctx, None).unwrap();
-    }
-    let h = m.final_norm(&h);
-    let h = match &ctx.packing {
-        Some(p) => p.unpack(&h),
-        None => h,
-    };
+    let share = if pack { 0.0 } else { 1.0 };
+    let h = m.training_hidden_states(&input, share).unwrap();
     let real = seg.ge(0).to_kind(Kind::Float).unsqueeze(-1);
     let loss = (m.logits(&h).log_softmax(-1, Kind::Float) * real).mean(Kind::Float);
     loss.backward();

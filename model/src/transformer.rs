@@ -204,28 +204,20 @@ fn contiguous_attention(
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
-    if let Some(p) = &ctx.packing {
-        if kv.is_some() {
+    let packing = ctx.packing.as_ref();
+    let (q, k, v) = match (packing, kv) {
+        (Some(_), Some(_)) => {
             return Err(ModelError::Input(
                 "packed real tokens are for forwards without a KV cache".into(),
-            ));
+            ))
         }
-        let (q, k, v) = (p.unpack_heads(&q), p.unpack_heads(&k), p.unpack_heads(&v));
-        let attn = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            ctx.mask.as_ref(),
-            0.0,
-            ctx.is_causal,
-            None,
-            nh != nkv,
-        )?;
-        return Ok(p.pack_heads(&attn));
-    }
-    let (k, v) = match kv {
-        Some((cache, i)) => cache.append(i, k, v),
-        None => (k, v),
+        // Packed `[1, heads, N, d]` into the padded batch for SDPA.
+        (Some(p), None) => (p.unpack_heads(&q), p.unpack_heads(&k), p.unpack_heads(&v)),
+        (None, Some((cache, i))) => {
+            let (k, v) = cache.append(i, k, v);
+            (q, k, v)
+        }
+        (None, None) => (q, k, v),
     };
     let attn = Tensor::f_scaled_dot_product_attention(
         &q,
@@ -237,7 +229,10 @@ fn contiguous_attention(
         None,
         nh != nkv,
     )?;
-    Ok(attn.transpose(1, 2).reshape([b, t, nh * d]))
+    Ok(match packing {
+        Some(p) => p.pack_heads(&attn),
+        None => attn.transpose(1, 2).reshape([b, t, nh * d]),
+    })
 }
 
 /// A decoder block with the attention given as `attend(q, k, v)`: `q` `[B, nh, T, d]`,
@@ -395,6 +390,32 @@ impl Transformer {
             c.commit(&ctx);
         }
         Ok(self.final_norm(&h))
+    }
+
+    /// The training forward (no KV cache): as [`Transformer::hidden_states`], with the
+    /// real tokens packed (see [`crate::packing`]) when more than `max_padding_share`
+    /// of the positions are padding; the padding positions' hidden states are then zero.
+    pub fn training_hidden_states(
+        &self,
+        input: &ForwardInput,
+        max_padding_share: f64,
+    ) -> Result<Tensor> {
+        let ctx = self
+            .context(input, None)?
+            .pack_real_tokens(max_padding_share);
+        let ids = input.input_ids.to_device(self.device());
+        let mut h = match &ctx.packing {
+            Some(p) => self.embed(&p.pack_ids(&ids)),
+            None => self.embed(&ids),
+        };
+        for i in 0..self.config.num_hidden_layers {
+            h = self.block(i, &h, &ctx, None)?;
+        }
+        let h = self.final_norm(&h);
+        Ok(match &ctx.packing {
+            Some(p) => p.unpack(&h),
+            None => h,
+        })
     }
 
     /// Logits `[B, T, V]` (model dtype) of every position. For long sequences prefer

@@ -22,22 +22,12 @@ fn model(model_type: &str) -> Transformer {
 /// Final hidden states `[B, T, H]` (zeros at padding when packed) and the loss over the
 /// real positions `real` (`[B, T]` f32), backward run.
 fn run(m: &Transformer, input: &ForwardInput, real: &Tensor, pack: bool) -> Tensor {
-    let mut ctx = m.context(input, None).unwrap();
-    if pack {
-        ctx = ctx.pack_real_tokens(0.0);
+    let h = if pack {
+        let ctx = m.context(input, None).unwrap().pack_real_tokens(0.0);
         assert!(ctx.packing.is_some(), "the batch has padding");
-    }
-    let mut h = match &ctx.packing {
-        Some(p) => m.embed(&p.pack_ids(input.input_ids)),
-        None => m.embed(input.input_ids),
-    };
-    for i in 0..m.config.num_hidden_layers {
-        h = m.block(i, &h, &ctx, None).unwrap();
-    }
-    let h = m.final_norm(&h);
-    let h = match &ctx.packing {
-        Some(p) => p.unpack(&h),
-        None => h,
+        m.training_hidden_states(input, 0.0).unwrap()
+    } else {
+        m.hidden_states(input, None).unwrap()
     };
     let logp = m.logits(&h).log_softmax(-1, Kind::Float);
     (logp.select(-1, 5) * real).sum(Kind::Float).backward();
