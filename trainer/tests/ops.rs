@@ -210,6 +210,21 @@ fn api(base: &str, path: &str, params: &[(&str, &str)]) -> serde_json::Value {
     body["data"].clone()
 }
 
+/// Waits until the Prometheus at `base` answers `/-/ready` (it may still be starting
+/// when the trainer has run its first steps: a query then meets a closed port).
+fn wait_ready(base: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        match reqwest::blocking::get(format!("{base}/-/ready")) {
+            Ok(r) if r.status().is_success() => return,
+            other if Instant::now() > deadline => {
+                panic!("Prometheus at {base} not ready within {within:?}: {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// Every `expr` of the dashboard, its variables set as Grafana would ("All").
 fn dashboard_queries() -> Vec<(String, String)> {
     let path = root().join("deploy/components/monitoring/dashboard.json");
@@ -301,6 +316,7 @@ fn prometheus_scrapes_trainer_and_worker_and_every_dashboard_query_returns_serie
     trainer.wait_line("step 4", Duration::from_secs(600), |l| {
         l.starts_with("step 4/")
     });
+    wait_ready(&base, Duration::from_secs(60));
     // Both targets up, then every dashboard query returns at least one series (the
     // rate() ones need a few scrapes of a few steps).
     let queries = dashboard_queries();
