@@ -13,7 +13,6 @@ pub struct TokenPacking {
     index: Tensor,
     batch: i64,
     seq: i64,
-    real: i64,
 }
 
 impl TokenPacking {
@@ -28,17 +27,12 @@ impl TokenPacking {
         if n == 0 || ((total - n) as f64) <= max_padding_share * total as f64 {
             return None;
         }
-        Some(TokenPacking {
-            index,
-            batch,
-            seq,
-            real: n,
-        })
+        Some(TokenPacking { index, batch, seq })
     }
 
     /// Real tokens `N`.
     pub fn real_tokens(&self) -> i64 {
-        self.real
+        self.index.size()[0]
     }
 
     /// `[B, T, ...]` to the real positions' `[1, N, ...]`.

@@ -139,15 +139,37 @@ pub struct AttentionContext {
 impl AttentionContext {
     /// Packs the real tokens (see [`crate::packing`]) when more than
     /// `max_padding_share` of the positions are padding; for forwards without a KV
-    /// cache. The caller then embeds [`TokenPacking::pack_ids`] and unpacks the final
-    /// hidden states.
+    /// cache (with cached keys, `key_mask` is wider than the step: left as it is). The
+    /// caller then embeds with [`AttentionContext::embed_input`] and takes the final
+    /// hidden states back with [`AttentionContext::unpack_output`].
     pub fn pack_real_tokens(mut self, max_padding_share: f64) -> Self {
+        if self.key_mask.size()[1] != self.cos.size()[1] {
+            return self;
+        }
         if let Some(p) = TokenPacking::new(&self.key_mask, max_padding_share) {
             self.cos = p.pack(&self.cos);
             self.sin = p.pack(&self.sin);
             self.packing = Some(p);
         }
         self
+    }
+
+    /// The embeddings of `ids` `[B, T]`: `[B, T, H]`, or `[1, N, H]` of the real tokens
+    /// when this context packs them.
+    pub fn embed_input(&self, weight: &Tensor, ids: &Tensor) -> Tensor {
+        match &self.packing {
+            Some(p) => embed(weight, &p.pack_ids(ids)),
+            None => embed(weight, ids),
+        }
+    }
+
+    /// Final hidden states back in the batch's `[B, T, H]` layout (zeros at padding
+    /// when packed).
+    pub fn unpack_output(&self, h: Tensor) -> Tensor {
+        match &self.packing {
+            Some(p) => p.unpack(&h),
+            None => h,
+        }
     }
 }
 
@@ -404,18 +426,11 @@ impl Transformer {
             .context(input, None)?
             .pack_real_tokens(max_padding_share);
         let ids = input.input_ids.to_device(self.device());
-        let mut h = match &ctx.packing {
-            Some(p) => self.embed(&p.pack_ids(&ids)),
-            None => self.embed(&ids),
-        };
+        let mut h = ctx.embed_input(&self.weights.embed_tokens, &ids);
         for i in 0..self.config.num_hidden_layers {
             h = self.block(i, &h, &ctx, None)?;
         }
-        let h = self.final_norm(&h);
-        Ok(match &ctx.packing {
-            Some(p) => p.unpack(&h),
-            None => h,
-        })
+        Ok(ctx.unpack_output(self.final_norm(&h)))
     }
 
     /// Logits `[B, T, V]` (model dtype) of every position. For long sequences prefer

@@ -28,9 +28,7 @@
 use std::collections::VecDeque;
 
 use model::weights::{DecoderLayer, TensorSource};
-use model::{
-    attention_context, embed, layer_forward, rms_norm, ForwardInput, ModelConfig, Rope, Weights,
-};
+use model::{attention_context, layer_forward, rms_norm, ForwardInput, ModelConfig, Rope, Weights};
 use tch::{Device, Kind, Tensor};
 
 use super::optimizer::{adamw_step, clip_coefficient, OptimConfig};
@@ -552,27 +550,6 @@ impl ZeroEngine {
         Ok((ids, ctx))
     }
 
-    /// The micro-batch's embeddings: `[B, T, H]`, or `[1, N, H]` of the real tokens
-    /// when `ctx` packs them.
-    pub(super) fn embed_input(
-        weight: &Tensor,
-        ids: &Tensor,
-        ctx: &model::AttentionContext,
-    ) -> Tensor {
-        match &ctx.packing {
-            Some(p) => embed(weight, &p.pack_ids(ids)),
-            None => embed(weight, ids),
-        }
-    }
-
-    /// Final hidden states back in the batch's `[B, T, H]` layout.
-    pub(super) fn unpack_output(h: Tensor, ctx: &model::AttentionContext) -> Tensor {
-        match &ctx.packing {
-            Some(p) => p.unpack(&h),
-            None => h,
-        }
-    }
-
     /// Forward and backward of one micro-batch; gradients accumulate until
     /// [`ZeroEngine::step`]. `loss_fn` gets the final normalised hidden states
     /// `[B, T, H]` and the head weight `[V, H]`, and returns a summed loss.
@@ -604,13 +581,13 @@ impl ZeroEngine {
         let out = if !recompute {
             // Plain autograd over the whole model; stage 2 shards after the backward.
             let mut layer_leaves = vec![];
-            let mut h = Self::embed_input(embed_w, &ids, &ctx);
+            let mut h = ctx.embed_input(embed_w, &ids);
             for i in 0..n_layers {
                 let leaves = self.next_unit(&mut q)?;
                 h = layer_forward(&self.cfg, &self.layer(i, &leaves)?, &h, &ctx, None)?;
                 layer_leaves.push(leaves);
             }
-            let hn = Self::unpack_output(rms_norm(&h, norm_w, self.cfg.rms_norm_eps), &ctx);
+            let hn = ctx.unpack_output(rms_norm(&h, norm_w, self.cfg.rms_norm_eps));
             let out = loss_fn(&hn, head_w).map_err(EngineError::Loss)?;
             out.loss_sum.f_backward()?;
             for (i, leaves) in layer_leaves.into_iter().enumerate().rev() {
@@ -621,7 +598,7 @@ impl ZeroEngine {
             // Gradient checkpointing: keep each block's input, recompute in backward.
             let mut inputs = Vec::with_capacity(n_layers);
             let mut last = None;
-            let mut h = tch::no_grad(|| Self::embed_input(embed_w, &ids, &ctx));
+            let mut h = tch::no_grad(|| ctx.embed_input(embed_w, &ids));
             for i in 0..n_layers {
                 let leaves = self.next_unit(&mut q)?;
                 let layer = self.layer(i, &leaves)?;
@@ -632,7 +609,7 @@ impl ZeroEngine {
                 }
             }
             let h_last = h.detach().set_requires_grad(true);
-            let hn = Self::unpack_output(rms_norm(&h_last, norm_w, self.cfg.rms_norm_eps), &ctx);
+            let hn = ctx.unpack_output(rms_norm(&h_last, norm_w, self.cfg.rms_norm_eps));
             let out = loss_fn(&hn, head_w).map_err(EngineError::Loss)?;
             out.loss_sum.f_backward()?;
             let mut g = h_last.grad();
@@ -647,7 +624,7 @@ impl ZeroEngine {
                 g = x.grad();
                 self.finish_unit(i + 1, leaves)?;
             }
-            (Self::embed_input(embed_w, &ids, &ctx) * g.detach())
+            (ctx.embed_input(embed_w, &ids) * g.detach())
                 .sum(Kind::Float)
                 .f_backward()?;
             out

@@ -25,12 +25,12 @@ impl ZeroEngine {
         } else {
             &outer[2]
         };
-        let mut h = Self::embed_input(&outer[0], &ids, &ctx);
+        let mut h = ctx.embed_input(&outer[0], &ids);
         for i in 0..self.cfg.num_hidden_layers {
             let leaves = self.gather(i + 1)?;
             h = layer_forward(&self.cfg, &self.layer(i, &leaves)?, &h, &ctx, None)?;
         }
-        let hn = Self::unpack_output(rms_norm(&h, &outer[1], self.cfg.rms_norm_eps), &ctx);
+        let hn = ctx.unpack_output(rms_norm(&h, &outer[1], self.cfg.rms_norm_eps));
         f(&hn, head).map_err(EngineError::Loss)
     }
 
