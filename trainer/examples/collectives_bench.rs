@@ -24,11 +24,8 @@ fn main() -> Result<()> {
     tch::set_num_threads(
         dist::intra_op_threads(None, omp.as_deref(), cores, env.local_world_size) as i32,
     );
-    let sizes_mib: Vec<usize> = std::env::var("BENCH_SIZES_MIB")
-        .unwrap_or_else(|_| "1,16,256".into())
-        .split(',')
-        .map(|s| s.trim().parse().context("BENCH_SIZES_MIB"))
-        .collect::<Result<_>>()?;
+    let sizes_mib = sizes("BENCH_SIZES_MIB", "1,16,256")?;
+    let small_bytes = sizes("BENCH_SMALL_BYTES", "4,1024,16384")?;
     let mut cfg = DistConfig::default();
     if let Ok(kib) = std::env::var("BENCH_CHUNK_KIB") {
         cfg.ring_chunk_bytes = kib.trim().parse::<usize>().context("BENCH_CHUNK_KIB")? * 1024;
@@ -66,7 +63,30 @@ fn main() -> Result<()> {
             }
         }
     }
+    // Latency: the small collectives of a training step (loss and token counts, grad
+    // norm, a small model's units).
+    if rank == 0 {
+        println!("{:<15} {:>8} {:>10}", "collective", "bytes", "time us");
+    }
+    for name in ["all_reduce", "reduce_scatter", "all_gather"] {
+        for &bytes in &small_bytes {
+            let numel = (bytes / 4).max(n);
+            let secs = time_collective(comm.as_mut(), name, numel, 2000)?;
+            if rank == 0 {
+                println!("{name:<15} {:>8} {:>10.1}", numel * 4, secs * 1e6);
+            }
+        }
+    }
     Ok(())
+}
+
+/// A comma-separated list of sizes from the environment variable `var`.
+fn sizes(var: &str, default: &str) -> Result<Vec<usize>> {
+    std::env::var(var)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|s| s.trim().parse().context(var.to_string()))
+        .collect()
 }
 
 /// Mean seconds per call over `iters` calls after one warm-up, slowest rank.

@@ -2,7 +2,9 @@
 //! parameter gradient of the packed layout (one row per group, completions attending to
 //! one copy of the prompt) equal those of the unpacked layout (one right-padded row per
 //! sample, as `grpo::batch::pack` builds it) within 1e-5 in f32 (gradients relative to
-//! their largest element, at least 1).
+//! their largest element, at least 1). Neither the packed rows nor the unpacked ones the
+//! trainer forwards carry a completion's last token (it predicts nothing); the reference
+//! forwards every row whole, as transformers does.
 use std::path::PathBuf;
 
 use model::{token_logprobs_full, ForwardInput, LogprobOptions, Positions, Transformer};
@@ -57,7 +59,18 @@ struct Outcome {
     grads: Vec<(String, Tensor)>,
 }
 
-fn run(m: &Transformer, samples: &[Sample], packed: Option<usize>, loss_type: LossType) -> Outcome {
+/// The forward layout of [`run`].
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// The reference: every `[prompt, completion]` row whole, as HF forwards it.
+    Full,
+    /// The unpacked rows without their last column (`PackedBatch::forward_ids`).
+    Forward,
+    /// Shared-prefix rows of at most this many tokens.
+    Shared(usize),
+}
+
+fn run(m: &Transformer, samples: &[Sample], layout: Layout, loss_type: LossType) -> Outcome {
     for (_, t) in m.weights.named() {
         let mut g = t.grad();
         if g.defined() {
@@ -68,11 +81,13 @@ fn run(m: &Transformer, samples: &[Sample], packed: Option<usize>, loss_type: Lo
     let at = Positions::new(&unpacked.completion_mask).unwrap();
     let opts = LogprobOptions::default();
     let head = m.weights.head();
-    let flat = match packed {
-        None => {
-            let h = m
-                .hidden_states(&ForwardInput::new(&unpacked.input_ids), None)
-                .unwrap();
+    let flat = match layout {
+        Layout::Full | Layout::Forward => {
+            let ids = match layout {
+                Layout::Full => unpacked.input_ids.shallow_clone(),
+                _ => unpacked.forward_ids(),
+            };
+            let h = m.hidden_states(&ForwardInput::new(&ids), None).unwrap();
             let t = unpacked.targets.size()[1];
             let h = h.narrow(1, 0, t);
             token_logprobs_full(
@@ -84,7 +99,7 @@ fn run(m: &Transformer, samples: &[Sample], packed: Option<usize>, loss_type: Lo
             .unwrap()
             .logprobs
         }
-        Some(budget) => {
+        Layout::Shared(budget) => {
             let sp = pack_shared_prefix(&prompt_runs(samples), PAD, budget).unwrap();
             // Same tokens in the same order as the unpacked selection.
             assert!(sp.targets.equal(&at.gather(&unpacked.targets).unwrap()));
@@ -143,10 +158,11 @@ fn check(name: &str, groups: &[(usize, &[usize])], budgets: &[usize]) {
     let m = model(name);
     let s = samples(m.config.vocab_size, groups, 7);
     for loss_type in [LossType::Dapo, LossType::Grpo] {
-        let want = run(&m, &s, None, loss_type);
-        for &budget in budgets {
-            let got = run(&m, &s, Some(budget), loss_type);
-            let what = format!("{name} {loss_type:?} budget {budget}");
+        let want = run(&m, &s, Layout::Full, loss_type);
+        let layouts = budgets.iter().map(|&b| Layout::Shared(b));
+        for layout in std::iter::once(Layout::Forward).chain(layouts) {
+            let got = run(&m, &s, layout, loss_type);
+            let what = format!("{name} {loss_type:?} {layout:?}");
             let d = max_diff(&got.logprobs, &want.logprobs);
             assert!(d <= 1e-5, "{what}: log-probs differ by {d:e}");
             let d = (got.loss - want.loss).abs();
@@ -197,17 +213,30 @@ fn bad_groups_are_refused() {
     let mut empty = s.clone();
     empty[0].completion_ids.clear();
     assert!(pack_shared_prefix(&[&empty[..]], PAD, 64).is_err());
-    // Layout: one row [prompt, c1, c2], positions continue the prompt in each branch.
+    // Layout: one row [prompt, c1[..1], c2[..1]] (a completion's last token predicts
+    // nothing and is not forwarded), positions continue the prompt in each branch.
     let sp = pack_shared_prefix(&[&s[..]], PAD, 64).unwrap();
-    assert_eq!(sp.segment_ids.size(), [1, 7]);
+    assert_eq!(sp.segment_ids.size(), [1, 5]);
     assert_eq!(
         Vec::<i64>::try_from(sp.position_ids.view([-1])).unwrap(),
-        [0, 1, 2, 3, 4, 3, 4]
+        [0, 1, 2, 3, 3]
     );
     assert_eq!(
         Vec::<i64>::try_from(sp.segment_ids.view([-1])).unwrap(),
-        [0, 0, 0, 1, 1, 2, 2]
+        [0, 0, 0, 1, 2]
     );
+    assert_eq!(
+        Vec::<i64>::try_from(sp.input_ids.view([-1])).unwrap(),
+        [
+            s[0].prompt_ids[0],
+            s[0].prompt_ids[1],
+            s[0].prompt_ids[2],
+            s[0].completion_ids[0],
+            s[1].completion_ids[0]
+        ]
+    );
+    // Predictors: the last prompt position for each first token, then c_i[0].
+    assert_eq!(sp.predictors.count(), 4);
     assert_eq!(sp.prompt_tokens_saved, 3);
     assert_eq!(sp.padding, 0);
 }
@@ -415,10 +444,11 @@ fn whole_group_micro_batches_keep_the_loss_and_gradients() {
     zero_grads();
     let want_loss = step(&s, false);
     let want = grads();
-    // Group 3 (3 + 32 tokens) exceeds the budget of 24 and is split; the others fit.
-    let budget = 24;
+    // A row forwards each completion but its last token. Group 3 (3 + 4 x 7 tokens)
+    // exceeds the budget of 20 and is split in two; the others fit.
+    let budget = 20;
     let units = PromptUnits::new(&s, budget);
-    assert_eq!(units.lengths(), [18, 7, 16, 19, 19, 6]);
+    assert_eq!(units.lengths(), [14, 5, 13, 17, 17, 5]);
     for parts in [units.micro_batches_needed(budget), 3, 6] {
         let plan = PromptUnits::new(&s, budget).partition(&s, parts);
         assert_eq!(plan.len(), parts);

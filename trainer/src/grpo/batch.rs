@@ -8,6 +8,8 @@
 //! of length `c` after a prompt of length `p` occupies positions `p - 1 .. p - 1 + c`.
 use tch::{Kind, Tensor};
 
+use super::prefix::forwarded_len;
+
 /// One completion to train on.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -39,6 +41,15 @@ pub struct PackedBatch {
     /// The same samples laid out with shared prefixes, when `shared_prefix_training`
     /// is on: the forward runs on it, the loss on the tensors above.
     pub shared: Option<super::prefix::SharedLayout>,
+}
+
+impl PackedBatch {
+    /// `[B, L - 1]`: the positions the forward runs on. The last column predicts no
+    /// target and, under causal attention, no other position attends to it.
+    pub fn forward_ids(&self) -> Tensor {
+        let l = self.input_ids.size()[1];
+        self.input_ids.narrow(1, 0, l - 1)
+    }
 }
 
 /// Why samples could not be packed into a micro-batch.
@@ -195,14 +206,14 @@ pub fn partition_by_tokens(lengths: &[usize], parts: usize) -> Vec<Vec<usize>> {
 
 /// The units micro-batches are cut from under shared-prefix training: runs of adjacent
 /// samples with one prompt (a group, or the part of one a rank holds), so that a
-/// micro-batch forwards each prompt once. A run whose shared-prefix row `P + sum C_i`
-/// exceeds the budget is cut greedily into pieces within it (a completion longer than
+/// micro-batch forwards each prompt once. A run whose shared-prefix row `P + sum (C_i -
+/// 1)` ([`super::prefix::forwarded_len`]) exceeds the budget is cut greedily into pieces within it (a completion longer than
 /// the budget is a piece alone): the fallback that forwards its prompt more than once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptUnits {
     /// Sample ranges, in sample order.
     ranges: Vec<std::ops::Range<usize>>,
-    /// `P + sum C_i` of each unit: the tokens of its shared-prefix row.
+    /// `P + sum (C_i - 1)` of each unit: the tokens of its shared-prefix row.
     lengths: Vec<usize>,
 }
 
@@ -218,7 +229,7 @@ impl PromptUnits {
         let mut start = 0;
         let mut len = 0;
         for (i, s) in samples.iter().enumerate() {
-            let (p, c) = (s.prompt_ids.len(), s.completion_ids.len());
+            let (p, c) = (s.prompt_ids.len(), forwarded_len(s.completion_ids.len()));
             let same = i > start && s.prompt_ids == samples[start].prompt_ids;
             if i > start && (!same || len + c > budget) {
                 units.ranges.push(start..i);
@@ -276,7 +287,7 @@ impl PromptUnits {
                 samples[r.start].prompt_ids.len()
                     + samples[r.clone()]
                         .iter()
-                        .map(|s| s.completion_ids.len())
+                        .map(|s| forwarded_len(s.completion_ids.len()))
                         .sum::<usize>()
             };
             self.lengths.splice(
@@ -403,11 +414,12 @@ mod tests {
 
     #[test]
     fn prompt_units_keep_runs_whole_and_split_only_beyond_the_budget() {
-        let s: Vec<Sample> = [(&[1, 2][..], 3), (&[1, 2], 1), (&[5], 2), (&[1, 2], 4)]
+        let s: Vec<Sample> = [(&[1, 2][..], 4), (&[1, 2], 2), (&[5], 3), (&[1, 2], 5)]
             .iter()
             .map(|(p, c)| sample(p, &vec![9; *c], 0.0, true))
             .collect();
-        // Runs: samples 0-1 (2 + 3 + 1), 2 (1 + 2), 3 (2 + 4: equal prompt, not adjacent).
+        // A row forwards a completion's tokens but its last. Runs: samples 0-1 (2 + 3 +
+        // 1), 2 (1 + 2), 3 (2 + 4: equal prompt, not adjacent).
         let units = PromptUnits::new(&s, 100);
         assert_eq!(units.lengths(), [6, 3, 6]);
         // A budget of 5 cuts the first run after its first completion.

@@ -6,7 +6,10 @@
 //! right padding); [`model::ForwardInput::segment_ids`] turns them into the mask under
 //! which every completion sees exactly its own unpacked context. The token that
 //! predicts `c_i[0]` is the last prompt position (shared by the row's completions), the
-//! one that predicts `c_i[t]` is `c_i[t - 1]`'s: [`SharedPrefixBatch::predictors`]
+//! one that predicts `c_i[t]` is `c_i[t - 1]`'s. A completion's last token predicts
+//! nothing and, under that mask, no other token sees it, so the row leaves it out:
+//! `c_i` contributes its first `C_i - 1` tokens ([`forwarded_len`]), and the outputs at
+//! every other position are those of the full row. [`SharedPrefixBatch::predictors`]
 //! lists them sample by sample, token by token — the order in which
 //! [`model::Positions::new`] selects the completion tokens of the unpacked layout
 //! ([`super::batch::pack`]), so the flat log-probs scatter back into that layout and
@@ -52,9 +55,15 @@ pub enum PrefixPackError {
     Model(#[from] model::ModelError),
 }
 
+/// Tokens of a completion of `c` tokens that a shared-prefix row forwards: all but the
+/// last, which predicts nothing and which no other token attends to.
+pub fn forwarded_len(c: usize) -> usize {
+    c.saturating_sub(1)
+}
+
 /// Packs `groups` (each: samples sharing one prompt, in the order the unpacked layout
 /// lists them) into shared-prefix rows of at most `max_row_tokens` tokens: a group
-/// whose `P + sum C_i` exceeds it is split greedily into several rows, each with its
+/// whose `P + sum (C_i - 1)` exceeds it is split greedily into several rows, each with its
 /// own copy of the prompt (a completion longer than the budget gets a row alone, its
 /// unpacked length). The attention mask of a row is `L^2`, so the budget also bounds it.
 pub fn pack_shared_prefix(
@@ -88,7 +97,7 @@ pub fn pack_shared_prefix(
                     sample: i,
                 });
             }
-            let c = s.completion_ids.len();
+            let c = forwarded_len(s.completion_ids.len());
             if i > start && len + c > max_row_tokens {
                 rows.push((g, start..i));
                 start = i;
@@ -104,7 +113,7 @@ pub fn pack_shared_prefix(
         group[0].prompt_ids.len()
             + group[r.clone()]
                 .iter()
-                .map(|s| s.completion_ids.len())
+                .map(|s| forwarded_len(s.completion_ids.len()))
                 .sum::<usize>()
     };
     let l = rows.iter().map(row_len).max().unwrap_or(0);
@@ -129,14 +138,14 @@ pub fn pack_shared_prefix(
         saved += (range.len() - 1) * p;
         let mut at = base + p;
         for (k, s) in group[range.clone()].iter().enumerate() {
-            let c = s.completion_ids.len();
-            ids[at..at + c].copy_from_slice(&s.completion_ids);
+            let c = forwarded_len(s.completion_ids.len());
+            ids[at..at + c].copy_from_slice(&s.completion_ids[..c]);
             seg[at..at + c].fill(k as i64 + 1);
             for (t, x) in pos[at..at + c].iter_mut().enumerate() {
                 *x = (p + t) as i64;
             }
             predictors.push((base + p - 1) as i64);
-            predictors.extend((at..at + c - 1).map(|i| i as i64));
+            predictors.extend((at..at + c).map(|i| i as i64));
             targets.extend_from_slice(&s.completion_ids);
             at += c;
         }

@@ -552,8 +552,10 @@ impl Grpo<'_> {
             .collect::<Result<_>>()?;
         stats.train_tokens = parts.iter().map(forwarded_tokens).sum();
         stats.prompt_tokens_saved = parts.iter().map(prompt_tokens_saved).sum();
+        // No layout forwards a completion's last token (it predicts nothing).
         stats.padding_tokens = stats.train_tokens - stats.prompt_tokens - stats.completion_tokens
-            + stats.prompt_tokens_saved;
+            + stats.prompt_tokens_saved
+            + samples.len() as f64;
         Ok(parts)
     }
 
@@ -865,7 +867,7 @@ fn micro_batch_of(part: &PackedBatch) -> MicroBatch {
             segment_ids: Some(sh.batch.segment_ids.shallow_clone()),
         },
         None => MicroBatch {
-            input_ids: part.input_ids.shallow_clone(),
+            input_ids: part.forward_ids(),
             attention_mask: None,
             position_ids: None,
             segment_ids: None,
@@ -877,7 +879,7 @@ fn micro_batch_of(part: &PackedBatch) -> MicroBatch {
 fn forwarded_tokens(part: &PackedBatch) -> f64 {
     match &part.shared {
         Some(sh) => sh.batch.input_ids.numel() as f64,
-        None => part.input_ids.numel() as f64,
+        None => part.forward_ids().numel() as f64,
     }
 }
 
