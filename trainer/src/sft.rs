@@ -149,7 +149,7 @@ pub fn run(cfg: &SftConfig) -> Result<()> {
             let mut packed = pack(&samples, pad)?;
             packed.loss_mask = loss_mask(&rows, packed.loss_mask.size()[1]);
             let mb = MicroBatch {
-                input_ids: packed.input_ids.shallow_clone(),
+                input_ids: packed.forward_ids(),
                 attention_mask: None,
                 position_ids: None,
                 segment_ids: None,
