@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Collectives benchmark: the trainer's CPU ring and PyTorch gloo side by side, two
 # ranks on loopback, f32 buffers of 1, 16 and 256 MiB (override with
-# BENCH_SIZES_MIB=1,16), printed beside memcpy bandwidth. Not a test: numbers only.
+# BENCH_SIZES_MIB=1,16), printed beside memcpy bandwidth, then the ring's latency at 8 B,
+# 1 KiB and 16 KiB (BENCH_SMALL_BYTES=4,1024,16384). Not a test: numbers only.
 #
 #   scripts/bench/collectives.sh            # NPROC=2 by default
 #

@@ -1,5 +1,6 @@
 //! Collectives benchmark (not a test): algorithm and bus bandwidth of all_reduce,
-//! reduce_scatter and all_gather on f32 buffers of 1, 16 and 256 MiB, printed by
+//! reduce_scatter and all_gather on f32 buffers of 1, 16 and 256 MiB (`BENCH_SIZES_MIB`),
+//! then their latency at 8 B, 1 KiB and 16 KiB (`BENCH_SMALL_BYTES`), printed by
 //! rank 0 beside this machine's single-thread memcpy bandwidth. Run one process per
 //! rank under a launcher; `scripts/bench/collectives.sh` does that, and
 //! `scripts/bench/gloo_collectives.py` measures PyTorch gloo the same way.
