@@ -207,8 +207,9 @@ pub fn partition_by_tokens(lengths: &[usize], parts: usize) -> Vec<Vec<usize>> {
 /// The units micro-batches are cut from under shared-prefix training: runs of adjacent
 /// samples with one prompt (a group, or the part of one a rank holds), so that a
 /// micro-batch forwards each prompt once. A run whose shared-prefix row `P + sum (C_i -
-/// 1)` ([`super::prefix::forwarded_len`]) exceeds the budget is cut greedily into pieces within it (a completion longer than
-/// the budget is a piece alone): the fallback that forwards its prompt more than once.
+/// 1)` ([`forwarded_len`]) exceeds the budget is cut greedily into pieces within it (a
+/// completion longer than the budget is a piece alone): the fallback that forwards its
+/// prompt more than once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptUnits {
     /// Sample ranges, in sample order.

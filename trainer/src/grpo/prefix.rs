@@ -64,8 +64,7 @@ pub fn forwarded_len(c: usize) -> usize {
 /// Packs `groups` (each: samples sharing one prompt, in the order the unpacked layout
 /// lists them) into shared-prefix rows of at most `max_row_tokens` tokens: a group
 /// whose `P + sum (C_i - 1)` exceeds it is split greedily into several rows, each with its
-/// own copy of the prompt (a completion longer than the budget gets a row alone, its
-/// unpacked length). The attention mask of a row is `L^2`, so the budget also bounds it.
+/// own copy of the prompt (a completion longer than the budget gets a row alone). The attention mask of a row is `L^2`, so the budget also bounds it.
 pub fn pack_shared_prefix(
     groups: &[&[Sample]],
     pad_id: i64,
