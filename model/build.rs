@@ -1,6 +1,6 @@
 //! The model's build script: the shared RUNPATH setup (../build/torch_rpath.rs) and the
-//! fused CPU ops of csrc/fused_ops.cpp, compiled against the libtorch that torch-sys
-//! found (its headers sit beside `DEP_TCH_LIBTORCH_LIB`).
+//! fused CPU ops of csrc/fused_ops.cpp and csrc/segment_attention.cpp, compiled against
+//! the libtorch that torch-sys found (its headers sit beside `DEP_TCH_LIBTORCH_LIB`).
 use std::path::PathBuf;
 
 #[path = "../build/torch_rpath.rs"]
@@ -9,6 +9,7 @@ mod torch_rpath;
 fn main() {
     torch_rpath::rpath();
     println!("cargo:rerun-if-changed=csrc/fused_ops.cpp");
+    println!("cargo:rerun-if-changed=csrc/segment_attention.cpp");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("torch-sys reports libtorch's library directory (DEP_TCH_LIBTORCH_LIB)"),
@@ -19,12 +20,14 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/fused_ops.cpp")
+        .file("csrc/segment_attention.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-fopenmp-simd")
         .opt_level(3)
         .warnings(false)
         .compile("grpo_fused_ops");

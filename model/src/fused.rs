@@ -1,5 +1,6 @@
 //! Fused CPU ops with hand-written backward (csrc/fused_ops.cpp): RMSNorm and rotary
-//! embedding as single-pass torch autograd functions. [`rms_norm`] takes the fused
+//! embedding as single-pass torch autograd functions; and the attention of shared-prefix
+//! rows (csrc/segment_attention.cpp), which visits only the keys each query may see. [`rms_norm`] takes the fused
 //! kernel for CPU f32 tensors and [`rope`] for CPU f32/f64 ones (one dtype for all
 //! inputs); everything else (GPUs, bf16, mixed dtypes) runs the composite ops, which are
 //! also the reference. `model/tests/fused_ops.rs` checks values and gradients against
@@ -21,6 +22,14 @@ extern "C" {
         x: *const C_tensor,
         cos: *const C_tensor,
         sin: *const C_tensor,
+        err: *mut *mut c_char,
+    ) -> *mut C_tensor;
+    fn grpo_segment_attention(
+        q: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        seg: *const C_tensor,
+        stride: i64,
         err: *mut *mut c_char,
     ) -> *mut C_tensor;
 }
@@ -124,6 +133,129 @@ pub fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let rotated = Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3);
     let (cos, sin) = (cos.unsqueeze(2), sin.unsqueeze(2));
     x * &cos + rotated * &sin
+}
+
+/// Whether [`segment_attention`] runs the fused kernel for inputs on `device` in `kind`
+/// (CPU f32/f64); elsewhere callers build [`segment_mask`] once and run SDPA.
+pub fn segment_attention_is_fused(device: Device, kind: Kind) -> bool {
+    device == Device::Cpu && matches!(kind, Kind::Float | Kind::Double)
+}
+
+/// The segments of shared-prefix rows for [`segment_attention`].
+#[derive(Debug)]
+pub struct Segments {
+    /// `[B, T]` i64: 0 = the shared prompt, `k >= 1` = completion `k`, -1 = padding or a
+    /// masked key; with `row_stride > 0`, `row * row_stride + segment`.
+    pub ids: Tensor,
+    /// 0: each of the `B` sequences is one row. Otherwise a sequence holds several rows
+    /// back to back (the packed real tokens of a batch, [`crate::TokenPacking`]), which
+    /// never attend to each other; it exceeds every segment id.
+    pub row_stride: i64,
+}
+
+impl Segments {
+    /// One row per sequence.
+    pub fn rows(ids: Tensor) -> Self {
+        Segments { ids, row_stride: 0 }
+    }
+
+    /// The ids with each sequence's row number folded in (`row * (T + 1) + segment`;
+    /// padding stays -1), so that the real tokens of all `B` sequences can be packed
+    /// into one.
+    pub fn numbered_by_row(&self) -> Segments {
+        if self.row_stride > 0 {
+            return Segments {
+                ids: self.ids.shallow_clone(),
+                row_stride: self.row_stride,
+            };
+        }
+        let (b, t) = (self.ids.size()[0], self.ids.size()[1]);
+        let stride = t + 1;
+        let row = Tensor::arange(b, (Kind::Int64, self.ids.device())).view([b, 1]) * stride;
+        let ids = (&self.ids + row).where_self(&self.ids.ge(0), &self.ids);
+        Segments {
+            ids,
+            row_stride: stride,
+        }
+    }
+}
+
+/// Attention of shared-prefix rows: `q` `[B, nh, T, d]`, `k`/`v` `[B, nkv, T, d]` (heads
+/// share kv heads in groups, as SDPA's `enable_gqa`) and `seg` ([`Segments`]). Query `i`
+/// of segment `s` attends to the keys `j <= i` of its row in segment 0 or `s`. Returns
+/// `[B, T, nh * d]`. The fused kernel (csrc/segment_attention.cpp) visits only those
+/// keys and outputs zeros at padding queries; the composite op (its reference) runs
+/// SDPA under [`segment_mask`], where padding queries attend to every key (outputs
+/// unused).
+pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, seg: &Segments) -> Tensor {
+    if segment_attention_is_fused(q.device(), q.kind()) {
+        match segment_attention_fused(q, k, v, seg) {
+            Ok(t) => return t,
+            Err(e) => fallback("segment_attention", &e),
+        }
+    }
+    segment_attention_composite(q, k, v, &segment_mask(seg))
+}
+
+/// The fused segment-attention kernel itself (CPU, one dtype for `q`, `k`, `v`); an
+/// error names what torch refused.
+pub fn segment_attention_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seg: &Segments,
+) -> Result<Tensor, String> {
+    let mut err = std::ptr::null_mut();
+    let (ids, stride) = (&seg.ids, seg.row_stride);
+    // SAFETY: the pointers are live tensors for the duration of the call.
+    let out = unsafe {
+        grpo_segment_attention(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            ids.as_ptr(),
+            stride,
+            &mut err,
+        )
+    };
+    take(out, err)
+}
+
+/// The `[B, 1, T, T]` bool SDPA mask of `seg` (see [`segment_attention`]): causal,
+/// restricted to valid keys of the query's row in segment 0 or its own. Padding
+/// queries, which see no key, see all (their outputs are unused), as transformers'
+/// `_unmask_unattended`.
+pub fn segment_mask(seg: &Segments) -> Tensor {
+    let ids = &seg.ids;
+    let (b, t) = (ids.size()[0], ids.size()[1]);
+    let (row, local) = if seg.row_stride > 0 {
+        (
+            ids.floor_divide_scalar(seg.row_stride),
+            ids.remainder(seg.row_stride),
+        )
+    } else {
+        (ids.zeros_like(), ids.shallow_clone())
+    };
+    let idx = Tensor::arange(t, (Kind::Int64, ids.device()));
+    let causal = idx.unsqueeze(0).le_tensor(&idx.unsqueeze(1)); // [T (query), T (key)]
+    let same_row = row.view([b, 1, t]).eq_tensor(&row.view([b, t, 1]));
+    let prompt = local.view([b, 1, t]).eq(0).logical_and(&same_row);
+    let own = ids.view([b, 1, t]).eq_tensor(&ids.view([b, t, 1]));
+    let related = prompt
+        .logical_or(&own)
+        .logical_and(&ids.view([b, 1, t]).ge(0));
+    let mask = related.logical_and(&causal.unsqueeze(0)).unsqueeze(1);
+    let empty = mask.any_dims(&[-1i64][..], true).logical_not();
+    mask.logical_or(&empty)
+}
+
+/// [`segment_attention`] as SDPA under `mask` (from [`segment_mask`]): `[B, T, nh * d]`.
+pub fn segment_attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
+    let (b, nh, t, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
+    let gqa = k.size()[1] != nh;
+    Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, gqa)
+        .transpose(1, 2)
+        .reshape([b, t, nh * d])
 }
 
 /// A fused kernel raised (it checks what the caller checked, so this means a torch

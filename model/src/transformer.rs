@@ -19,6 +19,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::load_pretrained;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
+use crate::fused::{segment_mask, Segments};
 use crate::kv_cache::KvCache;
 use crate::packing::TokenPacking;
 use crate::weights::{DecoderLayer, Weights};
@@ -134,6 +135,10 @@ pub struct AttentionContext {
     /// Set by [`AttentionContext::pack_real_tokens`]: the blocks take and return the
     /// real tokens as `[1, N, H]` (and `cos`/`sin` are `[1, N, head_dim]`).
     pub packing: Option<TokenPacking>,
+    /// The segments of shared-prefix rows (-1 at masked keys) when the fused
+    /// [`crate::fused::segment_attention`] runs instead of SDPA under `mask` (CPU
+    /// f32/f64; `mask` is then `None`). Packed with the real tokens.
+    pub segments: Option<Segments>,
 }
 
 impl AttentionContext {
@@ -149,6 +154,13 @@ impl AttentionContext {
         if let Some(p) = TokenPacking::new(&self.key_mask, max_padding_share) {
             self.cos = p.pack(&self.cos);
             self.sin = p.pack(&self.sin);
+            self.segments = self.segments.take().map(|s| {
+                let s = s.numbered_by_row();
+                Segments {
+                    ids: p.pack(&s.ids),
+                    row_stride: s.row_stride,
+                }
+            });
             self.packing = Some(p);
         }
         self
@@ -227,6 +239,10 @@ fn contiguous_attention(
         cfg.head_dim,
     );
     let packing = ctx.packing.as_ref();
+    // Shared-prefix rows on CPU, padded or packed alike: the fused kernel.
+    if let (Some(seg), None) = (&ctx.segments, &kv) {
+        return Ok(crate::fused::segment_attention(&q, &k, &v, seg));
+    }
     let (q, k, v) = match (packing, kv) {
         (Some(_), Some(_)) => {
             return Err(ModelError::Input(
@@ -553,13 +569,14 @@ pub fn attention_context(
         is_causal,
         key_mask,
         packing: None,
+        segments: None,
     })
 }
 
-/// The context of a shared-prefix row (see [`ForwardInput::segment_ids`]): the mask
-/// `[B, 1, T, T]` is causal, restricted to real keys of the prefix or the query's own
-/// branch, so each branch sees exactly what it would see after its own copy of the
-/// prefix.
+/// The context of a shared-prefix row (see [`ForwardInput::segment_ids`]): attention is
+/// causal, restricted to real keys of the prefix or the query's own branch, so each
+/// branch sees exactly what it would see after its own copy of the prefix
+/// ([`crate::fused::segment_attention`]).
 fn segment_context(
     rope: &Rope,
     kind: Kind,
@@ -578,30 +595,27 @@ fn segment_context(
         ));
     };
     let device = input.input_ids.device();
-    let (b, t) = (seg.size()[0], seg.size()[1]);
     let seg = seg.to_device(device).to_kind(Kind::Int64);
     let mut key_mask = seg.ge(0);
     if let Some(m) = input.attention_mask {
         key_mask = key_mask.logical_and(&m.to_device(device).to_kind(Kind::Bool));
     }
-    let q = Tensor::arange(t, (Kind::Int64, device));
-    let causal = q.unsqueeze(0).le_tensor(&q.unsqueeze(1)); // [T (query), T (key)]
-    let (sq, sk) = (seg.view([b, t, 1]), seg.view([b, 1, t]));
-    let related = sk.eq(0).logical_or(&sk.eq_tensor(&sq)); // [B, T, T]
-    let mask = related
-        .logical_and(&causal.unsqueeze(0))
-        .logical_and(&key_mask.view([b, 1, t]))
-        .unsqueeze(1);
-    // Padding queries see no key: let them see all (outputs unused), as above.
-    let empty = mask.any_dims(&[-1i64][..], true).logical_not();
+    let seg = Segments::rows(seg.where_scalarother(&key_mask, -1));
     let (cos, sin) = rope.cos_sin(&positions.to_device(device), kind);
+    // The fused kernel needs no mask; elsewhere SDPA takes it, built once for all layers.
+    let (mask, segments) = if crate::fused::segment_attention_is_fused(device, kind) {
+        (None, Some(seg))
+    } else {
+        (Some(segment_mask(&seg)), None)
+    };
     Ok(AttentionContext {
         cos,
         sin,
-        mask: Some(mask.logical_or(&empty)),
+        mask,
         is_causal: false,
         key_mask,
         packing: None,
+        segments,
     })
 }
 
