@@ -12,6 +12,8 @@
 #include <cstring>
 #include <string>
 
+#include "simd.h"
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -19,37 +21,41 @@ using torch::autograd::variable_list;
 
 // y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps) per row of H.
 template <typename T>
-void rms_forward(const T* x, const T* w, T* y, T* rstd, int64_t rows, int64_t h, double eps) {
-  for (int64_t n = 0; n < rows; ++n) {
-    const T* xr = x + n * h;
-    T* yr = y + n * h;
-    T ss = 0;
-    for (int64_t i = 0; i < h; ++i) ss += xr[i] * xr[i];
-    T r = T(1) / std::sqrt(ss / T(h) + T(eps));
-    rstd[n] = r;
-    for (int64_t i = 0; i < h; ++i) yr[i] = w[i] * (xr[i] * r);
-  }
+inline __attribute__((always_inline)) void rms_forward_row(const T* xr, const T* w, T* yr,
+                                                           T* rstd, int64_t h, double eps) {
+  T r = T(1) / std::sqrt(grpo_simd::dot(xr, xr, h) / T(h) + T(eps));
+  *rstd = r;
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) yr[i] = w[i] * (xr[i] * r);
 }
+
+GRPO_SIMD_VARIANTS(rms_forward,
+                   (const T* x, const T* w, T* y, T* rstd, int64_t rows, int64_t h, double eps),
+                   for (int64_t n = 0; n < rows; ++n)
+                       rms_forward_row(x + n * h, w, y + n * h, rstd + n, h, eps);)
 
 // gx = r * (w * g) - (r^3 / H) * sum(w * g * x) * x;  gw = sum over rows of g * x * r.
 template <typename T>
-void rms_backward(const T* g, const T* x, const T* w, const T* rstd, T* gx, T* gw,
-                  int64_t rows, int64_t h) {
-  for (int64_t i = 0; i < h; ++i) gw[i] = 0;
-  for (int64_t n = 0; n < rows; ++n) {
-    const T* gr = g + n * h;
-    const T* xr = x + n * h;
-    T* gxr = gx + n * h;
-    T r = rstd[n];
-    T dot = 0;
-    for (int64_t i = 0; i < h; ++i) {
-      dot += w[i] * gr[i] * xr[i];
-      gw[i] += gr[i] * (xr[i] * r);
-    }
-    T c = r * r * r * dot / T(h);
-    for (int64_t i = 0; i < h; ++i) gxr[i] = r * (w[i] * gr[i]) - c * xr[i];
+inline __attribute__((always_inline)) void rms_backward_row(const T* gr, const T* xr,
+                                                            const T* w, T r, T* gxr, T* gw,
+                                                            int64_t h) {
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < h; ++i) {
+    dot += w[i] * gr[i] * xr[i];
+    gw[i] += gr[i] * (xr[i] * r);
   }
+  T c = r * r * r * dot / T(h);
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) gxr[i] = r * (w[i] * gr[i]) - c * xr[i];
 }
+
+GRPO_SIMD_VARIANTS(rms_backward,
+                   (const T* g, const T* x, const T* w, const T* rstd, T* gx, T* gw,
+                    int64_t rows, int64_t h),
+                   for (int64_t i = 0; i < h; ++i) gw[i] = 0;
+                   for (int64_t n = 0; n < rows; ++n)
+                       rms_backward_row(g + n * h, x + n * h, w, rstd[n], gx + n * h, gw, h);)
 
 class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
  public:
@@ -67,7 +73,9 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
     auto y = at::empty_like(xc);
     auto rstd = at::empty({rows}, xc.options());
     AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "grpo_rms_norm", [&] {
-      rms_forward<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+      auto rms_forward =
+          grpo_simd::has_avx2() ? rms_forward_avx2<scalar_t> : rms_forward_base<scalar_t>;
+      rms_forward(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
                             y.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), rows, h, eps);
     });
     ctx->save_for_backward({xc, wc, rstd});
@@ -83,7 +91,9 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
     auto gx = at::empty_like(x);
     auto gw = at::empty_like(w);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grpo_rms_norm_backward", [&] {
-      rms_backward<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+      auto rms_backward =
+          grpo_simd::has_avx2() ? rms_backward_avx2<scalar_t> : rms_backward_base<scalar_t>;
+      rms_backward(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                              w.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(),
                              gx.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), rows, h);
     });
@@ -93,26 +103,33 @@ class RmsNormFn : public torch::autograd::Function<RmsNormFn> {
 
 // Rotary embedding of x [B, T, heads, d] with cos/sin [B, T, d] (no gradient):
 // y = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[d/2:], x[:d/2]).
-// `sign` = -1 applies the inverse rotation (the backward: the rotation's transpose).
+// `inverse` applies the inverse rotation (the backward: the rotation's transpose),
+// y = x * cos + rotate_half^T(x * sin).
 template <typename T>
-void rope_apply(const T* x, const T* cs, const T* sn, T* y, int64_t bt, int64_t heads,
-                int64_t d, T sign) {
-  int64_t half = d / 2;
-  for (int64_t p = 0; p < bt; ++p) {
-    const T* c = cs + p * d;
-    const T* s = sn + p * d;
-    for (int64_t hd = 0; hd < heads; ++hd) {
-      const T* xr = x + (p * heads + hd) * d;
-      T* yr = y + (p * heads + hd) * d;
-      for (int64_t i = 0; i < half; ++i) {
-        yr[i] = xr[i] * c[i] - sign * xr[i + half] * s[sign > 0 ? i : i + half];
-      }
-      for (int64_t i = half; i < d; ++i) {
-        yr[i] = xr[i] * c[i] + sign * xr[i - half] * s[sign > 0 ? i : i - half];
-      }
-    }
+inline __attribute__((always_inline)) void rope_row(const T* xr, const T* c, const T* s, T* yr,
+                                                    int64_t half, bool inverse) {
+  if (!inverse) {
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) yr[i] = xr[i] * c[i] - xr[i + half] * s[i];
+#pragma omp simd
+    for (int64_t i = half; i < 2 * half; ++i) yr[i] = xr[i] * c[i] + xr[i - half] * s[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) yr[i] = xr[i] * c[i] + xr[i + half] * s[i + half];
+#pragma omp simd
+    for (int64_t i = half; i < 2 * half; ++i) yr[i] = xr[i] * c[i] - xr[i - half] * s[i - half];
   }
 }
+
+GRPO_SIMD_VARIANTS(rope_apply,
+                   (const T* x, const T* cs, const T* sn, T* y, int64_t bt, int64_t heads,
+                    int64_t d, bool inverse),
+                   for (int64_t p = 0; p < bt; ++p) {
+                     for (int64_t hd = 0; hd < heads; ++hd) {
+                       const int64_t at = (p * heads + hd) * d;
+                       rope_row(x + at, cs + p * d, sn + p * d, y + at, d / 2, inverse);
+                     }
+                   })
 
 class RopeFn : public torch::autograd::Function<RopeFn> {
  public:
@@ -133,9 +150,10 @@ class RopeFn : public torch::autograd::Function<RopeFn> {
     auto y = at::empty_like(xc);
     int64_t d = xc.size(3), heads = xc.size(2), bt = xc.size(0) * xc.size(1);
     AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "grpo_rope", [&] {
-      rope_apply<scalar_t>(xc.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                           s.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bt, heads, d,
-                           scalar_t(1));
+      auto rope_apply =
+          grpo_simd::has_avx2() ? rope_apply_avx2<scalar_t> : rope_apply_base<scalar_t>;
+      rope_apply(xc.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                 y.data_ptr<scalar_t>(), bt, heads, d, false);
     });
     ctx->save_for_backward({c, s});
     return y;
@@ -148,9 +166,10 @@ class RopeFn : public torch::autograd::Function<RopeFn> {
     auto gx = at::empty_like(g);
     int64_t d = g.size(3), heads = g.size(2), bt = g.size(0) * g.size(1);
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "grpo_rope_backward", [&] {
-      rope_apply<scalar_t>(g.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                           s.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), bt, heads, d,
-                           scalar_t(-1));
+      auto rope_apply =
+          grpo_simd::has_avx2() ? rope_apply_avx2<scalar_t> : rope_apply_base<scalar_t>;
+      rope_apply(g.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                 gx.data_ptr<scalar_t>(), bt, heads, d, true);
     });
     return {gx, at::Tensor(), at::Tensor()};
   }

@@ -23,6 +23,8 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -97,19 +99,9 @@ Visible visible_keys(const int64_t* s, Block blk, int64_t stride) {
   return v;
 }
 
-template <typename T>
-inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t d) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t x = 0; x < d; ++x) acc += a[x] * b[x];
-  return acc;
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void axpy(T a, const T* x, T* y, int64_t d) {
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
-}
+using grpo_simd::axpy;
+using grpo_simd::dot;
+using grpo_simd::has_avx2;
 
 // One row of the forward: out [T, nh * d], lse [T, nh].
 template <typename T>
@@ -172,44 +164,30 @@ inline __attribute__((always_inline)) void backward_row(const T* q, const T* k, 
   }
 }
 
-// Blocks [b0, b1), instantiated twice: for CPUs with AVX2 and FMA (chosen at run time)
-// and for any x86-64. The kernels inline into these, so they take the target.
-#define GRPO_ROWS(attr, suffix)                                                              \
-  template <typename T>                                                                      \
-  attr void forward_rows##suffix(const T* q, const T* k, const T* v, const int64_t* seg,     \
-                                 const Block* blocks, int64_t stride, Shape sh, T scale,     \
-                                 T* out, T* lse, int64_t b0, int64_t b1) {                   \
-    const int64_t qs = sh.t * sh.nh * sh.d, ks = sh.t * sh.nkv * sh.d;                       \
-    for (int64_t x = b0; x < b1; ++x) {                                                      \
-      const int64_t b = blocks[x].b;                                                         \
-      Visible vis = visible_keys(seg + b * sh.t, blocks[x], stride);                         \
-      forward_row(q + b * qs, k + b * ks, v + b * ks, vis, blocks[x], sh, scale,             \
-                  out + b * qs, lse + b * sh.t * sh.nh);                                     \
-    }                                                                                        \
-  }                                                                                          \
-  template <typename T>                                                                      \
-  attr void backward_rows##suffix(const T* q, const T* k, const T* v, const T* out,          \
-                                  const T* lse, const T* gout, const int64_t* seg,           \
-                                  const Block* blocks, int64_t stride, Shape sh, T scale,    \
-                                  T* dq, T* dk, T* dv, int64_t b0, int64_t b1) {             \
-    const int64_t qs = sh.t * sh.nh * sh.d, ks = sh.t * sh.nkv * sh.d;                       \
-    for (int64_t x = b0; x < b1; ++x) {                                                      \
-      const int64_t b = blocks[x].b;                                                         \
-      Visible vis = visible_keys(seg + b * sh.t, blocks[x], stride);                         \
-      backward_row(q + b * qs, k + b * ks, v + b * ks, out + b * qs, lse + b * sh.t * sh.nh, \
-                   gout + b * qs, vis, blocks[x], sh, scale, dq + b * qs, dk + b * ks,       \
-                   dv + b * ks);                                                             \
-    }                                                                                        \
-  }
+// Blocks [b0, b1) of the forward and the backward, for AVX2 and for any x86-64.
+GRPO_SIMD_VARIANTS(forward_rows,
+                   (const T* q, const T* k, const T* v, const int64_t* seg, const Block* blocks,
+                    int64_t stride, Shape sh, T scale, T* out, T* lse, int64_t b0, int64_t b1),
+                   const int64_t qs = sh.t * sh.nh * sh.d, ks = sh.t * sh.nkv * sh.d;
+                   for (int64_t x = b0; x < b1; ++x) {
+                     const int64_t b = blocks[x].b;
+                     Visible vis = visible_keys(seg + b * sh.t, blocks[x], stride);
+                     forward_row(q + b * qs, k + b * ks, v + b * ks, vis, blocks[x], sh, scale,
+                                 out + b * qs, lse + b * sh.t * sh.nh);
+                   })
 
-GRPO_ROWS(__attribute__((target("avx2,fma"))), _avx2)
-GRPO_ROWS(, _base)
-#undef GRPO_ROWS
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
+GRPO_SIMD_VARIANTS(backward_rows,
+                   (const T* q, const T* k, const T* v, const T* out, const T* lse,
+                    const T* gout, const int64_t* seg, const Block* blocks, int64_t stride,
+                    Shape sh, T scale, T* dq, T* dk, T* dv, int64_t b0, int64_t b1),
+                   const int64_t qs = sh.t * sh.nh * sh.d, ks = sh.t * sh.nkv * sh.d;
+                   for (int64_t x = b0; x < b1; ++x) {
+                     const int64_t b = blocks[x].b;
+                     Visible vis = visible_keys(seg + b * sh.t, blocks[x], stride);
+                     backward_row(q + b * qs, k + b * ks, v + b * ks, out + b * qs,
+                                  lse + b * sh.t * sh.nh, gout + b * qs, vis, blocks[x], sh,
+                                  scale, dq + b * qs, dk + b * ks, dv + b * ks);
+                   })
 
 Shape shape_of(const at::Tensor& q, const at::Tensor& k) {
   return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
