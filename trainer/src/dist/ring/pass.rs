@@ -1,6 +1,6 @@
 //! The data movement of one collective over the two links of a rank (see the
-//! module docs of `ring` for the schedule): the pipelined two-thread ring pass and
-//! the chain used by broadcast. Pure socket and buffer work; tensors, headers and
+//! module docs of `ring` for the schedule): the pipelined two-thread ring pass (a
+//! single-thread one for small buffers) and the chain used by broadcast. Pure socket and buffer work; tensors, headers and
 //! failure reporting live in `ring/mod.rs`.
 
 use std::io::{self, Read, Write};
@@ -15,6 +15,12 @@ use super::super::error::CommError;
 use super::super::reduce::reduce_into;
 use super::super::shard::ShardLayout;
 use super::wire::{link_error, PassError};
+
+/// Ring passes whose bytes per rank, times `world_size`, are at most this run on the
+/// calling thread ([`Geometry::serial_pass`]): for scalars and small statistics a sender
+/// thread costs more than the data. 16 KiB is Linux's default TCP send buffer
+/// (`net.ipv4.tcp_wmem`), before the receiver's buffer adds to it.
+const SERIAL_LINK_BYTES: usize = 16 * 1024;
 
 /// Counters shared by the sender thread and the receiving thread of one pass.
 struct Progress {
@@ -134,6 +140,9 @@ impl Geometry {
         if layout.shard_len == 0 || steps.is_empty() {
             return Ok(());
         }
+        if steps.len() * layout.shard_len * esz * w <= SERIAL_LINK_BYTES {
+            return self.serial_pass(links, scratch, buf, dtype, &layout, steps, op);
+        }
         let chunk_elems = (self.chunk_bytes / esz).max(1);
         let chunks = layout.shard_len.div_ceil(chunk_elems);
         // pieces[seg * chunks + c]: chunk c of segment seg, possibly empty. A Mutex
@@ -233,6 +242,57 @@ impl Geometry {
                 (Err(PassError::Echo), Err(e)) | (Err(e), _) | (Ok(()), Err(e)) => Err(e),
             }
         })
+    }
+
+    /// [`Geometry::ring_pass`] of a small buffer on the calling thread: each step writes
+    /// the whole outgoing segment, then reads the incoming one. No write waits on a
+    /// reader that waits on it: a rank finishes a pass only after its predecessor
+    /// started it, so at most `world_size` of its passes wait unread on the link to its
+    /// successor, and their bytes ([`SERIAL_LINK_BYTES`]) fit in the link's buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn serial_pass(
+        &self,
+        links: &Links,
+        scratch: &mut [u8],
+        buf: &mut [u8],
+        dtype: Dtype,
+        layout: &ShardLayout,
+        steps: Range<usize>,
+        op: ReduceOp,
+    ) -> Result<(), PassError> {
+        let (w, r, timeout) = (self.world_size, self.rank, self.timeout);
+        let (next, prev) = (self.next(), self.prev());
+        let esz = dtype.size();
+        let bytes = |seg: usize| {
+            let e = layout.range(seg);
+            e.start * esz..e.end * esz
+        };
+        let seg = |back: usize| (r + w - back % w) % w;
+        let fail = |e: PassError| {
+            links.shutdown();
+            e
+        };
+        for t in steps {
+            (&links.to_next)
+                .write_all(&buf[bytes(seg(t + 1))])
+                .map_err(|e| fail(link_error(next, "to", timeout, e)))?;
+            let into = &mut buf[bytes(seg(t + 2))];
+            if t + 1 < w {
+                for piece in into.chunks_mut(scratch.len()) {
+                    let n = piece.len();
+                    (&links.from_prev)
+                        .read_exact(&mut scratch[..n])
+                        .map_err(|e| fail(link_error(prev, "from", timeout, e)))?;
+                    reduce_into(dtype, op, piece, &scratch[..n])
+                        .map_err(|e| fail(PassError::Local(e)))?;
+                }
+            } else {
+                (&links.from_prev)
+                    .read_exact(into)
+                    .map_err(|e| fail(link_error(prev, "from", timeout, e)))?;
+            }
+        }
+        Ok(())
     }
 
     /// Pipelined chain broadcast from `root` along `root → root+1 → … → root-1`:
