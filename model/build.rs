@@ -28,7 +28,11 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-psabi")
         .flag_if_supported("-fopenmp-simd")
+        // As PyTorch builds its kernels: lets comparisons and selects vectorise.
+        .flag_if_supported("-fno-math-errno")
+        .flag_if_supported("-fno-trapping-math")
         .opt_level(3)
         .warnings(false)
         .compile("grpo_fused_ops");

@@ -3,9 +3,11 @@
 // k, -1 = padding); query i of segment s attends to the keys j <= i of segment 0 or s,
 // the mask model/src/transformer.rs builds for SDPA. SDPA evaluates that mask densely
 // over the whole [T, T] square, while a completion sees only the prompt and itself:
-// with k completions about 1/k of the square. This kernel visits only the visible keys,
-// one (query, head) at a time inside L1, and saves the log-sum-exp for the backward
-// (FlashAttention's recomputation). Padding queries output zeros and get no gradient.
+// with k completions about 1/k of the square. This kernel visits only the visible keys:
+// each run of one segment gathers its keys (the prompt's, then its own) transposed, and
+// every query scores them KB at a time in registers. It saves the log-sum-exp for the
+// backward (FlashAttention's recomputation). Padding queries output zeros and get no
+// gradient.
 //
 // Layouts: q [B, T, nh, d], k/v [B, T, nkv, d] (contiguous; heads share a kv head in
 // groups of nh / nkv, as SDPA's enable_gqa), seg [B, T] i64; output [B, T, nh * d]. With
@@ -65,18 +67,16 @@ std::vector<Block> blocks_of(const int64_t* seg, int64_t batch, int64_t t, int64
   return blocks;
 }
 
-// The visible keys of every query of a block: for query lo + i, keys
-// idx[start[i] .. start[i + 1]) (positions in the sequence). Runs of one segment are
-// contiguous in our rows, but any order of segments is handled.
-struct Visible {
-  std::vector<int32_t> idx;
-  std::vector<int64_t> start;
+// The queries of a block in runs of one segment value. Every query of a run sees the
+// same keys before the run (`prefix`: the prompt's, and its own segment's if it were
+// split) and the run's own keys up to itself, so the run gathers its key list once:
+// `keys` = prefix then the run's positions, and query `lo + i` of the run sees the
+// first `prefix + i + 1`.
+struct Run {
+  int64_t lo, hi, value;
 };
 
-Visible visible_keys(const int64_t* s, Block blk, int64_t stride) {
-  struct Run {
-    int64_t lo, hi, value;
-  };
+std::vector<Run> runs_of(const int64_t* s, Block blk) {
   std::vector<Run> runs;
   for (int64_t j = blk.lo; j < blk.hi;) {
     int64_t e = j + 1;
@@ -84,81 +84,273 @@ Visible visible_keys(const int64_t* s, Block blk, int64_t stride) {
     runs.push_back({j, e, s[j]});
     j = e;
   }
-  Visible v;
-  const int64_t n = blk.hi - blk.lo;
-  v.start.assign(n + 1, 0);
-  for (int64_t i = blk.lo; i < blk.hi; ++i) {
-    v.start[i - blk.lo] = static_cast<int64_t>(v.idx.size());
-    for (const Run& r : runs) {
-      if (r.lo > i) break;
-      if (local_segment(r.value, stride) != 0 && r.value != s[i]) continue;
-      for (int64_t j = r.lo; j < std::min(r.hi, i + 1); ++j) v.idx.push_back(static_cast<int32_t>(j));
-    }
-  }
-  v.start[n] = static_cast<int64_t>(v.idx.size());
-  return v;
+  return runs;
 }
 
-using grpo_simd::axpy;
+// Key positions of run `r` (see Run), and how many come before the run.
+int64_t keys_of(const std::vector<Run>& runs, size_t r, int64_t stride,
+                std::vector<int64_t>& keys) {
+  keys.clear();
+  const int64_t own = runs[r].value;
+  for (size_t e = 0; e < r; ++e) {
+    if (local_segment(runs[e].value, stride) != 0 && runs[e].value != own) continue;
+    for (int64_t j = runs[e].lo; j < runs[e].hi; ++j) keys.push_back(j);
+  }
+  const int64_t prefix = static_cast<int64_t>(keys.size());
+  for (int64_t j = runs[r].lo; j < runs[r].hi; ++j) keys.push_back(j);
+  return prefix;
+}
+
 using grpo_simd::dot;
 using grpo_simd::has_avx2;
 
-// One row of the forward: out [T, nh * d], lse [T, nh].
+// Keys are handled KB at a time: key lists are padded to a multiple of KB and each
+// block of KB scores accumulates in registers over the head dimension.
+constexpr int64_t KB = 32;
+
+inline int64_t padded(int64_t n) { return (n + KB - 1) / KB * KB; }
+
+// exp(x) for f32: 2^n p(r) with r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] and Cephes'
+// degree-6 polynomial, within 1e-7 relative of exp (x clamped to [-87, 88]); written
+// without branches or calls so the loops around it vectorise. f64 (the tests'
+// reference precision) takes std::exp.
+inline __attribute__((always_inline)) float exp_of(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline __attribute__((always_inline)) double exp_of(double x) { return std::exp(x); }
+
+// Rows `keys` of kv head g of x ([T, nkv, d]) transposed into xt [d][mp], zeros past
+// the keys.
 template <typename T>
-inline __attribute__((always_inline)) void forward_row(const T* q, const T* k, const T* v,
-                                                       const Visible& vis, Block blk, Shape sh,
-                                                       T scale, T* out, T* lse) {
-  const int64_t group = sh.nh / sh.nkv, d = sh.d;
-  std::vector<T> p(static_cast<size_t>(blk.hi - blk.lo));
-  for (int64_t i = blk.lo; i < blk.hi; ++i) {
-    const int64_t lo = vis.start[i - blk.lo], n = vis.start[i - blk.lo + 1] - lo;
-    const int32_t* keys = vis.idx.data() + lo;
-    for (int64_t h = 0; h < sh.nh; ++h) {
-      T* o = out + (i * sh.nh + h) * d;
-      const int64_t g = h / group;
-      const T* qi = q + (i * sh.nh + h) * d;
-      T m = -std::numeric_limits<T>::infinity();
-      for (int64_t x = 0; x < n; ++x) {
-        p[x] = scale * dot(qi, k + (keys[x] * sh.nkv + g) * d, d);
-        m = std::max(m, p[x]);
+inline __attribute__((always_inline)) void gather_t(const T* x, const std::vector<int64_t>& keys,
+                                                    Shape sh, int64_t g, int64_t mp, T* xt) {
+  const int64_t m = static_cast<int64_t>(keys.size());
+  std::fill(xt, xt + sh.d * mp, T(0));
+  for (int64_t e = 0; e < m; ++e) {
+    const T* row = x + (keys[e] * sh.nkv + g) * sh.d;
+    for (int64_t dd = 0; dd < sh.d; ++dd) xt[dd * mp + e] = row[dd];
+  }
+}
+
+// 32-byte vectors of T (GCC's vector extension: AVX registers in the AVX2 variant, SSE
+// pairs in the base one), so that the accumulators of a key block stay in registers.
+template <typename T>
+struct Vector {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename Vector<T>::type;
+template <typename T>
+constexpr int64_t kLanes = 32 / sizeof(T);
+template <typename T>
+constexpr int64_t kVecs = KB / kLanes<T>;
+
+template <typename T>
+inline __attribute__((always_inline)) Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// s[e] = scale * sum_dd a[dd] xt[dd][e] for e < padded(c).
+template <typename T>
+inline __attribute__((always_inline)) void scores(const T* a, const T* xt, int64_t mp, int64_t c,
+                                                  int64_t d, T scale, T* s) {
+  for (int64_t e0 = 0; e0 < c; e0 += KB) {
+    Vec<T> acc[kVecs<T>] = {};
+    for (int64_t dd = 0; dd < d; ++dd) {
+      const T ad = a[dd] * scale;
+      const T* xr = xt + dd * mp + e0;
+      for (int64_t j = 0; j < kVecs<T>; ++j) acc[j] += ad * load(xr + j * kLanes<T>);
+    }
+    for (int64_t j = 0; j < kVecs<T>; ++j) store(s + e0 + j * kLanes<T>, acc[j]);
+  }
+}
+
+// y[dd] += sum_e p[e] xt[dd][e] over e < cp, a multiple of KB (p is zero past the
+// visible keys).
+template <typename T>
+inline __attribute__((always_inline)) void mix(const T* p, const T* xt, int64_t mp, int64_t cp,
+                                               int64_t d, T* y) {
+  for (int64_t dd = 0; dd < d; ++dd) {
+    const T* xr = xt + dd * mp;
+    Vec<T> acc[kVecs<T>] = {};
+    for (int64_t e0 = 0; e0 < cp; e0 += KB) {
+      for (int64_t j = 0; j < kVecs<T>; ++j) {
+        acc[j] += load(p + e0 + j * kLanes<T>) * load(xr + e0 + j * kLanes<T>);
       }
-      T sum = 0;
-      for (int64_t x = 0; x < n; ++x) {
-        p[x] = std::exp(p[x] - m);
-        sum += p[x];
-      }
-      const T inv = T(1) / sum;
-      for (int64_t x = 0; x < n; ++x) axpy(p[x] * inv, v + (keys[x] * sh.nkv + g) * d, o, d);
-      lse[i * sh.nh + h] = m + std::log(sum);
+    }
+    for (int64_t j = 1; j < kVecs<T>; ++j) acc[0] += acc[j];
+    T sum = 0;
+    for (int64_t l = 0; l < kLanes<T>; ++l) sum += acc[0][l];
+    y[dd] += sum;
+  }
+}
+
+// y[dd] += sum_e p[e] x[keys[e]][g][dd] over e < c, reading the rows of x ([T, nkv, d])
+// in place, KB of the head dimension at a time (d a multiple of KB; else `mix`).
+template <typename T>
+inline __attribute__((always_inline)) void mix_rows(const T* p, const T* x, const int64_t* keys,
+                                                    int64_t c, Shape sh, int64_t g, T* y) {
+  for (int64_t d0 = 0; d0 < sh.d; d0 += KB) {
+    Vec<T> acc[kVecs<T>] = {};
+    for (int64_t e = 0; e < c; ++e) {
+      const T pe = p[e];
+      const T* row = x + (keys[e] * sh.nkv + g) * sh.d + d0;
+      for (int64_t j = 0; j < kVecs<T>; ++j) acc[j] += pe * load(row + j * kLanes<T>);
+    }
+    for (int64_t j = 0; j < kVecs<T>; ++j) {
+      T* yj = y + d0 + j * kLanes<T>;
+      store(yj, load(yj) + acc[j]);
     }
   }
 }
 
-// One row of the backward (dq, dk, dv zeroed by the caller): with p = exp(s - lse) and
-// D = dO . O, ds = p * (dO . v - D); dq += scale ds k, dk += scale ds q, dv += p dO.
+// gt[dd][e] += a[dd] p[e] for e < cp.
 template <typename T>
-inline __attribute__((always_inline)) void backward_row(const T* q, const T* k, const T* v,
-                                                        const T* out, const T* lse,
-                                                        const T* gout, const Visible& vis,
-                                                        Block blk, Shape sh, T scale, T* dq,
-                                                        T* dk, T* dv) {
+inline __attribute__((always_inline)) void outer_add(const T* a, const T* p, int64_t mp,
+                                                     int64_t cp, int64_t d, T* gt) {
+  for (int64_t dd = 0; dd < d; ++dd) {
+    const T ad = a[dd];
+    T* g = gt + dd * mp;
+#pragma omp simd
+    for (int64_t e = 0; e < cp; ++e) g[e] += ad * p[e];
+  }
+}
+
+// Softmax weights of the c visible scores in p (zeros up to padded(c)); returns the
+// log-sum-exp.
+template <typename T>
+inline __attribute__((always_inline)) T softmax(T* p, int64_t c) {
+  T m = p[0];
+  for (int64_t e = 1; e < c; ++e) m = std::max(m, p[e]);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t e = 0; e < c; ++e) {
+    p[e] = exp_of(p[e] - m);
+    sum += p[e];
+  }
+  const T inv = T(1) / sum;
+#pragma omp simd
+  for (int64_t e = 0; e < c; ++e) p[e] *= inv;
+  std::fill(p + c, p + padded(c), T(0));
+  return m + std::log(sum);
+}
+
+// One block of the forward: out [T, nh * d], lse [T, nh] at the block's positions.
+template <typename T>
+inline __attribute__((always_inline)) void forward_block(const T* q, const T* k, const T* v,
+                                                         const int64_t* seg, Block blk,
+                                                         int64_t stride, Shape sh, T scale,
+                                                         T* out, T* lse) {
   const int64_t group = sh.nh / sh.nkv, d = sh.d;
-  for (int64_t i = blk.lo; i < blk.hi; ++i) {
-    const int64_t lo = vis.start[i - blk.lo], n = vis.start[i - blk.lo + 1] - lo;
-    const int32_t* keys = vis.idx.data() + lo;
-    for (int64_t h = 0; h < sh.nh && n > 0; ++h) {
-      const int64_t g = h / group, at = (i * sh.nh + h) * d;
-      const T* qi = q + at;
-      const T* go = gout + at;
-      T* dqi = dq + at;
-      const T dd = dot(go, out + at, d), l = lse[i * sh.nh + h];
-      for (int64_t x = 0; x < n; ++x) {
-        const int64_t kv = (keys[x] * sh.nkv + g) * d;
-        const T p = std::exp(scale * dot(qi, k + kv, d) - l);
-        const T ds = p * (dot(go, v + kv, d) - dd) * scale;
-        axpy(ds, k + kv, dqi, d);
-        axpy(ds, qi, dk + kv, d);
-        axpy(p, go, dv + kv, d);
+  const bool rows = d % KB == 0;  // mix_rows over the head dimension
+  const auto runs = runs_of(seg, blk);
+  std::vector<int64_t> keys;
+  std::vector<T> kt, vt, p;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const int64_t prefix = keys_of(runs, r, stride, keys);
+    const int64_t mp = padded(static_cast<int64_t>(keys.size()));
+    kt.resize(d * mp);
+    vt.resize(d * mp);
+    p.resize(mp);
+    for (int64_t g = 0; g < sh.nkv; ++g) {
+      gather_t(k, keys, sh, g, mp, kt.data());
+      gather_t(v, keys, sh, g, mp, vt.data());
+      for (int64_t i = runs[r].lo; i < runs[r].hi; ++i) {
+        const int64_t c = prefix + i - runs[r].lo + 1;
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          const int64_t at = (i * sh.nh + h) * d;
+          scores(q + at, kt.data(), mp, c, d, scale, p.data());
+          lse[i * sh.nh + h] = softmax(p.data(), c);
+          if (rows) {
+            mix_rows(p.data(), v, keys.data(), c, sh, g, out + at);
+          } else {
+            mix(p.data(), vt.data(), mp, padded(c), d, out + at);
+          }
+        }
+      }
+    }
+  }
+}
+
+// One block of the backward (dq, dk, dv zeroed by the caller): with p = exp(s - lse) and
+// D = dO . O, ds = p * (dO . v - D); dq += scale ds k, dk += scale ds q, dv += p dO. The
+// key gradients of a run accumulate transposed, then add into dk and dv.
+template <typename T>
+inline __attribute__((always_inline)) void backward_block(const T* q, const T* k, const T* v,
+                                                          const T* out, const T* lse,
+                                                          const T* gout, const int64_t* seg,
+                                                          Block blk, int64_t stride, Shape sh,
+                                                          T scale, T* dq, T* dk, T* dv) {
+  const int64_t group = sh.nh / sh.nkv, d = sh.d;
+  const bool rows = d % KB == 0;  // mix_rows over the head dimension
+  const auto runs = runs_of(seg, blk);
+  std::vector<int64_t> keys;
+  std::vector<T> kt, vt, dkt, dvt, p, ds;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const int64_t prefix = keys_of(runs, r, stride, keys);
+    const int64_t m = static_cast<int64_t>(keys.size()), mp = padded(m);
+    kt.resize(d * mp);
+    vt.resize(d * mp);
+    dkt.resize(d * mp);
+    dvt.resize(d * mp);
+    p.resize(mp);
+    ds.resize(mp);
+    for (int64_t g = 0; g < sh.nkv; ++g) {
+      gather_t(k, keys, sh, g, mp, kt.data());
+      gather_t(v, keys, sh, g, mp, vt.data());
+      std::fill(dkt.begin(), dkt.end(), T(0));
+      std::fill(dvt.begin(), dvt.end(), T(0));
+      for (int64_t i = runs[r].lo; i < runs[r].hi; ++i) {
+        const int64_t c = prefix + i - runs[r].lo + 1, cp = padded(c);
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          const int64_t at = (i * sh.nh + h) * d;
+          const T* go = gout + at;
+          const T dd = dot(go, out + at, d), l = lse[i * sh.nh + h];
+          scores(q + at, kt.data(), mp, c, d, scale, p.data());
+          scores(go, vt.data(), mp, c, d, T(1), ds.data());
+#pragma omp simd
+          for (int64_t e = 0; e < cp; ++e) {
+            p[e] = e < c ? exp_of(p[e] - l) : T(0);
+            ds[e] = p[e] * (ds[e] - dd) * scale;
+          }
+          if (rows) {
+            mix_rows(ds.data(), k, keys.data(), c, sh, g, dq + at);
+          } else {
+            mix(ds.data(), kt.data(), mp, cp, d, dq + at);
+          }
+          outer_add(q + at, ds.data(), mp, cp, d, dkt.data());
+          outer_add(go, p.data(), mp, cp, d, dvt.data());
+        }
+      }
+      for (int64_t e = 0; e < m; ++e) {
+        T* dkr = dk + (keys[e] * sh.nkv + g) * d;
+        T* dvr = dv + (keys[e] * sh.nkv + g) * d;
+        for (int64_t x = 0; x < d; ++x) {
+          dkr[x] += dkt[x * mp + e];
+          dvr[x] += dvt[x * mp + e];
+        }
       }
     }
   }
@@ -171,9 +363,9 @@ GRPO_SIMD_VARIANTS(forward_rows,
                    const int64_t qs = sh.t * sh.nh * sh.d, ks = sh.t * sh.nkv * sh.d;
                    for (int64_t x = b0; x < b1; ++x) {
                      const int64_t b = blocks[x].b;
-                     Visible vis = visible_keys(seg + b * sh.t, blocks[x], stride);
-                     forward_row(q + b * qs, k + b * ks, v + b * ks, vis, blocks[x], sh, scale,
-                                 out + b * qs, lse + b * sh.t * sh.nh);
+                     forward_block(q + b * qs, k + b * ks, v + b * ks, seg + b * sh.t,
+                                   blocks[x], stride, sh, scale, out + b * qs,
+                                   lse + b * sh.t * sh.nh);
                    })
 
 GRPO_SIMD_VARIANTS(backward_rows,
@@ -183,10 +375,10 @@ GRPO_SIMD_VARIANTS(backward_rows,
                    const int64_t qs = sh.t * sh.nh * sh.d, ks = sh.t * sh.nkv * sh.d;
                    for (int64_t x = b0; x < b1; ++x) {
                      const int64_t b = blocks[x].b;
-                     Visible vis = visible_keys(seg + b * sh.t, blocks[x], stride);
-                     backward_row(q + b * qs, k + b * ks, v + b * ks, out + b * qs,
-                                  lse + b * sh.t * sh.nh, gout + b * qs, vis, blocks[x], sh,
-                                  scale, dq + b * qs, dk + b * ks, dv + b * ks);
+                     backward_block(q + b * qs, k + b * ks, v + b * ks, out + b * qs,
+                                    lse + b * sh.t * sh.nh, gout + b * qs, seg + b * sh.t,
+                                    blocks[x], stride, sh, scale, dq + b * qs, dk + b * ks,
+                                    dv + b * ks);
                    })
 
 Shape shape_of(const at::Tensor& q, const at::Tensor& k) {
