@@ -1,6 +1,5 @@
-// Helpers shared by the fused CPU kernels: vectorisable dot and axpy over a contiguous
-// run (the `omp simd` reductions need -fopenmp-simd, set by model/build.rs), and the
-// run-time check choosing each kernel's AVX2+FMA instantiation over the x86-64 one.
+// Helpers shared by the fused CPU kernels: a vectorisable dot over a contiguous run (the
+// `omp simd` reduction needs -fopenmp-simd, set by model/build.rs), and the run-time check choosing each kernel's AVX2+FMA instantiation over the x86-64 one.
 #pragma once
 
 #include <cstdint>
@@ -13,12 +12,6 @@ inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t n) {
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void axpy(T a, const T* x, T* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 inline bool has_avx2() {
