@@ -1,5 +1,6 @@
 // Helpers shared by the fused CPU kernels: a vectorisable dot over a contiguous run (the
-// `omp simd` reduction needs -fopenmp-simd, set by model/build.rs), and the run-time check choosing each kernel's AVX2+FMA instantiation over the x86-64 one.
+// `omp simd` reduction needs -fopenmp-simd, set by model/build.rs), and the run-time
+// check choosing each kernel's AVX2+FMA instantiation over the x86-64 one.
 #pragma once
 
 #include <cstdint>
