@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/fused_ops.cpp");
     println!("cargo:rerun-if-changed=csrc/segment_attention.cpp");
     println!("cargo:rerun-if-changed=csrc/simd.h");
+    println!("cargo:rerun-if-changed=csrc/ffi.h");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("torch-sys reports libtorch's library directory (DEP_TCH_LIBTORCH_LIB)"),

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <string>
 
+#include "ffi.h"
 #include "simd.h"
 
 namespace {
@@ -175,14 +176,6 @@ class RopeFn : public torch::autograd::Function<RopeFn> {
   }
 };
 
-char* copy_message(const std::exception& e) {
-  const char* what = e.what();
-  size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out) std::memcpy(out, what, n + 1);
-  return out;
-}
-
 }  // namespace
 
 // Each returns a new tensor (owned by the caller, freed as tch frees its tensors), or
@@ -194,7 +187,7 @@ at::Tensor* grpo_fused_rms_norm(const at::Tensor* x, const at::Tensor* w, double
   try {
     return new at::Tensor(RmsNormFn::apply(*x, *w, eps));
   } catch (const std::exception& e) {
-    *err = copy_message(e);
+    *err = grpo_ffi::copy_message(e);
     return nullptr;
   }
 }
@@ -204,7 +197,7 @@ at::Tensor* grpo_fused_rope(const at::Tensor* x, const at::Tensor* cos, const at
   try {
     return new at::Tensor(RopeFn::apply(*x, *cos, *sin));
   } catch (const std::exception& e) {
-    *err = copy_message(e);
+    *err = grpo_ffi::copy_message(e);
     return nullptr;
   }
 }

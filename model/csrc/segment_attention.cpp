@@ -25,6 +25,7 @@
 #include <limits>
 #include <vector>
 
+#include "ffi.h"
 #include "simd.h"
 
 namespace {
@@ -457,14 +458,6 @@ class SegmentAttentionFn : public torch::autograd::Function<SegmentAttentionFn> 
   }
 };
 
-char* copy_message(const std::exception& e) {
-  const char* what = e.what();
-  size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out) std::memcpy(out, what, n + 1);
-  return out;
-}
-
 }  // namespace
 
 extern "C" {
@@ -475,7 +468,7 @@ at::Tensor* grpo_segment_attention(const at::Tensor* q, const at::Tensor* k, con
   try {
     return new at::Tensor(SegmentAttentionFn::apply(*q, *k, *v, *seg, stride));
   } catch (const std::exception& e) {
-    *err = copy_message(e);
+    *err = grpo_ffi::copy_message(e);
     return nullptr;
   }
 }
