@@ -5,7 +5,8 @@
 //! One connection carries one update. All integers are little-endian.
 //!
 //! ```text
-//! sender -> worker  hello   MAGIC (8 bytes) | token (32 bytes, from a DataPlaneOffer)
+//! sender -> worker  hello   MAGIC (8 bytes) | token (32 bytes, from a DataPlaneOffer) |
+//!                           u8 lane | u8 lanes (1..=MAX_LANES; lane < lanes)
 //! worker -> sender  status  u8 0 = ok | u8 1, u32 len, UTF-8 message (then it closes)
 //! sender -> worker  route   u32 hop_timeout_ms | u32 rejoin_ms | u32 hops |
 //!                           per hop: u16 len, "host:port", token (32)
@@ -24,6 +25,13 @@
 //! token for `rejoin_ms` (set by a forwarding worker; 0 from the trainer, which does not
 //! reconnect) for the upstream to come back, and a newer connection presenting a token
 //! whose update is still being received replaces the older one.
+//!
+//! Lanes: an update may come over `lanes` parallel connections that present the same
+//! token, each with its own index and a share of the tensors (each tensor whole, on one
+//! lane); the update is complete when every lane has sent its end marker and every
+//! parameter arrived on one of them. Each lane answers its own end marker; the lane that
+//! completes the update answers for all of it. A multi-lane update goes to one worker
+//! (its route has no hops) and a lane that breaks fails the update (no rejoin).
 use std::io::{self, Read, Write};
 
 use crate::frame::{
@@ -31,8 +39,10 @@ use crate::frame::{
     read_u8, read_vec,
 };
 
-/// Opens every connection: "RWDP", protocol version 2, three zero bytes.
-pub const MAGIC: [u8; 8] = *b"RWDP\x02\0\0\0";
+/// Opens every connection: "RWDP", protocol version 3, three zero bytes.
+pub const MAGIC: [u8; 8] = *b"RWDP\x03\0\0\0";
+/// Most parallel connections (lanes) one update may use.
+pub const MAX_LANES: u8 = 8;
 /// Length of a data-plane token.
 pub const TOKEN_BYTES: usize = 32;
 /// Longest tensor name, route entry or status message accepted.
@@ -99,15 +109,29 @@ fn read_string(r: &mut impl Read, len: usize, what: &str) -> io::Result<String> 
     String::from_utf8(b).map_err(|_| bad(format!("{what} is not UTF-8")))
 }
 
-pub fn write_hello(w: &mut impl Write, token: &Token) -> io::Result<()> {
-    let mut b = [0u8; 8 + TOKEN_BYTES];
+/// Which of an update's parallel connections this one is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lane {
+    pub index: u8,
+    pub count: u8,
+}
+
+impl Lane {
+    /// The only connection of its update.
+    pub const SOLE: Lane = Lane { index: 0, count: 1 };
+}
+
+pub fn write_hello(w: &mut impl Write, token: &Token, lane: Lane) -> io::Result<()> {
+    let mut b = [0u8; 8 + TOKEN_BYTES + 2];
     b[..8].copy_from_slice(&MAGIC);
-    b[8..].copy_from_slice(token);
+    b[8..8 + TOKEN_BYTES].copy_from_slice(token);
+    b[8 + TOKEN_BYTES] = lane.index;
+    b[9 + TOKEN_BYTES] = lane.count;
     w.write_all(&b)
 }
 
-/// The token of a hello; errors if the magic is wrong.
-pub fn read_hello(r: &mut impl Read) -> io::Result<Token> {
+/// The token and lane of a hello; errors if the magic is wrong or the lane impossible.
+pub fn read_hello(r: &mut impl Read) -> io::Result<(Token, Lane)> {
     if !read_magic(r, &MAGIC)? {
         return Err(bad(
             "not a weight data-plane hello (wrong magic or protocol version)".into(),
@@ -115,7 +139,17 @@ pub fn read_hello(r: &mut impl Read) -> io::Result<Token> {
     }
     let mut t = [0u8; TOKEN_BYTES];
     r.read_exact(&mut t)?;
-    Ok(t)
+    let lane = Lane {
+        index: read_u8(r)?,
+        count: read_u8(r)?,
+    };
+    if lane.count == 0 || lane.count > MAX_LANES || lane.index >= lane.count {
+        return Err(bad(format!(
+            "lane {} of {} (lanes: 1 to {MAX_LANES}, the index below the count)",
+            lane.index, lane.count
+        )));
+    }
+    Ok((t, lane))
 }
 
 /// `Ok(())` or the error message the peer reports.
@@ -231,7 +265,7 @@ mod tests {
     fn frames_round_trip() {
         let mut b = vec![];
         let token = [7u8; TOKEN_BYTES];
-        write_hello(&mut b, &token).unwrap();
+        write_hello(&mut b, &token, Lane { index: 1, count: 3 }).unwrap();
         let route = Route {
             hop_timeout_ms: 1500,
             rejoin_ms: 700,
@@ -251,13 +285,25 @@ mod tests {
         b.extend(END);
         write_status(&mut b, Err("no")).unwrap();
         let mut r = &b[..];
-        assert_eq!(read_hello(&mut r).unwrap(), token);
+        assert_eq!(
+            read_hello(&mut r).unwrap(),
+            (token, Lane { index: 1, count: 3 })
+        );
         assert_eq!(read_route(&mut r).unwrap(), route);
         assert_eq!(read_header(&mut r).unwrap(), Some(h));
         assert_eq!(read_header(&mut r).unwrap(), None);
         assert_eq!(read_status(&mut r).unwrap(), Err("no".to_string()));
         assert!(r.is_empty());
-        let e = read_hello(&mut &[0u8; 40][..]).unwrap_err();
+        let e = read_hello(&mut &[0u8; 42][..]).unwrap_err();
         assert!(e.to_string().contains("magic"), "{e}");
+        for (index, count) in [(0, 0), (2, 2), (0, MAX_LANES + 1)] {
+            let mut b = vec![];
+            write_hello(&mut b, &token, Lane { index, count }).unwrap();
+            let e = read_hello(&mut &b[..]).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("lane {index} of {count}")),
+                "{e}"
+            );
+        }
     }
 }

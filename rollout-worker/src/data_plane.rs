@@ -17,7 +17,10 @@
 //! `rejoin_ms` for that reconnection, and a newer connection presenting a token whose
 //! update is still arriving replaces the older one. The complete update reaches the gRPC
 //! handler through the [`Pending`], which applies it at the `Commit`: the old version
-//! serves until then, and a sender that dies mid-stream leaves it serving.
+//! serves until then, and a sender that dies mid-stream leaves it serving. An update
+//! may also come over parallel connections (lanes) to this one worker: [`lanes`].
+//! Headers are parsed from a small read-ahead buffer; the bytes past it go straight
+//! from the socket into the staging tensor.
 //!
 //! Bounds: an update holds one copy of the model in the wire dtype (the staging permit
 //! of the gRPC handler covers it), and the last applied update's copy is kept as the
@@ -40,6 +43,8 @@ use tokio::sync::oneshot;
 use crate::error::EngineError;
 use crate::weights::{StagedWeights, WeightAssembler, WireDType};
 
+mod lanes;
+
 /// Connections served at once (each holds a thread; only registered tokens get far).
 pub const MAX_CONNECTIONS: usize = 16;
 /// Time a connection has to present its token.
@@ -48,6 +53,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// sender opens the connection as it sends the offer on gRPC, so the hello can win the
 /// race. An unknown token is refused after this.
 pub const TOKEN_WAIT: Duration = Duration::from_secs(3);
+/// Why a connection presenting a token no update awaits is refused.
+const UNKNOWN_TOKEN: &str = "unknown or expired data-plane token (tokens come with an \
+     authenticated UpdateWeights call and serve one update)";
 /// Bytes read per `read` call, and forwarded per message to the next hop.
 const PIECE_BYTES: usize = 4 << 20;
 
@@ -78,6 +86,8 @@ struct Shared {
     /// the model's parameters took over), so no update's tensors are recycled as
     /// staging, to be written again, while any runs.
     forwarding: Arc<AtomicUsize>,
+    /// Multi-lane updates being received, by token (`lanes`).
+    gathers: Mutex<HashMap<Token, Arc<lanes::Gather>>>,
 }
 
 // `Slot` holds a oneshot sender (not Debug); wrapped so `Shared` can derive Debug.
@@ -147,6 +157,7 @@ impl DataPlane {
             active: Mutex::new(HashMap::new()),
             next_id: Default::default(),
             forwarding: Arc::default(),
+            gathers: Mutex::new(HashMap::new()),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -245,6 +256,9 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if let Ok(mut slots) = self.shared.slots.lock() {
             slots.remove(&self.token);
+            if let Ok(mut gathers) = self.shared.gathers.lock() {
+                gathers.remove(&self.token);
+            }
         }
     }
 }
@@ -253,7 +267,7 @@ fn serve_connection(mut s: TcpStream, peer: SocketAddr, shared: &Shared) {
     tune(&s);
     let _ = s.set_read_timeout(Some(HELLO_TIMEOUT));
     let _ = s.set_write_timeout(Some(shared.idle));
-    let token = match dp::read_hello(&mut s) {
+    let (token, lane) = match dp::read_hello(&mut s) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "data-plane connection refused");
@@ -261,6 +275,9 @@ fn serve_connection(mut s: TcpStream, peer: SocketAddr, shared: &Shared) {
             return;
         }
     };
+    if lane.count > 1 {
+        return lanes::serve(s, peer, shared, token, lane);
+    }
     // A token whose update another connection is receiving: the upstream rerouting
     // around a cut hop. The older connection is shut down; it hands the slot back.
     let replaced = shared
@@ -271,11 +288,7 @@ fn serve_connection(mut s: TcpStream, peer: SocketAddr, shared: &Shared) {
         .map(|(_, old)| old.shutdown(std::net::Shutdown::Both));
     let Some(SlotCell(slot)) = take_slot(shared, &token) else {
         tracing::warn!(%peer, "data-plane connection with an unknown token refused");
-        refuse(
-            &mut s,
-            "refused: unknown or expired data-plane token (tokens come with an \
-             authenticated UpdateWeights call and serve one update)",
-        );
+        refuse(&mut s, &format!("refused: {UNKNOWN_TOKEN}"));
         return;
     };
     if replaced.is_some() {
@@ -393,20 +406,42 @@ fn refuse(s: &mut TcpStream, message: &str) {
 /// if the stream breaks (the route's `rejoin_ms`, 0 before the route is read).
 fn receive(s: &mut TcpStream, shared: &Shared) -> (Outcome, Duration) {
     let idle = shared.idle;
-    let route = match dp::read_route(s) {
+    let mut r = headers(s);
+    let route = match dp::read_route(&mut r) {
         Ok(r) => r,
         Err(e) => return (Err(io_error("reading the route", e, idle)), Duration::ZERO),
     };
     let rejoin = Duration::from_millis(route.rejoin_ms as u64).min(idle);
-    (receive_tensors(s, shared, &route), rejoin)
+    (receive_tensors(s, &mut r, shared, &route), rejoin)
 }
 
-fn receive_tensors(s: &mut TcpStream, shared: &Shared, route: &Route) -> Outcome {
-    let idle = shared.idle;
-    let timeout = match route.hop_timeout_ms {
+/// Bytes read ahead to parse headers (and the route) from memory rather than with a
+/// `read` per field; a tensor's bytes past what was read ahead go straight from the
+/// socket into its staging tensor (`BufReader` passes reads of its capacity or more
+/// through).
+const HEADER_READ_AHEAD: usize = 4 << 10;
+
+/// The reader an update's frames are parsed from.
+fn headers(s: &TcpStream) -> io::BufReader<&TcpStream> {
+    io::BufReader::with_capacity(HEADER_READ_AHEAD, s)
+}
+
+/// The read timeout of an update's stream: the idle timeout, or the route's hop
+/// timeout if shorter.
+fn stream_timeout(idle: Duration, route: &Route) -> Duration {
+    match route.hop_timeout_ms {
         0 => idle,
         ms => idle.min(Duration::from_millis(ms as u64)),
-    };
+    }
+}
+
+fn receive_tensors(
+    s: &TcpStream,
+    r: &mut io::BufReader<&TcpStream>,
+    shared: &Shared,
+    route: &Route,
+) -> Outcome {
+    let timeout = stream_timeout(shared.idle, route);
     let _ = s.set_read_timeout(Some(timeout));
     let forward = (!route.hops.is_empty()).then(|| {
         Forwarder::start(
@@ -416,60 +451,89 @@ fn receive_tensors(s: &mut TcpStream, shared: &Shared, route: &Route) -> Outcome
         )
     });
     let mut asm = WeightAssembler::new(&shared.specs);
-    while let Some(h) = dp::read_header(s).map_err(|e| io_error("reading a header", e, timeout))? {
-        let dtype = match h.dtype {
-            1 => Some(WireDType::F32),
-            2 => Some(WireDType::BF16),
-            3 => Some(WireDType::F16),
-            _ => None,
-        };
+    while let Some(h) = dp::read_header(r).map_err(|e| io_error("reading a header", e, timeout))? {
         let spare = shared.spare.lock().expect("spare lock").remove(&h.name);
-        let tensor =
-            asm.stage_reusing(&h.name, dtype, &h.shape, h.num_bytes, spare, Device::Cpu)?;
+        let tensor = asm.stage_reusing(
+            &h.name,
+            wire_dtype(h.dtype),
+            &h.shape,
+            h.num_bytes,
+            spare,
+            Device::Cpu,
+        )?;
         if let Some(f) = &forward {
             f.send(Piece::Header(dp::encode_header(&h)));
         }
-        let total = h.num_bytes as usize;
-        let base = tensor.data_ptr() as *mut u8;
-        let mut filled = 0;
-        let mut forwarded = 0;
-        while filled < total {
-            let want = (total - filled).min(PIECE_BYTES);
-            // SAFETY: `tensor` is a fresh contiguous CPU tensor of `total` bytes
-            // (`stage` checked the length); this range lies past `filled`, so no
-            // reference to it exists (the forwarder reads only below `forwarded`).
-            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(filled), want) };
-            match s.read(dst) {
-                Ok(0) => {
-                    return Err(io_error(
-                        &format!("reading tensor {}", h.name),
-                        io::ErrorKind::UnexpectedEof.into(),
-                        timeout,
-                    ))
-                }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_error(&format!("reading tensor {}", h.name), e, timeout)),
-            }
-            if let Some(f) = &forward {
-                if filled - forwarded >= PIECE_BYTES || filled == total {
-                    f.send(Piece::Bytes(
-                        tensor.shallow_clone(),
-                        forwarded,
-                        filled - forwarded,
-                    ));
-                    forwarded = filled;
-                }
-            }
-        }
+        read_tensor(r, &tensor, &h, timeout, forward.as_ref())?;
     }
     if let Some(f) = &forward {
         f.send(Piece::End);
     }
     drop(forward);
+    staged_outcome(asm, shared)
+}
+
+/// The `WireDType` of a header's `rollout.v1.Dtype` value.
+fn wire_dtype(v: u8) -> Option<WireDType> {
+    match v {
+        1 => Some(WireDType::F32),
+        2 => Some(WireDType::BF16),
+        3 => Some(WireDType::F16),
+        _ => None,
+    }
+}
+
+/// Reads the `h.num_bytes` bytes of `h` into `tensor` (a staging tensor of exactly that
+/// many bytes, from `WeightAssembler::stage`), queueing each piece to `forward` as it
+/// lands.
+fn read_tensor(
+    s: &mut impl Read,
+    tensor: &Tensor,
+    h: &dp::TensorHeader,
+    timeout: Duration,
+    forward: Option<&Forwarder>,
+) -> Result<(), EngineError> {
+    let total = h.num_bytes as usize;
+    let base = tensor.data_ptr() as *mut u8;
+    let mut filled = 0;
+    let mut forwarded = 0;
+    while filled < total {
+        let want = (total - filled).min(PIECE_BYTES);
+        // SAFETY: `tensor` is a contiguous CPU tensor of `total` bytes (`stage` checked
+        // the length) that only this connection writes; this range lies past `filled`,
+        // so no reference to it exists (the forwarder reads only below `forwarded`).
+        let dst = unsafe { std::slice::from_raw_parts_mut(base.add(filled), want) };
+        match s.read(dst) {
+            Ok(0) => {
+                return Err(io_error(
+                    &format!("reading tensor {}", h.name),
+                    io::ErrorKind::UnexpectedEof.into(),
+                    timeout,
+                ))
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error(&format!("reading tensor {}", h.name), e, timeout)),
+        }
+        if let Some(f) = forward {
+            if filled - forwarded >= PIECE_BYTES || filled == total {
+                f.send(Piece::Bytes(
+                    tensor.shallow_clone(),
+                    forwarded,
+                    filled - forwarded,
+                ));
+                forwarded = filled;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The complete update of `asm`, its tensors set to become the next update's staging
+/// once applied (or dropped); not while any forwarder may still write from them (then
+/// they are freed instead).
+fn staged_outcome(asm: WeightAssembler, shared: &Shared) -> Outcome {
     let mut staged = asm.finish()?;
-    // Once applied (or dropped) the tensors become the next update's staging; not while
-    // any forwarder may still write from them (then they are freed instead).
     let spare = shared.spare.clone();
     let forwarding = shared.forwarding.clone();
     staged.recycle = Some(Box::new(move |tensors| {
@@ -636,7 +700,7 @@ fn connect_hop(hop: &Hop, rest: &Route, deadline: Duration) -> io::Result<TcpStr
     s.set_write_timeout(Some(deadline))?;
     // The next hop may hold the hello up to TOKEN_WAIT for its offer (sent on gRPC).
     s.set_read_timeout(Some(deadline + TOKEN_WAIT))?;
-    dp::write_hello(&mut s, &hop.token)?;
+    dp::write_hello(&mut s, &hop.token, dp::Lane::SOLE)?;
     if let Err(m) = dp::read_status(&mut s)? {
         return Err(io::Error::other(m));
     }

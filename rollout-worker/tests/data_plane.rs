@@ -3,7 +3,9 @@
 //! tensor must equal the sent one byte for byte (f32 and bf16), a wrong token and
 //! out-of-bounds headers are refused with a clear error, and a hop cut mid-chain is
 //! routed around: the worker before it reconnects to the one after it, so only the cut
-//! worker misses the update.
+//! worker misses the update. An update over two lanes arrives whole; a lane presented
+//! twice or with another count is refused, and a broken lane or a missing tensor fails
+//! the whole update.
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -73,9 +75,14 @@ fn addr(p: &DataPlane) -> String {
 
 /// Connects and presents `token`; the worker's answer to the hello.
 fn hello(addr: &str, token: &Token) -> (TcpStream, Result<(), String>) {
+    hello_lane(addr, token, dp::Lane::SOLE)
+}
+
+/// Connects and presents `token` as `lane`; the worker's answer to the hello.
+fn hello_lane(addr: &str, token: &Token, lane: dp::Lane) -> (TcpStream, Result<(), String>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    dp::write_hello(&mut s, token).unwrap();
+    dp::write_hello(&mut s, token, lane).unwrap();
     let status = dp::read_status(&mut s).unwrap();
     (s, status)
 }
@@ -353,4 +360,146 @@ async fn a_hop_cut_mid_chain_is_routed_around_and_only_the_cut_worker_misses_the
         started.elapsed()
     );
     status.await.unwrap().unwrap();
+}
+
+/// The lane `index` of two.
+fn lane(index: u8) -> dp::Lane {
+    dp::Lane { index, count: 2 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_lane_update_arrives_whole_and_a_bad_broken_or_short_lane_fails_it() {
+    let p = plane(Duration::from_secs(10)).await;
+    let a = addr(&p);
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let sent = tensors(kind);
+        // Each lane carries one tensor; both connect at once.
+        let t = token(40 + wire(kind));
+        let pending = p.register(t).unwrap();
+        let lanes: Vec<_> = (0..2u8)
+            .map(|i| {
+                let (a, part) = (
+                    a.clone(),
+                    vec![(
+                        sent[i as usize].0.clone(),
+                        sent[i as usize].1.shallow_clone(),
+                    )],
+                );
+                tokio::task::spawn_blocking(move || {
+                    let (mut s, ok) = hello_lane(&a, &t, lane(i));
+                    ok.unwrap();
+                    send(&mut s, &Route::default(), &part)
+                })
+            })
+            .collect();
+        check_equal(&wait(pending).await.unwrap(), &sent);
+        for l in lanes {
+            l.await.unwrap().unwrap();
+        }
+    }
+    let sent = tensors(Kind::Float);
+    let one = |i: usize| vec![(sent[i].0.clone(), sent[i].1.shallow_clone())];
+
+    // Lane 0 twice, or a lane that counts three, is refused; the update goes on.
+    let t = token(50);
+    let pending = p.register(t).unwrap();
+    let (a2, part) = (a.clone(), one(0));
+    let first = tokio::task::spawn_blocking(move || {
+        let (s, ok) = hello_lane(&a2, &t, lane(0));
+        ok.unwrap();
+        (s, part)
+    })
+    .await
+    .unwrap();
+    let (a2, t2) = (a.clone(), t);
+    let refused = tokio::task::spawn_blocking(move || {
+        let again = hello_lane(&a2, &t2, lane(0)).1.unwrap_err();
+        let three = hello_lane(&a2, &t2, dp::Lane { index: 1, count: 3 })
+            .1
+            .unwrap_err();
+        (again, three)
+    })
+    .await
+    .unwrap();
+    assert!(
+        refused
+            .0
+            .contains("lane 0 of this update is already connected"),
+        "{}",
+        refused.0
+    );
+    assert!(
+        refused.1.contains("this update's lanes number 2"),
+        "{}",
+        refused.1
+    );
+    let (a2, part1) = (a.clone(), one(1));
+    let done = tokio::task::spawn_blocking(move || {
+        let (mut s0, part0) = first;
+        let (mut s1, ok) = hello_lane(&a2, &t, lane(1));
+        ok.unwrap();
+        (
+            send(&mut s0, &Route::default(), &part0),
+            send(&mut s1, &Route::default(), &part1),
+        )
+    });
+    check_equal(&wait(pending).await.unwrap(), &sent);
+    let (r0, r1) = done.await.unwrap();
+    r0.unwrap();
+    r1.unwrap();
+
+    // Lane 0 breaks mid-tensor: the update fails, and lane 1 is told so at its end.
+    let t = token(51);
+    let pending = p.register(t).unwrap();
+    let (a2, part1) = (a.clone(), one(1));
+    let bytes = bytes_of(&sent[0].1);
+    let name = sent[0].0.clone();
+    let shape = sent[0].1.size();
+    let lane1 = tokio::task::spawn_blocking(move || {
+        let (s1, ok) = hello_lane(&a2, &t, lane(1));
+        ok.unwrap();
+        let (mut s0, ok) = hello_lane(&a2, &t, lane(0));
+        ok.unwrap();
+        dp::write_route(&mut s0, &Route::default()).unwrap();
+        let h = TensorHeader {
+            name,
+            dtype: 1,
+            shape,
+            num_bytes: bytes.len() as u64,
+        };
+        s0.write_all(&dp::encode_header(&h)).unwrap();
+        s0.write_all(&bytes[..1000]).unwrap();
+        drop(s0);
+        (part1, s1)
+    })
+    .await
+    .unwrap();
+    let e = wait(pending).await.unwrap_err();
+    assert!(e.contains("closed the stream mid-update"), "{e}");
+    let (part1, mut s1) = lane1;
+    let e = tokio::task::spawn_blocking(move || send(&mut s1, &Route::default(), &part1))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.contains("another lane of this update failed"), "{e}");
+
+    // Both lanes end but a parameter never came: the lane that ends last says which.
+    let t = token(52);
+    let pending = p.register(t).unwrap();
+    let (a2, part0) = (a.clone(), one(0));
+    let ends = tokio::task::spawn_blocking(move || {
+        let (mut s0, ok) = hello_lane(&a2, &t, lane(0));
+        ok.unwrap();
+        let (mut s1, ok) = hello_lane(&a2, &t, lane(1));
+        ok.unwrap();
+        (
+            send(&mut s0, &Route::default(), &part0),
+            send(&mut s1, &Route::default(), &[]),
+        )
+    });
+    let e = wait(pending).await.unwrap_err();
+    assert!(e.contains("model.norm.weight"), "{e}");
+    let (r0, r1) = ends.await.unwrap();
+    r0.unwrap();
+    assert!(r1.unwrap_err().contains("model.norm.weight"));
 }

@@ -29,7 +29,7 @@ fn bytes_of(t: &Tensor) -> Vec<u8> {
 fn send(plane: &DataPlane, token: &dp::Token, tensors: &[(String, Tensor)]) -> Result<(), String> {
     let mut s = TcpStream::connect(("127.0.0.1", plane.port())).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    dp::write_hello(&mut s, token).unwrap();
+    dp::write_hello(&mut s, token, dp::Lane::SOLE).unwrap();
     dp::read_status(&mut s).unwrap()?;
     dp::write_route(&mut s, &Route::default()).unwrap();
     for (name, t) in tensors {

@@ -14,6 +14,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
+# The bench model is shaped after the generated fixtures.
+[[ -f fixtures/generated/qwen2-tiny/config.json ]] || bash scripts/prepare.sh
 if [[ "${BENCH_RELEASE:-0}" == 1 ]]; then
   exec cargo run -q --release -p trainer --example push_bench
 fi

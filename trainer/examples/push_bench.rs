@@ -20,6 +20,7 @@
 //!   bash scripts/bench/push.sh            # BENCH_WORKERS=1,2,4 BENCH_REPEAT=3
 //!                                         # BENCH_TRANSPORTS=grpc,direct,chain
 //!                                         # BENCH_CASES=f32,f32-bf16,bf16
+//!                                         # BENCH_LANES=2 (direct: connections per worker)
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -259,6 +260,8 @@ fn main() -> anyhow::Result<()> {
         f32_bytes as f64 / std_ref / 1e9,
     );
     let transports = env_words("BENCH_TRANSPORTS", &["grpc", "direct", "chain"]);
+    // Data-plane connections per directly fed worker (`rollout.weight_lanes`).
+    let lanes_list = env_list("BENCH_LANES", &[2]);
     // The f32 workers serve the f32 policy over either wire; the bf16 ones serve a bf16
     // policy sent as its own bf16 memory (the realistic bf16 case: no conversion anywhere).
     let f32_urls = start("float32")?;
@@ -298,15 +301,23 @@ fn main() -> anyhow::Result<()> {
                 ),
                 other => anyhow::bail!("BENCH_CASES: unknown case {other:?} (f32, f32-bf16, bf16)"),
             };
-            for &n in &counts {
+            for (&n, &lanes) in counts
+                .iter()
+                .flat_map(|n| lanes_list.iter().map(move |l| (n, l)))
+            {
                 if transport == "chain" && n == 1 {
                     continue; // the same as direct
+                }
+                // Lanes apply to direct feeds only (a chain and gRPC use one connection).
+                if transport != "direct" && lanes != lanes_list[0] {
+                    continue;
                 }
                 let cfg = RolloutConfig {
                     workers: urls[..n].to_vec(),
                     weight_dtype: wire.into(),
                     weight_transport: if transport == "grpc" { "grpc" } else { "auto" }.into(),
                     weight_chain: transport == "chain",
+                    weight_lanes: lanes as u8,
                     request_timeout_secs: 120.0,
                     ..RolloutConfig::default()
                 };
@@ -342,16 +353,21 @@ fn main() -> anyhow::Result<()> {
                 }
                 let per_worker = bytes as f64 / best / 1e9;
                 let per_byte = if *case == "f32" {
-                    f32_rate.insert((transport.clone(), n), per_worker);
+                    f32_rate.insert((transport.clone(), n, lanes), per_worker);
                     String::new()
                 } else {
                     f32_rate
-                        .get(&(transport.clone(), n))
+                        .get(&(transport.clone(), n, lanes))
                         .map(|f| format!(" | per byte {:.2} x f32", per_worker / f))
                         .unwrap_or_default()
                 };
+                let path = if transport == "direct" {
+                    format!("direct x{lanes}")
+                } else {
+                    transport.clone()
+                };
                 println!(
-                    "push {transport:>6} {label:>26} to {n} worker(s): {best:.3} s | {per_worker:.2} GB/s per worker ({:.2} x reference) | {:.2} GB/s aggregate ({:.2} x reference) | rank-0 egress {egress} cop{}{per_byte}",
+                    "push {path:>9} {label:>26} to {n} worker(s): {best:.3} s | {per_worker:.2} GB/s per worker ({:.2} x reference) | {:.2} GB/s aggregate ({:.2} x reference) | rank-0 egress {egress} cop{}{per_byte}",
                     per_worker / ref_gbs,
                     per_worker * n as f64,
                     per_worker * n as f64 / ref_gbs,

@@ -60,6 +60,12 @@ pub struct RolloutConfig {
     /// down a chain of the others as it arrives (rank 0's egress is one copy); `false`:
     /// one stream from the trainer to each worker.
     pub weight_chain: bool,
+    /// Parallel TCP connections ("lanes", 1 to 8) that carry a data-plane update to a
+    /// worker fed directly (one worker, or `weight_chain = false`), each with whole
+    /// tensors balanced by bytes: one loopback or NIC stream is bound by the one core
+    /// that copies it, two moved 1.5-1.8x as much to one worker on two cores (scripts/bench/push.sh). A chain of two or more
+    /// workers uses one lane per hop.
+    pub weight_lanes: u8,
     /// MiB of the NCCL broadcast bucket (verl's `update_weights_bucket_megabytes`): rank
     /// 0 packs the pushed tensors into one device buffer of this size and broadcasts it
     /// each time it fills; every worker holds a staging bucket of the same size. Larger
@@ -90,6 +96,7 @@ impl Default for RolloutConfig {
             weight_dtype: "auto".into(),
             weight_transport: "auto".into(),
             weight_chain: true,
+            weight_lanes: 2,
             update_weights_bucket_megabytes: 256,
             api_key_file: None,
             ssl_ca_certs: None,
@@ -196,6 +203,17 @@ impl RolloutConfig {
                 format!(
                     "rollout.weight_transport = {:?}; allowed: \"auto\", \"grpc\", \"nccl\"",
                     self.weight_transport
+                ),
+            ));
+        }
+        if !(1..=proto::data_plane::MAX_LANES).contains(&self.weight_lanes) {
+            return Err(bad(
+                "rollout.weight_lanes",
+                format!(
+                    "rollout.weight_lanes = {}; allowed 1..={} (TCP connections per \
+                     directly fed worker)",
+                    self.weight_lanes,
+                    proto::data_plane::MAX_LANES
                 ),
             ));
         }

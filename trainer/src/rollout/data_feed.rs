@@ -12,11 +12,10 @@
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use proto::data_plane::{self as dp, Hop, Route};
+use proto::data_plane::{self as dp, Hop, Lane, Route};
 
 /// Why a feed's stream to one worker failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,12 +51,20 @@ enum Frame {
     End,
 }
 
-/// One data-plane stream down a route, starting at its first reachable worker.
+/// One data-plane stream down a route, starting at its first reachable worker; to a
+/// single worker, over one or more parallel connections (lanes).
 pub struct Feed {
-    tx: mpsc::Sender<Frame>,
-    thread: JoinHandle<FeedEnd>,
+    lanes: Vec<LaneFeed>,
     /// Pool indices of every worker the route reaches.
     pub workers: Vec<usize>,
+}
+
+/// One connection's queue, the outcome its thread reports, and the bytes queued on it
+/// so far.
+struct LaneFeed {
+    tx: mpsc::Sender<Frame>,
+    end: tokio::sync::oneshot::Receiver<FeedEnd>,
+    queued: u64,
 }
 
 /// No Nagle; 8 MiB buffers where the kernel allows them (else its autotuning).
@@ -76,35 +83,69 @@ impl Feed {
     /// forwards it to the rest; one that cannot be reached, refuses, or misses the
     /// deadline (before or during the stream) is cut and the feed starts again at the
     /// next worker, sending the update from its start (it keeps views of what it sent).
-    pub fn start(route: Vec<(usize, Hop)>, deadline: Duration) -> Feed {
-        let (tx, rx) = mpsc::channel();
+    /// A route of one worker gets `lanes` parallel connections (a chain gets one).
+    pub fn start(route: Vec<(usize, Hop)>, deadline: Duration, lanes: u8) -> Feed {
         let workers = route.iter().map(|(w, _)| *w).collect();
-        let thread = std::thread::spawn(move || run(&route, deadline, rx));
-        Feed {
-            tx,
-            thread,
-            workers,
+        let count = if route.len() == 1 {
+            lanes.clamp(1, dp::MAX_LANES)
+        } else {
+            1
+        };
+        let route = std::sync::Arc::new(route);
+        let lanes = (0..count)
+            .map(|index| {
+                let (tx, rx) = mpsc::channel();
+                let (done, end) = tokio::sync::oneshot::channel();
+                let route = route.clone();
+                let lane = Lane { index, count };
+                // A panic drops `done` unsent: `finish` reports it.
+                std::thread::spawn(move || {
+                    let _ = done.send(run(&route, deadline, lane, rx));
+                });
+                LaneFeed { tx, end, queued: 0 }
+            })
+            .collect();
+        Feed { lanes, workers }
+    }
+
+    /// Queues one tensor (`header` from `proto::data_plane::encode_header`) on the lane
+    /// with the fewest bytes queued; returns at once. A feed that already cut every
+    /// worker ignores it.
+    pub fn send(&mut self, header: Vec<u8>, bytes: Bytes) {
+        let lane = self
+            .lanes
+            .iter_mut()
+            .min_by_key(|l| l.queued)
+            .expect("a feed has a lane");
+        lane.queued += bytes.len() as u64;
+        let _ = lane.tx.send(Frame::Tensor { header, bytes });
+    }
+
+    /// Ends the update and waits for the outcome: every worker a lane cut (once), and
+    /// the first lane's rejection.
+    pub async fn finish(self) -> FeedEnd {
+        for l in &self.lanes {
+            let _ = l.tx.send(Frame::End);
         }
-    }
-
-    /// Queues one tensor (`header` from `proto::data_plane::encode_header`); returns at
-    /// once. A feed that already cut every worker ignores it.
-    pub fn send(&self, header: Vec<u8>, bytes: Bytes) {
-        let _ = self.tx.send(Frame::Tensor { header, bytes });
-    }
-
-    /// Ends the update and waits (blocking) for the outcome.
-    pub fn finish(self) -> FeedEnd {
-        let _ = self.tx.send(Frame::End);
-        drop(self.tx);
-        let workers = self.workers;
-        self.thread.join().unwrap_or_else(|_| FeedEnd {
-            cut: workers
-                .into_iter()
-                .map(|w| (w, FeedError::Panicked))
-                .collect(),
-            rejected: None,
-        })
+        let mut end = FeedEnd::default();
+        for l in self.lanes {
+            drop(l.tx);
+            let lane = l.end.await.unwrap_or_else(|_| FeedEnd {
+                cut: self
+                    .workers
+                    .iter()
+                    .map(|&w| (w, FeedError::Panicked))
+                    .collect(),
+                rejected: None,
+            });
+            for (w, e) in lane.cut {
+                if !end.cut.iter().any(|(c, _)| *c == w) {
+                    end.cut.push((w, e));
+                }
+            }
+            end.rejected = end.rejected.or(lane.rejected);
+        }
+        end
     }
 }
 
@@ -122,7 +163,12 @@ enum HopEnd {
     Cut(FeedError),
 }
 
-fn run(route: &[(usize, Hop)], deadline: Duration, rx: mpsc::Receiver<Frame>) -> FeedEnd {
+fn run(
+    route: &[(usize, Hop)],
+    deadline: Duration,
+    lane: Lane,
+    rx: mpsc::Receiver<Frame>,
+) -> FeedEnd {
     let mut end = FeedEnd::default();
     let mut sent: Vec<Frame> = vec![];
     for (i, (worker, hop)) in route.iter().enumerate() {
@@ -133,7 +179,7 @@ fn run(route: &[(usize, Hop)], deadline: Duration, rx: mpsc::Receiver<Frame>) ->
             rejoin_ms: (deadline + OFFER_WAIT).as_millis().min(u32::MAX as u128) as u32,
             hops: route[i + 1..].iter().map(|(_, h)| h.clone()).collect(),
         };
-        match stream_to(hop, &rest, deadline, &rx, &mut sent) {
+        match stream_to(hop, &rest, deadline, lane, &rx, &mut sent) {
             HopEnd::Verdict(rejected) => {
                 end.rejected = rejected;
                 return end;
@@ -151,7 +197,12 @@ fn run(route: &[(usize, Hop)], deadline: Duration, rx: mpsc::Receiver<Frame>) ->
 }
 
 /// Connects to `hop`, presents its token and the route `rest`.
-fn connect(hop: &Hop, rest: &Route, deadline: Duration) -> Result<TcpStream, FeedError> {
+fn connect(
+    hop: &Hop,
+    rest: &Route,
+    deadline: Duration,
+    lane: Lane,
+) -> Result<TcpStream, FeedError> {
     let addr = hop.addr.clone();
     let connect = |source| FeedError::Connect {
         addr: addr.clone(),
@@ -171,7 +222,7 @@ fn connect(hop: &Hop, rest: &Route, deadline: Duration) -> Result<TcpStream, Fee
     // long on top of the hop deadline.
     s.set_read_timeout(Some(deadline + OFFER_WAIT))
         .map_err(connect)?;
-    dp::write_hello(&mut s, &hop.token).map_err(connect)?;
+    dp::write_hello(&mut s, &hop.token, lane).map_err(connect)?;
     match dp::read_status(&mut s).map_err(connect)? {
         Ok(()) => {}
         Err(message) => return Err(FeedError::Refused { addr, message }),
@@ -194,9 +245,28 @@ fn stream_error(s: &mut TcpStream, addr: &str, source: io::Error) -> FeedError {
     }
 }
 
+/// Writes `a` then `b`, in one `writev` while both have bytes left (a header and its
+/// tensor's bytes leave in one call, not a small segment of their own).
+fn write_both(s: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() {
+        match s.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) if n < a.len() => a = &a[n..],
+            Ok(n) => {
+                b = &b[n - a.len()..];
+                a = &[];
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    s.write_all(b)
+}
+
 fn write_frame(s: &mut TcpStream, f: &Frame) -> io::Result<()> {
     match f {
-        Frame::Tensor { header, bytes } => s.write_all(header).and_then(|_| s.write_all(bytes)),
+        Frame::Tensor { header, bytes } => write_both(s, header, bytes),
         Frame::End => s.write_all(&dp::END).and_then(|_| s.flush()),
     }
 }
@@ -207,10 +277,11 @@ fn stream_to(
     hop: &Hop,
     rest: &Route,
     deadline: Duration,
+    lane: Lane,
     rx: &mpsc::Receiver<Frame>,
     sent: &mut Vec<Frame>,
 ) -> HopEnd {
-    let mut s = match connect(hop, rest, deadline) {
+    let mut s = match connect(hop, rest, deadline, lane) {
         Ok(s) => s,
         Err(e) => return HopEnd::Cut(e),
     };

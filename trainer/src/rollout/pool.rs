@@ -29,6 +29,9 @@ pub struct Slot<C> {
     pub url: String,
     /// The connection while healthy; dropped on failure so a probe reconnects afresh.
     pub conn: Option<C>,
+    /// The data-plane port the worker announced (`GetInfo.data_port`, 0: none) over
+    /// `conn`: asked at the first push on a connection, forgotten with the connection.
+    pub data_port: Option<u32>,
     pub version: Option<u64>,
     pub in_flight: usize,
     pub failures: u64,
@@ -42,10 +45,17 @@ pub struct Slot<C> {
 }
 
 impl<C> Slot<C> {
+    /// Drops the connection (and what was learnt over it); `true` if there was one.
+    fn drop_conn(&mut self) -> bool {
+        self.data_port = None;
+        self.conn.take().is_some()
+    }
+
     fn fresh(url: &str, base_backoff: Duration, now: Instant) -> Self {
         Slot {
             url: url.to_string(),
             conn: None,
+            data_port: None,
             version: None,
             in_flight: 0,
             failures: 0,
@@ -98,7 +108,7 @@ impl<C: Clone> Pool<C> {
             match self.slots.iter_mut().find(|s| &s.url == u) {
                 Some(s) if s.retired => {
                     s.retired = false;
-                    s.conn = None;
+                    s.drop_conn();
                     s.version = None;
                     s.next_probe = now;
                     s.backoff = self.base_backoff;
@@ -115,7 +125,7 @@ impl<C: Clone> Pool<C> {
         for s in &mut self.slots {
             if !s.retired && !urls.contains(&s.url) {
                 s.retired = true;
-                s.conn = None;
+                s.drop_conn();
                 s.last_error = Some("no longer resolved".into());
                 retired.push(s.url.clone());
             }
@@ -178,7 +188,7 @@ impl<C: Clone> Pool<C> {
         let s = &mut self.slots[i];
         s.failures += 1;
         s.last_error = Some(error);
-        if s.conn.take().is_some() {
+        if s.drop_conn() {
             s.next_probe = now + s.backoff;
         }
     }
@@ -236,6 +246,9 @@ impl<C: Clone> Pool<C> {
         if s.retired {
             return;
         }
+        if s.conn.is_none() {
+            s.data_port = None;
+        }
         s.conn = Some(conn);
         s.version = Some(version);
         s.last_error = None;
@@ -245,7 +258,7 @@ impl<C: Clone> Pool<C> {
     /// The probe failed: the worker is failed (its connection dropped), the backoff
     /// doubles (capped at 30 s) and the next probe waits that long.
     pub fn refresh_failed(&mut self, i: usize, error: String, now: Instant) {
-        self.slots[i].conn = None;
+        self.slots[i].drop_conn();
         self.probe_failed(i, error, now);
     }
 

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::data_feed::{Feed, FeedEnd, FeedError};
+use super::data_feed::Feed;
 use super::{grpc_client, status_text, Inner, RolloutClient, RolloutError, WireDtype};
 use proto::data_plane::{self as dp, Hop};
 
@@ -389,7 +389,7 @@ impl WeightPush {
                 shape: shape.clone(),
                 num_bytes: bytes.len() as u64,
             });
-            for f in &self.feeds {
+            for f in &mut self.feeds {
                 f.send(header.clone(), bytes.clone());
             }
         }
@@ -426,8 +426,11 @@ impl WeightPush {
         if self.nccl {
             self.flush_nccl().await?;
         }
-        self.finish_feeds().await?;
+        // The commit goes out with the end of the data, so each worker applies as soon
+        // as its bytes are in (it awaits them first) while the feeds' verdicts return;
+        // a worker a feed cut is dropped then (its call aborted, it applies nothing).
         self.broadcast(commit, false).await?;
+        self.finish_feeds().await?;
         let timeout = self.inner.cfg.request_timeout();
         // Every worker's answer is awaited at once: the push ends with the slowest.
         let waits = std::mem::take(&mut self.streams)
@@ -519,20 +522,41 @@ fn data_addr(url: &str, port: u32) -> Option<String> {
 
 impl WeightPush {
     /// Moves every worker that announces a data plane (`GetInfo.data_port`, asked of all
-    /// at once) onto it: a one-time token in a `DataPlaneOffer` on its call, then one
-    /// feed down the chain of them (`weight_chain`) or one feed each. The others keep
-    /// taking chunks on their gRPC stream.
+    /// at once at the first push over a connection, then remembered with it) onto it: a
+    /// one-time token in a `DataPlaneOffer` on its call, then one feed down the chain of
+    /// them (`weight_chain`) or one feed each. The others keep taking chunks on their
+    /// gRPC stream.
     async fn open_data_plane(&mut self, conns: Vec<super::Conn>) {
         let timeout = self.inner.cfg.connect_timeout();
-        let infos = futures::future::join_all(conns.into_iter().map(|c| async move {
-            let mut client = grpc_client(c);
-            let call = client.get_info(pb::GetInfoRequest {});
-            match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(r)) => r.into_inner().data_port,
-                _ => 0,
+        let known: Vec<Option<u32>> = {
+            let pool = self.inner.pool();
+            self.streams
+                .iter()
+                .map(|s| pool.slots[s.worker].data_port)
+                .collect()
+        };
+        let infos =
+            futures::future::join_all(conns.into_iter().zip(known).map(|(c, known)| async move {
+                if let Some(port) = known {
+                    return (port, false);
+                }
+                let mut client = grpc_client(c);
+                let call = client.get_info(pb::GetInfoRequest {});
+                match tokio::time::timeout(timeout, call).await {
+                    Ok(Ok(r)) => (r.into_inner().data_port, true),
+                    _ => (0, false),
+                }
+            }))
+            .await;
+        {
+            let mut pool = self.inner.pool();
+            for (s, &(port, asked)) in self.streams.iter().zip(&infos) {
+                if asked {
+                    pool.slots[s.worker].data_port = Some(port);
+                }
             }
-        }))
-        .await;
+        }
+        let infos = infos.into_iter().map(|(port, _)| port);
         let mut hops: Vec<(usize, Hop)> = vec![];
         for (s, port) in self.streams.iter_mut().zip(infos) {
             let Some(addr) = data_addr(&s.url, port) else {
@@ -561,7 +585,8 @@ impl WeightPush {
             hops.into_iter().map(|h| vec![h]).collect()
         };
         for route in routes {
-            self.feeds.push(Feed::start(route, timeout));
+            self.feeds
+                .push(Feed::start(route, timeout, self.inner.cfg.weight_lanes));
         }
         self.egress_copies = self.feeds.len() + self.streams.iter().filter(|s| !s.data).count();
         tracing::debug!(
@@ -579,19 +604,7 @@ impl WeightPush {
     /// version. Other failures surface in the workers' answers to the commit.
     async fn finish_feeds(&mut self) -> Result<(), RolloutError> {
         let feeds = std::mem::take(&mut self.feeds);
-        let ends = futures::future::join_all(feeds.into_iter().map(|f| async move {
-            let workers = f.workers.clone();
-            tokio::task::spawn_blocking(move || f.finish())
-                .await
-                .unwrap_or_else(|_| FeedEnd {
-                    cut: workers
-                        .into_iter()
-                        .map(|w| (w, FeedError::Panicked))
-                        .collect(),
-                    rejected: None,
-                })
-        }))
-        .await;
+        let ends = futures::future::join_all(feeds.into_iter().map(Feed::finish)).await;
         let mut lost: Vec<(usize, String)> = vec![];
         for end in ends {
             if let Some(e) = &end.rejected {
