@@ -452,15 +452,7 @@ fn receive_tensors(
     });
     let mut asm = WeightAssembler::new(&shared.specs);
     while let Some(h) = dp::read_header(r).map_err(|e| io_error("reading a header", e, timeout))? {
-        let spare = shared.spare.lock().expect("spare lock").remove(&h.name);
-        let tensor = asm.stage_reusing(
-            &h.name,
-            wire_dtype(h.dtype),
-            &h.shape,
-            h.num_bytes,
-            spare,
-            Device::Cpu,
-        )?;
+        let tensor = stage(&mut asm, shared, &h)?;
         if let Some(f) = &forward {
             f.send(Piece::Header(dp::encode_header(&h)));
         }
@@ -532,6 +524,24 @@ fn read_tensor(
 /// The complete update of `asm`, its tensors set to become the next update's staging
 /// once applied (or dropped); not while any forwarder may still write from them (then
 /// they are freed instead).
+/// The staging tensor for `h` in `asm`, reusing the previous update's storage of that
+/// name when there is one.
+fn stage(
+    asm: &mut WeightAssembler,
+    shared: &Shared,
+    h: &dp::TensorHeader,
+) -> Result<Tensor, EngineError> {
+    let spare = shared.spare.lock().expect("spare lock").remove(&h.name);
+    Ok(asm.stage_reusing(
+        &h.name,
+        wire_dtype(h.dtype),
+        &h.shape,
+        h.num_bytes,
+        spare,
+        Device::Cpu,
+    )?)
+}
+
 fn staged_outcome(asm: WeightAssembler, shared: &Shared) -> Outcome {
     let mut staged = asm.finish()?;
     let spare = shared.spare.clone();

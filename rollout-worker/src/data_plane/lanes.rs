@@ -11,12 +11,11 @@ use std::time::Instant;
 use proto::data_plane::{self as dp, Lane, Token};
 
 use super::{
-    headers, io_error, read_tensor, refuse, staged_outcome, stream_timeout, wire_dtype, Outcome,
-    Shared, Slot, SlotCell, TOKEN_WAIT, UNKNOWN_TOKEN,
+    headers, io_error, read_tensor, refuse, stage, staged_outcome, stream_timeout, Outcome, Shared,
+    Slot, SlotCell, TOKEN_WAIT, UNKNOWN_TOKEN,
 };
 use crate::error::EngineError;
 use crate::weights::WeightAssembler;
-use tch::Device;
 
 /// The shared state of one multi-lane update.
 pub(super) struct Gather {
@@ -216,15 +215,7 @@ fn receive(
             let Some(asm) = st.asm.as_mut() else {
                 return Err(other_failed());
             };
-            let spare = shared.spare.lock().expect("spare lock").remove(&h.name);
-            asm.stage_reusing(
-                &h.name,
-                wire_dtype(h.dtype),
-                &h.shape,
-                h.num_bytes,
-                spare,
-                Device::Cpu,
-            )?
+            stage(asm, shared, &h)?
         };
         read_tensor(&mut r, &tensor, &h, timeout, None)?;
     }
