@@ -521,9 +521,6 @@ fn read_tensor(
     Ok(())
 }
 
-/// The complete update of `asm`, its tensors set to become the next update's staging
-/// once applied (or dropped); not while any forwarder may still write from them (then
-/// they are freed instead).
 /// The staging tensor for `h` in `asm`, reusing the previous update's storage of that
 /// name when there is one.
 fn stage(
@@ -542,6 +539,9 @@ fn stage(
     )?)
 }
 
+/// The complete update of `asm`, its tensors set to become the next update's staging
+/// once applied (or dropped); not while any forwarder may still write from them (then
+/// they are freed instead).
 fn staged_outcome(asm: WeightAssembler, shared: &Shared) -> Outcome {
     let mut staged = asm.finish()?;
     let spare = shared.spare.clone();

@@ -63,8 +63,8 @@ pub struct RolloutConfig {
     /// Parallel TCP connections ("lanes", 1 to 8) that carry a data-plane update to a
     /// worker fed directly (one worker, or `weight_chain = false`), each with whole
     /// tensors balanced by bytes: one loopback or NIC stream is bound by the one core
-    /// that copies it, two moved 1.5-1.8x as much to one worker on two cores (scripts/bench/push.sh). A chain of two or more
-    /// workers uses one lane per hop.
+    /// that copies it, two moved 1.5-1.8x as much to one worker on two cores
+    /// (scripts/bench/push.sh). A chain of two or more workers uses one lane per hop.
     pub weight_lanes: u8,
     /// MiB of the NCCL broadcast bucket (verl's `update_weights_bucket_megabytes`): rank
     /// 0 packs the pushed tensors into one device buffer of this size and broadcasts it

@@ -246,9 +246,6 @@ impl<C: Clone> Pool<C> {
         if s.retired {
             return;
         }
-        if s.conn.is_none() {
-            s.data_port = None;
-        }
         s.conn = Some(conn);
         s.version = Some(version);
         s.last_error = None;

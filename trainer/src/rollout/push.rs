@@ -535,28 +535,29 @@ impl WeightPush {
                 .map(|s| pool.slots[s.worker].data_port)
                 .collect()
         };
-        let infos =
+        // `None`: GetInfo failed (asked again at the next push).
+        let infos: Vec<Option<u32>> =
             futures::future::join_all(conns.into_iter().zip(known).map(|(c, known)| async move {
-                if let Some(port) = known {
-                    return (port, false);
+                if known.is_some() {
+                    return known;
                 }
                 let mut client = grpc_client(c);
                 let call = client.get_info(pb::GetInfoRequest {});
                 match tokio::time::timeout(timeout, call).await {
-                    Ok(Ok(r)) => (r.into_inner().data_port, true),
-                    _ => (0, false),
+                    Ok(Ok(r)) => Some(r.into_inner().data_port),
+                    _ => None,
                 }
             }))
             .await;
         {
             let mut pool = self.inner.pool();
-            for (s, &(port, asked)) in self.streams.iter().zip(&infos) {
-                if asked {
-                    pool.slots[s.worker].data_port = Some(port);
+            for (s, port) in self.streams.iter().zip(&infos) {
+                if port.is_some() {
+                    pool.slots[s.worker].data_port = *port;
                 }
             }
         }
-        let infos = infos.into_iter().map(|(port, _)| port);
+        let infos = infos.into_iter().map(|port| port.unwrap_or(0));
         let mut hops: Vec<(usize, Hop)> = vec![];
         for (s, port) in self.streams.iter_mut().zip(infos) {
             let Some(addr) = data_addr(&s.url, port) else {
