@@ -10,9 +10,11 @@
 //! worker -> sender  status  u8 0 = ok | u8 1, u32 len, UTF-8 message (then it closes)
 //! sender -> worker  route   u32 hop_timeout_ms | u32 rejoin_ms | u32 hops |
 //!                           per hop: u16 len, "host:port", token (32)
-//! sender -> worker  tensor  u16 name len (> 0) | name | u8 dtype (rollout.v1.Dtype) |
-//!                           u8 ndim | ndim x i64 shape | u64 byte length | the bytes
-//!                   ...     one per parameter, each whole and at most once
+//! sender -> worker  piece   u16 name len (> 0) | name | u8 dtype (rollout.v1.Dtype) |
+//!                           u8 ndim | ndim x i64 shape | u64 offset | u64 byte length |
+//!                           the bytes `offset..offset + length` of the tensor
+//!                   ...     every parameter's bytes exactly once: whole (offset 0, its
+//!                           full length) or in disjoint pieces, in any order
 //! sender -> worker  end     u16 0
 //! worker -> sender  status  as above: the update was received in full (or why not)
 //! ```
@@ -27,9 +29,9 @@
 //! whose update is still being received replaces the older one.
 //!
 //! Lanes: an update may come over `lanes` parallel connections that present the same
-//! token, each with its own index and a share of the tensors (each tensor whole, on one
-//! lane); the update is complete when every lane has sent its end marker and every
-//! parameter arrived on one of them. Each lane answers its own end marker; the lane that
+//! token, each with its own index and a share of the pieces (a tensor's pieces may be
+//! spread over several lanes); the update is complete when every lane has sent its end
+//! marker and every byte of every parameter arrived on one of them. Each lane answers its own end marker; the lane that
 //! completes the update answers for all of it. A multi-lane update goes to one worker
 //! (its route has no hops) and a lane that breaks fails the update (no rejoin).
 use std::io::{self, Read, Write};
@@ -39,8 +41,8 @@ use crate::frame::{
     read_u8, read_vec,
 };
 
-/// Opens every connection: "RWDP", protocol version 3, three zero bytes.
-pub const MAGIC: [u8; 8] = *b"RWDP\x03\0\0\0";
+/// Opens every connection: "RWDP", protocol version 4, three zero bytes.
+pub const MAGIC: [u8; 8] = *b"RWDP\x04\0\0\0";
 /// Most parallel connections (lanes) one update may use.
 pub const MAX_LANES: u8 = 8;
 /// Length of a data-plane token.
@@ -90,14 +92,27 @@ pub struct Route {
     pub hops: Vec<Hop>,
 }
 
-/// The header that precedes one tensor's bytes.
+/// The header that precedes a piece of one tensor's bytes (the whole tensor when
+/// `offset` is 0 and `num_bytes` its full length).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorHeader {
     pub name: String,
     /// A `rollout.v1.Dtype` value.
     pub dtype: u8,
+    /// The whole tensor's shape.
     pub shape: Vec<i64>,
+    /// Where in the tensor's bytes this piece starts.
+    pub offset: u64,
+    /// The piece's length.
     pub num_bytes: u64,
+}
+
+/// The byte length of a whole tensor of `shape` with `elt` bytes per element; `None`
+/// for a negative dimension or one that overflows.
+pub fn tensor_bytes(shape: &[i64], elt: u64) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(elt, |n, &d| n.checked_mul(u64::try_from(d).ok()?))
 }
 
 fn bad(message: String) -> io::Error {
@@ -215,7 +230,7 @@ pub fn read_route(r: &mut impl Read) -> io::Result<Route> {
 
 /// The encoded header (written, then the bytes follow).
 pub fn encode_header(h: &TensorHeader) -> Vec<u8> {
-    let mut b = Vec::with_capacity(16 + h.name.len() + 8 * h.shape.len());
+    let mut b = Vec::with_capacity(24 + h.name.len() + 8 * h.shape.len());
     b.extend_from_slice(&(h.name.len() as u16).to_le_bytes());
     b.extend_from_slice(h.name.as_bytes());
     b.push(h.dtype);
@@ -223,6 +238,7 @@ pub fn encode_header(h: &TensorHeader) -> Vec<u8> {
     for d in &h.shape {
         b.extend_from_slice(&d.to_le_bytes());
     }
+    b.extend_from_slice(&h.offset.to_le_bytes());
     b.extend_from_slice(&h.num_bytes.to_le_bytes());
     b
 }
@@ -248,11 +264,18 @@ pub fn read_header(r: &mut impl Read) -> io::Result<Option<TensorHeader>> {
     for _ in 0..ndim {
         shape.push(read_u64(r)? as i64);
     }
+    let offset = read_u64(r)?;
     let num_bytes = read_u64(r)?;
+    if offset.checked_add(num_bytes).is_none() {
+        return Err(bad(format!(
+            "tensor {name}: a piece of {num_bytes} bytes at offset {offset} overflows"
+        )));
+    }
     Ok(Some(TensorHeader {
         name,
         dtype,
         shape,
+        offset,
         num_bytes,
     }))
 }
@@ -279,6 +302,7 @@ mod tests {
             name: "model.norm.weight".into(),
             dtype: 2,
             shape: vec![4, -1],
+            offset: 8,
             num_bytes: 16,
         };
         b.extend(encode_header(&h));
@@ -290,10 +314,18 @@ mod tests {
             (token, Lane { index: 1, count: 3 })
         );
         assert_eq!(read_route(&mut r).unwrap(), route);
-        assert_eq!(read_header(&mut r).unwrap(), Some(h));
+        assert_eq!(read_header(&mut r).unwrap(), Some(h.clone()));
         assert_eq!(read_header(&mut r).unwrap(), None);
         assert_eq!(read_status(&mut r).unwrap(), Err("no".to_string()));
         assert!(r.is_empty());
+        let mut over = h.clone();
+        over.offset = u64::MAX;
+        let e = read_header(&mut &encode_header(&over)[..]).unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
+        assert_eq!(tensor_bytes(&[3, 4], 2), Some(24));
+        assert_eq!(tensor_bytes(&[], 4), Some(4));
+        assert_eq!(tensor_bytes(&[3, -1], 2), None);
+        assert_eq!(tensor_bytes(&[i64::MAX, 4], 2), None);
         let e = read_hello(&mut &[0u8; 42][..]).unwrap_err();
         assert!(e.to_string().contains("magic"), "{e}");
         for (index, count) in [(0, 0), (2, 2), (0, MAX_LANES + 1)] {

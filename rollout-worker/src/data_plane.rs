@@ -6,8 +6,9 @@
 //! [`Pending`]. A sender then connects to [`DataPlane::port`] and presents the token
 //! (one use; an unknown token is refused with a message); the connection's thread
 //! validates each header against the architecture ([`WeightAssembler::stage`]: a known
-//! name, its exact shape and byte length, once) and `read`s the bytes into the staging
-//! tensor's memory, with no buffer in between. When the route names a next hop, every
+//! name, its exact shape, once; [`pieces`]: a tensor whole or in disjoint pieces that
+//! cover it) and `read`s the bytes into the staging tensor's memory, with no buffer in
+//! between. When the route names a next hop, every
 //! header and every piece of bytes, as it lands, is queued to a forwarding thread that
 //! writes it to the next worker from that same memory, with a per-hop write deadline; a
 //! hop that misses it, or fails, is cut while this worker keeps receiving, and the
@@ -44,6 +45,7 @@ use crate::error::EngineError;
 use crate::weights::{StagedWeights, WeightAssembler, WireDType};
 
 mod lanes;
+mod pieces;
 
 /// Connections served at once (each holds a thread; only registered tokens get far).
 pub const MAX_CONNECTIONS: usize = 16;
@@ -451,13 +453,17 @@ fn receive_tensors(
         )
     });
     let mut asm = WeightAssembler::new(&shared.specs);
+    let mut pieces = pieces::Pieces::default();
     while let Some(h) = dp::read_header(r).map_err(|e| io_error("reading a header", e, timeout))? {
-        let tensor = stage(&mut asm, shared, &h)?;
+        let tensor = pieces.place(&mut asm, shared, &h)?;
         if let Some(f) = &forward {
             f.send(Piece::Header(dp::encode_header(&h)));
         }
         read_tensor(r, &tensor, &h, timeout, forward.as_ref())?;
     }
+    // A tensor missing pieces fails the update here; the forwarder, dropped without
+    // the end marker, drops its stream so the next hop fails it too.
+    pieces.complete()?;
     if let Some(f) = &forward {
         f.send(Piece::End);
     }
@@ -475,9 +481,9 @@ fn wire_dtype(v: u8) -> Option<WireDType> {
     }
 }
 
-/// Reads the `h.num_bytes` bytes of `h` into `tensor` (a staging tensor of exactly that
-/// many bytes, from `WeightAssembler::stage`), queueing each piece to `forward` as it
-/// lands.
+/// Reads the `h.num_bytes` bytes of piece `h` into `tensor` at `h.offset` (a staging
+/// tensor whose range `pieces::Pieces::place` claimed for this piece), queueing each
+/// part to `forward` as it lands.
 fn read_tensor(
     s: &mut impl Read,
     tensor: &Tensor,
@@ -486,13 +492,16 @@ fn read_tensor(
     forward: Option<&Forwarder>,
 ) -> Result<(), EngineError> {
     let total = h.num_bytes as usize;
-    let base = tensor.data_ptr() as *mut u8;
+    let start = h.offset as usize;
+    // SAFETY: `place` checked that `start + total` lies within the tensor's bytes.
+    let base = unsafe { (tensor.data_ptr() as *mut u8).add(start) };
     let mut filled = 0;
     let mut forwarded = 0;
     while filled < total {
         let want = (total - filled).min(PIECE_BYTES);
-        // SAFETY: `tensor` is a contiguous CPU tensor of `total` bytes (`stage` checked
-        // the length) that only this connection writes; this range lies past `filled`,
+        // SAFETY: `tensor` is a contiguous CPU tensor whose bytes `start..start + total`
+        // only this piece writes (`place` gives each range to one piece, and a tensor
+        // serves nothing before the update is complete); this part lies past `filled`,
         // so no reference to it exists (the forwarder reads only below `forwarded`).
         let dst = unsafe { std::slice::from_raw_parts_mut(base.add(filled), want) };
         match s.read(dst) {
@@ -511,7 +520,7 @@ fn read_tensor(
             if filled - forwarded >= PIECE_BYTES || filled == total {
                 f.send(Piece::Bytes(
                     tensor.shallow_clone(),
-                    forwarded,
+                    start + forwarded,
                     filled - forwarded,
                 ));
                 forwarded = filled;

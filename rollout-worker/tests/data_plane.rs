@@ -5,7 +5,9 @@
 //! routed around: the worker before it reconnects to the one after it, so only the cut
 //! worker misses the update. An update over two lanes arrives whole; a lane presented
 //! twice or with another count is refused, and a broken lane or a missing tensor fails
-//! the whole update.
+//! the whole update. A tensor may come in pieces, out of order and spread over lanes or
+//! forwarded down a chain; overlapping, overrunning, inconsistent or missing pieces are
+//! refused, naming the tensor.
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -87,19 +89,36 @@ fn hello_lane(addr: &str, token: &Token, lane: dp::Lane) -> (TcpStream, Result<(
     (s, status)
 }
 
-/// Sends `tensors` after `route`, then the end marker; the worker's final status.
-fn send(s: &mut TcpStream, route: &Route, tensors: &[(String, Tensor)]) -> Result<(), String> {
+/// A piece's header and bytes.
+type Frame = (TensorHeader, Vec<u8>);
+
+/// A piece of tensor `name` (of `t`'s dtype and shape): `data` at byte `offset`.
+fn frame(name: &str, t: &Tensor, offset: usize, data: Vec<u8>) -> Frame {
+    let h = TensorHeader {
+        name: name.into(),
+        dtype: wire(t.kind()),
+        shape: t.size(),
+        offset: offset as u64,
+        num_bytes: data.len() as u64,
+    };
+    (h, data)
+}
+
+/// The pieces of `t` at the byte ranges `(start, end)`, in that order.
+fn pieces(name: &str, t: &Tensor, ranges: &[(usize, usize)]) -> Vec<Frame> {
+    let b = bytes_of(t);
+    ranges
+        .iter()
+        .map(|&(start, end)| frame(name, t, start, b[start..end].to_vec()))
+        .collect()
+}
+
+/// Sends `frames` after `route`, then the end marker; the worker's final status.
+fn send_frames(s: &mut TcpStream, route: &Route, frames: &[Frame]) -> Result<(), String> {
     dp::write_route(s, route).unwrap();
-    for (name, t) in tensors {
-        let b = bytes_of(t);
-        let h = TensorHeader {
-            name: name.clone(),
-            dtype: wire(t.kind()),
-            shape: t.size(),
-            num_bytes: b.len() as u64,
-        };
-        if s.write_all(&dp::encode_header(&h))
-            .and_then(|_| s.write_all(&b))
+    for (h, b) in frames {
+        if s.write_all(&dp::encode_header(h))
+            .and_then(|_| s.write_all(b))
             .is_err()
         {
             break;
@@ -107,6 +126,15 @@ fn send(s: &mut TcpStream, route: &Route, tensors: &[(String, Tensor)]) -> Resul
     }
     let _ = s.write_all(&dp::END);
     dp::read_status(s).unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// Sends `tensors`, each whole, after `route`, then the end marker; the final status.
+fn send(s: &mut TcpStream, route: &Route, tensors: &[(String, Tensor)]) -> Result<(), String> {
+    let frames: Vec<_> = tensors
+        .iter()
+        .map(|(name, t)| frame(name, t, 0, bytes_of(t)))
+        .collect();
+    send_frames(s, route, &frames)
 }
 
 fn check_equal(staged: &StagedWeights, sent: &[(String, Tensor)]) {
@@ -207,6 +235,7 @@ async fn a_wrong_token_and_out_of_bounds_headers_are_refused_with_a_clear_error(
                 name: "model.layers.99.mlp.up_proj.weight".into(),
                 dtype: 1,
                 shape: vec![1000],
+                offset: 0,
                 num_bytes: 4000,
             },
         ),
@@ -216,15 +245,17 @@ async fn a_wrong_token_and_out_of_bounds_headers_are_refused_with_a_clear_error(
                 name: "model.norm.weight".into(),
                 dtype: 1,
                 shape: vec![2000],
+                offset: 0,
                 num_bytes: 8000,
             },
         ),
         (
-            "8000 bytes announced, the tensor has 4000",
+            "a piece of bytes 0..8000 runs past the tensor's 4000",
             TensorHeader {
                 name: "model.norm.weight".into(),
                 dtype: 1,
                 shape: vec![1000],
+                offset: 0,
                 num_bytes: 8000,
             },
         ),
@@ -234,6 +265,7 @@ async fn a_wrong_token_and_out_of_bounds_headers_are_refused_with_a_clear_error(
                 name: "model.norm.weight".into(),
                 dtype: 9,
                 shape: vec![1000],
+                offset: 0,
                 num_bytes: 4000,
             },
         ),
@@ -331,6 +363,7 @@ async fn a_hop_cut_mid_chain_is_routed_around_and_only_the_cut_worker_misses_the
                 name: name.clone(),
                 dtype: 1,
                 shape: t.size(),
+                offset: 0,
                 num_bytes: b.len() as u64,
             };
             s.write_all(&dp::encode_header(&h)).unwrap();
@@ -465,6 +498,7 @@ async fn a_two_lane_update_arrives_whole_and_a_bad_broken_or_short_lane_fails_it
             name,
             dtype: 1,
             shape,
+            offset: 0,
             num_bytes: bytes.len() as u64,
         };
         s0.write_all(&dp::encode_header(&h)).unwrap();
@@ -502,4 +536,116 @@ async fn a_two_lane_update_arrives_whole_and_a_bad_broken_or_short_lane_fails_it
     let (r0, r1) = ends.await.unwrap();
     r0.unwrap();
     assert!(r1.unwrap_err().contains("model.norm.weight"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensors_in_pieces_over_lanes_or_a_chain_arrive_whole_and_bad_pieces_are_refused() {
+    let planes = [
+        plane(Duration::from_secs(10)).await,
+        plane(Duration::from_secs(10)).await,
+    ];
+    let a = addr(&planes[0]);
+    let sent = tensors(Kind::BFloat16);
+    let ((embed, e), (norm, nt)) = (&sent[0], &sent[1]);
+    let n = bytes_of(e).len();
+    let third = n / 3;
+    let whole_norm = pieces(norm, nt, &[(0, bytes_of(nt).len())]);
+
+    // Two lanes: lane 0 takes the embedding's last piece and the norm whole, lane 1 the
+    // embedding's other two, the later one first.
+    let t = token(60);
+    let pending = planes[0].register(t).unwrap();
+    let shares = [
+        [pieces(embed, e, &[(2 * third, n)]), whole_norm.clone()].concat(),
+        pieces(embed, e, &[(third, 2 * third), (0, third)]),
+    ];
+    let lanes: Vec<_> = shares
+        .into_iter()
+        .enumerate()
+        .map(|(i, share)| {
+            let a = a.clone();
+            tokio::task::spawn_blocking(move || {
+                let (mut s, ok) = hello_lane(&a, &t, lane(i as u8));
+                ok.unwrap();
+                send_frames(&mut s, &Route::default(), &share)
+            })
+        })
+        .collect();
+    check_equal(&wait(pending).await.unwrap(), &sent);
+    for l in lanes {
+        l.await.unwrap().unwrap();
+    }
+
+    // A chain of two: the first worker forwards each piece at its offset.
+    let tokens = [token(61), token(62)];
+    let pending: Vec<Pending> = planes
+        .iter()
+        .zip(&tokens)
+        .map(|(p, t)| p.register(*t).unwrap())
+        .collect();
+    let route = Route {
+        hop_timeout_ms: 5000,
+        rejoin_ms: 0,
+        hops: vec![Hop {
+            addr: addr(&planes[1]),
+            token: tokens[1],
+        }],
+    };
+    let frames = [
+        pieces(embed, e, &[(third, n), (0, third)]),
+        whole_norm.clone(),
+    ]
+    .concat();
+    let (a2, t0) = (a.clone(), tokens[0]);
+    let status = tokio::task::spawn_blocking(move || {
+        let (mut s, ok) = hello(&a2, &t0);
+        ok.unwrap();
+        send_frames(&mut s, &route, &frames)
+    });
+    for p in pending {
+        check_equal(&wait(p).await.unwrap(), &sent);
+    }
+    status.await.unwrap().unwrap();
+
+    // Bad pieces on one connection: each fails the update, naming the tensor.
+    let mut other_dtype = frame(embed, e, third, vec![0; third]);
+    other_dtype.0.dtype = 1;
+    let cases: Vec<(&str, Vec<Frame>)> = vec![
+        (
+            "bytes 100000..200010 arrived twice",
+            pieces(embed, e, &[(0, third), (third / 2, third + 10)]),
+        ),
+        (
+            "a piece of bytes 599990..600010 runs past the tensor's 600000",
+            vec![frame(embed, e, n - 10, vec![0; 20])],
+        ),
+        (
+            "a piece of dtype 1 and shape [300, 1000], its first piece's were 2",
+            [pieces(embed, e, &[(0, third)]), vec![other_dtype]].concat(),
+        ),
+        (
+            "an empty piece at offset 5",
+            vec![frame(embed, e, 5, vec![])],
+        ),
+        (
+            "model.embed_tokens.weight (400000 of 600000 bytes)",
+            [pieces(embed, e, &[(0, third), (2 * third, n)]), whole_norm].concat(),
+        ),
+    ];
+    for (i, (want, frames)) in cases.into_iter().enumerate() {
+        let t = token(70 + i as u8);
+        let pending = planes[0].register(t).unwrap();
+        let a2 = a.clone();
+        let status = tokio::task::spawn_blocking(move || {
+            let (mut s, ok) = hello(&a2, &t);
+            ok.unwrap();
+            send_frames(&mut s, &Route::default(), &frames)
+        });
+        let e = wait(pending).await.unwrap_err();
+        assert!(
+            e.contains(want) && e.contains(embed.as_str()),
+            "{want}: {e}"
+        );
+        assert!(status.await.unwrap().unwrap_err().contains(want));
+    }
 }

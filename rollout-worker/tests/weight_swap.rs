@@ -39,6 +39,7 @@ fn send(plane: &DataPlane, token: &dp::Token, tensors: &[(String, Tensor)]) -> R
             name: name.clone(),
             dtype,
             shape: t.size(),
+            offset: 0,
             num_bytes: b.len() as u64,
         };
         s.write_all(&dp::encode_header(&h)).unwrap();

@@ -1,7 +1,7 @@
 //! Multi-lane updates: one update over `count` parallel connections that present the
-//! same token (`proto::data_plane`, "Lanes"), each carrying whole tensors into one
-//! shared [`WeightAssembler`] and reading their bytes straight into the staging tensors,
-//! as a single connection does; the lane whose end marker completes the update finishes
+//! same token (`proto::data_plane`, "Lanes"), each carrying pieces of tensors into one
+//! shared [`WeightAssembler`] (a tensor's pieces may come over several lanes) and reading
+//! their bytes straight into the staging tensors, as a single connection does; the lane whose end marker completes the update finishes
 //! it and answers for all of it. A lane that fails fails the update at once (its token is
 //! spent: no rejoin), and the other lanes stop at their next header.
 use std::net::{SocketAddr, TcpStream};
@@ -10,9 +10,10 @@ use std::time::Instant;
 
 use proto::data_plane::{self as dp, Lane, Token};
 
+use super::pieces::Pieces;
 use super::{
-    headers, io_error, read_tensor, refuse, stage, staged_outcome, stream_timeout, Outcome, Shared,
-    Slot, SlotCell, TOKEN_WAIT, UNKNOWN_TOKEN,
+    headers, io_error, read_tensor, refuse, staged_outcome, stream_timeout, Outcome, Shared, Slot,
+    SlotCell, TOKEN_WAIT, UNKNOWN_TOKEN,
 };
 use crate::error::EngineError;
 use crate::weights::WeightAssembler;
@@ -26,6 +27,8 @@ pub(super) struct Gather {
 struct State {
     /// Taken by the lane that completes the update (or dropped when it fails).
     asm: Option<WeightAssembler>,
+    /// The tensors whose pieces are still arriving (on any lane).
+    pieces: Pieces,
     /// One bit per lane index that connected.
     joined: u16,
     ended: u8,
@@ -110,6 +113,7 @@ fn join(shared: &Shared, token: &Token, lane: Lane) -> Result<Arc<Gather>, Strin
                 count: lane.count,
                 state: Mutex::new(State {
                     asm: Some(WeightAssembler::new(&shared.specs)),
+                    pieces: Pieces::default(),
                     joined: 1 << lane.index,
                     ended: 0,
                     slot: Some(slot),
@@ -210,12 +214,13 @@ fn receive(
         dp::read_header(&mut r).map_err(|e| io_error("reading a header", e, timeout))?
     {
         let tensor = {
-            let mut st = gather.state();
+            let mut guard = gather.state();
+            let st = &mut *guard;
             // Dropped when the update failed.
             let Some(asm) = st.asm.as_mut() else {
                 return Err(other_failed());
             };
-            stage(asm, shared, &h)?
+            st.pieces.place(asm, shared, &h)?
         };
         read_tensor(&mut r, &tensor, &h, timeout, None)?;
     }
@@ -227,6 +232,8 @@ fn receive(
     if st.ended < gather.count {
         return Ok(None);
     }
+    // Every lane has ended: a tensor still missing pieces never gets them.
+    st.pieces.complete()?;
     let asm = st.asm.take().expect("held until the update ends");
     let slot = st.slot.take().expect("answered only at the end");
     drop(st);

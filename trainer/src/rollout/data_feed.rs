@@ -2,20 +2,28 @@
 //! `proto::data_plane`, the worker's side in `rollout_worker::data_plane`).
 //!
 //! Data flow: [`Feed::start`] opens one TCP connection on a thread of its own to the
-//! first worker of a route, presents that worker's one-time token (issued in a
-//! `DataPlaneOffer` on its authenticated `UpdateWeights` call) and sends the rest of the
-//! route, which that worker forwards down the chain. [`Feed::send`] queues a tensor's
-//! header and its bytes (the [`Bytes`] of `push::wire_bytes`: the tensor's own memory
-//! when it already is a contiguous host tensor of the wire dtype) and returns at once;
-//! the thread `write`s them straight from that memory into the socket. [`Feed::finish`]
-//! sends the end marker and returns the worker's verdict on what it received.
+//! first worker of a route (or, to a single worker, `lanes` parallel ones), presents that
+//! worker's one-time token (issued in a `DataPlaneOffer` on its authenticated
+//! `UpdateWeights` call) and sends the rest of the route, which that worker forwards down
+//! the chain. [`Feed::send`] queues a tensor's header and its bytes (the [`Bytes`] of
+//! `push::wire_bytes`: the tensor's own memory when it already is a contiguous host
+//! tensor of the wire dtype), over lanes as pieces of at most [`LANE_PIECE_BYTES`], and
+//! returns at once; each connection's thread takes the next frame of the one queue as
+//! soon as it has written the last (so the lanes end together however fast each drains)
+//! and `write`s it straight from that memory into the socket. [`Feed::finish`] sends the
+//! end marker and returns the worker's verdict on what it received.
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use proto::data_plane::{self as dp, Hop, Lane, Route};
+use proto::data_plane::{self as dp, Hop, Lane, Route, TensorHeader};
+
+/// The largest piece of a tensor one lane takes: small enough that the lanes of a
+/// feed end within a piece of each other, large enough that headers cost nothing.
+pub const LANE_PIECE_BYTES: usize = 4 << 20;
 
 /// Why a feed's stream to one worker failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,20 +59,91 @@ enum Frame {
     End,
 }
 
-/// One data-plane stream down a route, starting at its first reachable worker; to a
-/// single worker, over one or more parallel connections (lanes).
-pub struct Feed {
-    lanes: Vec<LaneFeed>,
-    /// Pool indices of every worker the route reaches.
-    pub workers: Vec<usize>,
+/// How a feed's queue was closed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// After the frames queued: each lane writes the end marker.
+    End,
+    /// The push was dropped without a commit: the lanes stop at once.
+    Abandon,
 }
 
-/// One connection's queue, the outcome its thread reports, and the bytes queued on it
-/// so far.
-struct LaneFeed {
-    tx: mpsc::Sender<Frame>,
-    end: tokio::sync::oneshot::Receiver<FeedEnd>,
-    queued: u64,
+/// The frames of one feed, taken in order by whichever of its lanes is free.
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+struct QueueState {
+    frames: VecDeque<Frame>,
+    close: Option<Close>,
+    /// Lanes still streaming: once none is, frames are dropped, not kept.
+    lanes: u8,
+}
+
+impl Queue {
+    fn new(lanes: u8) -> Queue {
+        Queue {
+            state: Mutex::new(QueueState {
+                frames: VecDeque::new(),
+                close: None,
+                lanes,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, f: Frame) {
+        let mut st = self.lock();
+        if st.lanes > 0 {
+            st.frames.push_back(f);
+            drop(st);
+            self.ready.notify_one();
+        }
+    }
+
+    /// Closes the queue (the first close counts).
+    fn close(&self, how: Close) {
+        self.lock().close.get_or_insert(how);
+        self.ready.notify_all();
+    }
+
+    /// A lane's thread ends: the last one drops what is still queued.
+    fn leave(&self) {
+        let mut st = self.lock();
+        st.lanes = st.lanes.saturating_sub(1);
+        if st.lanes == 0 {
+            st.frames.clear();
+        }
+    }
+
+    /// The next frame to write: a queued one, then [`Frame::End`] (to every lane) once
+    /// the queue is drained and ended; `None` once it is abandoned.
+    fn next(&self) -> Option<Frame> {
+        let mut st = self.lock();
+        loop {
+            match st.close {
+                Some(Close::Abandon) => return None,
+                _ if !st.frames.is_empty() => return st.frames.pop_front(),
+                Some(Close::End) => return Some(Frame::End),
+                None => st = self.ready.wait(st).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
+/// One data-plane stream down a route, starting at its first reachable worker; to a
+/// single worker, over one or more parallel connections (lanes) that share its queue.
+pub struct Feed {
+    queue: Arc<Queue>,
+    /// The outcome each connection's thread reports.
+    lanes: Vec<tokio::sync::oneshot::Receiver<FeedEnd>>,
+    /// Pool indices of every worker the route reaches.
+    pub workers: Vec<usize>,
 }
 
 /// No Nagle; 8 MiB buffers where the kernel allows them (else its autotuning).
@@ -91,46 +170,58 @@ impl Feed {
         } else {
             1
         };
-        let route = std::sync::Arc::new(route);
+        let route = Arc::new(route);
+        let queue = Arc::new(Queue::new(count));
         let lanes = (0..count)
             .map(|index| {
-                let (tx, rx) = mpsc::channel();
                 let (done, end) = tokio::sync::oneshot::channel();
-                let route = route.clone();
+                let (route, queue) = (route.clone(), queue.clone());
                 let lane = Lane { index, count };
                 // A panic drops `done` unsent: `finish` reports it.
                 std::thread::spawn(move || {
-                    let _ = done.send(run(&route, deadline, lane, rx));
+                    let end = run(&route, deadline, lane, &queue);
+                    queue.leave();
+                    let _ = done.send(end);
                 });
-                LaneFeed { tx, end, queued: 0 }
+                end
             })
             .collect();
-        Feed { lanes, workers }
+        Feed {
+            queue,
+            lanes,
+            workers,
+        }
     }
 
-    /// Queues one tensor (`header` from `proto::data_plane::encode_header`) on the lane
-    /// with the fewest bytes queued; returns at once. A feed that already cut every
-    /// worker ignores it.
-    pub fn send(&mut self, header: Vec<u8>, bytes: Bytes) {
-        let lane = self
-            .lanes
-            .iter_mut()
-            .min_by_key(|l| l.queued)
-            .expect("a feed has a lane");
-        lane.queued += bytes.len() as u64;
-        let _ = lane.tx.send(Frame::Tensor { header, bytes });
+    /// Queues one tensor (`header`: the whole tensor's, offset 0) and returns at once;
+    /// over several lanes in pieces of at most [`LANE_PIECE_BYTES`] (views of `bytes`),
+    /// each taken by the next free lane. A feed that already cut every worker ignores it.
+    pub fn send(&mut self, header: &TensorHeader, bytes: Bytes) {
+        let piece = if self.lanes.len() > 1 {
+            LANE_PIECE_BYTES
+        } else {
+            bytes.len().max(1)
+        };
+        for range in super::push::chunk_ranges(bytes.len(), piece) {
+            let header = dp::encode_header(&TensorHeader {
+                offset: range.start as u64,
+                num_bytes: range.len() as u64,
+                ..header.clone()
+            });
+            self.queue.push(Frame::Tensor {
+                header,
+                bytes: bytes.slice(range),
+            });
+        }
     }
 
     /// Ends the update and waits for the outcome: every worker a lane cut (once), and
     /// the first lane's rejection.
-    pub async fn finish(self) -> FeedEnd {
-        for l in &self.lanes {
-            let _ = l.tx.send(Frame::End);
-        }
+    pub async fn finish(mut self) -> FeedEnd {
+        self.queue.close(Close::End);
         let mut end = FeedEnd::default();
-        for l in self.lanes {
-            drop(l.tx);
-            let lane = l.end.await.unwrap_or_else(|_| FeedEnd {
+        for lane in std::mem::take(&mut self.lanes) {
+            let lane = lane.await.unwrap_or_else(|_| FeedEnd {
                 cut: self
                     .workers
                     .iter()
@@ -149,6 +240,14 @@ impl Feed {
     }
 }
 
+impl Drop for Feed {
+    /// A feed dropped before [`Feed::finish`] (the push dropped without a commit) stops
+    /// its lanes; after it, this does nothing.
+    fn drop(&mut self) {
+        self.queue.close(Close::Abandon);
+    }
+}
+
 /// How long a worker holds a data connection whose offer has not arrived yet
 /// (`rollout_worker::data_plane::TOKEN_WAIT`).
 const OFFER_WAIT: Duration = Duration::from_secs(3);
@@ -163,12 +262,7 @@ enum HopEnd {
     Cut(FeedError),
 }
 
-fn run(
-    route: &[(usize, Hop)],
-    deadline: Duration,
-    lane: Lane,
-    rx: mpsc::Receiver<Frame>,
-) -> FeedEnd {
+fn run(route: &[(usize, Hop)], deadline: Duration, lane: Lane, queue: &Queue) -> FeedEnd {
     let mut end = FeedEnd::default();
     let mut sent: Vec<Frame> = vec![];
     for (i, (worker, hop)) in route.iter().enumerate() {
@@ -179,7 +273,7 @@ fn run(
             rejoin_ms: (deadline + OFFER_WAIT).as_millis().min(u32::MAX as u128) as u32,
             hops: route[i + 1..].iter().map(|(_, h)| h.clone()).collect(),
         };
-        match stream_to(hop, &rest, deadline, lane, &rx, &mut sent) {
+        match stream_to(hop, &rest, deadline, lane, queue, &mut sent) {
             HopEnd::Verdict(rejected) => {
                 end.rejected = rejected;
                 return end;
@@ -272,13 +366,13 @@ fn write_frame(s: &mut TcpStream, f: &Frame) -> io::Result<()> {
 }
 
 /// Streams the update to `hop`: first `sent` (what a cut worker before it got), then
-/// the queue, adding each frame to `sent`.
+/// this lane's share of the queue, adding each frame to `sent`.
 fn stream_to(
     hop: &Hop,
     rest: &Route,
     deadline: Duration,
     lane: Lane,
-    rx: &mpsc::Receiver<Frame>,
+    queue: &Queue,
     sent: &mut Vec<Frame>,
 ) -> HopEnd {
     let mut s = match connect(hop, rest, deadline, lane) {
@@ -308,7 +402,7 @@ fn stream_to(
             return verdict(&mut s);
         }
     }
-    for f in rx.iter() {
+    while let Some(f) = queue.next() {
         let r = write_frame(&mut s, &f);
         let is_end = matches!(f, Frame::End);
         sent.push(f);
@@ -324,4 +418,78 @@ fn stream_to(
     let mut sink = [0u8; 1];
     let _ = s.read(&mut sink);
     HopEnd::Abandoned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::ParamSpec;
+    use rollout_worker::data_plane::DataPlane;
+
+    fn header(name: &str, numel: usize) -> TensorHeader {
+        TensorHeader {
+            name: name.into(),
+            dtype: 1,
+            shape: vec![numel as i64],
+            offset: 0,
+            num_bytes: numel as u64 * 4,
+        }
+    }
+
+    /// A real worker data plane: a tensor of several pieces and a small one go over two
+    /// lanes and arrive byte for byte; a feed dropped before its end fails the update.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lanes_carry_pieces_byte_exact_and_a_dropped_feed_fails_the_update() {
+        let big = 3 * LANE_PIECE_BYTES / 4 + 5;
+        let specs = vec![
+            ParamSpec {
+                name: "big".into(),
+                shape: vec![big as i64],
+            },
+            ParamSpec {
+                name: "small".into(),
+                shape: vec![7],
+            },
+        ];
+        let (plane, _task) =
+            DataPlane::start([127, 0, 0, 1].into(), 0, specs, Duration::from_secs(10))
+                .await
+                .unwrap();
+        let hop = |token| {
+            vec![(
+                0,
+                Hop {
+                    addr: format!("127.0.0.1:{}", plane.port()),
+                    token,
+                },
+            )]
+        };
+        let data: Vec<Vec<u8>> = [big, 7]
+            .iter()
+            .map(|&n| (0..n * 4).map(|i| (i * 7 % 251) as u8).collect())
+            .collect();
+
+        let token = [9u8; dp::TOKEN_BYTES];
+        let mut pending = plane.register(token).unwrap();
+        let mut feed = Feed::start(hop(token), Duration::from_secs(10), 2);
+        feed.send(&header("big", big), Bytes::from(data[0].clone()));
+        feed.send(&header("small", 7), Bytes::from(data[1].clone()));
+        let end = feed.finish().await;
+        assert!(end.cut.is_empty(), "{:?}", end.cut);
+        assert!(end.rejected.is_none(), "{:?}", end.rejected);
+        let staged = pending.wait().await.unwrap();
+        for ((name, t), want) in staged.tensors.iter().zip(&data) {
+            let mut got = vec![0u8; want.len()];
+            t.copy_data_u8(&mut got, t.numel());
+            assert!(got == *want, "{name} differs");
+        }
+
+        let token = [10u8; dp::TOKEN_BYTES];
+        let mut pending = plane.register(token).unwrap();
+        let mut feed = Feed::start(hop(token), Duration::from_secs(10), 2);
+        feed.send(&header("big", big), Bytes::from(data[0].clone()));
+        drop(feed);
+        let e = pending.wait().await.unwrap_err().to_string();
+        assert!(e.contains("nothing was applied"), "{e}");
+    }
 }

@@ -383,14 +383,15 @@ impl WeightPush {
         self.names.insert(name.to_string());
         let shape = tensor.size();
         if !self.feeds.is_empty() {
-            let header = dp::encode_header(&dp::TensorHeader {
+            let header = dp::TensorHeader {
                 name: name.to_string(),
                 dtype: wire.wire() as u8,
                 shape: shape.clone(),
+                offset: 0,
                 num_bytes: bytes.len() as u64,
-            });
+            };
             for f in &mut self.feeds {
-                f.send(header.clone(), bytes.clone());
+                f.send(&header, bytes.clone());
             }
         }
         if self.streams.iter().all(|s| s.data) {
