@@ -128,6 +128,47 @@ fn send_frames(s: &mut TcpStream, route: &Route, frames: &[Frame]) -> Result<(),
     dp::read_status(s).unwrap_or_else(|e| Err(e.to_string()))
 }
 
+/// On a blocking thread: connects as `lane` presenting `token` (the hello must be
+/// accepted) and sends `frames` after `route`; the worker's final status.
+fn spawn_frames(
+    addr: &str,
+    token: Token,
+    lane: dp::Lane,
+    route: Route,
+    frames: Vec<Frame>,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    let addr = addr.to_string();
+    tokio::task::spawn_blocking(move || {
+        let (mut s, ok) = hello_lane(&addr, &token, lane);
+        ok.unwrap();
+        send_frames(&mut s, &route, &frames)
+    })
+}
+
+/// Registers `tokens[i]` on `planes[i]`; the route from the first plane through the others.
+fn chain(planes: &[DataPlane], tokens: &[Token]) -> (Vec<Pending>, Route) {
+    let pending = planes
+        .iter()
+        .zip(tokens)
+        .map(|(p, t)| p.register(*t).unwrap())
+        .collect();
+    let hops = planes
+        .iter()
+        .zip(tokens)
+        .skip(1)
+        .map(|(p, t)| Hop {
+            addr: addr(p),
+            token: *t,
+        })
+        .collect();
+    let route = Route {
+        hop_timeout_ms: 5000,
+        rejoin_ms: 0,
+        hops,
+    };
+    (pending, route)
+}
+
 /// Sends `tensors`, each whole, after `route`, then the end marker; the final status.
 fn send(s: &mut TcpStream, route: &Route, tensors: &[(String, Tensor)]) -> Result<(), String> {
     let frames: Vec<_> = tensors
@@ -180,21 +221,7 @@ async fn direct_and_chained_updates_arrive_byte_exact_in_f32_and_bf16() {
 
         // A chain of three: the sender feeds the first, which forwards down the route.
         let tokens: Vec<Token> = (0..3).map(|i| token(20 + 3 * round as u8 + i)).collect();
-        let pending: Vec<Pending> = planes
-            .iter()
-            .zip(&tokens)
-            .map(|(p, t)| p.register(*t).unwrap())
-            .collect();
-        let route = Route {
-            hop_timeout_ms: 5000,
-            rejoin_ms: 0,
-            hops: (1..3)
-                .map(|i| Hop {
-                    addr: addr(&planes[i]),
-                    token: tokens[i],
-                })
-                .collect(),
-        };
+        let (pending, route) = chain(&planes, &tokens);
         let s2 = sent
             .iter()
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
@@ -562,14 +589,7 @@ async fn tensors_in_pieces_over_lanes_or_a_chain_arrive_whole_and_bad_pieces_are
     let lanes: Vec<_> = shares
         .into_iter()
         .enumerate()
-        .map(|(i, share)| {
-            let a = a.clone();
-            tokio::task::spawn_blocking(move || {
-                let (mut s, ok) = hello_lane(&a, &t, lane(i as u8));
-                ok.unwrap();
-                send_frames(&mut s, &Route::default(), &share)
-            })
-        })
+        .map(|(i, share)| spawn_frames(&a, t, lane(i as u8), Route::default(), share))
         .collect();
     check_equal(&wait(pending).await.unwrap(), &sent);
     for l in lanes {
@@ -578,30 +598,13 @@ async fn tensors_in_pieces_over_lanes_or_a_chain_arrive_whole_and_bad_pieces_are
 
     // A chain of two: the first worker forwards each piece at its offset.
     let tokens = [token(61), token(62)];
-    let pending: Vec<Pending> = planes
-        .iter()
-        .zip(&tokens)
-        .map(|(p, t)| p.register(*t).unwrap())
-        .collect();
-    let route = Route {
-        hop_timeout_ms: 5000,
-        rejoin_ms: 0,
-        hops: vec![Hop {
-            addr: addr(&planes[1]),
-            token: tokens[1],
-        }],
-    };
+    let (pending, route) = chain(&planes, &tokens);
     let frames = [
         pieces(embed, e, &[(third, n), (0, third)]),
         whole_norm.clone(),
     ]
     .concat();
-    let (a2, t0) = (a.clone(), tokens[0]);
-    let status = tokio::task::spawn_blocking(move || {
-        let (mut s, ok) = hello(&a2, &t0);
-        ok.unwrap();
-        send_frames(&mut s, &route, &frames)
-    });
+    let status = spawn_frames(&a, tokens[0], dp::Lane::SOLE, route, frames);
     for p in pending {
         check_equal(&wait(p).await.unwrap(), &sent);
     }
@@ -635,12 +638,7 @@ async fn tensors_in_pieces_over_lanes_or_a_chain_arrive_whole_and_bad_pieces_are
     for (i, (want, frames)) in cases.into_iter().enumerate() {
         let t = token(70 + i as u8);
         let pending = planes[0].register(t).unwrap();
-        let a2 = a.clone();
-        let status = tokio::task::spawn_blocking(move || {
-            let (mut s, ok) = hello(&a2, &t);
-            ok.unwrap();
-            send_frames(&mut s, &Route::default(), &frames)
-        });
+        let status = spawn_frames(&a, t, dp::Lane::SOLE, Route::default(), frames);
         let e = wait(pending).await.unwrap_err();
         assert!(
             e.contains(want) && e.contains(embed.as_str()),
